@@ -1,0 +1,118 @@
+//! Descriptor operations other than writing data: `ftruncate`, `fallocate`, `fchmod`,
+//! `fchown`, `fsetxattr`, `fremovexattr`, the reflink ioctls (`FICLONE`, `FICLONERANGE`),
+//! writable shared file mappings (`mmap`: the stores themselves make no syscall) and `fchdir`.
+
+use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use forkscope_common::{EventKind, FdEvent, event::file_type, syscalls::*};
+
+use crate::{
+    cgroup, config,
+    emit::{header, send},
+    kernel::{fd_file, file_info, read_user, syscall_args},
+};
+
+#[tracepoint]
+pub fn sys_exit_fd_op(ctx: TracePointContext) -> u32 {
+    let _ = try_fd_op(&ctx);
+    0
+}
+
+fn try_fd_op(ctx: &TracePointContext) -> Option<()> {
+    let cg = cgroup::tracked()?;
+    // SAFETY: `__syscall_nr` (offset 8) and `ret` (offset 16) of every sys_exit_* record.
+    let (nr, ret) = unsafe {
+        (
+            ctx.read_at::<i32>(8).ok()? as u32,
+            ctx.read_at::<i64>(16).ok()?,
+        )
+    };
+    let a = syscall_args()?;
+    // (kind, fd, offset, bytes, flags, source fd)
+    let (kind, fd, offset, bytes, flags, src_fd) = match nr {
+        SYS_MMAP => {
+            // Failed mmaps return -errno; addresses are never in the last page.
+            if (ret as u64) > (-4096i64) as u64
+                || a[2] & PROT_WRITE == 0
+                || !matches!(a[3] & 0x3, MAP_SHARED | MAP_SHARED_VALIDATE)
+                || (a[4] as i64) < 0
+            {
+                return None;
+            }
+            (
+                EventKind::FileMmap,
+                a[4] as i64,
+                a[5] as i64,
+                a[1] as i64,
+                a[2] as u32,
+                -1,
+            )
+        }
+        _ if ret != 0 => return None,
+        SYS_FTRUNCATE => (EventKind::FileTruncate, a[0] as i64, -1, a[1] as i64, 0, -1),
+        SYS_FALLOCATE => (
+            EventKind::FileTruncate,
+            a[0] as i64,
+            a[2] as i64,
+            a[3] as i64,
+            a[1] as u32,
+            -1,
+        ),
+        SYS_FCHMOD => (EventKind::FileMeta, a[0] as i64, -1, 0, a[1] as u32, -1),
+        SYS_FCHOWN | SYS_FSETXATTR | SYS_FREMOVEXATTR => {
+            (EventKind::FileMeta, a[0] as i64, -1, 0, 0, -1)
+        }
+        SYS_FCHDIR => (EventKind::Chdir, a[0] as i64, -1, 0, 0, -1),
+        SYS_IOCTL => {
+            let cmd = a[1] as u32;
+            if cmd == FICLONE {
+                (EventKind::FileClone, a[0] as i64, 0, -1, 0, a[2] as i64)
+            } else if cmd == FICLONERANGE {
+                // struct file_clone_range { s64 src_fd; u64 src_offset; u64 src_length; u64 dest_offset; }
+                let range = read_user::<[i64; 4]>(a[2])?;
+                (
+                    EventKind::FileClone,
+                    a[0] as i64,
+                    range[3],
+                    range[2],
+                    0,
+                    range[0],
+                )
+            } else {
+                return None;
+            }
+        }
+        _ => return None,
+    };
+    let o = config::offsets();
+    if o.ready == 0 {
+        return None;
+    }
+    let info = file_info(&o, fd_file(&o, fd));
+    if kind == EventKind::FileMmap && info.ftype != file_type::REG {
+        return None;
+    }
+    let src = if src_fd >= 0 {
+        file_info(&o, fd_file(&o, src_fd))
+    } else {
+        Default::default()
+    };
+    let ev = FdEvent {
+        hdr: header(kind, nr, cg),
+        fd: fd as i32,
+        file_type: info.ftype,
+        ino: info.ino,
+        dev: info.dev,
+        flags,
+        offset,
+        bytes,
+        src_fd: src_fd as i32,
+        src_dev: src.dev,
+        src_ino: src.ino,
+        family: 0,
+        port: 0,
+        ret: ret as i32,
+        addr: [0; 16],
+    };
+    send(&ev);
+    Some(())
+}

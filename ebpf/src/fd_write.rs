@@ -1,0 +1,91 @@
+//! Data written through a descriptor: `write`, `pwrite64`, `writev`, `pwritev(2)`,
+//! `copy_file_range`, `sendfile` and `splice`. A regular file gives a `FileWrite` with the
+//! offset and the bytes the syscall reports; a socket gives a `NetSend` to the socket's peer;
+//! pipes, terminals and devices are ignored.
+
+use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use forkscope_common::{EventKind, FdEvent, event::file_type, syscalls::*};
+
+use crate::{
+    cgroup, config,
+    emit::{header, send},
+    kernel::{fd_file, file_info, read_user, socket_peer, syscall_args},
+};
+
+#[tracepoint]
+pub fn sys_exit_fd_write(ctx: TracePointContext) -> u32 {
+    let _ = try_fd_write(&ctx);
+    0
+}
+
+fn try_fd_write(ctx: &TracePointContext) -> Option<()> {
+    let cg = cgroup::tracked()?;
+    // SAFETY: `__syscall_nr` (offset 8) and `ret` (offset 16) of every sys_exit_* record.
+    let (nr, ret) = unsafe {
+        (
+            ctx.read_at::<i32>(8).ok()? as u32,
+            ctx.read_at::<i64>(16).ok()?,
+        )
+    };
+    if ret <= 0 {
+        return None;
+    }
+    let a = syscall_args()?;
+    // (descriptor written to, offset given explicitly by the caller or -1)
+    let (fd, explicit) = match nr {
+        SYS_WRITE | SYS_WRITEV | SYS_SENDFILE => (a[0] as i64, -1),
+        SYS_PWRITE64 | SYS_PWRITEV | SYS_PWRITEV2 => (a[0] as i64, a[3] as i64),
+        // The offset pointer has been advanced by `ret` when the call returns.
+        SYS_COPY_FILE_RANGE | SYS_SPLICE => (
+            a[2] as i64,
+            read_user::<i64>(a[3]).map_or(-1, |end| end - ret),
+        ),
+        _ => return None,
+    };
+    let o = config::offsets();
+    if o.ready == 0 {
+        return None;
+    }
+    let file = fd_file(&o, fd);
+    let info = file_info(&o, file);
+    let mut ev = FdEvent {
+        hdr: header(EventKind::FileWrite, nr, cg),
+        fd: fd as i32,
+        file_type: info.ftype,
+        ino: info.ino,
+        dev: info.dev,
+        flags: info.flags,
+        offset: -1,
+        bytes: ret,
+        src_fd: -1,
+        src_dev: 0,
+        src_ino: 0,
+        family: 0,
+        port: 0,
+        ret: 0,
+        addr: [0; 16],
+    };
+    match info.ftype {
+        file_type::REG => {
+            // Without an explicit offset the write started `ret` bytes before the new
+            // position (this also holds for O_APPEND, where the position is the old end).
+            ev.offset = if explicit >= 0 {
+                explicit
+            } else if info.pos >= ret {
+                info.pos - ret
+            } else {
+                -1
+            };
+        }
+        file_type::SOCK => {
+            let peer = socket_peer(&o, file);
+            ev.hdr.kind = EventKind::NetSend as u32;
+            ev.family = peer.family;
+            ev.port = peer.port;
+            ev.addr = peer.addr;
+        }
+        _ => return None,
+    }
+    send(&ev);
+    Some(())
+}

@@ -1,0 +1,183 @@
+//! Reads of kernel memory: the current syscall's arguments, the file behind a descriptor, a
+//! socket's destination, a task's ids. Offsets come from [`crate::config::offsets`].
+
+use aya_ebpf::helpers::{
+    bpf_get_current_task, bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_probe_read_user,
+    bpf_task_pt_regs,
+};
+use forkscope_common::{KernelOffsets, event::file_type};
+
+use crate::emit::count_read_error;
+
+/// x86_64 `struct pt_regs` up to `di`, in u64 slots: r15 r14 r13 r12 bp bx r11 r10 r9 r8 ax
+/// cx dx si di. The layout is the kernel's user ABI for x86_64.
+const PT_REGS_SLOTS: usize = 15;
+const REG_R10: usize = 7;
+const REG_R9: usize = 8;
+const REG_R8: usize = 9;
+const REG_DX: usize = 12;
+const REG_SI: usize = 13;
+const REG_DI: usize = 14;
+
+/// The six arguments of the syscall the current task is returning from. At syscall exit the
+/// saved user registers still hold the arguments (only `ax` carries the result).
+#[inline(always)]
+pub fn syscall_args() -> Option<[u64; 6]> {
+    // SAFETY: helpers valid in tracing programs; bpf_task_pt_regs returns the current task's
+    // saved user registers, and the read is bounds-checked by bpf_probe_read_kernel.
+    let regs = unsafe {
+        let task = bpf_get_current_task_btf();
+        let regs = bpf_task_pt_regs(task) as *const [u64; PT_REGS_SLOTS];
+        bpf_probe_read_kernel(regs).ok()?
+    };
+    Some([
+        regs[REG_DI],
+        regs[REG_SI],
+        regs[REG_DX],
+        regs[REG_R10],
+        regs[REG_R8],
+        regs[REG_R9],
+    ])
+}
+
+/// Reads a `T` at `base + off` in kernel memory.
+#[inline(always)]
+pub fn read<T>(base: u64, off: u32) -> Option<T> {
+    if base == 0 || off == KernelOffsets::ABSENT {
+        return None;
+    }
+    // SAFETY: bpf_probe_read_kernel checks the address and fails cleanly on a bad one.
+    match unsafe { bpf_probe_read_kernel((base + off as u64) as *const T) } {
+        Ok(v) => Some(v),
+        Err(_) => {
+            count_read_error();
+            None
+        }
+    }
+}
+
+/// Reads a `T` from the current task's memory.
+#[inline(always)]
+pub fn read_user<T>(addr: u64) -> Option<T> {
+    if addr == 0 {
+        return None;
+    }
+    // SAFETY: bpf_probe_read_user checks the address and fails cleanly on a bad one.
+    unsafe { bpf_probe_read_user(addr as *const T) }.ok()
+}
+
+/// The current task (`struct task_struct *`) as an address.
+#[inline(always)]
+pub fn current_task() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_get_current_task() }
+}
+
+/// The `struct file *` behind descriptor `fd` of the current task, or 0.
+#[inline(always)]
+pub fn fd_file(o: &KernelOffsets, fd: i64) -> u64 {
+    if !(0..=0x7fff_ffff).contains(&fd) {
+        return 0;
+    }
+    let Some(files) = read::<u64>(current_task(), o.task_files) else {
+        return 0;
+    };
+    let Some(fdt) = read::<u64>(files, o.files_fdt) else {
+        return 0;
+    };
+    let Some(max) = read::<u32>(fdt, o.fdt_max_fds) else {
+        return 0;
+    };
+    if fd as u64 >= max as u64 {
+        return 0;
+    }
+    let Some(array) = read::<u64>(fdt, o.fdt_fd) else {
+        return 0;
+    };
+    read::<u64>(array, (fd as u32) * 8).unwrap_or(0)
+}
+
+/// What the eBPF programs need to know about an open file.
+#[derive(Clone, Copy, Default)]
+pub struct FileInfo {
+    /// `i_mode >> 12` (see forkscope_common::event::file_type).
+    pub ftype: u32,
+    pub dev: u32,
+    pub ino: u64,
+    pub pos: i64,
+    pub flags: u32,
+}
+
+/// Reads type, identity, position and flags of `file` (a `struct file *`; 0 gives defaults).
+#[inline(always)]
+pub fn file_info(o: &KernelOffsets, file: u64) -> FileInfo {
+    let mut info = FileInfo::default();
+    if file == 0 {
+        return info;
+    }
+    info.pos = read::<i64>(file, o.file_pos).unwrap_or(-1);
+    info.flags = read::<u32>(file, o.file_flags).unwrap_or(0);
+    let Some(inode) = read::<u64>(file, o.file_inode) else {
+        return info;
+    };
+    info.ftype = read::<u16>(inode, o.inode_mode).map_or(file_type::UNKNOWN, |m| (m as u32) >> 12);
+    info.ino = read::<u64>(inode, o.inode_ino).unwrap_or(0);
+    if let Some(sb) = read::<u64>(inode, o.inode_sb) {
+        info.dev = read::<u32>(sb, o.sb_dev).unwrap_or(0);
+    }
+    info
+}
+
+/// A socket's peer: family, port (host order), address bytes.
+#[derive(Clone, Copy, Default)]
+pub struct Peer {
+    pub family: u16,
+    pub port: u16,
+    pub addr: [u8; 16],
+}
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// The connected peer of a socket file (`struct file *` whose type is SOCK).
+#[inline(always)]
+pub fn socket_peer(o: &KernelOffsets, file: u64) -> Peer {
+    let mut peer = Peer::default();
+    let Some(sock) = read::<u64>(file, o.file_private_data) else {
+        return peer;
+    };
+    let Some(sk) = read::<u64>(sock, o.socket_sk) else {
+        return peer;
+    };
+    peer.family = read::<u16>(sk, o.sk_family).unwrap_or(0);
+    peer.port = u16::from_be(read::<u16>(sk, o.sk_dport).unwrap_or(0));
+    if peer.family == AF_INET {
+        if let Some(a) = read::<[u8; 4]>(sk, o.sk_daddr) {
+            peer.addr[..4].copy_from_slice(&a);
+        }
+    } else if peer.family == AF_INET6 {
+        if let Some(a) = read::<[u8; 16]>(sk, o.sk_v6_daddr) {
+            peer.addr = a;
+        }
+    }
+    peer
+}
+
+/// Decodes a `struct sockaddr` in user memory (IPv4/IPv6; other families give the family only).
+#[inline(always)]
+pub fn user_sockaddr(addr: u64) -> Option<Peer> {
+    let family = read_user::<u16>(addr)?;
+    let mut peer = Peer {
+        family,
+        ..Peer::default()
+    };
+    if family == AF_INET {
+        peer.port = u16::from_be(read_user::<u16>(addr + 2)?);
+        let a = read_user::<[u8; 4]>(addr + 4)?;
+        peer.addr[..4].copy_from_slice(&a);
+    } else if family == AF_INET6 {
+        peer.port = u16::from_be(read_user::<u16>(addr + 2)?);
+        peer.addr = read_user::<[u8; 16]>(addr + 8)?;
+    }
+    Some(peer)
+}

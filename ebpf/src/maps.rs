@@ -1,0 +1,37 @@
+//! Every map of forkscope's eBPF programs (userspace finds them by these names).
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+};
+use forkscope_common::{
+    keys::{DirtyPageKey, ProcKey},
+    stats::STAT_COUNT,
+};
+
+/// Events to userspace. Userspace may resize it at load time.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024 * 1024, 0);
+
+/// cgroup ids the controller registered: their tasks and their descendants' are traced.
+/// The value is reserved for per-cgroup options (0 today).
+#[map]
+pub static TRACKED_CGROUPS: HashMap<u64, u32> = HashMap::with_max_entries(4096, 0);
+
+/// Cache of the registration check per cgroup id: 1 traced, 0 not. Userspace clears it when
+/// the set of registered cgroups changes.
+#[map]
+pub static CGROUP_VERDICT: LruHashMap<u64, u8> = LruHashMap::with_max_entries(16384, 0);
+
+/// The set of pages dirtied in the current epoch, per (cgroup, process). Userspace reads it
+/// and starts a new epoch by deleting a cgroup's entries. Resizable at load time.
+#[map]
+pub static DIRTY_PAGES: HashMap<DirtyPageKey, u8> = HashMap::with_max_entries(262_144, 0);
+
+/// Number of entries per (cgroup, process) in DIRTY_PAGES, counted per CPU (sum the slots).
+#[map]
+pub static PAGE_COUNTS: PerCpuHashMap<ProcKey, u64> = PerCpuHashMap::with_max_entries(65_536, 0);
+
+/// Counters (see forkscope_common::stats).
+#[map]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);

@@ -1,0 +1,120 @@
+//! Socket activity: `connect` (with the address asked for) and the send family (`sendto`,
+//! `sendmsg`, `sendmmsg`) with the bytes sent and their destination: the address passed with
+//! the call, or else the socket's connected peer. `write`/`writev` on sockets are handled in
+//! [`crate::fd_write`].
+
+use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use forkscope_common::{EventKind, FdEvent, syscalls::*};
+
+use crate::{
+    cgroup, config,
+    emit::{header, send},
+    kernel::{Peer, fd_file, file_info, read_user, socket_peer, syscall_args, user_sockaddr},
+};
+
+/// Messages of one `sendmmsg` call reported individually (the rest are summed into the last).
+const MAX_MMSG: u64 = 16;
+/// sizeof(struct mmsghdr) on x86_64 and the offset of its `msg_len`.
+const MMSGHDR_SIZE: u64 = 64;
+const MMSG_LEN_OFFSET: u64 = 56;
+
+#[tracepoint]
+pub fn sys_exit_net(ctx: TracePointContext) -> u32 {
+    let _ = try_net(&ctx);
+    0
+}
+
+fn try_net(ctx: &TracePointContext) -> Option<()> {
+    let cg = cgroup::tracked()?;
+    // SAFETY: `__syscall_nr` (offset 8) and `ret` (offset 16) of every sys_exit_* record.
+    let (nr, ret) = unsafe {
+        (
+            ctx.read_at::<i32>(8).ok()? as u32,
+            ctx.read_at::<i64>(16).ok()?,
+        )
+    };
+    let a = syscall_args()?;
+    let o = config::offsets();
+    if o.ready == 0 {
+        return None;
+    }
+    let fd = a[0] as i64;
+    let file = fd_file(&o, fd);
+    let info = file_info(&o, file);
+    let mut ev = FdEvent {
+        hdr: header(EventKind::NetSend, nr, cg),
+        fd: fd as i32,
+        file_type: info.ftype,
+        ino: info.ino,
+        dev: info.dev,
+        flags: 0,
+        offset: -1,
+        bytes: ret,
+        src_fd: -1,
+        src_dev: 0,
+        src_ino: 0,
+        family: 0,
+        port: 0,
+        ret: ret as i32,
+        addr: [0; 16],
+    };
+    let set_peer = |ev: &mut FdEvent, p: Peer| {
+        ev.family = p.family;
+        ev.port = p.port;
+        ev.addr = p.addr;
+    };
+    match nr {
+        SYS_CONNECT => {
+            if ret != 0 && ret != EINPROGRESS_RET {
+                return None;
+            }
+            ev.hdr.kind = EventKind::NetConnect as u32;
+            ev.bytes = 0;
+            set_peer(
+                &mut ev,
+                user_sockaddr(a[1]).unwrap_or_else(|| socket_peer(&o, file)),
+            );
+        }
+        SYS_SENDTO => {
+            if ret <= 0 {
+                return None;
+            }
+            set_peer(
+                &mut ev,
+                user_sockaddr(a[4]).unwrap_or_else(|| socket_peer(&o, file)),
+            );
+        }
+        SYS_SENDMSG => {
+            if ret <= 0 {
+                return None;
+            }
+            // struct user_msghdr starts with `void *msg_name`.
+            let name = read_user::<u64>(a[1]).unwrap_or(0);
+            set_peer(
+                &mut ev,
+                user_sockaddr(name).unwrap_or_else(|| socket_peer(&o, file)),
+            );
+        }
+        SYS_SENDMMSG => {
+            if ret <= 0 {
+                return None;
+            }
+            let default_peer = socket_peer(&o, file);
+            let count = ret as u64;
+            let mut i = 0;
+            while i < MAX_MMSG && i < count {
+                let hdr = a[1] + i * MMSGHDR_SIZE;
+                let name = read_user::<u64>(hdr).unwrap_or(0);
+                let len = read_user::<u32>(hdr + MMSG_LEN_OFFSET).unwrap_or(0);
+                set_peer(&mut ev, user_sockaddr(name).unwrap_or(default_peer));
+                ev.bytes = len as i64;
+                send(&ev);
+                i += 1;
+            }
+            return Some(());
+        }
+        _ => return None,
+    }
+    send(&ev);
+    Some(())
+}

@@ -1,0 +1,70 @@
+//! Dirtied pages: write faults from `exceptions/page_fault_user` (the process stores) and
+//! `exceptions/page_fault_kernel` (the kernel writing into user memory, as read() does),
+//! recorded once per (cgroup, process, page) per epoch in DIRTY_PAGES, with a count per
+//! process in PAGE_COUNTS. Writes through pinned pages (O_DIRECT, process_vm_writev,
+//! io_uring fixed buffers) do not fault and are not seen.
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST, helpers::bpf_get_current_pid_tgid, macros::tracepoint,
+    programs::TracePointContext,
+};
+use forkscope_common::{DirtyPageKey, PAGE_SHIFT, ProcKey, stats::STAT_PAGES_OVERFLOW};
+
+use crate::{
+    cgroup,
+    maps::{DIRTY_PAGES, PAGE_COUNTS, STATS},
+};
+
+/// Bit 1 of the x86 page-fault error code: the access was a write.
+const FAULT_WRITE: u64 = 1 << 1;
+/// First address above the x86_64 user half.
+const USER_END: u64 = 0x0000_8000_0000_0000;
+/// -EEXIST from a map insert with BPF_NOEXIST: the page is already in the set.
+const EEXIST: i32 = -17;
+
+#[tracepoint]
+pub fn page_fault(ctx: TracePointContext) -> u32 {
+    let _ = try_page_fault(&ctx);
+    0
+}
+
+fn try_page_fault(ctx: &TracePointContext) -> Option<()> {
+    // SAFETY: `address` at offset 8 and `error_code` at 24 in both exceptions/page_fault_*
+    // records.
+    let (address, error) = unsafe { (ctx.read_at::<u64>(8).ok()?, ctx.read_at::<u64>(24).ok()?) };
+    if error & FAULT_WRITE == 0 || address >= USER_END {
+        return None;
+    }
+    let cg = cgroup::tracked()?;
+    let proc = ProcKey {
+        cgroup: cg,
+        tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        _pad: 0,
+    };
+    let key = DirtyPageKey {
+        proc,
+        page: address >> PAGE_SHIFT,
+    };
+    match DIRTY_PAGES.insert(&key, &1, BPF_NOEXIST as u64) {
+        Ok(()) => count_page(&proc),
+        Err(e) if e == EEXIST => {}
+        Err(_) => {
+            if let Some(p) = STATS.get_ptr_mut(STAT_PAGES_OVERFLOW) {
+                // SAFETY: per-CPU slot, written only by this CPU with preemption off.
+                unsafe { *p += 1 };
+            }
+        }
+    }
+    Some(())
+}
+
+#[inline(always)]
+fn count_page(proc: &ProcKey) {
+    // PAGE_COUNTS is per-CPU: each CPU counts its own faults, userspace sums the slots.
+    if let Some(p) = PAGE_COUNTS.get_ptr_mut(proc) {
+        // SAFETY: `p` points to this CPU's slot of a live map value; preemption is off.
+        unsafe { *p += 1 };
+    } else {
+        let _ = PAGE_COUNTS.insert(proc, &1, 0);
+    }
+}

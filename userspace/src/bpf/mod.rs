@@ -1,0 +1,64 @@
+//! The eBPF side as userspace sees it: the embedded object, kernel offsets from BTF, and
+//! [`Probe`], which loads the programs, attaches them, registers cgroups and reads the maps.
+
+pub mod offsets;
+mod probe;
+
+pub use probe::{Probe, ProbeOptions, Stats};
+
+/// The eBPF object built from `ebpf/` by build.rs (aya-build), embedded in the binary.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/forkscope"));
+
+/// Program names in the object, with the tracepoints each one is attached to.
+pub const PROGRAMS: &[&str] = &[
+    "sys_exit_fd_write",
+    "sys_exit_fd_op",
+    "sys_exit_path_op",
+    "sys_exit_net",
+    "sched_process_fork",
+    "sched_process_exec",
+    "sched_process_exit",
+    "page_fault",
+];
+
+/// Map names in the object.
+pub const MAPS: &[&str] = &[
+    "EVENTS",
+    "TRACKED_CGROUPS",
+    "CGROUP_VERDICT",
+    "DIRTY_PAGES",
+    "PAGE_COUNTS",
+    "STATS",
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The built object holds every program and map the loader expects (no root needed).
+    #[test]
+    fn object_has_every_program_and_map() {
+        let obj = aya_obj::Object::parse(EBPF_OBJECT).expect("the embedded eBPF object parses");
+        for p in PROGRAMS {
+            assert!(
+                obj.programs.contains_key(*p),
+                "program {p} missing from the eBPF object"
+            );
+        }
+        for m in MAPS {
+            assert!(
+                obj.maps.contains_key(*m),
+                "map {m} missing from the eBPF object"
+            );
+        }
+        assert_eq!(
+            obj.programs.len(),
+            PROGRAMS.len(),
+            "unexpected extra programs"
+        );
+        assert!(
+            obj.maps.contains_key(".rodata"),
+            "OFFSETS global (.rodata) missing"
+        );
+    }
+}

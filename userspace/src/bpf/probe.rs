@@ -1,0 +1,271 @@
+//! [`Probe`]: one loaded instance of forkscope's eBPF programs with its maps.
+
+use std::collections::HashMap as StdHashMap;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::{ProgramError, RawTracePoint, TracePoint},
+};
+use forkscope_common::{
+    DirtyPageKey, ProcKey,
+    stats::{STAT_EVENTS, STAT_LOST, STAT_PAGES_OVERFLOW, STAT_READ_ERRORS},
+    syscalls::{Family, TRACED},
+};
+
+use super::{EBPF_OBJECT, offsets};
+use crate::error::{Error, Result};
+
+/// Sizes chosen at load time.
+#[derive(Clone, Debug)]
+pub struct ProbeOptions {
+    /// Ring buffer size in bytes (a power of two, multiple of the page size).
+    pub ring_bytes: u32,
+    /// Capacity of the dirty-page set (pages across all traced processes).
+    pub dirty_page_capacity: u32,
+}
+
+impl Default for ProbeOptions {
+    fn default() -> Self {
+        Self {
+            ring_bytes: 16 << 20,
+            dirty_page_capacity: 1 << 18,
+        }
+    }
+}
+
+/// Counters kept by the eBPF programs, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Stats {
+    /// Events handed to the ring buffer.
+    pub events: u64,
+    /// Events dropped because the ring buffer was full.
+    pub lost: u64,
+    /// Dirtied pages not recorded because the page set was full.
+    pub pages_overflow: u64,
+    /// Kernel memory reads that failed.
+    pub read_errors: u64,
+}
+
+/// Loaded eBPF programs and their maps. Dropping it detaches and unloads everything.
+pub struct Probe {
+    ebpf: Ebpf,
+    /// Tracepoints this kernel does not have (skipped at attach; the syscall is not traced).
+    pub missing_tracepoints: Vec<String>,
+}
+
+fn refused(program: &str, what: &str) -> impl FnOnce(ProgramError) -> Error {
+    let (program, what) = (program.to_string(), what.to_string());
+    move |source| Error::ProgramRefused {
+        program,
+        what,
+        source,
+    }
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> Error {
+    move |source| Error::Map { name, source }
+}
+
+impl Probe {
+    /// Loads the object with this kernel's structure offsets and loads (verifies) every
+    /// program. Nothing is attached yet.
+    pub fn load(opts: &ProbeOptions) -> Result<Self> {
+        crate::sys::preflight()?;
+        bump_memlock_rlimit();
+        let offsets = offsets::from_running_kernel()?;
+        let mut ebpf = EbpfLoader::new()
+            .override_global("OFFSETS", &offsets, true)
+            .map_max_entries("EVENTS", opts.ring_bytes)
+            .map_max_entries("DIRTY_PAGES", opts.dirty_page_capacity)
+            .load(EBPF_OBJECT)?;
+        for name in super::PROGRAMS {
+            let prog = ebpf.program_mut(name).ok_or_else(|| {
+                Error::Btf(format!("program {name} missing from the embedded object"))
+            })?;
+            match prog {
+                aya::programs::Program::TracePoint(p) => p.load(),
+                aya::programs::Program::RawTracePoint(p) => p.load(),
+                _ => unreachable!("forkscope only builds tracepoint programs"),
+            }
+            .map_err(refused(name, "load"))?;
+        }
+        Ok(Self {
+            ebpf,
+            missing_tracepoints: Vec::new(),
+        })
+    }
+
+    fn tracepoint(&mut self, name: &str) -> &mut TracePoint {
+        let p: &mut TracePoint = self
+            .ebpf
+            .program_mut(name)
+            .and_then(|p| p.try_into().ok())
+            .expect("tracepoint program");
+        p
+    }
+
+    /// Attaches every program: the per-syscall `sys_exit_*` tracepoints, the scheduler's
+    /// process tracepoints and the page-fault tracepoints. Syscalls this kernel lacks are
+    /// recorded in `missing_tracepoints`.
+    pub fn attach(&mut self) -> Result<()> {
+        for &(_, tp, family) in TRACED {
+            let prog = match family {
+                Family::FdWrite => "sys_exit_fd_write",
+                Family::FdOp => "sys_exit_fd_op",
+                Family::PathOp => "sys_exit_path_op",
+                Family::Net => "sys_exit_net",
+            };
+            let event = format!("sys_exit_{tp}");
+            if !std::path::Path::new(crate::sys::TRACEFS)
+                .join("events/syscalls")
+                .join(&event)
+                .exists()
+            {
+                self.missing_tracepoints.push(event);
+                continue;
+            }
+            self.tracepoint(prog)
+                .attach("syscalls", &event)
+                .map_err(refused(prog, &event))?;
+        }
+        for (prog, category, event) in [
+            ("sched_process_exec", "sched", "sched_process_exec"),
+            ("sched_process_exit", "sched", "sched_process_exit"),
+            ("page_fault", "exceptions", "page_fault_user"),
+            ("page_fault", "exceptions", "page_fault_kernel"),
+        ] {
+            self.tracepoint(prog)
+                .attach(category, event)
+                .map_err(refused(prog, event))?;
+        }
+        let fork: &mut RawTracePoint = self
+            .ebpf
+            .program_mut("sched_process_fork")
+            .and_then(|p| p.try_into().ok())
+            .expect("raw tracepoint program");
+        fork.attach("sched_process_fork")
+            .map_err(refused("sched_process_fork", "attach"))?;
+        Ok(())
+    }
+
+    /// Takes the event ring buffer (once).
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
+        let map = self.ebpf.take_map("EVENTS").expect("EVENTS map");
+        RingBuf::try_from(map).map_err(map_err("EVENTS"))
+    }
+
+    fn hash<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<HashMap<&mut MapData, K, V>> {
+        HashMap::try_from(self.ebpf.map_mut(name).expect("map in object")).map_err(map_err(name))
+    }
+
+    /// Starts tracing the tasks of cgroup `id` and of its descendants.
+    pub fn track(&mut self, id: u64) -> Result<()> {
+        self.hash::<u64, u32>("TRACKED_CGROUPS")?
+            .insert(id, 0, 0)
+            .map_err(map_err("TRACKED_CGROUPS"))?;
+        self.clear_verdicts()
+    }
+
+    /// Stops tracing cgroup `id`.
+    pub fn untrack(&mut self, id: u64) -> Result<()> {
+        let _ = self.hash::<u64, u32>("TRACKED_CGROUPS")?.remove(&id);
+        self.clear_verdicts()
+    }
+
+    /// Forgets every cached tracked/untracked verdict (after the tracked set changed).
+    fn clear_verdicts(&mut self) -> Result<()> {
+        let mut cache = self.hash::<u64, u8>("CGROUP_VERDICT")?;
+        let keys: Vec<u64> = cache.keys().filter_map(|k| k.ok()).collect();
+        for k in keys {
+            let _ = cache.remove(&k);
+        }
+        Ok(())
+    }
+
+    /// The programs' counters, summed over CPUs.
+    pub fn stats(&self) -> Result<Stats> {
+        let map: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.ebpf.map("STATS").expect("STATS map"))
+                .map_err(map_err("STATS"))?;
+        let sum =
+            |i: u32| -> Result<u64> { Ok(map.get(&i, 0).map_err(map_err("STATS"))?.iter().sum()) };
+        Ok(Stats {
+            events: sum(STAT_EVENTS)?,
+            lost: sum(STAT_LOST)?,
+            pages_overflow: sum(STAT_PAGES_OVERFLOW)?,
+            read_errors: sum(STAT_READ_ERRORS)?,
+        })
+    }
+
+    /// Dirtied-page counts of the current epoch per process, for processes whose cgroup
+    /// satisfies `cgroup_filter`.
+    pub fn page_counts(
+        &self,
+        cgroup_filter: impl Fn(u64) -> bool,
+    ) -> Result<StdHashMap<ProcKey, u64>> {
+        let map: PerCpuHashMap<&MapData, ProcKey, u64> =
+            PerCpuHashMap::try_from(self.ebpf.map("PAGE_COUNTS").expect("PAGE_COUNTS map"))
+                .map_err(map_err("PAGE_COUNTS"))?;
+        let mut out = StdHashMap::new();
+        for item in map.iter() {
+            let (k, v) = item.map_err(map_err("PAGE_COUNTS"))?;
+            if cgroup_filter(k.cgroup) {
+                out.insert(k, v.iter().sum());
+            }
+        }
+        Ok(out)
+    }
+
+    /// The set of dirtied pages (page numbers) of the current epoch, for processes whose
+    /// cgroup satisfies `cgroup_filter`.
+    pub fn dirty_pages(&self, cgroup_filter: impl Fn(u64) -> bool) -> Result<Vec<DirtyPageKey>> {
+        let map: HashMap<&MapData, DirtyPageKey, u8> =
+            HashMap::try_from(self.ebpf.map("DIRTY_PAGES").expect("DIRTY_PAGES map"))
+                .map_err(map_err("DIRTY_PAGES"))?;
+        Ok(map
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| cgroup_filter(k.proc.cgroup))
+            .collect())
+    }
+
+    /// Starts a new epoch for the cgroups matching `cgroup_filter`: forgets their dirtied
+    /// pages, so each page counts again on its next write fault (a fork write-protects them).
+    pub fn new_epoch(&mut self, cgroup_filter: impl Fn(u64) -> bool) -> Result<()> {
+        let pages = self.dirty_pages(&cgroup_filter)?;
+        let mut set = self.hash::<DirtyPageKey, u8>("DIRTY_PAGES")?;
+        for k in &pages {
+            let _ = set.remove(k);
+        }
+        let mut counts: PerCpuHashMap<&mut MapData, ProcKey, u64> =
+            PerCpuHashMap::try_from(self.ebpf.map_mut("PAGE_COUNTS").expect("PAGE_COUNTS map"))
+                .map_err(map_err("PAGE_COUNTS"))?;
+        let keys: Vec<ProcKey> = counts
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| cgroup_filter(k.cgroup))
+            .collect();
+        for k in keys {
+            let _ = counts.remove(&k);
+        }
+        Ok(())
+    }
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; later ones to the cgroup. Raising
+/// the limit may be refused (no CAP_SYS_RESOURCE): that is fine on current kernels.
+fn bump_memlock_rlimit() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads a valid rlimit struct; failure is ignored on purpose.
+    let ret = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
+    if ret != 0 {
+        log::debug!("could not raise RLIMIT_MEMLOCK (fine on kernels >= 5.11)");
+    }
+}

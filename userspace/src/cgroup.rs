@@ -1,0 +1,144 @@
+//! cgroup v2 directories: finding the hierarchy, creating a cgroup, moving a process into it,
+//! killing everything in it, and removing it. A [`Cgroup`] removes itself (after killing its
+//! processes) when dropped, so an error or Ctrl-C never leaks one.
+
+use std::{
+    fs,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use crate::error::{Error, IoContext, Result};
+
+/// The mount point of the cgroup v2 hierarchy (from /proc/self/mountinfo).
+pub fn cgroup2_root() -> Result<PathBuf> {
+    let info = fs::read_to_string("/proc/self/mountinfo").at("/proc/self/mountinfo")?;
+    parse_cgroup2_mount(&info).ok_or(Error::NoCgroup2)
+}
+
+/// Finds the first cgroup2 mount point in the text of a mountinfo file.
+pub fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let fstype = right.split_whitespace().next()?;
+        let mount_point = left.split_whitespace().nth(4)?;
+        (fstype == "cgroup2").then(|| PathBuf::from(mount_point))
+    })
+}
+
+/// A cgroup v2 directory owned by forkscope.
+#[derive(Debug)]
+pub struct Cgroup {
+    path: PathBuf,
+    id: u64,
+    removed: bool,
+}
+
+impl Cgroup {
+    /// Creates `<cgroup2 root>/forkscope/<name>`.
+    pub fn create(name: &str) -> Result<Self> {
+        let parent = cgroup2_root()?.join("forkscope");
+        fs::create_dir_all(&parent).at(&parent)?;
+        let path = parent.join(name);
+        fs::create_dir(&path).at(&path)?;
+        // The cgroup id the kernel reports (bpf_get_current_cgroup_id) is the directory's inode.
+        let id = fs::metadata(&path).at(&path)?.ino();
+        Ok(Self {
+            path,
+            id,
+            removed: false,
+        })
+    }
+
+    /// The cgroup's id (inode number of its directory).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The cgroup's directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Opens `cgroup.procs` for writing: writing "0" to it moves the writer into the cgroup
+    /// (used between fork and exec of a traced command).
+    pub fn open_procs(&self) -> Result<fs::File> {
+        let p = self.path.join("cgroup.procs");
+        fs::OpenOptions::new().write(true).open(&p).at(p)
+    }
+
+    /// Whether any process is still in the cgroup or below it.
+    pub fn populated(&self) -> Result<bool> {
+        let p = self.path.join("cgroup.events");
+        let text = fs::read_to_string(&p).at(&p)?;
+        Ok(text.lines().any(|l| l == "populated 1"))
+    }
+
+    /// Kills every process in the cgroup and below (cgroup.kill) and waits until it is empty.
+    pub fn kill_all(&self, timeout: Duration) -> Result<()> {
+        if !self.populated()? {
+            return Ok(());
+        }
+        let p = self.path.join("cgroup.kill");
+        fs::write(&p, "1").at(&p)?;
+        let start = Instant::now();
+        while self.populated()? {
+            if start.elapsed() > timeout {
+                return Err(Error::Io {
+                    path: self.path.clone(),
+                    source: std::io::Error::other("processes still alive after cgroup.kill"),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(())
+    }
+
+    /// Kills what is left and removes the directory.
+    pub fn remove(mut self) -> Result<()> {
+        self.remove_now()
+    }
+
+    fn remove_now(&mut self) -> Result<()> {
+        if self.removed {
+            return Ok(());
+        }
+        self.kill_all(Duration::from_secs(5))?;
+        fs::remove_dir(&self.path).at(&self.path)?;
+        self.removed = true;
+        Ok(())
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        if let Err(e) = self.remove_now() {
+            log::warn!("could not remove cgroup {}: {e}", self.path.display());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_cgroup2_in_hybrid_mountinfo() {
+        let text = "\
+35 25 0:30 / /sys/fs/cgroup rw,relatime shared:9 - tmpfs tmpfs rw,mode=755
+36 35 0:31 / /sys/fs/cgroup/cpu rw,relatime shared:10 - cgroup cgroup rw,cpu
+45 35 0:40 / /sys/fs/cgroup/unified rw,relatime shared:19 - cgroup2 cgroup2 rw
+";
+        assert_eq!(
+            parse_cgroup2_mount(text),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+    }
+
+    #[test]
+    fn no_cgroup2_gives_none() {
+        let text = "36 35 0:31 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n";
+        assert_eq!(parse_cgroup2_mount(text), None);
+    }
+}

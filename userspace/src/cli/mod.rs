@@ -1,0 +1,68 @@
+//! Command-line parsing (clap) and dispatch, one file per subcommand.
+
+mod trace;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit code for forkscope's own failures (as `timeout` and `env` do), so it cannot be
+/// mistaken for the traced command's status.
+pub const EXIT_FORKSCOPE_FAILED: u8 = 125;
+
+#[derive(Parser)]
+#[command(
+    name = "forkscope",
+    version,
+    about = "Branch Linux sandboxes and see every side effect, with eBPF"
+)]
+struct Cli {
+    /// Log level for forkscope's own messages (error, warn, info, debug, trace).
+    #[arg(long, global = true, default_value = "warn", env = "FORKSCOPE_LOG")]
+    log: log::LevelFilter,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    Trace(trace::TraceArgs),
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log);
+    let result = match cli.command {
+        Command::Trace(args) => trace::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("forkscope: {e:#}");
+            ExitCode::from(EXIT_FORKSCOPE_FAILED)
+        }
+    }
+}
+
+/// A minimal stderr logger for the `log` facade.
+fn init_logging(level: log::LevelFilter) {
+    struct Stderr;
+    impl log::Log for Stderr {
+        fn enabled(&self, m: &log::Metadata) -> bool {
+            m.level() <= log::max_level()
+        }
+        fn log(&self, r: &log::Record) {
+            if self.enabled(r.metadata()) {
+                eprintln!(
+                    "forkscope: {}: {}",
+                    r.level().as_str().to_lowercase(),
+                    r.args()
+                );
+            }
+        }
+        fn flush(&self) {}
+    }
+    static LOGGER: Stderr = Stderr;
+    let _ = log::set_logger(&LOGGER);
+    log::set_max_level(level);
+}

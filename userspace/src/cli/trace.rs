@@ -1,0 +1,128 @@
+//! `forkscope trace [--output FILE] [--format jsonl] -- CMD [ARGS...]`
+
+use std::{ffi::OsString, fs::File, io::BufWriter, io::Write, path::PathBuf, process::ExitCode};
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use forkscope::{
+    Error,
+    bpf::ProbeOptions,
+    trace::{self, TraceOptions},
+};
+
+/// Output formats of the event stream.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Format {
+    /// One JSON object per line.
+    Jsonl,
+}
+
+/// Run a command in a fresh cgroup and write every side effect it has as JSON lines:
+/// file writes, renames, unlinks, metadata changes, connects and sends, processes, and the
+/// pages each process dirtied. A summary goes to stderr; the exit status is the command's
+/// (127: not found, 126: not executable, 125: forkscope itself failed, 130: interrupted).
+#[derive(Args)]
+pub struct TraceArgs {
+    /// Write events to FILE instead of stdout (recommended when the command writes to stdout).
+    #[arg(short, long, value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// Event format.
+    #[arg(long, value_enum, default_value = "jsonl")]
+    format: Format,
+    /// List each process's dirtied pages as address ranges in its page_dirty_summary.
+    #[arg(long)]
+    page_addresses: bool,
+    /// Ring buffer size in MiB (a power of two); raise it if events are lost.
+    #[arg(long, default_value_t = 16, value_parser = parse_ring_mb)]
+    ring_mb: u32,
+    /// Write the summary as JSON to FILE as well.
+    #[arg(long, value_name = "FILE")]
+    summary_json: Option<PathBuf>,
+    /// Print no summary on stderr.
+    #[arg(short, long)]
+    quiet: bool,
+    /// The command to trace, after `--`.
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        required = true,
+        value_name = "CMD"
+    )]
+    command: Vec<OsString>,
+}
+
+fn parse_ring_mb(s: &str) -> Result<u32, String> {
+    let n: u32 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of MiB"))?;
+    if n == 0 || !n.is_power_of_two() || n > 1024 {
+        return Err(format!(
+            "{n} MiB: the ring buffer size must be a power of two from 1 to 1024"
+        ));
+    }
+    Ok(n)
+}
+
+pub fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
+    let Format::Jsonl = args.format;
+    let opts = TraceOptions {
+        command: args.command,
+        page_addresses: args.page_addresses,
+        probe: ProbeOptions {
+            ring_bytes: args.ring_mb << 20,
+            ..ProbeOptions::default()
+        },
+    };
+    let mut out: Box<dyn Write> = match &args.output {
+        Some(p) => {
+            Box::new(BufWriter::new(File::create(p).with_context(|| {
+                format!("cannot create output file {}", p.display())
+            })?))
+        }
+        None => Box::new(BufWriter::new(std::io::stdout().lock())),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let result = runtime.block_on(trace::run(&opts, &mut out, interrupted()));
+    let outcome = match result {
+        Ok(o) => o,
+        Err(Error::CommandNotFound(c)) => {
+            eprintln!("forkscope: command not found: {c}");
+            return Ok(ExitCode::from(127));
+        }
+        Err(Error::CommandNotExecutable(c, e)) => {
+            eprintln!("forkscope: cannot execute {c}: {e}");
+            return Ok(ExitCode::from(126));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    out.flush()?;
+    if !args.quiet {
+        eprint!("{}", outcome.summary.render());
+    }
+    if let Some(p) = &args.summary_json {
+        let f = File::create(p).with_context(|| format!("cannot create {}", p.display()))?;
+        serde_json::to_writer_pretty(f, &outcome.summary)?;
+    }
+    if outcome.cancelled {
+        eprintln!("forkscope: interrupted; the command's processes were killed");
+        return Ok(ExitCode::from(130));
+    }
+    Ok(ExitCode::from(outcome.exit_code.clamp(0, 255) as u8))
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn interrupted() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+}

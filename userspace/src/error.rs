@@ -1,0 +1,73 @@
+//! The library's error type: every failure says what was wrong and, where there is one, what
+//! to do about it.
+
+use std::{io, path::PathBuf};
+
+/// Errors of the forkscope library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "forkscope needs root (CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN) to load eBPF programs and create cgroups: run it as root"
+    )]
+    NotRoot,
+    #[error(
+        "this kernel exposes no BTF at /sys/kernel/btf/vmlinux (CONFIG_DEBUG_INFO_BTF=y is needed to find kernel structure offsets)"
+    )]
+    NoBtf,
+    #[error("kernel structure {0} not found in BTF: this kernel is not supported")]
+    BtfMissing(String),
+    #[error("reading BTF: {0}")]
+    Btf(String),
+    #[error(
+        "no cgroup v2 hierarchy is mounted (looked in /proc/self/mountinfo): mount one with `mount -t cgroup2 none /sys/fs/cgroup`"
+    )]
+    NoCgroup2,
+    #[error("tracefs is not mounted at /sys/kernel/tracing and mounting it failed: {0}")]
+    NoTracefs(io::Error),
+    #[error("the kernel refused eBPF program `{program}` ({what}): {source}")]
+    ProgramRefused {
+        program: String,
+        what: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("command not found: {0}")]
+    CommandNotFound(String),
+    #[error("command not executable: {0}: {1}")]
+    CommandNotExecutable(String, io::Error),
+    #[error("no command given: put the command after `--`, for example `forkscope trace -- ls`")]
+    NoCommand,
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{0}")]
+    Other(#[from] io::Error),
+}
+
+/// Result with the library's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Attaches a path to an io::Error.
+pub(crate) trait IoContext<T> {
+    fn at(self, path: impl Into<PathBuf>) -> Result<T>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn at(self, path: impl Into<PathBuf>) -> Result<T> {
+        self.map_err(|source| Error::Io {
+            path: path.into(),
+            source,
+        })
+    }
+}

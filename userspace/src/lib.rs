@@ -1,0 +1,20 @@
+//! forkscope: branch running Linux sandboxes and see every side effect of every branch.
+//!
+//! This library holds everything the `forkscope` binary does; the binary only parses
+//! arguments. Modules, one concern each:
+//! - [`bpf`]: the embedded eBPF object, kernel offsets from BTF, loading and attaching
+//!   ([`bpf::Probe`]), cgroup registration, reading maps;
+//! - [`cgroup`]: cgroup v2 directories (create, move into, kill, remove);
+//! - [`events`]: decoding kernel records, resolving paths and addresses, JSON records, totals;
+//! - [`trace`]: `forkscope trace` (one command, one cgroup, one trace);
+//! - [`sys`]: start-up checks (root, BTF, tracefs);
+//! - [`error`]: the typed errors.
+
+pub mod bpf;
+pub mod cgroup;
+pub mod error;
+pub mod events;
+pub mod sys;
+pub mod trace;
+
+pub use error::{Error, Result};

@@ -1,0 +1,39 @@
+//! Start-up checks of what this host can do (root, BTF, tracefs), and mounting tracefs when
+//! it is not mounted. Real deployments run on many kernels: detect, never assume.
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+/// Where the kernel's BTF lives.
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+/// Where tracefs is expected.
+pub const TRACEFS: &str = "/sys/kernel/tracing";
+
+/// Checks everything `forkscope trace` needs before it touches anything.
+pub fn preflight() -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(Error::NotRoot);
+    }
+    if !Path::new(VMLINUX_BTF).exists() {
+        return Err(Error::NoBtf);
+    }
+    ensure_tracefs()?;
+    Ok(())
+}
+
+/// Mounts tracefs on /sys/kernel/tracing when its events are not visible (aya attaches
+/// tracepoints by reading their ids there).
+pub fn ensure_tracefs() -> Result<()> {
+    if Path::new(TRACEFS).join("events").exists() {
+        return Ok(());
+    }
+    nix::mount::mount(
+        Some("tracefs"),
+        TRACEFS,
+        Some("tracefs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| Error::NoTracefs(e.into()))
+}

@@ -1,0 +1,270 @@
+//! `forkscope trace`: run one command in a fresh cgroup with the eBPF programs watching it,
+//! stream its side effects as JSON lines, and total them. The cgroup, the programs and every
+//! process of the command are gone when [`run`] returns, whether the command finished, failed
+//! to start, or the caller cancelled.
+
+use std::{
+    ffi::OsString,
+    future::Future,
+    io::Write,
+    os::{fd::AsRawFd, unix::process::ExitStatusExt},
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+use aya::maps::{MapData, RingBuf};
+use tokio::io::unix::AsyncFd;
+
+use crate::{
+    bpf::{Probe, ProbeOptions},
+    cgroup::Cgroup,
+    error::{Error, Result},
+    events::{Resolver, Summary, TraceEvent, decode},
+};
+
+/// What to trace and how.
+#[derive(Clone, Debug, Default)]
+pub struct TraceOptions {
+    /// The command and its arguments.
+    pub command: Vec<OsString>,
+    /// Add the dirtied page ranges to each page_dirty_summary event.
+    pub page_addresses: bool,
+    /// Ring buffer and page-set sizes.
+    pub probe: ProbeOptions,
+}
+
+/// How a trace ended.
+#[derive(Debug)]
+pub struct TraceOutcome {
+    /// The command's exit status as a shell reports it (128 + signal when killed).
+    pub exit_code: i32,
+    /// True when the caller cancelled the trace (Ctrl-C).
+    pub cancelled: bool,
+    /// Totals of what the command did.
+    pub summary: Summary,
+}
+
+static TRACE_SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// Consumes events from the ring buffer and writes them.
+struct Sink<'w, W: Write> {
+    out: &'w mut W,
+    resolver: Resolver,
+    summary: Summary,
+    cgroups: std::collections::BTreeSet<u64>,
+    decode_errors: u64,
+    /// The command's pid until it has exec'd: before that it runs forkscope's own code
+    /// (moving itself into the cgroup), which is not the command's doing.
+    pre_exec_pid: Option<u32>,
+}
+
+impl<W: Write> Sink<'_, W> {
+    fn drain(&mut self, ring: &mut RingBuf<MapData>) -> Result<()> {
+        while let Some(item) = ring.next() {
+            match decode(&item) {
+                Ok(raw) => {
+                    let h = raw.header();
+                    if self.pre_exec_pid == Some(h.pid) {
+                        if raw.kind() != forkscope_common::EventKind::ProcExec {
+                            continue;
+                        }
+                        self.pre_exec_pid = None;
+                    }
+                    self.cgroups.insert(raw.header().cgroup);
+                    if let Some(ev) = self.resolver.event(&raw) {
+                        self.emit(&ev)?;
+                    }
+                }
+                Err(e) => {
+                    self.decode_errors += 1;
+                    log::warn!("undecodable event: {e}");
+                }
+            }
+        }
+        self.out.flush()?;
+        Ok(())
+    }
+
+    fn emit(&mut self, ev: &TraceEvent) -> Result<()> {
+        serde_json::to_writer(&mut *self.out, ev).map_err(std::io::Error::from)?;
+        self.out.write_all(b"\n")?;
+        self.summary.add(ev);
+        Ok(())
+    }
+}
+
+/// Runs `opts.command` under trace, writing one JSON object per event to `out`, until the
+/// command exits or `cancel` completes. Background processes the command leaves behind are
+/// killed when it exits (the cgroup must be empty to be removed).
+pub async fn run<W: Write>(
+    opts: &TraceOptions,
+    out: &mut W,
+    cancel: impl Future<Output = ()>,
+) -> Result<TraceOutcome> {
+    let program = opts.command.first().ok_or(Error::NoCommand)?.clone();
+    let mut probe = Probe::load(&opts.probe)?;
+    probe.attach()?;
+    for tp in &probe.missing_tracepoints {
+        log::info!("this kernel has no {tp} tracepoint: that syscall is not traced");
+    }
+    let seq = TRACE_SEQ.fetch_add(1, Ordering::Relaxed);
+    let cgroup = Cgroup::create(&format!("trace-{}-{seq}", std::process::id()))?;
+    probe.track(cgroup.id())?;
+    // SAFETY: the RingBuf owns its map descriptor, which stays open and unchanged until the
+    // AsyncFd (and with it the RingBuf) is dropped.
+    let mut ring =
+        unsafe { AsyncFd::register(probe.take_events()?) }.map_err(|e| Error::Other(e.into()))?;
+
+    let mut sink = Sink {
+        out,
+        resolver: Resolver::new(),
+        summary: Summary::default(),
+        cgroups: [cgroup.id()].into(),
+        decode_errors: 0,
+        pre_exec_pid: None,
+    };
+    // The command inherits our stdio: name them in case they are files it writes to.
+    for fd in 0..3 {
+        if let Ok(p) = std::fs::read_link(format!("/proc/self/fd/{fd}")) {
+            if p.is_file() {
+                sink.resolver.learn_file(&p);
+            }
+        }
+    }
+
+    let procs = cgroup.open_procs()?;
+    let procs_fd = procs.as_raw_fd();
+    let mut cmd = tokio::process::Command::new(&program);
+    cmd.args(&opts.command[1..]);
+    // SAFETY: the closure runs in the child between fork and exec and only calls write(2),
+    // which is async-signal-safe; the descriptor stays open in the parent until after spawn.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Writing "0" to cgroup.procs moves the writing process into the cgroup, so the
+            // command is traced from its exec on.
+            if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let name = program.to_string_lossy().into_owned();
+    let mut child = cmd.spawn().map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::CommandNotFound(name.clone()),
+        std::io::ErrorKind::PermissionDenied => Error::CommandNotExecutable(name.clone(), e),
+        _ => Error::Other(e),
+    })?;
+    drop(procs);
+    sink.pre_exec_pid = child.id();
+    if let (Some(pid), Ok(cwd)) = (child.id(), std::env::current_dir()) {
+        sink.resolver.set_cwd(pid, &cwd.to_string_lossy());
+    }
+
+    tokio::pin!(cancel);
+    let mut cancelled = false;
+    let status = loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard?;
+                sink.drain(guard.get_inner_mut())?;
+                guard.clear_ready();
+            }
+            status = child.wait() => break status?,
+            () = &mut cancel, if !cancelled => {
+                cancelled = true;
+                cgroup.kill_all(Duration::from_secs(5))?;
+            }
+        }
+    };
+    // Whatever the command left running goes too; then every event is in the ring buffer.
+    cgroup.kill_all(Duration::from_secs(5))?;
+    sink.drain(ring.get_mut())?;
+
+    let cgroups = sink.cgroups.clone();
+    let in_trace = |cg: u64| cgroups.contains(&cg);
+    let counts = probe.page_counts(in_trace)?;
+    let mut ranges = if opts.page_addresses {
+        page_ranges(&probe, &in_trace)?
+    } else {
+        Default::default()
+    };
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0);
+    let mut procs: Vec<_> = counts.into_iter().collect();
+    procs.sort_by_key(|(k, _)| (k.tgid, k.cgroup));
+    for (key, pages) in procs {
+        let ev = TraceEvent {
+            ts_ns: now,
+            cgroup: key.cgroup,
+            pid: key.tgid,
+            tid: key.tgid,
+            comm: sink.resolver.comm_of(key.tgid).unwrap_or("?").to_string(),
+            kind: "page_dirty_summary".into(),
+            pages: Some(pages),
+            bytes: Some((pages * 4096) as i64),
+            page_ranges: ranges.remove(&(key.cgroup, key.tgid)),
+            ..TraceEvent::default()
+        };
+        sink.emit(&ev)?;
+    }
+    sink.out.flush()?;
+    sink.summary.stats = probe.stats()?;
+    sink.summary.unresolved_paths = sink.resolver.unresolved;
+    probe.untrack(cgroup.id())?;
+    drop(probe);
+    cgroup.remove()?;
+
+    let exit_code = status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+    Ok(TraceOutcome {
+        exit_code,
+        cancelled,
+        summary: sink.summary,
+    })
+}
+
+/// Dirtied pages grouped per (cgroup, process) into [start, end) address ranges.
+fn page_ranges(
+    probe: &Probe,
+    filter: &impl Fn(u64) -> bool,
+) -> Result<std::collections::HashMap<(u64, u32), Vec<[u64; 2]>>> {
+    let mut pages: std::collections::HashMap<(u64, u32), Vec<u64>> = Default::default();
+    for k in probe.dirty_pages(filter)? {
+        pages
+            .entry((k.proc.cgroup, k.proc.tgid))
+            .or_default()
+            .push(k.page);
+    }
+    Ok(pages.into_iter().map(|(k, v)| (k, coalesce(v))).collect())
+}
+
+/// Sorted page numbers to [start, end) address ranges of consecutive pages.
+pub fn coalesce(mut pages: Vec<u64>) -> Vec<[u64; 2]> {
+    pages.sort_unstable();
+    pages.dedup();
+    let shift = forkscope_common::PAGE_SHIFT;
+    let mut out: Vec<[u64; 2]> = Vec::new();
+    for p in pages {
+        match out.last_mut() {
+            Some(r) if r[1] == p << shift => r[1] = (p + 1) << shift,
+            _ => out.push([p << shift, (p + 1) << shift]),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::coalesce;
+
+    #[test]
+    fn coalesces_consecutive_pages_into_ranges() {
+        assert_eq!(
+            coalesce(vec![5, 1, 2, 3, 5]),
+            vec![[0x1000, 0x4000], [0x5000, 0x6000]]
+        );
+        assert!(coalesce(vec![]).is_empty());
+    }
+}
