@@ -14,17 +14,17 @@ pub fn tracked() -> Option<u64> {
     // SAFETY: helper without arguments.
     let cg = unsafe { bpf_get_current_cgroup_id() };
     // SAFETY: the value is a plain u8 copied out immediately.
-    if let Some(v) = unsafe { CGROUP_VERDICT.get(&cg) } {
+    if let Some(v) = unsafe { CGROUP_VERDICT.get(cg) } {
         return if *v != 0 { Some(cg) } else { None };
     }
     let verdict = compute(cg);
-    let _ = CGROUP_VERDICT.insert(&cg, &verdict, 0);
+    let _ = CGROUP_VERDICT.insert(cg, verdict, 0);
     if verdict != 0 { Some(cg) } else { None }
 }
 
 #[inline(never)]
 fn compute(cg: u64) -> u8 {
-    if TRACKED_CGROUPS.get_ptr(&cg).is_some() {
+    if TRACKED_CGROUPS.get_ptr(cg).is_some() {
         return 1;
     }
     let mut level = 0;
@@ -34,7 +34,7 @@ fn compute(cg: u64) -> u8 {
         if id == 0 || id == cg {
             break;
         }
-        if TRACKED_CGROUPS.get_ptr(&id).is_some() {
+        if TRACKED_CGROUPS.get_ptr(id).is_some() {
             return 1;
         }
         level += 1;

@@ -155,10 +155,10 @@ pub fn socket_peer(o: &KernelOffsets, file: u64) -> Peer {
         if let Some(a) = read::<[u8; 4]>(sk, o.sk_daddr) {
             peer.addr[..4].copy_from_slice(&a);
         }
-    } else if peer.family == AF_INET6 {
-        if let Some(a) = read::<[u8; 16]>(sk, o.sk_v6_daddr) {
-            peer.addr = a;
-        }
+    } else if peer.family == AF_INET6
+        && let Some(a) = read::<[u8; 16]>(sk, o.sk_v6_daddr)
+    {
+        peer.addr = a;
     }
     peer
 }

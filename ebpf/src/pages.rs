@@ -45,7 +45,7 @@ fn try_page_fault(ctx: &TracePointContext) -> Option<()> {
         proc,
         page: address >> PAGE_SHIFT,
     };
-    match DIRTY_PAGES.insert(&key, &1, BPF_NOEXIST as u64) {
+    match DIRTY_PAGES.insert(key, 1, BPF_NOEXIST as u64) {
         Ok(()) => count_page(&proc),
         Err(e) if e == EEXIST => {}
         Err(_) => {
@@ -65,6 +65,6 @@ fn count_page(proc: &ProcKey) {
         // SAFETY: `p` points to this CPU's slot of a live map value; preemption is off.
         unsafe { *p += 1 };
     } else {
-        let _ = PAGE_COUNTS.insert(proc, &1, 0);
+        let _ = PAGE_COUNTS.insert(proc, 1, 0);
     }
 }

@@ -29,15 +29,15 @@ pub enum Error {
         program: String,
         what: String,
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     #[error("loading the eBPF object: {0}")]
-    Load(#[from] aya::EbpfError),
+    Load(#[source] Box<aya::EbpfError>),
     #[error("eBPF map {name}: {source}")]
     Map {
         name: &'static str,
         #[source]
-        source: aya::maps::MapError,
+        source: Box<aya::maps::MapError>,
     },
     #[error("command not found: {0}")]
     CommandNotFound(String),
@@ -53,6 +53,12 @@ pub enum Error {
     },
     #[error("{0}")]
     Other(#[from] io::Error),
+}
+
+impl From<aya::EbpfError> for Error {
+    fn from(e: aya::EbpfError) -> Self {
+        Error::Load(Box::new(e))
+    }
 }
 
 /// Result with the library's [`Error`].

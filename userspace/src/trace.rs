@@ -125,10 +125,10 @@ pub async fn run<W: Write>(
     };
     // The command inherits our stdio: name them in case they are files it writes to.
     for fd in 0..3 {
-        if let Ok(p) = std::fs::read_link(format!("/proc/self/fd/{fd}")) {
-            if p.is_file() {
-                sink.resolver.learn_file(&p);
-            }
+        if let Ok(p) = std::fs::read_link(format!("/proc/self/fd/{fd}"))
+            && p.is_file()
+        {
+            sink.resolver.learn_file(&p);
         }
     }
 
@@ -225,11 +225,11 @@ pub async fn run<W: Write>(
     })
 }
 
+/// Dirtied address ranges per (cgroup, process id).
+type RangesByProcess = std::collections::HashMap<(u64, u32), Vec<[u64; 2]>>;
+
 /// Dirtied pages grouped per (cgroup, process) into [start, end) address ranges.
-fn page_ranges(
-    probe: &Probe,
-    filter: &impl Fn(u64) -> bool,
-) -> Result<std::collections::HashMap<(u64, u32), Vec<[u64; 2]>>> {
+fn page_ranges(probe: &Probe, filter: &impl Fn(u64) -> bool) -> Result<RangesByProcess> {
     let mut pages: std::collections::HashMap<(u64, u32), Vec<u64>> = Default::default();
     for k in probe.dirty_pages(filter)? {
         pages

@@ -7,7 +7,8 @@ mod probe;
 pub use probe::{Probe, ProbeOptions, Stats};
 
 /// The eBPF object built from `ebpf/` by build.rs (aya-build), embedded in the binary.
-pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/forkscope"));
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/forkscope-ebpf"));
 
 /// Program names in the object, with the tracepoints each one is attached to.
 pub const PROGRAMS: &[&str] = &[

@@ -81,10 +81,10 @@ fn find_member(btf: &Btf, ty: &Type, field: &str) -> Option<(u32, Type)> {
         if name == field {
             return Some((m.bit_offset(), mty));
         }
-        if name.is_empty() {
-            if let Some((inner, t)) = find_member(btf, &mty, field) {
-                return Some((m.bit_offset() + inner, t));
-            }
+        if name.is_empty()
+            && let Some((inner, t)) = find_member(btf, &mty, field)
+        {
+            return Some((m.bit_offset() + inner, t));
         }
     }
     None

@@ -59,12 +59,15 @@ fn refused(program: &str, what: &str) -> impl FnOnce(ProgramError) -> Error {
     move |source| Error::ProgramRefused {
         program,
         what,
-        source,
+        source: Box::new(source),
     }
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> Error {
-    move |source| Error::Map { name, source }
+    move |source| Error::Map {
+        name,
+        source: Box::new(source),
+    }
 }
 
 impl Probe {

@@ -7,6 +7,9 @@ use serde::Serialize;
 use super::TraceEvent;
 use crate::bpf::Stats;
 
+/// Processes listed by name in the rendered summary (the ones that dirtied most pages).
+const TOP_PROCESSES: usize = 10;
+
 /// Bytes and calls per file written.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct FileTotals {
@@ -107,8 +110,16 @@ impl Summary {
                 t.bytes, t.sends, t.connects
             );
         }
-        let _ = writeln!(s, "dirtied pages ({} processes):", self.pages.len());
-        for p in &self.pages {
+        let total_pages: u64 = self.pages.iter().map(|p| p.pages).sum();
+        let _ = writeln!(
+            s,
+            "dirtied pages: {total_pages} ({} KiB) in {} processes",
+            total_pages * 4,
+            self.pages.len()
+        );
+        let mut top: Vec<&ProcPages> = self.pages.iter().collect();
+        top.sort_by(|a, b| b.pages.cmp(&a.pages).then(a.pid.cmp(&b.pid)));
+        for p in top.iter().take(TOP_PROCESSES) {
             let _ = writeln!(
                 s,
                 "  {:>8} pages ({} KiB)  pid {} {}",
@@ -116,6 +127,15 @@ impl Summary {
                 p.pages * 4,
                 p.pid,
                 p.comm
+            );
+        }
+        if top.len() > TOP_PROCESSES {
+            let rest: u64 = top[TOP_PROCESSES..].iter().map(|p| p.pages).sum();
+            let _ = writeln!(
+                s,
+                "  {:>8} pages in {} more processes",
+                rest,
+                top.len() - TOP_PROCESSES
             );
         }
         let _ = writeln!(
