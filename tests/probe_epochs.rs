@@ -131,7 +131,7 @@ fn descendants_of_a_registered_cgroup_are_traced() {
     // The command moves itself into a cgroup below the traced one, then writes.
     let script = "cg=\"$0$(sed -n 's/^0:://p' /proc/self/cgroup)\"; \
         mkdir \"$cg/nested\" && echo $$ > \"$cg/nested/cgroup.procs\" && echo deep > f.txt; \
-        echo $$ > \"$cg/cgroup.procs\"; rmdir \"$cg/nested\"";
+        mkdir -p \"$cg/nested/left/behind\"";
     let root = forkscope_tests::cgroup2_root();
     let run = forkscope_tests::trace(
         dir.path(),

@@ -85,11 +85,17 @@ impl Drop for TempDir {
 pub struct TraceRun {
     pub output: Output,
     pub events: Vec<Value>,
+    /// The forkscope process's pid (its cgroups are named after it).
+    pub pid: u32,
 }
 
 impl TraceRun {
     pub fn stderr(&self) -> String {
         String::from_utf8_lossy(&self.output.stderr).into_owned()
+    }
+
+    pub fn output_pid(&self) -> u32 {
+        self.pid
     }
 
     pub fn code(&self) -> Option<i32> {
@@ -134,7 +140,7 @@ impl TraceRun {
 /// Runs `forkscope trace -o <dir>/events.jsonl [extra] -- cmd...` in `cwd`.
 pub fn trace(cwd: &Path, extra: &[&str], cmd: &[&str]) -> TraceRun {
     let out_file = cwd.join(".forkscope-events.jsonl");
-    let output = Command::new(forkscope())
+    let child = Command::new(forkscope())
         .current_dir(cwd)
         .arg("trace")
         .arg("-o")
@@ -142,12 +148,20 @@ pub fn trace(cwd: &Path, extra: &[&str], cmd: &[&str]) -> TraceRun {
         .args(extra)
         .arg("--")
         .args(cmd)
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .expect("run forkscope");
+    let pid = child.id();
+    let output = child.wait_with_output().expect("wait for forkscope");
     let text = std::fs::read_to_string(&out_file).unwrap_or_default();
     let _ = std::fs::remove_file(&out_file);
     let events = parse_jsonl(&text);
-    TraceRun { output, events }
+    TraceRun {
+        output,
+        events,
+        pid,
+    }
 }
 
 /// Parses JSON lines, failing on any line that is not a JSON object.

@@ -87,7 +87,7 @@ impl Cgroup {
             if start.elapsed() > timeout {
                 return Err(Error::Io {
                     path: self.path.clone(),
-                    source: std::io::Error::other("processes still alive after cgroup.kill"),
+                    cause: std::io::Error::other("processes still alive after cgroup.kill"),
                 });
             }
             std::thread::sleep(Duration::from_millis(2));
@@ -105,10 +105,23 @@ impl Cgroup {
             return Ok(());
         }
         self.kill_all(Duration::from_secs(5))?;
-        fs::remove_dir(&self.path).at(&self.path)?;
+        remove_tree(&self.path)?;
         self.removed = true;
         Ok(())
     }
+}
+
+/// Removes a cgroup directory and the cgroups its processes created below it (children first:
+/// a cgroup with children cannot be removed). Only directories are removed; the files in a
+/// cgroup directory are the kernel's interface and go with it.
+fn remove_tree(path: &Path) -> Result<()> {
+    for entry in fs::read_dir(path).at(path)? {
+        let entry = entry.at(path)?;
+        if entry.file_type().at(entry.path())?.is_dir() {
+            remove_tree(&entry.path())?;
+        }
+    }
+    fs::remove_dir(path).at(path)
 }
 
 impl Drop for Cgroup {

@@ -24,20 +24,18 @@ pub enum Error {
     NoCgroup2,
     #[error("tracefs is not mounted at /sys/kernel/tracing and mounting it failed: {0}")]
     NoTracefs(io::Error),
-    #[error("the kernel refused eBPF program `{program}` ({what}): {source}")]
+    #[error("the kernel refused eBPF program `{program}` ({what}): {cause}")]
     ProgramRefused {
         program: String,
         what: String,
-        #[source]
-        source: Box<aya::programs::ProgramError>,
+        cause: Box<aya::programs::ProgramError>,
     },
     #[error("loading the eBPF object: {0}")]
-    Load(#[source] Box<aya::EbpfError>),
-    #[error("eBPF map {name}: {source}")]
+    Load(Box<aya::EbpfError>),
+    #[error("eBPF map {name}: {cause}")]
     Map {
         name: &'static str,
-        #[source]
-        source: Box<aya::maps::MapError>,
+        cause: Box<aya::maps::MapError>,
     },
     #[error("command not found: {0}")]
     CommandNotFound(String),
@@ -45,14 +43,19 @@ pub enum Error {
     CommandNotExecutable(String, io::Error),
     #[error("no command given: put the command after `--`, for example `forkscope trace -- ls`")]
     NoCommand,
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error("{path}: {cause}")]
+    Io { path: PathBuf, cause: io::Error },
     #[error("{0}")]
-    Other(#[from] io::Error),
+    Other(io::Error),
+}
+
+// Messages carry their cause inline (no `source()` chain), so printing an error with its chain
+// never repeats the cause.
+
+impl From<io::Error> for Error {
+    fn from(e: io::Error) -> Self {
+        Error::Other(e)
+    }
 }
 
 impl From<aya::EbpfError> for Error {
@@ -71,9 +74,9 @@ pub(crate) trait IoContext<T> {
 
 impl<T> IoContext<T> for io::Result<T> {
     fn at(self, path: impl Into<PathBuf>) -> Result<T> {
-        self.map_err(|source| Error::Io {
+        self.map_err(|cause| Error::Io {
             path: path.into(),
-            source,
+            cause,
         })
     }
 }

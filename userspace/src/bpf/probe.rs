@@ -59,14 +59,14 @@ fn refused(program: &str, what: &str) -> impl FnOnce(ProgramError) -> Error {
     move |source| Error::ProgramRefused {
         program,
         what,
-        source: Box::new(source),
+        cause: Box::new(source),
     }
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> Error {
     move |source| Error::Map {
         name,
-        source: Box::new(source),
+        cause: Box::new(source),
     }
 }
 
