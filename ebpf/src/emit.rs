@@ -1,6 +1,9 @@
 //! Filling event headers and keeping the counters in STATS.
 
-use aya_ebpf::helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns};
+use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+};
 use forkscope_common::{
     EventHeader, EventKind,
     stats::{STAT_EVENTS, STAT_LOST, STAT_READ_ERRORS},
@@ -50,10 +53,25 @@ pub fn count_read_error() {
     bump(STAT_READ_ERRORS);
 }
 
+/// Unread bytes in the ring buffer above which a submit wakes the consumer. Below it the
+/// consumer is not woken (it drains on a short timer): a wake-up per event would cost the
+/// traced process more than the event itself.
+const WAKEUP_BYTES: u64 = 512 * 1024;
+
+/// Flags for submitting an event: wake the consumer only when enough data is waiting.
+#[inline(always)]
+pub fn wakeup_flags() -> u64 {
+    if crate::maps::EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    }
+}
+
 /// Sends a fixed-size record (FdEvent) to userspace, counting it or its loss.
 #[inline(always)]
 pub fn send<T>(event: &T) {
-    match crate::maps::EVENTS.output::<T>(event, 0) {
+    match crate::maps::EVENTS.output::<T>(event, wakeup_flags()) {
         Ok(()) => count_event(),
         Err(_) => count_lost(),
     }

@@ -2,12 +2,12 @@
 //! socket's destination, a task's ids. Offsets come from [`crate::config::offsets`].
 
 use aya_ebpf::helpers::{
-    bpf_get_current_task, bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_probe_read_user,
-    bpf_task_pt_regs,
+    bpf_get_current_task, bpf_get_current_task_btf, bpf_probe_read_kernel,
+    bpf_probe_read_kernel_buf, bpf_probe_read_user, bpf_task_pt_regs,
 };
 use forkscope_common::{KernelOffsets, event::file_type};
 
-use crate::emit::count_read_error;
+use crate::{emit::count_read_error, maps::SCRATCH};
 
 /// x86_64 `struct pt_regs` up to `di`, in u64 slots: r15 r14 r13 r12 bp bx r11 r10 r9 r8 ax
 /// cx dx si di. The layout is the kernel's user ABI for x86_64.
@@ -73,6 +73,61 @@ pub fn current_task() -> u64 {
     unsafe { bpf_get_current_task() }
 }
 
+/// Reads `N` bytes at `base` into the per-CPU scratch buffer `slot` in one helper call
+/// (instead of one per field); the buffers live in a map because the eBPF stack is 512 bytes.
+#[inline(always)]
+fn read_chunk<const N: usize>(
+    base: u64,
+    slot: fn(&mut Scratch) -> &mut [u8; N],
+) -> Option<&'static [u8; N]> {
+    if base == 0 {
+        return None;
+    }
+    let scratch = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: the per-CPU scratch value is only used by this CPU, and only while this program
+    // runs (programs are not preempted); bpf_probe_read_kernel checks the source address.
+    unsafe {
+        let buf = slot(&mut *scratch);
+        if bpf_probe_read_kernel_buf(base as *const u8, buf).is_err() {
+            count_read_error();
+            return None;
+        }
+        Some(&*(buf as *const [u8; N]))
+    }
+}
+
+/// Field `T` at `off` of a structure whose first `N` bytes are in `chunk`; read from kernel
+/// memory at `base + off` when the field lies beyond the chunk.
+#[inline(always)]
+fn field<T: Copy, const N: usize>(chunk: &[u8; N], base: u64, off: u32) -> Option<T> {
+    if off == KernelOffsets::ABSENT {
+        return None;
+    }
+    let off = off as usize;
+    if off + core::mem::size_of::<T>() <= N {
+        // SAFETY: the bounds are checked just above; T is plain data (integers, pointers as
+        // u64, byte arrays) for which any bit pattern is valid.
+        Some(unsafe { core::ptr::read_unaligned(chunk.as_ptr().add(off).cast::<T>()) })
+    } else {
+        read::<T>(base, off as u32)
+    }
+}
+
+/// Bytes of `struct fdtable` read at once (max_fds and fd are its first fields).
+pub const FDT_CHUNK: usize = 16;
+/// Bytes of `struct file` read at once (private_data, f_inode, f_flags, f_pos on 6.x).
+pub const FILE_CHUNK: usize = 128;
+/// Bytes of `struct inode` read at once (i_mode, i_sb, i_ino on 6.x).
+pub const INODE_CHUNK: usize = 80;
+
+/// Per-CPU buffers for chunked reads of kernel structures (see [`read_chunk`]).
+#[repr(C)]
+pub struct Scratch {
+    pub fdt: [u8; FDT_CHUNK],
+    pub file: [u8; FILE_CHUNK],
+    pub inode: [u8; INODE_CHUNK],
+}
+
 /// The `struct file *` behind descriptor `fd` of the current task, or 0.
 #[inline(always)]
 pub fn fd_file(o: &KernelOffsets, fd: i64) -> u64 {
@@ -85,13 +140,16 @@ pub fn fd_file(o: &KernelOffsets, fd: i64) -> u64 {
     let Some(fdt) = read::<u64>(files, o.files_fdt) else {
         return 0;
     };
-    let Some(max) = read::<u32>(fdt, o.fdt_max_fds) else {
+    let Some(chunk) = read_chunk(fdt, |s| &mut s.fdt) else {
+        return 0;
+    };
+    let Some(max) = field::<u32, FDT_CHUNK>(chunk, fdt, o.fdt_max_fds) else {
         return 0;
     };
     if fd as u64 >= max as u64 {
         return 0;
     }
-    let Some(array) = read::<u64>(fdt, o.fdt_fd) else {
+    let Some(array) = field::<u64, FDT_CHUNK>(chunk, fdt, o.fdt_fd) else {
         return 0;
     };
     read::<u64>(array, (fd as u32) * 8).unwrap_or(0)
@@ -112,17 +170,21 @@ pub struct FileInfo {
 #[inline(always)]
 pub fn file_info(o: &KernelOffsets, file: u64) -> FileInfo {
     let mut info = FileInfo::default();
-    if file == 0 {
-        return info;
-    }
-    info.pos = read::<i64>(file, o.file_pos).unwrap_or(-1);
-    info.flags = read::<u32>(file, o.file_flags).unwrap_or(0);
-    let Some(inode) = read::<u64>(file, o.file_inode) else {
+    let Some(f) = read_chunk(file, |s| &mut s.file) else {
         return info;
     };
-    info.ftype = read::<u16>(inode, o.inode_mode).map_or(file_type::UNKNOWN, |m| (m as u32) >> 12);
-    info.ino = read::<u64>(inode, o.inode_ino).unwrap_or(0);
-    if let Some(sb) = read::<u64>(inode, o.inode_sb) {
+    info.pos = field::<i64, FILE_CHUNK>(f, file, o.file_pos).unwrap_or(-1);
+    info.flags = field::<u32, FILE_CHUNK>(f, file, o.file_flags).unwrap_or(0);
+    let Some(inode) = field::<u64, FILE_CHUNK>(f, file, o.file_inode) else {
+        return info;
+    };
+    let Some(i) = read_chunk(inode, |s| &mut s.inode) else {
+        return info;
+    };
+    info.ftype = field::<u16, INODE_CHUNK>(i, inode, o.inode_mode)
+        .map_or(file_type::UNKNOWN, |m| (m as u32) >> 12);
+    info.ino = field::<u64, INODE_CHUNK>(i, inode, o.inode_ino).unwrap_or(0);
+    if let Some(sb) = field::<u64, INODE_CHUNK>(i, inode, o.inode_sb) {
         info.dev = read::<u32>(sb, o.sb_dev).unwrap_or(0);
     }
     info

@@ -35,3 +35,7 @@ pub static PAGE_COUNTS: PerCpuHashMap<ProcKey, u64> = PerCpuHashMap::with_max_en
 /// Counters (see forkscope_common::stats).
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
+
+/// Per-CPU scratch buffers for reading kernel structures in one helper call each.
+#[map]
+pub static SCRATCH: PerCpuArray<crate::kernel::Scratch> = PerCpuArray::with_max_entries(1, 0);

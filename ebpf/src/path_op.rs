@@ -246,7 +246,7 @@ fn try_path_op(ctx: &TracePointContext) -> Option<()> {
         (*e).dir2_dev = dev2;
         (*e).dir2_ino = ino2;
     }
-    entry.submit(0);
+    entry.submit(crate::emit::wakeup_flags());
     count_event();
     Some(())
 }

@@ -46,6 +46,9 @@ pub struct TraceOutcome {
 
 static TRACE_SEQ: AtomicU32 = AtomicU32::new(0);
 
+/// How often the ring buffer is drained when the programs have not woken us.
+const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
+
 /// Consumes events from the ring buffer and writes them.
 struct Sink<'w, W: Write> {
     out: &'w mut W,
@@ -162,6 +165,10 @@ pub async fn run<W: Write>(
 
     tokio::pin!(cancel);
     let mut cancelled = false;
+    // The programs wake us only when a lot is waiting (see ebpf/src/emit.rs); the rest is
+    // picked up by this timer, so events reach the output within DRAIN_INTERVAL.
+    let mut tick = tokio::time::interval(DRAIN_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let status = loop {
         tokio::select! {
             guard = ring.readable_mut() => {
@@ -169,6 +176,7 @@ pub async fn run<W: Write>(
                 sink.drain(guard.get_inner_mut())?;
                 guard.clear_ready();
             }
+            _ = tick.tick() => sink.drain(ring.get_mut())?,
             status = child.wait() => break status?,
             () = &mut cancel, if !cancelled => {
                 cancelled = true;

@@ -30,6 +30,7 @@ pub const MAPS: &[&str] = &[
     "DIRTY_PAGES",
     "PAGE_COUNTS",
     "STATS",
+    "SCRATCH",
 ];
 
 #[cfg(test)]

@@ -8,7 +8,10 @@ use crate::error::{Error, Result};
 
 /// Reads /sys/kernel/btf/vmlinux and the sched_process_exit tracepoint format.
 pub fn from_running_kernel() -> Result<KernelOffsets> {
-    let btf = Btf::from_file(crate::sys::VMLINUX_BTF).map_err(|e| Error::Btf(e.to_string()))?;
+    // Parsing from memory: btf-rs's file backend seeks before every read (~100k syscalls).
+    let bytes = std::fs::read(crate::sys::VMLINUX_BTF)
+        .map_err(|e| Error::Btf(format!("{}: {e}", crate::sys::VMLINUX_BTF)))?;
+    let btf = Btf::from_bytes(&bytes).map_err(|e| Error::Btf(e.to_string()))?;
     let format = std::fs::read_to_string(format!(
         "{}/events/sched/sched_process_exit/format",
         crate::sys::TRACEFS

@@ -5,7 +5,10 @@ use std::collections::HashMap as StdHashMap;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{ProgramError, RawTracePoint, TracePoint},
+    programs::{
+        ProgramError, RawTracePoint, TracePoint, raw_trace_point::RawTracePointLinkId,
+        trace_point::TracePointLinkId,
+    },
 };
 use forkscope_common::{
     DirtyPageKey, ProcKey,
@@ -52,6 +55,9 @@ pub struct Probe {
     ebpf: Ebpf,
     /// Tracepoints this kernel does not have (skipped at attach; the syscall is not traced).
     pub missing_tracepoints: Vec<String>,
+    /// Attachments, by program name, so they can be detached all at once (see `detach`).
+    tracepoint_links: Vec<(&'static str, TracePointLinkId)>,
+    raw_links: Vec<(&'static str, RawTracePointLinkId)>,
 }
 
 fn refused(program: &str, what: &str) -> impl FnOnce(ProgramError) -> Error {
@@ -96,6 +102,8 @@ impl Probe {
         Ok(Self {
             ebpf,
             missing_tracepoints: Vec::new(),
+            tracepoint_links: Vec::new(),
+            raw_links: Vec::new(),
         })
     }
 
@@ -128,9 +136,11 @@ impl Probe {
                 self.missing_tracepoints.push(event);
                 continue;
             }
-            self.tracepoint(prog)
+            let id = self
+                .tracepoint(prog)
                 .attach("syscalls", &event)
                 .map_err(refused(prog, &event))?;
+            self.tracepoint_links.push((prog, id));
         }
         for (prog, category, event) in [
             ("sched_process_exec", "sched", "sched_process_exec"),
@@ -138,18 +148,46 @@ impl Probe {
             ("page_fault", "exceptions", "page_fault_user"),
             ("page_fault", "exceptions", "page_fault_kernel"),
         ] {
-            self.tracepoint(prog)
+            let id = self
+                .tracepoint(prog)
                 .attach(category, event)
                 .map_err(refused(prog, event))?;
+            self.tracepoint_links.push((prog, id));
         }
         let fork: &mut RawTracePoint = self
             .ebpf
             .program_mut("sched_process_fork")
             .and_then(|p| p.try_into().ok())
             .expect("raw tracepoint program");
-        fork.attach("sched_process_fork")
+        let id = fork
+            .attach("sched_process_fork")
             .map_err(refused("sched_process_fork", "attach"))?;
+        self.raw_links.push(("sched_process_fork", id));
         Ok(())
+    }
+
+    /// Detaches every program. Each detach waits for an RCU grace period in the kernel
+    /// (tens of milliseconds); done one after another, 60 of them take seconds, so they are
+    /// done from parallel threads, which share grace periods.
+    pub fn detach(&mut self) {
+        let mut owned: Vec<Box<dyn Send>> = Vec::new();
+        for (prog, id) in std::mem::take(&mut self.tracepoint_links) {
+            if let Ok(link) = self.tracepoint(prog).take_link(id) {
+                owned.push(Box::new(link));
+            }
+        }
+        for (prog, id) in std::mem::take(&mut self.raw_links) {
+            let raw: Option<&mut RawTracePoint> =
+                self.ebpf.program_mut(prog).and_then(|p| p.try_into().ok());
+            if let Some(Ok(link)) = raw.map(|p| p.take_link(id)) {
+                owned.push(Box::new(link));
+            }
+        }
+        std::thread::scope(|scope| {
+            for link in owned {
+                scope.spawn(move || drop(link));
+            }
+        });
     }
 
     /// Takes the event ring buffer (once).
@@ -256,6 +294,12 @@ impl Probe {
             let _ = counts.remove(&k);
         }
         Ok(())
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.detach();
     }
 }
 
