@@ -101,9 +101,14 @@ fn wait_for(path: &std::path::Path, timeout: Duration) {
     }
 }
 
+/// Whether `pid` is a live process (a zombie, killed but not yet reaped, is not).
 fn alive(pid: i32) -> bool {
-    // SAFETY: signal 0 only checks that the process exists.
-    unsafe { libc::kill(pid, 0) == 0 }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
 }
 
 #[test]

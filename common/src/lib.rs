@@ -3,7 +3,7 @@
 //! Everything here is `#[repr(C)]`, has a compile-time size assertion, and uses no `bool`
 //! (u8/u32 instead) so the layout is the same on both sides with no hidden padding. With the
 //! `user` feature the types implement `aya::Pod` so userspace can put them in maps.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 pub mod config;
 pub mod event;
@@ -13,7 +13,7 @@ pub mod syscalls;
 
 pub use config::KernelOffsets;
 pub use event::{EventHeader, EventKind, FdEvent, PathEvent, ProcEvent};
-pub use keys::{DirtyPageKey, ProcKey};
+pub use keys::{DirtyPageKey, ProcKey, VerdictSlot};
 
 /// Length of a task's `comm` (TASK_COMM_LEN).
 pub const COMM_LEN: usize = 16;

@@ -2,23 +2,32 @@
 
 use aya_ebpf::helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id};
 
+use forkscope_common::keys::{VERDICT_SLOTS, VerdictSlot};
+
 use crate::maps::{CGROUP_VERDICT, TRACKED_CGROUPS};
 
 /// Deepest cgroup nesting the ancestor walk looks at.
 const MAX_DEPTH: i32 = 32;
 
-/// The current task's cgroup id if it is traced, `None` otherwise. The common case (an
-/// untraced task in a cgroup seen before) costs one helper call and one map lookup.
+/// The current task's cgroup id if it is traced, `None` otherwise. The common case (a task
+/// in a cgroup seen before, traced or not) costs one helper call and two inlined array reads.
 #[inline(always)]
 pub fn tracked() -> Option<u64> {
     // SAFETY: helper without arguments.
     let cg = unsafe { bpf_get_current_cgroup_id() };
-    // SAFETY: the value is a plain u8 copied out immediately.
-    if let Some(v) = unsafe { CGROUP_VERDICT.get(cg) } {
-        return if *v != 0 { Some(cg) } else { None };
-    }
-    let verdict = compute(cg);
-    let _ = CGROUP_VERDICT.insert(cg, verdict, 0);
+    let generation = CGROUP_VERDICT.get(VERDICT_SLOTS).map_or(0, |g| g.id);
+    let slot = CGROUP_VERDICT.get_ptr_mut((cg as u32) & (VERDICT_SLOTS - 1))?;
+    // SAFETY: `slot` points to a live array element; a torn read is detected by VerdictSlot.
+    let cached = unsafe { core::ptr::read_volatile(slot) };
+    let verdict = match cached.verdict(cg, generation) {
+        Some(v) => v,
+        None => {
+            let v = compute(cg) as u64;
+            // SAFETY: as above; concurrent writers race benignly (each writes a valid slot).
+            unsafe { core::ptr::write_volatile(slot, VerdictSlot::new(cg, generation, v)) };
+            v
+        }
+    };
     if verdict != 0 { Some(cg) } else { None }
 }
 

@@ -2,10 +2,10 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use forkscope_common::{
-    keys::{DirtyPageKey, ProcKey},
+    keys::{DirtyPageKey, ProcKey, VERDICT_SLOTS, VerdictSlot},
     stats::STAT_COUNT,
 };
 
@@ -18,10 +18,11 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024 * 1024, 0);
 #[map]
 pub static TRACKED_CGROUPS: HashMap<u64, u32> = HashMap::with_max_entries(4096, 0);
 
-/// Cache of the registration check per cgroup id: 1 traced, 0 not. Userspace clears it when
-/// the set of registered cgroups changes.
+/// Direct-mapped cache of the registration check per cgroup id (see VerdictSlot); the last
+/// slot holds the generation, which userspace bumps when the registered set changes. An
+/// array, not a hash: its lookups are inlined, so the rest of the host pays almost nothing.
 #[map]
-pub static CGROUP_VERDICT: LruHashMap<u64, u8> = LruHashMap::with_max_entries(16384, 0);
+pub static CGROUP_VERDICT: Array<VerdictSlot> = Array::with_max_entries(VERDICT_SLOTS + 1, 0);
 
 /// The set of pages dirtied in the current epoch, per (cgroup, process). Userspace reads it
 /// and starts a new epoch by deleting a cgroup's entries. Resizable at load time.

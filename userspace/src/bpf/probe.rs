@@ -4,14 +4,15 @@ use std::collections::HashMap as StdHashMap;
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
         ProgramError, RawTracePoint, TracePoint, raw_trace_point::RawTracePointLinkId,
         trace_point::TracePointLinkId,
     },
 };
 use forkscope_common::{
-    DirtyPageKey, ProcKey,
+    DirtyPageKey, ProcKey, VerdictSlot,
+    keys::VERDICT_SLOTS,
     stats::{STAT_EVENTS, STAT_LOST, STAT_PAGES_OVERFLOW, STAT_READ_ERRORS},
     syscalls::{Family, TRACED},
 };
@@ -217,14 +218,26 @@ impl Probe {
         self.clear_verdicts()
     }
 
-    /// Forgets every cached tracked/untracked verdict (after the tracked set changed).
+    /// Forgets every cached tracked/untracked verdict (after the tracked set changed) by
+    /// moving the cache to a new generation.
     fn clear_verdicts(&mut self) -> Result<()> {
-        let mut cache = self.hash::<u64, u8>("CGROUP_VERDICT")?;
-        let keys: Vec<u64> = cache.keys().filter_map(|k| k.ok()).collect();
-        for k in keys {
-            let _ = cache.remove(&k);
-        }
-        Ok(())
+        let mut cache: Array<&mut MapData, VerdictSlot> = Array::try_from(
+            self.ebpf
+                .map_mut("CGROUP_VERDICT")
+                .expect("CGROUP_VERDICT map"),
+        )
+        .map_err(map_err("CGROUP_VERDICT"))?;
+        let generation = cache
+            .get(&VERDICT_SLOTS, 0)
+            .map_err(map_err("CGROUP_VERDICT"))?
+            .id;
+        let next = VerdictSlot {
+            id: (generation + 1) & 0x7fff_ffff,
+            tag: 0,
+        };
+        cache
+            .set(VERDICT_SLOTS, next, 0)
+            .map_err(map_err("CGROUP_VERDICT"))
     }
 
     /// The programs' counters, summed over CPUs.
