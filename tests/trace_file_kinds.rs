@@ -114,3 +114,50 @@ print(xattr)
         .unwrap();
     assert_eq!(trunc["size"], 5);
 }
+
+/// A loop-mounted XFS filesystem with reflinks, unmounted and deleted on drop.
+struct XfsMount {
+    image: std::path::PathBuf,
+    dir: std::path::PathBuf,
+}
+
+impl XfsMount {
+    fn new(base: &std::path::Path) -> Self {
+        let image = base.join("xfs.img");
+        let dir = base.join("mnt");
+        std::fs::create_dir_all(&dir).unwrap();
+        let ok = |c: &mut std::process::Command| assert!(c.status().unwrap().success(), "{c:?}");
+        ok(std::process::Command::new("truncate")
+            .args(["-s", "320M"])
+            .arg(&image));
+        ok(std::process::Command::new("mkfs.xfs")
+            .args(["-q", "-m", "reflink=1"])
+            .arg(&image));
+        ok(std::process::Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&image)
+            .arg(&dir));
+        Self { image, dir }
+    }
+}
+
+impl Drop for XfsMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.dir).status();
+        let _ = std::fs::remove_file(&self.image);
+    }
+}
+
+#[test]
+fn reflink_clones_are_reported() {
+    require_root();
+    let dir = TempDir::new("reflink");
+    let fs = XfsMount::new(dir.path());
+    std::fs::write(fs.dir.join("a"), vec![b'r'; 100_000]).unwrap();
+    let run = trace(&fs.dir, &[], &["cp", "--reflink=always", "a", "b"]);
+    assert_eq!(run.code(), Some(0), "{}", run.stderr());
+    let b = fs.dir.join("b").to_string_lossy().into_owned();
+    let clone = run.of_kind("file_clone").find(|e| e["path"] == b.as_str());
+    assert!(clone.is_some(), "no file_clone of {b}: {:?}", run.events);
+    assert_eq!(clone.unwrap()["syscall"], "ioctl");
+}
