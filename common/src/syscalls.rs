@@ -109,6 +109,7 @@ pub const O_ACCMODE: u32 = 0o3;
 pub const O_CREAT: u32 = 0o100;
 pub const O_TRUNC: u32 = 0o1000;
 pub const O_APPEND: u32 = 0o2000;
+pub const O_DIRECTORY: u32 = 0o200000;
 /// mmap flags.
 pub const PROT_WRITE: u64 = 0x2;
 pub const MAP_SHARED: u64 = 0x1;

@@ -201,6 +201,13 @@ fn try_path_op(ctx: &TracePointContext) -> Option<()> {
     if o.ready == 0 {
         return None;
     }
+    // Read-only opens are most opens (libraries, imports, configs): they have no side effect,
+    // and userspace needs only directories among them (to resolve *at() paths). Decide from
+    // the flags before reading any kernel structure; directories are opened with O_DIRECTORY
+    // by opendir(), fts and the like.
+    if is_open && d.flags & O_ACCMODE == 0 && d.flags & (O_CREAT | O_TRUNC | O_DIRECTORY) == 0 {
+        return None;
+    }
     let opened = if is_open {
         file_info(&o, fd_file(&o, ret))
     } else {
@@ -211,7 +218,6 @@ fn try_path_op(ctx: &TracePointContext) -> Option<()> {
         && d.flags & (O_CREAT | O_TRUNC) == 0
         && opened.ftype != file_type::DIR
     {
-        // A read-only open of a non-directory: no side effect, and nothing userspace needs.
         return None;
     }
     let Some(mut entry) = EVENTS.reserve::<PathEvent>(0) else {
