@@ -1,6 +1,8 @@
 //! The JSON shape of one trace event (one line of `forkscope trace` output). Fields that do
 //! not apply to a kind are left out.
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 
 /// One side effect, as written to the trace.
@@ -19,10 +21,10 @@ pub struct TraceEvent {
     /// file_open, file_write, file_truncate, file_rename, file_unlink, file_mkdir, file_meta,
     /// file_mmap, file_link, file_symlink, file_mknod, file_clone, net_connect, net_send,
     /// proc_fork, proc_exec, proc_exit, page_dirty_summary.
-    pub kind: String,
+    pub kind: Cow<'static, str>,
     /// The syscall that caused it.
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub syscall: Option<String>,
+    pub syscall: Option<Cow<'static, str>>,
     /// Absolute path of the file (for file_symlink: the new link).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub path: Option<String>,

@@ -8,6 +8,7 @@
 //! (descriptors opened before tracing began) it reads from /proc while the process lives.
 
 use std::{
+    borrow::Cow,
     collections::HashMap,
     net::{Ipv4Addr, Ipv6Addr},
     os::unix::fs::MetadataExt,
@@ -180,14 +181,16 @@ impl Resolver {
     pub fn event(&mut self, raw: &RawEvent) -> Option<TraceEvent> {
         let h = raw.header();
         let comm = c_str(&h.comm);
-        self.comms.insert(h.pid, comm.clone());
+        if self.comms.get(&h.pid) != Some(&comm) {
+            self.comms.insert(h.pid, comm.clone());
+        }
         let base = TraceEvent {
             ts_ns: h.ts_ns,
             cgroup: h.cgroup,
             pid: h.pid,
             tid: h.tid,
             comm,
-            syscall: syscalls::name(h.syscall).map(str::to_string),
+            syscall: syscalls::name(h.syscall).map(Cow::Borrowed),
             ..TraceEvent::default()
         };
         match raw {
@@ -424,7 +427,7 @@ mod tests {
         open.ret = 4;
         let t = r.event(&RawEvent::Path(Box::new(open))).unwrap();
         assert_eq!(
-            (t.kind.as_str(), t.path.as_deref(), t.fd),
+            (t.kind.as_ref(), t.path.as_deref(), t.fd),
             ("file_open", Some("/w/f.tmp"), Some(4))
         );
         let mv = path_event(EventKind::FileRename, 3, "f.tmp", "f");
@@ -494,7 +497,7 @@ mod tests {
         };
         let t = r.event(&RawEvent::Fd(e)).unwrap();
         assert_eq!(
-            (t.kind.as_str(), t.addr.as_deref(), t.port, t.bytes),
+            (t.kind.as_ref(), t.addr.as_deref(), t.port, t.bytes),
             ("net_send", Some("127.0.0.1"), Some(8080), Some(10))
         );
     }

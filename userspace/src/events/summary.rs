@@ -1,6 +1,6 @@
 //! Totals of a trace and their human-readable rendering (printed after `forkscope trace`).
 
-use std::{collections::BTreeMap, fmt::Write as _};
+use std::{borrow::Cow, collections::BTreeMap, fmt::Write as _};
 
 use serde::Serialize;
 
@@ -43,7 +43,7 @@ pub struct Summary {
     /// Dirtied pages per process.
     pub pages: Vec<ProcPages>,
     /// Events per kind.
-    pub kinds: BTreeMap<String, u64>,
+    pub kinds: BTreeMap<Cow<'static, str>, u64>,
     /// Counters from the kernel side (events lost among them).
     pub stats: Stats,
     /// Paths that could not be made absolute.
@@ -64,12 +64,13 @@ impl Summary {
     /// Adds one event.
     pub fn add(&mut self, e: &TraceEvent) {
         *self.kinds.entry(e.kind.clone()).or_default() += 1;
-        match e.kind.as_str() {
+        match e.kind.as_ref() {
             "file_write" => {
-                let f = self
-                    .files
-                    .entry(e.path.clone().unwrap_or_else(|| "?".into()))
-                    .or_default();
+                let path = e.path.as_deref().unwrap_or("?");
+                if !self.files.contains_key(path) {
+                    self.files.insert(path.to_string(), FileTotals::default());
+                }
+                let f = self.files.get_mut(path).expect("inserted above");
                 f.bytes += e.bytes.unwrap_or(0).max(0) as u64;
                 f.writes += 1;
             }
@@ -172,7 +173,7 @@ mod tests {
 
     fn ev(kind: &str) -> TraceEvent {
         TraceEvent {
-            kind: kind.into(),
+            kind: kind.to_string().into(),
             ..Default::default()
         }
     }
