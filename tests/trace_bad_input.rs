@@ -226,3 +226,41 @@ fn lost_events_are_counted_and_shown() {
         "every write is either reported or counted lost ({seen} + {lost})"
     );
 }
+
+#[test]
+fn ctrl_c_while_starting_up_leaves_nothing_behind() {
+    require_root();
+    for delay_ms in [50, 200, 400] {
+        let child = Command::new(forkscope())
+            .args(["trace", "-q", "-o", "/dev/null", "--", "sleep", "1001.5"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        // SAFETY: sends SIGINT to the forkscope process we started.
+        unsafe { libc::kill(pid as i32, libc::SIGINT) };
+        let out = child.wait_with_output().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        let interrupted =
+            out.status.code() == Some(130) || out.status.signal() == Some(libc::SIGINT);
+        assert!(
+            interrupted,
+            "after {delay_ms} ms: {:?} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            leftover_cgroups(pid).is_empty(),
+            "cgroup leaked after an interrupt at {delay_ms} ms"
+        );
+    }
+    let sleepers = Command::new("pgrep")
+        .args(["-x", "-f", "sleep 1001.5"])
+        .output()
+        .unwrap();
+    assert!(
+        sleepers.stdout.is_empty(),
+        "a traced command survived its interrupted trace"
+    );
+}

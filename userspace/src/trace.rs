@@ -104,7 +104,9 @@ pub async fn run<W: Write>(
     out: &mut W,
     cancel: impl Future<Output = ()>,
 ) -> Result<TraceOutcome> {
-    let program = opts.command.first().ok_or(Error::NoCommand)?.clone();
+    if opts.command.is_empty() {
+        return Err(Error::NoCommand);
+    }
     let mut probe = Probe::load(&opts.probe)?;
     probe.attach()?;
     for tp in &probe.missing_tracepoints {
@@ -135,29 +137,7 @@ pub async fn run<W: Write>(
         }
     }
 
-    let procs = cgroup.open_procs()?;
-    let procs_fd = procs.as_raw_fd();
-    let mut cmd = tokio::process::Command::new(&program);
-    cmd.args(&opts.command[1..]);
-    // SAFETY: the closure runs in the child between fork and exec and only calls write(2),
-    // which is async-signal-safe; the descriptor stays open in the parent until after spawn.
-    unsafe {
-        cmd.pre_exec(move || {
-            // Writing "0" to cgroup.procs moves the writing process into the cgroup, so the
-            // command is traced from its exec on.
-            if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let name = program.to_string_lossy().into_owned();
-    let mut child = cmd.spawn().map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => Error::CommandNotFound(name.clone()),
-        std::io::ErrorKind::PermissionDenied => Error::CommandNotExecutable(name.clone(), e),
-        _ => Error::Other(e),
-    })?;
-    drop(procs);
+    let mut child = spawn_in(&cgroup, &opts.command)?;
     sink.pre_exec_pid = child.id();
     if let (Some(pid), Ok(cwd)) = (child.id(), std::env::current_dir()) {
         sink.resolver.set_cwd(pid, &cwd.to_string_lossy());
@@ -188,11 +168,61 @@ pub async fn run<W: Write>(
     cgroup.kill_all(Duration::from_secs(5))?;
     sink.drain(ring.get_mut())?;
 
+    emit_page_summaries(&probe, &mut sink, opts.page_addresses)?;
+    sink.out.flush()?;
+    sink.summary.stats = probe.stats()?;
+    sink.summary.unresolved_paths = sink.resolver.unresolved;
+    probe.untrack(cgroup.id())?;
+    drop(probe);
+    cgroup.remove()?;
+
+    let exit_code = status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+    Ok(TraceOutcome {
+        exit_code,
+        cancelled,
+        summary: sink.summary,
+    })
+}
+
+/// Starts `command` in `cgroup`: the child writes "0" to `cgroup.procs` between fork and exec,
+/// so the command runs in the cgroup from its first instruction.
+fn spawn_in(cgroup: &Cgroup, command: &[OsString]) -> Result<tokio::process::Child> {
+    let program = command.first().ok_or(Error::NoCommand)?;
+    let procs = cgroup.open_procs()?;
+    let procs_fd = procs.as_raw_fd();
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(&command[1..]);
+    // SAFETY: the closure runs in the child between fork and exec and only calls write(2),
+    // which is async-signal-safe; the descriptor stays open in the parent until after spawn.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let name = program.to_string_lossy().into_owned();
+    cmd.spawn().map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::CommandNotFound(name),
+        std::io::ErrorKind::PermissionDenied => Error::CommandNotExecutable(name, e),
+        _ => Error::Other(e),
+    })
+}
+
+/// Emits one page_dirty_summary per process seen in the trace's cgroups.
+fn emit_page_summaries<W: Write>(
+    probe: &Probe,
+    sink: &mut Sink<'_, W>,
+    with_ranges: bool,
+) -> Result<()> {
     let cgroups = sink.cgroups.clone();
     let in_trace = |cg: u64| cgroups.contains(&cg);
     let counts = probe.page_counts(in_trace)?;
-    let mut ranges = if opts.page_addresses {
-        page_ranges(&probe, &in_trace)?
+    let mut ranges = if with_ranges {
+        page_ranges(probe, &in_trace)?
     } else {
         Default::default()
     };
@@ -216,21 +246,7 @@ pub async fn run<W: Write>(
         };
         sink.emit(&ev)?;
     }
-    sink.out.flush()?;
-    sink.summary.stats = probe.stats()?;
-    sink.summary.unresolved_paths = sink.resolver.unresolved;
-    probe.untrack(cgroup.id())?;
-    drop(probe);
-    cgroup.remove()?;
-
-    let exit_code = status
-        .code()
-        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
-    Ok(TraceOutcome {
-        exit_code,
-        cancelled,
-        summary: sink.summary,
-    })
+    Ok(())
 }
 
 /// Dirtied address ranges per (cgroup, process id).

@@ -84,7 +84,13 @@ pub fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let result = runtime.block_on(trace::run(&opts, &mut out, interrupted()));
+    // Catch Ctrl-C from the start, so an interrupt while the programs load still goes
+    // through trace::run's clean-up instead of killing us with a cgroup behind.
+    let cancel = {
+        let _guard = runtime.enter();
+        interrupted()?
+    };
+    let result = runtime.block_on(trace::run(&opts, &mut out, cancel));
     let outcome = match result {
         Ok(o) => o,
         Err(Error::CommandNotFound(c)) => {
@@ -112,17 +118,15 @@ pub fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(outcome.exit_code.clamp(0, 255) as u8))
 }
 
-/// Completes on SIGINT or SIGTERM.
-async fn interrupted() {
+/// Installs SIGINT and SIGTERM handlers now and returns a future that completes on either.
+fn interrupted() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = int.recv() => {}
-        _ = term.recv() => {}
-    }
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    })
 }
