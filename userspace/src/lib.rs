@@ -6,6 +6,7 @@
 //!   ([`bpf::Probe`]), cgroup registration, reading maps;
 //! - [`cgroup`]: cgroup v2 directories (create, move into, kill, remove);
 //! - [`events`]: decoding kernel records, resolving paths and addresses, JSON records, totals;
+//! - [`layers`]: branched workspaces on overlayfs (snapshot layers, diffs);
 //! - [`trace`]: `forkscope trace` (one command, one cgroup, one trace);
 //! - [`sys`]: start-up checks (root, BTF, tracefs);
 //! - [`error`]: the typed errors.
@@ -14,6 +15,7 @@ pub mod bpf;
 pub mod cgroup;
 pub mod error;
 pub mod events;
+pub mod layers;
 pub mod sys;
 pub mod trace;
 

@@ -1,0 +1,98 @@
+//! What a branch changed since its fork point: its upper directory read against the layers
+//! below it.
+
+use std::{
+    fs,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
+
+use serde::Serialize;
+
+use super::scan::{EntryKind, kind_of, scan};
+use crate::error::Result;
+
+/// How a path differs from the fork point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChangeKind {
+    Added,
+    Modified,
+    Deleted,
+    /// A directory deleted and created again: its old content is gone.
+    Replaced,
+}
+
+/// One changed path.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Change {
+    pub path: PathBuf,
+    pub kind: ChangeKind,
+}
+
+/// What `rel` is in the merged view of `lowers` (topmost first), if it is visible there.
+pub fn visible_below(lowers: &[PathBuf], rel: &Path) -> Option<EntryKind> {
+    for lower in lowers {
+        let mut hidden_below = false;
+        for a in rel
+            .ancestors()
+            .skip(1)
+            .filter(|a| !a.as_os_str().is_empty())
+        {
+            let p = lower.join(a);
+            if let Ok(m) = fs::symlink_metadata(&p) {
+                match kind_of(&p, &m) {
+                    EntryKind::Dir { opaque: true } => hidden_below = true,
+                    EntryKind::Dir { opaque: false } => {}
+                    // A whiteout or a non-directory above `rel` hides it from here down.
+                    _ => return None,
+                }
+            }
+        }
+        let p = lower.join(rel);
+        if let Ok(m) = fs::symlink_metadata(&p) {
+            return match kind_of(&p, &m) {
+                EntryKind::Whiteout => None,
+                k => Some(k),
+            };
+        }
+        if hidden_below {
+            return None;
+        }
+    }
+    None
+}
+
+/// The changes recorded in `upper` relative to `lowers` (topmost first), in path order.
+pub fn changes(upper: &Path, lowers: &[PathBuf]) -> Result<Vec<Change>> {
+    let mut out = Vec::new();
+    for e in scan(upper)? {
+        let below = visible_below(lowers, &e.path);
+        let kind = match (e.kind, below) {
+            (EntryKind::Whiteout, Some(_)) => ChangeKind::Deleted,
+            (EntryKind::Whiteout, None) => continue,
+            (EntryKind::Dir { opaque: true }, Some(_)) => ChangeKind::Replaced,
+            (EntryKind::Dir { .. }, Some(EntryKind::Dir { .. })) => {
+                // A directory that only holds changes is not a change itself, unless its
+                // mode or owner changed.
+                let here = fs::symlink_metadata(upper.join(&e.path))?;
+                let there = lowers
+                    .iter()
+                    .find_map(|l| fs::symlink_metadata(l.join(&e.path)).ok());
+                match there {
+                    Some(t)
+                        if (t.mode(), t.uid(), t.gid())
+                            != (here.mode(), here.uid(), here.gid()) =>
+                    {
+                        ChangeKind::Modified
+                    }
+                    _ => continue,
+                }
+            }
+            (_, Some(_)) => ChangeKind::Modified,
+            (_, None) => ChangeKind::Added,
+        };
+        out.push(Change { path: e.path, kind });
+    }
+    Ok(out)
+}

@@ -1,0 +1,276 @@
+//! Delta snapshots: copying what an upper directory gained or lost since the previous
+//! snapshot into a new, immutable layer.
+//!
+//! Stacked on top of the previous snapshots (and the branch's own lower layers), the new
+//! layer reproduces the upper directory exactly as it is now:
+//! - entries whose status change time is at or after the previous snapshot are copied
+//!   (files by reflink where the filesystem can, else by copy); directories they live in are
+//!   created as plain directories, so they merge with the layers below;
+//! - a directory that is opaque in the upper directory (deleted and recreated) and changed
+//!   since is copied whole and stays opaque;
+//! - entries the previous snapshot saw that are gone now become whiteouts.
+//!
+//! The branch must be frozen while it is snapshotted.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    ffi::CString,
+    fs,
+    os::unix::{
+        ffi::OsStrExt,
+        fs::{MetadataExt, PermissionsExt, lchown, symlink},
+        io::AsRawFd,
+    },
+    path::{Path, PathBuf},
+};
+
+use nix::sys::stat::{Mode, SFlag, mknod};
+
+use super::scan::{EntryKind, OPAQUE_XATTR, scan};
+use crate::error::{Error, IoContext, Result};
+
+/// The entries an upper directory held when it was snapshotted (relative paths and kinds),
+/// needed to find what the next snapshot must delete.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Manifest {
+    pub entries: BTreeMap<PathBuf, EntryKind>,
+}
+
+/// What a snapshot copied.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SnapshotStats {
+    /// Entries written into the layer (files, directories, links, whiteouts).
+    pub entries: u64,
+    /// File bytes copied (reflinked bytes included).
+    pub bytes: u64,
+    /// Files cloned by reflink rather than copied.
+    pub reflinked: u64,
+    /// Whiteouts written for entries that disappeared since the previous snapshot.
+    pub whiteouts: u64,
+}
+
+/// The time to record for a snapshot that is about to be taken, in the clock file change
+/// times use. Take it before scanning, while the branch is frozen: every later change gets a
+/// change time at or after it (the coarse clock never runs ahead of file timestamps), so the
+/// next snapshot, passed this value as `since_ns`, misses nothing.
+pub fn snapshot_clock_ns() -> i128 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_REALTIME_COARSE)
+        .map(|t| t.tv_sec() as i128 * 1_000_000_000 + t.tv_nsec() as i128)
+        .unwrap_or(0)
+}
+
+/// Copies into `layer` (created, must not exist) what `upper` changed since the snapshot
+/// that produced `previous` at time `since_ns` (`None`: the first snapshot, copy all).
+pub fn snapshot(
+    upper: &Path,
+    since_ns: Option<i128>,
+    previous: &Manifest,
+    layer: &Path,
+) -> Result<(Manifest, SnapshotStats)> {
+    fs::create_dir(layer).at(layer)?;
+    let entries = scan(upper)?;
+    let manifest = Manifest {
+        entries: entries.iter().map(|e| (e.path.clone(), e.kind)).collect(),
+    };
+    let mut stats = SnapshotStats::default();
+    let mut whole: Vec<PathBuf> = Vec::new();
+    for e in &entries {
+        if whole.iter().any(|w| e.path.starts_with(w)) {
+            continue;
+        }
+        if since_ns.is_some_and(|t| e.ctime_ns < t) {
+            continue;
+        }
+        ensure_parents(upper, layer, &e.path, &mut stats)?;
+        if let EntryKind::Dir { opaque: true } = e.kind {
+            copy_tree(upper, layer, &e.path, &mut stats)?;
+            whole.push(e.path.clone());
+        } else {
+            copy_entry(upper, layer, &e.path, e.kind, &mut stats)?;
+        }
+    }
+    let current: BTreeSet<&PathBuf> = manifest.entries.keys().collect();
+    for (gone, _) in previous
+        .entries
+        .iter()
+        .filter(|(p, _)| !current.contains(p))
+    {
+        let shadowed = gone
+            .ancestors()
+            .skip(1)
+            .filter(|a| !a.as_os_str().is_empty())
+            .any(|a| {
+                // An ancestor that is gone too gets its own whiteout; one that is no longer a
+                // directory hides everything that was below it; one copied whole is exact.
+                let was_dir = matches!(previous.entries.get(a), Some(EntryKind::Dir { .. }));
+                let now = manifest.entries.get(a);
+                (was_dir && now.is_none())
+                    || now.is_some_and(|k| !matches!(k, EntryKind::Dir { .. }))
+                    || whole.iter().any(|w| a.starts_with(w))
+            });
+        if shadowed || whole.iter().any(|w| gone.starts_with(w)) {
+            continue;
+        }
+        ensure_parents(upper, layer, gone, &mut stats)?;
+        let target = layer.join(gone);
+        if !target.exists() {
+            whiteout(&target)?;
+            stats.whiteouts += 1;
+            stats.entries += 1;
+        }
+    }
+    Ok((manifest, stats))
+}
+
+/// Creates in `layer` the directories above `rel`, with the modes and owners they have in
+/// `upper`, as plain (non-opaque) directories.
+fn ensure_parents(upper: &Path, layer: &Path, rel: &Path, stats: &mut SnapshotStats) -> Result<()> {
+    let mut parents: Vec<&Path> = rel
+        .ancestors()
+        .skip(1)
+        .filter(|a| !a.as_os_str().is_empty())
+        .collect();
+    parents.reverse();
+    for p in parents {
+        let dst = layer.join(p);
+        if dst.exists() {
+            continue;
+        }
+        let src = upper.join(p);
+        make_dir(&src, &dst, false)?;
+        stats.entries += 1;
+    }
+    Ok(())
+}
+
+fn make_dir(src: &Path, dst: &Path, opaque: bool) -> Result<()> {
+    fs::create_dir(dst).at(dst)?;
+    copy_attrs(src, dst)?;
+    if opaque {
+        set_opaque(dst)?;
+    }
+    Ok(())
+}
+
+/// Copies `rel` and everything below it.
+fn copy_tree(upper: &Path, layer: &Path, rel: &Path, stats: &mut SnapshotStats) -> Result<()> {
+    for e in std::iter::once(super::scan::Entry {
+        path: PathBuf::new(),
+        kind: super::scan::kind_of(
+            &upper.join(rel),
+            &fs::symlink_metadata(upper.join(rel)).at(upper.join(rel))?,
+        ),
+        ctime_ns: 0,
+    })
+    .chain(scan(&upper.join(rel))?)
+    {
+        copy_entry(upper, layer, &rel.join(&e.path), e.kind, stats)?;
+    }
+    Ok(())
+}
+
+/// Copies one entry (not its children) from `upper` to `layer`.
+fn copy_entry(
+    upper: &Path,
+    layer: &Path,
+    rel: &Path,
+    kind: EntryKind,
+    stats: &mut SnapshotStats,
+) -> Result<()> {
+    let src = upper.join(rel);
+    let dst = layer.join(rel);
+    match kind {
+        EntryKind::Dir { opaque } => {
+            if dst.exists() {
+                return Ok(());
+            }
+            make_dir(&src, &dst, opaque)?;
+        }
+        EntryKind::File => {
+            let (bytes, cloned) = copy_file(&src, &dst)?;
+            stats.bytes += bytes;
+            stats.reflinked += cloned as u64;
+            copy_attrs(&src, &dst)?;
+        }
+        EntryKind::Symlink => {
+            let target = fs::read_link(&src).at(&src)?;
+            symlink(&target, &dst).at(&dst)?;
+            copy_owner(&src, &dst)?;
+        }
+        EntryKind::Whiteout => whiteout(&dst)?,
+        EntryKind::Other => {
+            let meta = fs::symlink_metadata(&src).at(&src)?;
+            let kind = SFlag::from_bits_truncate(meta.mode() & libc::S_IFMT);
+            mknod(
+                &dst,
+                kind,
+                Mode::from_bits_truncate(meta.mode() & 0o7777),
+                meta.rdev(),
+            )
+            .map_err(|e| Error::Layer(format!("mknod {}: {e}", dst.display())))?;
+            copy_attrs(&src, &dst)?;
+        }
+    }
+    stats.entries += 1;
+    Ok(())
+}
+
+/// Copies a regular file's data, by reflink (FICLONE) where the filesystem can.
+/// Returns (bytes, whether it was a reflink).
+fn copy_file(src: &Path, dst: &Path) -> Result<(u64, bool)> {
+    let from = fs::File::open(src).at(src)?;
+    let len = from.metadata().at(src)?.len();
+    let to = fs::File::create(dst).at(dst)?;
+    // SAFETY: FICLONE takes the source descriptor as its argument; both descriptors are open.
+    let cloned = unsafe { libc::ioctl(to.as_raw_fd(), libc::FICLONE as _, from.as_raw_fd()) } == 0;
+    if !cloned {
+        drop(to);
+        fs::copy(src, dst).at(dst)?;
+    }
+    Ok((len, cloned))
+}
+
+/// Mode, owner and modification time of `src` onto `dst` (not following symlinks).
+fn copy_attrs(src: &Path, dst: &Path) -> Result<()> {
+    let meta = fs::symlink_metadata(src).at(src)?;
+    copy_owner(src, dst)?;
+    fs::set_permissions(dst, fs::Permissions::from_mode(meta.mode() & 0o7777)).at(dst)?;
+    let mtime = nix::sys::time::TimeSpec::new(meta.mtime(), meta.mtime_nsec());
+    let atime = nix::sys::time::TimeSpec::new(meta.atime(), meta.atime_nsec());
+    nix::sys::stat::utimensat(
+        nix::fcntl::AT_FDCWD,
+        dst,
+        &atime,
+        &mtime,
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )
+    .map_err(|e| Error::Layer(format!("setting times of {}: {e}", dst.display())))
+}
+
+fn copy_owner(src: &Path, dst: &Path) -> Result<()> {
+    let meta = fs::symlink_metadata(src).at(src)?;
+    lchown(dst, Some(meta.uid()), Some(meta.gid())).at(dst)
+}
+
+/// Writes an overlayfs whiteout (a 0:0 character device) at `path`.
+pub fn whiteout(path: &Path) -> Result<()> {
+    mknod(path, SFlag::S_IFCHR, Mode::empty(), 0)
+        .map_err(|e| Error::Layer(format!("whiteout {}: {e}", path.display())))
+}
+
+/// Marks a directory opaque: it hides the same directory in the layers below.
+pub fn set_opaque(path: &Path) -> Result<()> {
+    let p = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| Error::Layer("NUL in path".into()))?;
+    let name = CString::new(OPAQUE_XATTR).expect("no NUL");
+    // SAFETY: NUL-terminated strings and a 1-byte value buffer.
+    let ret = unsafe { libc::lsetxattr(p.as_ptr(), name.as_ptr(), b"y".as_ptr().cast(), 1, 0) };
+    if ret != 0 {
+        return Err(Error::Layer(format!(
+            "marking {} opaque: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
+}
