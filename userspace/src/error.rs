@@ -43,6 +43,8 @@ pub enum Error {
     CommandNotExecutable(String, io::Error),
     #[error("no command given: put the command after `--`, for example `forkscope trace -- ls`")]
     NoCommand,
+    #[error("sandbox: {0}")]
+    Sandbox(String),
     #[error("layers: {0}")]
     Layer(String),
     #[error("{path}: {cause}")]

@@ -7,6 +7,7 @@
 //! - [`cgroup`]: cgroup v2 directories (create, move into, kill, remove);
 //! - [`events`]: decoding kernel records, resolving paths and addresses, JSON records, totals;
 //! - [`layers`]: branched workspaces on overlayfs (snapshot layers, diffs);
+//! - [`sandbox`]: a branch's namespaces, mounts and init process;
 //! - [`trace`]: `forkscope trace` (one command, one cgroup, one trace);
 //! - [`sys`]: start-up checks (root, BTF, tracefs);
 //! - [`error`]: the typed errors.
@@ -16,6 +17,7 @@ pub mod cgroup;
 pub mod error;
 pub mod events;
 pub mod layers;
+pub mod sandbox;
 pub mod sys;
 pub mod trace;
 

@@ -27,6 +27,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     Trace(trace::TraceArgs),
+    /// Internal: builds a branch's sandbox and becomes its init (started by the daemon).
+    #[command(name = "__init", hide = true)]
+    Init {
+        spec: std::path::PathBuf,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -34,6 +39,10 @@ pub fn main() -> ExitCode {
     init_logging(cli.log);
     let result = match cli.command {
         Command::Trace(args) => trace::run(args),
+        Command::Init { spec } => match forkscope::sandbox::init::main(&spec) {
+            Ok(()) => Ok(ExitCode::SUCCESS),
+            Err(_) => Ok(ExitCode::FAILURE),
+        },
     };
     match result {
         Ok(code) => code,

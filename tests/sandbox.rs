@@ -1,0 +1,194 @@
+//! A branch's sandbox on the real kernel: the workspace and /tmp are private overlays, the
+//! rest of the host is read-only and cannot be remounted, host processes are invisible, and
+//! killing the cgroup leaves no mount, process or cgroup behind.
+
+use std::{
+    fs,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+};
+
+use forkscope::{
+    cgroup::Cgroup,
+    sandbox::{
+        SandboxSpec, StackSpec,
+        control::{ExecReply, ExecRequest, exec},
+        start,
+    },
+};
+use forkscope_tests::{TempDir, forkscope, require_root};
+
+struct Branch {
+    _state: TempDir,
+    workspace: PathBuf,
+    control: PathBuf,
+    cgroup: Option<Cgroup>,
+    init_pid: u32,
+}
+
+fn stack(root: &Path, name: &str, lower: PathBuf) -> StackSpec {
+    let dir = root.join(name);
+    for d in ["upper", "work"] {
+        fs::create_dir_all(dir.join(d)).unwrap();
+    }
+    StackSpec {
+        lowers: vec![lower],
+        upper: dir.join("upper"),
+        work: dir.join("work"),
+    }
+}
+
+fn branch(tag: &str) -> Branch {
+    require_root();
+    let state = TempDir::new(tag);
+    let workspace = state.path().join("ws");
+    fs::create_dir_all(&workspace).unwrap();
+    fs::write(workspace.join("base.txt"), "from the host\n").unwrap();
+    let empty = state.path().join("empty");
+    fs::create_dir_all(&empty).unwrap();
+    let spec = SandboxSpec {
+        workspace: workspace.clone(),
+        workspace_stack: stack(state.path(), "ws-layers", workspace.clone()),
+        tmp_stack: stack(state.path(), "tmp-layers", empty),
+        control: state.path().join("control.sock"),
+        command: vec!["sleep".into(), "1000".into()],
+        log: state.path().join("cmd.log"),
+    };
+    let cgroup = Cgroup::create(&format!("sandbox-test-{}-{tag}", std::process::id())).unwrap();
+    let sandbox = start(
+        &forkscope(),
+        &spec,
+        &state.path().join("spec.json"),
+        &cgroup,
+    )
+    .expect("sandbox starts");
+    Branch {
+        workspace,
+        control: sandbox.control,
+        cgroup: Some(cgroup),
+        init_pid: sandbox.init_pid,
+        _state: state,
+    }
+}
+
+/// Runs `sh -c script` in the branch; returns (exit code, stdout).
+fn sh(b: &Branch, script: &str) -> (i32, String) {
+    let dir = TempDir::new("out");
+    let out = fs::File::create(dir.path().join("out")).unwrap();
+    let null = fs::File::open("/dev/null").unwrap();
+    let req = ExecRequest {
+        argv: vec!["sh".into(), "-c".into(), script.into()],
+        ..Default::default()
+    };
+    let reply = exec(
+        &b.control,
+        &req,
+        [null.as_raw_fd(), out.as_raw_fd(), out.as_raw_fd()],
+        |_| {},
+    )
+    .unwrap();
+    let code = match reply {
+        ExecReply::ExitCode(c) => c,
+        other => panic!("unexpected reply {other:?}"),
+    };
+    (code, fs::read_to_string(dir.path().join("out")).unwrap())
+}
+
+#[test]
+fn the_workspace_and_tmp_are_private_and_the_host_is_read_only() {
+    let b = branch("private");
+    let (code, out) = sh(
+        &b,
+        "pwd; cat base.txt; echo branch > new.txt; echo t > /tmp/branch-tmp; cat new.txt",
+    );
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        out,
+        format!("{}\nfrom the host\nbranch\n", b.workspace.display())
+    );
+    assert!(
+        !b.workspace.join("new.txt").exists(),
+        "the host workspace is untouched"
+    );
+    assert!(
+        !Path::new("/tmp/branch-tmp").exists(),
+        "the branch's /tmp is its own"
+    );
+    let (_, out) = sh(&b, "cat new.txt /tmp/branch-tmp");
+    assert_eq!(out, "branch\nt\n", "a later exec sees the same branch");
+    // Outside the workspace and /tmp, nothing is writable, and the mounts cannot be changed.
+    let (code, out) = sh(
+        &b,
+        "echo x > /etc/forkscope-escape 2>&1; echo $?; touch /var/forkscope-escape; echo $?",
+    );
+    assert_eq!(code, 0);
+    assert!(
+        out.lines().all(|l| l != "0"),
+        "writes outside the workspace failed: {out}"
+    );
+    assert!(!Path::new("/etc/forkscope-escape").exists());
+    let (code, out) = sh(
+        &b,
+        "mount -o remount,rw / 2>&1; echo $?; umount /tmp 2>&1; echo $?",
+    );
+    assert_eq!(code, 0);
+    assert!(
+        out.lines()
+            .filter(|l| l.parse::<i32>().is_ok())
+            .all(|l| l != "0"),
+        "remount/umount refused: {out}"
+    );
+}
+
+#[test]
+fn host_processes_are_invisible_and_unreachable() {
+    let b = branch("pidns");
+    let me = std::process::id();
+    let script = format!("echo $$; kill -0 {me} 2>/dev/null; echo $?; ls /proc | grep -c '^[0-9]'");
+    let (_, out) = sh(&b, &script);
+    let n: Vec<u32> = out.lines().map(|l| l.trim().parse().unwrap()).collect();
+    assert!(
+        n[0] < 10,
+        "the shell has a pid of the branch's own namespace: {out}"
+    );
+    assert_eq!(n[1], 1, "signalling a host process fails: {out}");
+    assert!(
+        n[2] < 10,
+        "only the branch's processes are visible in /proc: {out}"
+    );
+}
+
+#[test]
+fn killing_the_cgroup_leaves_nothing_behind() {
+    let mut b = branch("cleanup");
+    let (code, _) = sh(&b, "true");
+    assert_eq!(code, 0);
+    let init = b.init_pid;
+    b.cgroup.take().unwrap().remove().unwrap();
+    let stat = fs::read_to_string(format!("/proc/{init}/stat")).unwrap_or_default();
+    assert!(
+        stat.is_empty() || stat.contains(") Z"),
+        "init still running: {stat}"
+    );
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(&*b.workspace.to_string_lossy()),
+        "no mount of the workspace remains"
+    );
+}
+
+#[test]
+fn exit_codes_and_missing_commands_come_back() {
+    let b = branch("codes");
+    assert_eq!(sh(&b, "exit 7").0, 7);
+    let null = fs::File::open("/dev/null").unwrap();
+    let req = ExecRequest {
+        argv: vec!["no-such-command-xyz".into()],
+        ..Default::default()
+    };
+    let fds = [null.as_raw_fd(), null.as_raw_fd(), null.as_raw_fd()];
+    assert_eq!(
+        exec(&b.control, &req, fds, |_| {}).unwrap(),
+        ExecReply::Error("no-such-command-xyz: No such file or directory (os error 2)".into())
+    );
+}

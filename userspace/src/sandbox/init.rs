@@ -1,0 +1,255 @@
+//! `forkscope __init SPEC`: the process that builds a branch's sandbox and then, as pid 1 of
+//! the branch's pid namespace, starts and reaps everything that runs in the branch.
+//!
+//! Talks to [`super::start`] over stdin/stdout: prints `userns` once in the new user
+//! namespace and waits for `mapped`, then prints `init <host pid>` when the init listens
+//! (or `error: ...`).
+
+use std::{
+    collections::HashMap,
+    io::{BufRead, Write},
+    os::fd::{AsFd, AsRawFd, OwnedFd, RawFd},
+    path::Path,
+    process::{Command, Stdio},
+};
+
+use nix::{
+    poll::{PollFd, PollFlags, PollTimeout, poll},
+    sched::{CloneFlags, unshare},
+    sys::{
+        signal::{Signal, kill},
+        socket::{
+            AddressFamily, Backlog, SockFlag, SockType, UnixAddr, accept, bind, listen, socket,
+        },
+        wait::{WaitPidFlag, WaitStatus, waitpid},
+    },
+    unistd::{ForkResult, Pid, fork},
+};
+
+use super::{
+    SandboxSpec,
+    control::{self, ExecReply, ExecRequest},
+    mounts,
+};
+use crate::error::{Error, Result};
+
+/// Runs the setup process; never returns on success (it exits after forking the init).
+pub fn main(spec_file: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(spec_file)
+        .map_err(|e| Error::Sandbox(format!("{}: {e}", spec_file.display())))?;
+    let spec: SandboxSpec = serde_json::from_str(&text).map_err(std::io::Error::from)?;
+    let result = setup(&spec);
+    if let Err(e) = &result {
+        println!("error: {e}");
+        let _ = std::io::stdout().flush();
+    }
+    result
+}
+
+fn setup(spec: &SandboxSpec) -> Result<()> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&spec.log)
+        .map_err(|e| Error::Sandbox(format!("{}: {e}", spec.log.display())))?;
+    let listener = control_socket(&spec.control)?;
+    mounts::setup(spec)?;
+    unshare(CloneFlags::CLONE_NEWUSER)
+        .map_err(|e| Error::Sandbox(format!("unshare(CLONE_NEWUSER): {e}")))?;
+    println!("userns");
+    std::io::stdout().flush()?;
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    if line.trim() != "mapped" {
+        return Err(Error::Sandbox(
+            "the daemon did not map the user namespace".into(),
+        ));
+    }
+    // A new mount namespace owned by the new user namespace: the mounts copied into it are
+    // locked, so the branch cannot unmount or remount them.
+    unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID)
+        .map_err(|e| Error::Sandbox(format!("unshare(CLONE_NEWNS | CLONE_NEWPID): {e}")))?;
+    // SAFETY: this process is single-threaded (no runtime has started), so the child may run
+    // arbitrary code after fork.
+    match unsafe { fork() }.map_err(|e| Error::Sandbox(format!("fork: {e}")))? {
+        ForkResult::Parent { child } => {
+            println!("init {child}");
+            std::io::stdout().flush()?;
+            std::process::exit(0);
+        }
+        ForkResult::Child => {
+            // Let go of the pipes to the daemon: it reads until they close.
+            if let Ok(null) = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/null")
+            {
+                let _ = nix::unistd::dup2_stdin(&null);
+                let _ = nix::unistd::dup2_stdout(&null);
+            }
+            let code = match init(spec, listener, log) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("forkscope init: {e}");
+                    1
+                }
+            };
+            std::process::exit(code);
+        }
+    }
+}
+
+/// Binds the control socket (before the mounts turn the state directory read-only).
+fn control_socket(path: &Path) -> Result<OwnedFd> {
+    let _ = std::fs::remove_file(path);
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| Error::Sandbox(format!("socket: {e}")))?;
+    let addr =
+        UnixAddr::new(path).map_err(|e| Error::Sandbox(format!("{}: {e}", path.display())))?;
+    bind(fd.as_raw_fd(), &addr)
+        .map_err(|e| Error::Sandbox(format!("bind {}: {e}", path.display())))?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    listen(&fd, Backlog::new(64).expect("valid backlog"))
+        .map_err(|e| Error::Sandbox(format!("listen: {e}")))?;
+    Ok(fd)
+}
+
+/// The init: pid 1 of the branch.
+fn init(spec: &SandboxSpec, listener: OwnedFd, log: std::fs::File) -> Result<()> {
+    if let Err(e) = mounts::mount_proc() {
+        eprintln!("forkscope init: {e} (the branch sees the host's /proc)");
+    }
+    std::env::set_current_dir(&spec.workspace)?;
+    // Processes that exec'd requests started, with the connection waiting for their status.
+    let mut running: HashMap<i32, OwnedFd> = HashMap::new();
+    if !spec.command.is_empty() {
+        let err = log.try_clone()?;
+        let started = Command::new(&spec.command[0])
+            .args(&spec.command[1..])
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(err))
+            .spawn();
+        if let Err(e) = started {
+            eprintln!("forkscope init: starting {:?}: {e}", spec.command);
+        }
+    }
+    loop {
+        let mut fds = vec![PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+        let conns: Vec<(i32, RawFd)> = running.iter().map(|(p, c)| (*p, c.as_raw_fd())).collect();
+        for (_, c) in &conns {
+            // SAFETY: the descriptors are owned by `running` and outlive this poll.
+            fds.push(PollFd::new(
+                unsafe { std::os::fd::BorrowedFd::borrow_raw(*c) },
+                PollFlags::POLLIN,
+            ));
+        }
+        let _ = poll(&mut fds, PollTimeout::from(100u16));
+        let ready: Vec<bool> = fds
+            .iter()
+            .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+            .collect();
+        drop(fds);
+        if ready[0]
+            && let Ok(conn) = accept(listener.as_raw_fd())
+        {
+            {
+                // SAFETY: accept returned a new descriptor that nothing else owns.
+                let conn = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(conn) };
+                if let Some(pid) = start_request(spec, &conn) {
+                    running.insert(pid, conn);
+                }
+            }
+        }
+        // A client that went away (Ctrl-C) takes its process with it.
+        for (i, (pid, _)) in conns.iter().enumerate() {
+            if ready[i + 1] {
+                let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+            }
+        }
+        reap(&mut running);
+    }
+}
+
+/// Reads one request from `conn` and starts it; replies with the pid or an error.
+fn start_request(spec: &SandboxSpec, conn: &OwnedFd) -> Option<i32> {
+    let reply = |r: &ExecReply| {
+        let _ = control::send(
+            conn.as_raw_fd(),
+            &serde_json::to_vec(r).unwrap_or_default(),
+            &[],
+        );
+    };
+    let (msg, mut stdio) = match control::recv(conn.as_raw_fd()) {
+        Ok(m) => m,
+        Err(e) => {
+            reply(&ExecReply::Error(e.to_string()));
+            return None;
+        }
+    };
+    let req: ExecRequest = match serde_json::from_slice(&msg) {
+        Ok(r) => r,
+        Err(e) => {
+            reply(&ExecReply::Error(format!("bad request: {e}")));
+            return None;
+        }
+    };
+    if req.argv.is_empty() || stdio.len() != 3 {
+        reply(&ExecReply::Error(
+            "a request needs a command and three descriptors".into(),
+        ));
+        return None;
+    }
+    let stderr = stdio.pop().expect("three");
+    let stdout = stdio.pop().expect("three");
+    let stdin = stdio.pop().expect("three");
+    let mut cmd = Command::new(&req.argv[0]);
+    cmd.args(&req.argv[1..])
+        .current_dir(req.cwd.as_deref().unwrap_or(&spec.workspace))
+        .envs(req.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::from(stdin))
+        .stdout(Stdio::from(stdout))
+        .stderr(Stdio::from(stderr));
+    match cmd.spawn() {
+        Ok(child) => {
+            let pid = child.id() as i32;
+            reply(&ExecReply::Pid(pid));
+            Some(pid)
+        }
+        Err(e) => {
+            let code = if e.kind() == std::io::ErrorKind::NotFound {
+                127
+            } else {
+                126
+            };
+            reply(&ExecReply::Error(format!("{}: {e}", req.argv[0])));
+            reply(&ExecReply::ExitCode(code));
+            None
+        }
+    }
+}
+
+/// Reaps every exited process (the init adopts orphans too) and reports the ones a client
+/// waits for.
+fn reap(running: &mut HashMap<i32, OwnedFd>) {
+    loop {
+        let (pid, reply) = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(p, c)) => (p.as_raw(), ExecReply::ExitCode(c)),
+            Ok(WaitStatus::Signaled(p, s, _)) => (p.as_raw(), ExecReply::Signal(s as i32)),
+            Ok(WaitStatus::StillAlive) | Err(_) => return,
+            Ok(_) => continue,
+        };
+        if let Some(conn) = running.remove(&pid) {
+            let _ = control::send(
+                conn.as_raw_fd(),
+                &serde_json::to_vec(&reply).unwrap_or_default(),
+                &[],
+            );
+        }
+    }
+}

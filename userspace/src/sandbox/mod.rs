@@ -1,0 +1,153 @@
+//! A branch's sandbox: the namespaces, mounts and init process its programs run in.
+//!
+//! [`start`] launches `forkscope __init` (see [`init`]) in the branch's cgroup. As real root it
+//! makes a private mount namespace, mounts the branch's workspace and `/tmp` overlays, a
+//! private `/dev/shm`, and makes every other mount read-only. It then enters a new user
+//! namespace (uid and gid 0..2^32-1 mapped to themselves, written by [`start`]) and from there
+//! a new mount and pid namespace: the mounts it inherits are locked, so nothing inside can
+//! make them writable or unmount them to see what is beneath. Its child is pid 1 of the new
+//! pid namespace: the branch's init, a subreaper that starts the branch's command and every
+//! later `exec` ([`control`]), so everything in the branch inherits its namespaces and cgroup.
+//! Processes in the branch see only the branch's processes, so they cannot signal the daemon
+//! or anything else on the host.
+
+pub mod control;
+pub mod init;
+mod mounts;
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::{fd::AsRawFd, unix::process::CommandExt},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    cgroup::Cgroup,
+    error::{Error, IoContext, Result},
+    layers::overlay::Stack,
+};
+
+/// Everything the init process needs to build a branch's sandbox.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SandboxSpec {
+    /// The workspace path: the branch sees its overlay there.
+    pub workspace: PathBuf,
+    /// The workspace overlay.
+    pub workspace_stack: StackSpec,
+    /// The /tmp overlay.
+    pub tmp_stack: StackSpec,
+    /// Where init listens for exec requests (a SOCK_SEQPACKET Unix socket).
+    pub control: PathBuf,
+    /// The branch's command, started at once (empty: none).
+    pub command: Vec<String>,
+    /// Where the command's output goes.
+    pub log: PathBuf,
+}
+
+/// An overlay stack, serializable.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StackSpec {
+    pub lowers: Vec<PathBuf>,
+    pub upper: PathBuf,
+    pub work: PathBuf,
+}
+
+impl StackSpec {
+    pub fn stack(&self) -> Stack {
+        Stack {
+            lowers: self.lowers.clone(),
+            upper: self.upper.clone(),
+            work: self.work.clone(),
+        }
+    }
+}
+
+/// A running sandbox.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sandbox {
+    /// The init's pid as the host sees it.
+    pub init_pid: u32,
+    /// Its control socket.
+    pub control: PathBuf,
+}
+
+/// Starts a sandbox for `spec` in `cgroup`, running `forkscope_bin __init`. Returns once the
+/// init listens for exec requests.
+pub fn start(
+    forkscope_bin: &Path,
+    spec: &SandboxSpec,
+    spec_file: &Path,
+    cgroup: &Cgroup,
+) -> Result<Sandbox> {
+    let text = serde_json::to_string(spec).map_err(std::io::Error::from)?;
+    std::fs::write(spec_file, text).at(spec_file)?;
+    let (to_init_r, mut to_init_w) = std::io::pipe()?;
+    let (from_init_r, from_init_w) = std::io::pipe()?;
+    let procs = cgroup.open_procs()?;
+    let procs_fd = procs.as_raw_fd();
+    let mut cmd = Command::new(forkscope_bin);
+    cmd.arg("__init")
+        .arg(spec_file)
+        .stdin(Stdio::from(to_init_r))
+        .stdout(Stdio::from(from_init_w))
+        .stderr(Stdio::inherit());
+    // SAFETY: runs between fork and exec; write(2) is async-signal-safe and the descriptor
+    // stays open in the parent until spawn returns.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut setup = cmd
+        .spawn()
+        .map_err(|e| Error::Sandbox(format!("starting {}: {e}", forkscope_bin.display())))?;
+    drop(procs);
+    let pid = setup.id();
+    let mut lines = BufReader::new(from_init_r);
+    let mut line = String::new();
+    // 1. The setup process entered its user namespace: map ids 1:1 and let it go on.
+    lines.read_line(&mut line)?;
+    if line.trim() != "userns" {
+        let _ = setup.wait();
+        return Err(Error::Sandbox(format!(
+            "sandbox setup failed before the user namespace: {}",
+            line.trim()
+        )));
+    }
+    write_id_maps(pid)?;
+    to_init_w.write_all(b"mapped\n")?;
+    // 2. It reports the init's host pid once the init listens.
+    line.clear();
+    lines.read_line(&mut line)?;
+    let status = setup.wait()?;
+    let init_pid: u32 = line
+        .trim()
+        .strip_prefix("init ")
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| {
+            Error::Sandbox(format!("sandbox setup failed ({status}): {}", line.trim()))
+        })?;
+    Ok(Sandbox {
+        init_pid,
+        control: spec.control.clone(),
+    })
+}
+
+/// Maps uids and gids 0..2^32-1 of `pid`'s new user namespace to themselves.
+fn write_id_maps(pid: u32) -> Result<()> {
+    for (file, text) in [
+        ("uid_map", "0 0 4294967295\n"),
+        ("setgroups", "allow\n"),
+        ("gid_map", "0 0 4294967295\n"),
+    ] {
+        let p = format!("/proc/{pid}/{file}");
+        std::fs::write(&p, text).at(&p)?;
+    }
+    Ok(())
+}
