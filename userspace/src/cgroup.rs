@@ -33,6 +33,8 @@ pub struct Cgroup {
     path: PathBuf,
     id: u64,
     removed: bool,
+    /// Whether dropping the handle kills and removes the cgroup (handles that created it).
+    remove_on_drop: bool,
 }
 
 impl Cgroup {
@@ -48,7 +50,49 @@ impl Cgroup {
             path,
             id,
             removed: false,
+            remove_on_drop: true,
         })
+    }
+
+    /// A handle on an existing cgroup (a live branch's). Unlike one from [`Cgroup::create`],
+    /// dropping it leaves the cgroup alone; [`Cgroup::remove`] still removes it.
+    pub fn open(path: &Path) -> Result<Self> {
+        let id = fs::metadata(path).at(path)?.ino();
+        Ok(Self {
+            path: path.to_path_buf(),
+            id,
+            removed: false,
+            remove_on_drop: false,
+        })
+    }
+
+    /// Keeps the cgroup after this handle is dropped (a branch outlives the request that
+    /// created it); returns its directory.
+    pub fn keep(mut self) -> PathBuf {
+        self.remove_on_drop = false;
+        self.path.clone()
+    }
+
+    /// Freezes (`true`) or thaws every process in the cgroup and waits until it is done.
+    pub fn freeze(&self, frozen: bool, timeout: Duration) -> Result<()> {
+        let p = self.path.join("cgroup.freeze");
+        fs::write(&p, if frozen { "1" } else { "0" }).at(&p)?;
+        let events = self.path.join("cgroup.events");
+        let want = if frozen { "frozen 1" } else { "frozen 0" };
+        let start = Instant::now();
+        loop {
+            let text = fs::read_to_string(&events).at(&events)?;
+            if text.lines().any(|l| l == want) {
+                return Ok(());
+            }
+            if start.elapsed() > timeout {
+                return Err(Error::Io {
+                    path: self.path.clone(),
+                    cause: std::io::Error::other(format!("not {want} after {timeout:?}")),
+                });
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
     }
 
     /// The cgroup's id (inode number of its directory).
@@ -126,6 +170,9 @@ fn remove_tree(path: &Path) -> Result<()> {
 
 impl Drop for Cgroup {
     fn drop(&mut self) {
+        if !self.remove_on_drop {
+            return;
+        }
         if let Err(e) = self.remove_now() {
             log::warn!("could not remove cgroup {}: {e}", self.path.display());
         }

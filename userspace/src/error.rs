@@ -43,6 +43,10 @@ pub enum Error {
     CommandNotExecutable(String, io::Error),
     #[error("no command given: put the command after `--`, for example `forkscope trace -- ls`")]
     NoCommand,
+    #[error("state: {0}")]
+    State(String),
+    #[error("{0}")]
+    Branch(String),
     #[error("sandbox: {0}")]
     Sandbox(String),
     #[error("layers: {0}")]

@@ -4,6 +4,8 @@
 //! arguments. Modules, one concern each:
 //! - [`bpf`]: the embedded eBPF object, kernel offsets from BTF, loading and attaching
 //!   ([`bpf::Probe`]), cgroup registration, reading maps;
+//! - [`branch`]: branches (run, fork, diff, abort) and their records;
+//! - [`state`]: the daemon's SQLite registry;
 //! - [`cgroup`]: cgroup v2 directories (create, move into, kill, remove);
 //! - [`events`]: decoding kernel records, resolving paths and addresses, JSON records, totals;
 //! - [`layers`]: branched workspaces on overlayfs (snapshot layers, diffs);
@@ -13,11 +15,13 @@
 //! - [`error`]: the typed errors.
 
 pub mod bpf;
+pub mod branch;
 pub mod cgroup;
 pub mod error;
 pub mod events;
 pub mod layers;
 pub mod sandbox;
+pub mod state;
 pub mod sys;
 pub mod trace;
 

@@ -16,7 +16,7 @@ use crate::error::{IoContext, Result};
 pub const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 
 /// What an entry of an upper directory means to overlayfs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum EntryKind {
     /// A regular file (new, or a full copy-up of a lower file).
     File,

@@ -31,7 +31,7 @@ use crate::error::{Error, IoContext, Result};
 
 /// The entries an upper directory held when it was snapshotted (relative paths and kinds),
 /// needed to find what the next snapshot must delete.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Manifest {
     pub entries: BTreeMap<PathBuf, EntryKind>,
 }

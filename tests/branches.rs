@@ -1,0 +1,172 @@
+//! Branches through the library (`forkscope::branch::Manager`) on the real kernel: run a
+//! branch on a workspace, fork it while it runs, isolation in both directions, the diff of a
+//! branch, and an abort that leaves nothing behind.
+
+use std::{fs, os::fd::AsRawFd, path::Path};
+
+use forkscope::{
+    branch::Manager,
+    layers::diff::ChangeKind,
+    sandbox::control::{ExecReply, ExecRequest, exec},
+};
+use forkscope_tests::{TempDir, forkscope, require_root};
+
+fn sh(control: &Path, script: &str) -> (i32, String) {
+    let dir = TempDir::new("exec-out");
+    let out = fs::File::create(dir.path().join("out")).unwrap();
+    let null = fs::File::open("/dev/null").unwrap();
+    let req = ExecRequest {
+        argv: vec!["sh".into(), "-c".into(), script.into()],
+        ..Default::default()
+    };
+    let code = match exec(
+        control,
+        &req,
+        [null.as_raw_fd(), out.as_raw_fd(), out.as_raw_fd()],
+        |_| {},
+    )
+    .unwrap()
+    {
+        ExecReply::ExitCode(c) => c,
+        other => panic!("{other:?}"),
+    };
+    (code, fs::read_to_string(dir.path().join("out")).unwrap())
+}
+
+#[test]
+fn run_fork_diff_and_abort() {
+    require_root();
+    let state = TempDir::new("state");
+    let ws = TempDir::new("workspace");
+    fs::write(ws.path().join("README"), "v1\n").unwrap();
+    let mut m = Manager::open(&state.path().join("state"), &forkscope()).unwrap();
+    let root = m
+        .run(
+            Some("root".into()),
+            ws.path(),
+            vec!["sleep".into(), "1000".into()],
+        )
+        .unwrap();
+    assert_eq!(
+        sh(
+            &root.control,
+            "echo v2 > README; echo new > added.txt; echo t > /tmp/t"
+        )
+        .0,
+        0
+    );
+    assert_eq!(
+        fs::read_to_string(ws.path().join("README")).unwrap(),
+        "v1\n",
+        "the host workspace is untouched"
+    );
+
+    let child = m.fork("root", Some("child".into())).unwrap();
+    assert_eq!(child.parent.as_deref(), Some("root"));
+    assert_eq!(
+        sh(&child.control, "cat README added.txt /tmp/t").1,
+        "v2\nnew\nt\n",
+        "the child sees the fork point"
+    );
+    // Each side changes; the other does not see it.
+    sh(&root.control, "echo root-after > README");
+    sh(&child.control, "echo child-only > c.txt; rm added.txt");
+    assert_eq!(sh(&child.control, "cat README").1, "v2\n");
+    assert_eq!(
+        sh(
+            &root.control,
+            "cat added.txt; ls c.txt 2>&1 >/dev/null | wc -l"
+        )
+        .1,
+        "new\n1\n"
+    );
+
+    let diff = m.diff("child").unwrap();
+    let got: Vec<(String, ChangeKind)> = diff
+        .iter()
+        .map(|c| (c.path.to_string_lossy().into_owned(), c.kind))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("added.txt".into(), ChangeKind::Deleted),
+            ("c.txt".into(), ChangeKind::Added)
+        ]
+    );
+
+    // Names: unique among live branches, reusable after an abort; bad names refused.
+    assert!(
+        m.fork("root", Some("child".into()))
+            .unwrap_err()
+            .to_string()
+            .contains("already named")
+    );
+    assert!(
+        m.fork("root", Some("../x".into()))
+            .unwrap_err()
+            .to_string()
+            .contains("invalid branch name")
+    );
+    assert!(
+        m.fork("nope", None)
+            .unwrap_err()
+            .to_string()
+            .contains("no live branch")
+    );
+    assert!(
+        m.abort("root")
+            .unwrap_err()
+            .to_string()
+            .contains("live children")
+    );
+
+    let listed: Vec<String> = m
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|b| format!("{}:{}", b.record.name, b.status))
+        .collect();
+    assert_eq!(listed, vec!["root:running", "child:running"]);
+
+    for name in ["child", "root"] {
+        let b = m.get(name).unwrap();
+        m.abort(name).unwrap();
+        assert!(!b.cgroup.exists(), "cgroup of {name} removed");
+        assert!(!b.dir.exists(), "files of {name} removed");
+    }
+    assert!(m.list().unwrap().is_empty());
+    let again = m.run(Some("child".into()), ws.path(), vec![]).unwrap();
+    m.abort(&again.name).unwrap();
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(&*state.path().to_string_lossy()),
+        "no mount left"
+    );
+}
+
+#[test]
+fn bad_workspaces_and_a_second_manager_are_refused() {
+    require_root();
+    let state = TempDir::new("state2");
+    let mut m = Manager::open(state.path(), &forkscope()).unwrap();
+    let err = m
+        .run(None, Path::new("/nonexistent/ws"), vec![])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("/nonexistent/ws"), "{err}");
+    let file = state.path().join("afile");
+    fs::write(&file, "x").unwrap();
+    assert!(
+        m.run(None, &file, vec![])
+            .unwrap_err()
+            .to_string()
+            .contains("not a directory")
+    );
+    let second = Manager::open(state.path(), &forkscope())
+        .err()
+        .expect("a second manager is refused");
+    assert!(
+        second.to_string().contains("another forkscope daemon"),
+        "{second}"
+    );
+}

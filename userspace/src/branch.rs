@@ -1,0 +1,333 @@
+//! Branches: starting one on a workspace (`run`), forking it, listing, diffing and aborting,
+//! with every change recorded in the [`Registry`] before it is acknowledged.
+//!
+//! A branch is a cgroup, a sandbox ([`crate::sandbox`]) and overlay stacks for its workspace
+//! and /tmp ([`crate::layers`]). Forking freezes the parent, copies what its upper directories
+//! changed since its previous fork into new immutable layers, thaws it, and starts the child
+//! on those layers above the parent's: the child sees the parent's files as they were at the
+//! fork point. Processes are not cloned yet: the child starts the parent's command afresh.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    cgroup::Cgroup,
+    error::{Error, IoContext, Result},
+    layers::{
+        diff::{Change, changes},
+        overlay::MAX_LOWERS,
+        snapshot::{Manifest, snapshot, snapshot_clock_ns},
+    },
+    sandbox::{self, SandboxSpec, StackSpec},
+    state::{Registry, branch_dir},
+};
+
+/// A live branch, as recorded in the registry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BranchRecord {
+    pub id: u64,
+    pub name: String,
+    /// The branch it was forked from (none for a root branch).
+    pub parent: Option<String>,
+    /// The workspace path (the host directory of the root branch it descends from).
+    pub workspace: PathBuf,
+    /// The command its init started.
+    pub command: Vec<String>,
+    pub cgroup: PathBuf,
+    pub init_pid: u32,
+    pub control: PathBuf,
+    /// Its directory under the state directory.
+    pub dir: PathBuf,
+    /// Lower layers of its workspace and /tmp mounts, topmost first.
+    pub ws_lowers: Vec<PathBuf>,
+    pub tmp_lowers: Vec<PathBuf>,
+    /// Snapshots of its upper directories taken at its forks, newest first.
+    pub ws_deltas: Vec<PathBuf>,
+    pub tmp_deltas: Vec<PathBuf>,
+    /// When its last snapshot was taken (file change-time clock).
+    pub last_snapshot_ns: Option<i128>,
+}
+
+/// A branch and whether its init is alive.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BranchInfo {
+    #[serde(flatten)]
+    pub record: BranchRecord,
+    /// `running` while its init lives, `dead` otherwise.
+    pub status: String,
+}
+
+/// Checks a branch name: 1 to 64 of letters, digits, `.`, `_`, `-`, starting with a letter
+/// or digit.
+pub fn validate_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Branch(format!(
+            "invalid branch name {name:?}: use 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )))
+    }
+}
+
+/// Owns the branches of one state directory.
+pub struct Manager {
+    state: PathBuf,
+    registry: Registry,
+    /// The forkscope binary that runs `__init`.
+    bin: PathBuf,
+}
+
+fn mkdirs(dir: &Path, subdirs: &[&str]) -> Result<()> {
+    for s in subdirs {
+        let p = dir.join(s);
+        std::fs::create_dir_all(&p).at(&p)?;
+    }
+    Ok(())
+}
+
+impl Manager {
+    /// Opens the state directory (one manager per directory).
+    pub fn open(state: &Path, bin: &Path) -> Result<Self> {
+        let registry = Registry::open(state)?;
+        Ok(Self {
+            state: state.to_path_buf(),
+            registry,
+            bin: bin.to_path_buf(),
+        })
+    }
+
+    fn unused_name(&self, name: Option<String>, id: u64) -> Result<String> {
+        let name = name.unwrap_or_else(|| format!("b{id}"));
+        validate_name(&name)?;
+        if self.registry.get(&name)?.is_some() {
+            return Err(Error::Branch(format!(
+                "a live branch is already named {name:?}: pick another name or abort that branch"
+            )));
+        }
+        Ok(name)
+    }
+
+    /// The live branch `name`.
+    pub fn get(&self, name: &str) -> Result<BranchRecord> {
+        self.registry.get(name)?.ok_or_else(|| {
+            Error::Branch(format!(
+                "no live branch named {name:?} (see `forkscope ls`)"
+            ))
+        })
+    }
+
+    /// Every live branch.
+    pub fn list(&self) -> Result<Vec<BranchInfo>> {
+        Ok(self
+            .registry
+            .all()?
+            .into_iter()
+            .map(|record| {
+                let alive = Path::new(&format!("/proc/{}", record.init_pid)).exists()
+                    && Cgroup::open(&record.cgroup)
+                        .and_then(|c| c.populated())
+                        .unwrap_or(false);
+                BranchInfo {
+                    record,
+                    status: if alive { "running" } else { "dead" }.into(),
+                }
+            })
+            .collect())
+    }
+
+    /// Starts a root branch on `workspace` running `command`.
+    pub fn run(
+        &mut self,
+        name: Option<String>,
+        workspace: &Path,
+        command: Vec<String>,
+    ) -> Result<BranchRecord> {
+        let workspace = workspace
+            .canonicalize()
+            .map_err(|e| Error::Branch(format!("workspace {}: {e}", workspace.display())))?;
+        if !workspace.is_dir() {
+            return Err(Error::Branch(format!(
+                "workspace {} is not a directory",
+                workspace.display()
+            )));
+        }
+        let id = self.registry.next_id()?;
+        let name = self.unused_name(name, id)?;
+        let dir = branch_dir(&self.state, id);
+        mkdirs(&dir, &["tmp-base"])?;
+        let tmp_base = dir.join("tmp-base");
+        self.start(
+            id,
+            name,
+            None,
+            workspace.clone(),
+            command,
+            vec![workspace],
+            vec![tmp_base],
+        )
+    }
+
+    /// Forks `parent` into a new branch.
+    pub fn fork(&mut self, parent: &str, name: Option<String>) -> Result<BranchRecord> {
+        let mut p = self.get(parent)?;
+        let id = self.registry.next_id()?;
+        let name = self.unused_name(name, id)?;
+        let depth = 1 + p.ws_deltas.len() + p.ws_lowers.len();
+        if depth > MAX_LOWERS {
+            return Err(Error::Branch(format!(
+                "{parent} has {depth} layers, more than the {MAX_LOWERS} an overlay stack may have (flattening is not built yet)"
+            )));
+        }
+        let cg = Cgroup::open(&p.cgroup)?;
+        cg.freeze(true, Duration::from_secs(5))?;
+        let taken = self.snapshot_parent(&p);
+        let thawed = cg.freeze(false, Duration::from_secs(5));
+        let (ws_layer, tmp_layer, at) = taken?;
+        thawed?;
+        p.ws_deltas.insert(0, ws_layer);
+        p.tmp_deltas.insert(0, tmp_layer);
+        p.last_snapshot_ns = Some(at);
+        self.registry.put(&p)?;
+        let ws_lowers = p.ws_deltas.iter().chain(&p.ws_lowers).cloned().collect();
+        let tmp_lowers = p.tmp_deltas.iter().chain(&p.tmp_lowers).cloned().collect();
+        self.start(
+            id,
+            name,
+            Some(p.name.clone()),
+            p.workspace.clone(),
+            p.command.clone(),
+            ws_lowers,
+            tmp_lowers,
+        )
+    }
+
+    /// Snapshots a (frozen) branch's workspace and /tmp upper directories into new layers.
+    fn snapshot_parent(&self, p: &BranchRecord) -> Result<(PathBuf, PathBuf, i128)> {
+        let at = snapshot_clock_ns();
+        let n = p.ws_deltas.len() + 1;
+        let mut layers = Vec::new();
+        for (what, upper) in [
+            ("ws", p.dir.join("ws/upper")),
+            ("tmp", p.dir.join("tmp/upper")),
+        ] {
+            let manifest_file = p.dir.join(format!("{what}-manifest.json"));
+            let previous: Manifest = std::fs::read_to_string(&manifest_file)
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok())
+                .unwrap_or_default();
+            let layer = p.dir.join(format!("{what}-layer-{n}"));
+            let (manifest, _stats) = snapshot(&upper, p.last_snapshot_ns, &previous, &layer)?;
+            let text = serde_json::to_string(&manifest).map_err(std::io::Error::from)?;
+            std::fs::write(&manifest_file, text).at(&manifest_file)?;
+            layers.push(layer);
+        }
+        let tmp = layers.pop().expect("two layers");
+        let ws = layers.pop().expect("two layers");
+        Ok((ws, tmp, at))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start(
+        &mut self,
+        id: u64,
+        name: String,
+        parent: Option<String>,
+        workspace: PathBuf,
+        command: Vec<String>,
+        ws_lowers: Vec<PathBuf>,
+        tmp_lowers: Vec<PathBuf>,
+    ) -> Result<BranchRecord> {
+        let dir = branch_dir(&self.state, id);
+        mkdirs(&dir, &["ws/upper", "ws/work", "tmp/upper", "tmp/work"])?;
+        let spec = SandboxSpec {
+            workspace: workspace.clone(),
+            workspace_stack: StackSpec {
+                lowers: ws_lowers.clone(),
+                upper: dir.join("ws/upper"),
+                work: dir.join("ws/work"),
+            },
+            tmp_stack: StackSpec {
+                lowers: tmp_lowers.clone(),
+                upper: dir.join("tmp/upper"),
+                work: dir.join("tmp/work"),
+            },
+            control: dir.join("control.sock"),
+            command: command.clone(),
+            log: dir.join("command.log"),
+        };
+        let cgroup = Cgroup::create(&format!("branch-{id}"))?;
+        let started = sandbox::start(&self.bin, &spec, &dir.join("spec.json"), &cgroup);
+        let sb = match started {
+            Ok(sb) => sb,
+            Err(e) => {
+                drop(cgroup);
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
+        let record = BranchRecord {
+            id,
+            name,
+            parent,
+            workspace,
+            command,
+            cgroup: cgroup.keep(),
+            init_pid: sb.init_pid,
+            control: sb.control,
+            dir,
+            ws_lowers,
+            tmp_lowers,
+            ws_deltas: Vec::new(),
+            tmp_deltas: Vec::new(),
+            last_snapshot_ns: None,
+        };
+        self.registry.put(&record)?;
+        Ok(record)
+    }
+
+    /// What branch `name` changed in its workspace since its fork point.
+    pub fn diff(&self, name: &str) -> Result<Vec<Change>> {
+        let b = self.get(name)?;
+        changes(&b.dir.join("ws/upper"), &b.ws_lowers)
+    }
+
+    /// Kills a branch's processes and removes its cgroup, files and record. Layers its
+    /// children still stand on are kept until the last of them is aborted.
+    pub fn abort(&mut self, name: &str) -> Result<()> {
+        let b = self.get(name)?;
+        let children: Vec<String> = self
+            .registry
+            .all()?
+            .into_iter()
+            .filter(|c| c.parent.as_deref() == Some(name))
+            .map(|c| c.name)
+            .collect();
+        if !children.is_empty() {
+            return Err(Error::Branch(format!(
+                "{name} has live children ({}) standing on its layers: abort them first",
+                children.join(", ")
+            )));
+        }
+        if b.cgroup.exists() {
+            Cgroup::open(&b.cgroup)?.remove()?;
+        }
+        self.registry.remove(b.id)?;
+        // Keep the snapshot layers a parent's other children may use? They belong to this
+        // branch's own forks (its children), which are gone: remove everything.
+        std::fs::remove_dir_all(&b.dir).at(&b.dir)?;
+        Ok(())
+    }
+}

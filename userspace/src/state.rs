@@ -1,0 +1,142 @@
+//! The daemon's durable state: every live branch's record, in an SQLite database in the state
+//! directory, written before an operation is acknowledged. One daemon per state directory
+//! (an exclusive lock on `<state>/lock`).
+
+use std::{
+    fs,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::{
+    branch::BranchRecord,
+    error::{Error, IoContext, Result},
+};
+
+/// The registry of live branches.
+pub struct Registry {
+    db: Connection,
+    _lock: fs::File,
+}
+
+fn db_err(e: rusqlite::Error) -> Error {
+    Error::State(e.to_string())
+}
+
+impl Registry {
+    /// Opens (creating if needed) the registry in `dir`, taking its lock.
+    pub fn open(dir: &Path) -> Result<Self> {
+        fs::create_dir_all(dir).at(dir)?;
+        let lock_path = dir.join("lock");
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .at(&lock_path)?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(Error::State(format!(
+                "another forkscope daemon uses the state directory {} (it holds {}); stop it or pick another --state-dir",
+                dir.display(),
+                lock_path.display()
+            )));
+        }
+        let db = Connection::open(dir.join("forkscope.db")).map_err(db_err)?;
+        db.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = FULL;
+             CREATE TABLE IF NOT EXISTS branches (
+                 id INTEGER PRIMARY KEY,
+                 name TEXT NOT NULL UNIQUE,
+                 record TEXT NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);",
+        )
+        .map_err(db_err)?;
+        Ok(Self { db, _lock: lock })
+    }
+
+    /// A new branch id, never reused.
+    pub fn next_id(&self) -> Result<u64> {
+        self.db
+            .execute(
+                "INSERT INTO counters(name, value) VALUES ('branch', 1)
+                 ON CONFLICT(name) DO UPDATE SET value = value + 1",
+                [],
+            )
+            .map_err(db_err)?;
+        let v: i64 = self
+            .db
+            .query_row(
+                "SELECT value FROM counters WHERE name = 'branch'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(db_err)?;
+        Ok(v as u64)
+    }
+
+    /// Inserts or replaces a branch's record.
+    pub fn put(&self, b: &BranchRecord) -> Result<()> {
+        let text = serde_json::to_string(b).map_err(std::io::Error::from)?;
+        self.db
+            .execute(
+                "INSERT INTO branches(id, name, record) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(id) DO UPDATE SET name = ?2, record = ?3",
+                params![b.id as i64, b.name, text],
+            )
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    /// The live branch named `name`.
+    pub fn get(&self, name: &str) -> Result<Option<BranchRecord>> {
+        let text: Option<String> = self
+            .db
+            .query_row("SELECT record FROM branches WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(db_err)?;
+        text.map(|t| {
+            serde_json::from_str(&t).map_err(|e| Error::State(format!("record of {name}: {e}")))
+        })
+        .transpose()
+    }
+
+    /// Every live branch, by id.
+    pub fn all(&self) -> Result<Vec<BranchRecord>> {
+        let mut stmt = self
+            .db
+            .prepare("SELECT record FROM branches ORDER BY id")
+            .map_err(db_err)?;
+        let rows = stmt
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(db_err)?;
+        let mut out = Vec::new();
+        for t in rows {
+            let t = t.map_err(db_err)?;
+            out.push(
+                serde_json::from_str(&t)
+                    .map_err(|e| Error::State(format!("branch record: {e}")))?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Forgets a branch (its name becomes free again).
+    pub fn remove(&self, id: u64) -> Result<()> {
+        self.db
+            .execute("DELETE FROM branches WHERE id = ?1", [id as i64])
+            .map_err(db_err)?;
+        Ok(())
+    }
+}
+
+/// Where a branch's files live: `<state>/branches/<id>`.
+pub fn branch_dir(state: &Path, id: u64) -> PathBuf {
+    state.join("branches").join(id.to_string())
+}
