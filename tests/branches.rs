@@ -61,7 +61,7 @@ fn run_fork_diff_and_abort() {
         "the host workspace is untouched"
     );
 
-    let child = m.fork("root", Some("child".into())).unwrap();
+    let child = m.fork("root", Some("child".into()), 1).unwrap().remove(0);
     assert_eq!(child.parent.as_deref(), Some("root"));
     assert_eq!(
         sh(&child.control, "cat README added.txt /tmp/t").1,
@@ -96,19 +96,19 @@ fn run_fork_diff_and_abort() {
 
     // Names: unique among live branches, reusable after an abort; bad names refused.
     assert!(
-        m.fork("root", Some("child".into()))
+        m.fork("root", Some("child".into()), 1)
             .unwrap_err()
             .to_string()
             .contains("already named")
     );
     assert!(
-        m.fork("root", Some("../x".into()))
+        m.fork("root", Some("../x".into()), 1)
             .unwrap_err()
             .to_string()
             .contains("invalid branch name")
     );
     assert!(
-        m.fork("nope", None)
+        m.fork("nope", None, 1)
             .unwrap_err()
             .to_string()
             .contains("no live branch")

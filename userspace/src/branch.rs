@@ -76,7 +76,7 @@ pub fn validate_name(name: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(Error::Branch(format!(
+        Err(Error::Invalid(format!(
             "invalid branch name {name:?}: use 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )))
     }
@@ -88,6 +88,9 @@ pub struct Manager {
     registry: Registry,
     /// The forkscope binary that runs `__init`.
     bin: PathBuf,
+    /// Names this state directory's branch cgroups (`<prefix>-<id>`), so daemons on different
+    /// state directories never collide.
+    cgroup_prefix: String,
 }
 
 fn mkdirs(dir: &Path, subdirs: &[&str]) -> Result<()> {
@@ -102,10 +105,12 @@ impl Manager {
     /// Opens the state directory (one manager per directory).
     pub fn open(state: &Path, bin: &Path) -> Result<Self> {
         let registry = Registry::open(state)?;
+        let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(state).at(state)?);
         Ok(Self {
             state: state.to_path_buf(),
             registry,
             bin: bin.to_path_buf(),
+            cgroup_prefix: format!("branch-{ino:x}"),
         })
     }
 
@@ -113,7 +118,7 @@ impl Manager {
         let name = name.unwrap_or_else(|| format!("b{id}"));
         validate_name(&name)?;
         if self.registry.get(&name)?.is_some() {
-            return Err(Error::Branch(format!(
+            return Err(Error::Conflict(format!(
                 "a live branch is already named {name:?}: pick another name or abort that branch"
             )));
         }
@@ -123,7 +128,7 @@ impl Manager {
     /// The live branch `name`.
     pub fn get(&self, name: &str) -> Result<BranchRecord> {
         self.registry.get(name)?.ok_or_else(|| {
-            Error::Branch(format!(
+            Error::NotFound(format!(
                 "no live branch named {name:?} (see `forkscope ls`)"
             ))
         })
@@ -157,9 +162,9 @@ impl Manager {
     ) -> Result<BranchRecord> {
         let workspace = workspace
             .canonicalize()
-            .map_err(|e| Error::Branch(format!("workspace {}: {e}", workspace.display())))?;
+            .map_err(|e| Error::Invalid(format!("workspace {}: {e}", workspace.display())))?;
         if !workspace.is_dir() {
-            return Err(Error::Branch(format!(
+            return Err(Error::Invalid(format!(
                 "workspace {} is not a directory",
                 workspace.display()
             )));
@@ -180,45 +185,73 @@ impl Manager {
         )
     }
 
-    /// Forks `parent` into a new branch.
-    pub fn fork(&mut self, parent: &str, name: Option<String>) -> Result<BranchRecord> {
+    /// Forks `parent` into `count` new branches (one snapshot for all of them). A name can be
+    /// given for a single child.
+    pub fn fork(
+        &mut self,
+        parent: &str,
+        name: Option<String>,
+        count: u32,
+    ) -> Result<Vec<BranchRecord>> {
+        if count == 0 || (count > 1 && name.is_some()) {
+            return Err(Error::Invalid(
+                "fork: count must be at least 1, and a name can only be given for a single child"
+                    .into(),
+            ));
+        }
         let mut p = self.get(parent)?;
-        let id = self.registry.next_id()?;
-        let name = self.unused_name(name, id)?;
-        let depth = 1 + p.ws_deltas.len() + p.ws_lowers.len();
-        if depth > MAX_LOWERS {
-            return Err(Error::Branch(format!(
-                "{parent} has {depth} layers, more than the {MAX_LOWERS} an overlay stack may have (flattening is not built yet)"
-            )));
+        if let Some(n) = &name {
+            validate_name(n)?;
+            if self.registry.get(n)?.is_some() {
+                return Err(Error::Conflict(format!(
+                    "a live branch is already named {n:?}: pick another name or abort that branch"
+                )));
+            }
         }
         let cg = Cgroup::open(&p.cgroup)?;
         cg.freeze(true, Duration::from_secs(5))?;
         let taken = self.snapshot_parent(&p);
         let thawed = cg.freeze(false, Duration::from_secs(5));
-        let (ws_layer, tmp_layer, at) = taken?;
+        let (layers, at) = taken?;
         thawed?;
-        p.ws_deltas.insert(0, ws_layer);
-        p.tmp_deltas.insert(0, tmp_layer);
+        if let Some((ws_layer, tmp_layer)) = layers {
+            p.ws_deltas.insert(0, ws_layer);
+            p.tmp_deltas.insert(0, tmp_layer);
+        }
         p.last_snapshot_ns = Some(at);
         self.registry.put(&p)?;
-        let ws_lowers = p.ws_deltas.iter().chain(&p.ws_lowers).cloned().collect();
-        let tmp_lowers = p.tmp_deltas.iter().chain(&p.tmp_lowers).cloned().collect();
-        self.start(
-            id,
-            name,
-            Some(p.name.clone()),
-            p.workspace.clone(),
-            p.command.clone(),
-            ws_lowers,
-            tmp_lowers,
-        )
+        let ws_lowers: Vec<PathBuf> = p.ws_deltas.iter().chain(&p.ws_lowers).cloned().collect();
+        let tmp_lowers: Vec<PathBuf> = p.tmp_deltas.iter().chain(&p.tmp_lowers).cloned().collect();
+        if ws_lowers.len().max(tmp_lowers.len()) > MAX_LOWERS {
+            return Err(Error::Conflict(format!(
+                "{parent} has {} layers, more than the {MAX_LOWERS} an overlay stack may have (flattening is not built yet)",
+                ws_lowers.len()
+            )));
+        }
+        let mut made = Vec::new();
+        for _ in 0..count {
+            let id = self.registry.next_id()?;
+            let child = self.unused_name(name.clone(), id)?;
+            made.push(self.start(
+                id,
+                child,
+                Some(p.name.clone()),
+                p.workspace.clone(),
+                p.command.clone(),
+                ws_lowers.clone(),
+                tmp_lowers.clone(),
+            )?);
+        }
+        Ok(made)
     }
 
-    /// Snapshots a (frozen) branch's workspace and /tmp upper directories into new layers.
-    fn snapshot_parent(&self, p: &BranchRecord) -> Result<(PathBuf, PathBuf, i128)> {
+    /// Snapshots a (frozen) branch's workspace and /tmp upper directories into new layers;
+    /// `None` when nothing changed since its previous fork (the children share its layers).
+    fn snapshot_parent(&self, p: &BranchRecord) -> Result<(Option<(PathBuf, PathBuf)>, i128)> {
         let at = snapshot_clock_ns();
         let n = p.ws_deltas.len() + 1;
         let mut layers = Vec::new();
+        let mut copied = 0;
         for (what, upper) in [
             ("ws", p.dir.join("ws/upper")),
             ("tmp", p.dir.join("tmp/upper")),
@@ -229,14 +262,21 @@ impl Manager {
                 .and_then(|t| serde_json::from_str(&t).ok())
                 .unwrap_or_default();
             let layer = p.dir.join(format!("{what}-layer-{n}"));
-            let (manifest, _stats) = snapshot(&upper, p.last_snapshot_ns, &previous, &layer)?;
+            let _ = std::fs::remove_dir_all(&layer); // an empty one left by an earlier fork
+            let (manifest, stats) = snapshot(&upper, p.last_snapshot_ns, &previous, &layer)?;
+            copied += stats.entries;
             let text = serde_json::to_string(&manifest).map_err(std::io::Error::from)?;
             std::fs::write(&manifest_file, text).at(&manifest_file)?;
             layers.push(layer);
         }
         let tmp = layers.pop().expect("two layers");
         let ws = layers.pop().expect("two layers");
-        Ok((ws, tmp, at))
+        if copied == 0 {
+            let _ = std::fs::remove_dir(&ws);
+            let _ = std::fs::remove_dir(&tmp);
+            return Ok((None, at));
+        }
+        Ok((Some((ws, tmp)), at))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -268,7 +308,7 @@ impl Manager {
             command: command.clone(),
             log: dir.join("command.log"),
         };
-        let cgroup = Cgroup::create(&format!("branch-{id}"))?;
+        let cgroup = Cgroup::create(&format!("{}-{id}", self.cgroup_prefix))?;
         let started = sandbox::start(&self.bin, &spec, &dir.join("spec.json"), &cgroup);
         let sb = match started {
             Ok(sb) => sb,
@@ -316,7 +356,7 @@ impl Manager {
             .map(|c| c.name)
             .collect();
         if !children.is_empty() {
-            return Err(Error::Branch(format!(
+            return Err(Error::Conflict(format!(
                 "{name} has live children ({}) standing on its layers: abort them first",
                 children.join(", ")
             )));

@@ -45,8 +45,18 @@ pub enum Error {
     NoCommand,
     #[error("state: {0}")]
     State(String),
+    /// A request that cannot be right (bad name, bad workspace): HTTP 400.
     #[error("{0}")]
-    Branch(String),
+    Invalid(String),
+    /// The caller may not do this (a request from inside a branch): HTTP 403.
+    #[error("{0}")]
+    Forbidden(String),
+    /// No such branch: HTTP 404.
+    #[error("{0}")]
+    NotFound(String),
+    /// The request conflicts with the current state (name taken, live children): HTTP 409.
+    #[error("{0}")]
+    Conflict(String),
     #[error("sandbox: {0}")]
     Sandbox(String),
     #[error("layers: {0}")]

@@ -4,6 +4,7 @@
 //! arguments. Modules, one concern each:
 //! - [`bpf`]: the embedded eBPF object, kernel offsets from BTF, loading and attaching
 //!   ([`bpf::Probe`]), cgroup registration, reading maps;
+//! - [`api`]: the daemon's HTTP API on a Unix socket, and its client;
 //! - [`branch`]: branches (run, fork, diff, abort) and their records;
 //! - [`state`]: the daemon's SQLite registry;
 //! - [`cgroup`]: cgroup v2 directories (create, move into, kill, remove);
@@ -14,6 +15,7 @@
 //! - [`sys`]: start-up checks (root, BTF, tracefs);
 //! - [`error`]: the typed errors.
 
+pub mod api;
 pub mod bpf;
 pub mod branch;
 pub mod cgroup;

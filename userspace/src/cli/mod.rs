@@ -1,5 +1,14 @@
 //! Command-line parsing (clap) and dispatch, one file per subcommand.
 
+mod abort;
+mod client;
+mod daemon;
+mod diff;
+mod exec;
+mod fork;
+mod ls;
+mod run;
+mod status;
 mod trace;
 
 use std::process::ExitCode;
@@ -20,6 +29,9 @@ struct Cli {
     /// Log level for forkscope's own messages (error, warn, info, debug, trace).
     #[arg(long, global = true, default_value = "warn", env = "FORKSCOPE_LOG")]
     log: log::LevelFilter,
+    /// The daemon's socket.
+    #[arg(long, global = true, default_value = forkscope::api::DEFAULT_SOCKET, env = "FORKSCOPE_SOCKET")]
+    socket: std::path::PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -27,6 +39,14 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     Trace(trace::TraceArgs),
+    Daemon(daemon::DaemonArgs),
+    Run(run::RunArgs),
+    Exec(exec::ExecArgs),
+    Fork(fork::ForkArgs),
+    Ls(ls::LsArgs),
+    Diff(diff::DiffArgs),
+    Abort(abort::AbortArgs),
+    Status(status::StatusArgs),
     /// Internal: builds a branch's sandbox and becomes its init (started by the daemon).
     #[command(name = "__init", hide = true)]
     Init {
@@ -39,6 +59,14 @@ pub fn main() -> ExitCode {
     init_logging(cli.log);
     let result = match cli.command {
         Command::Trace(args) => trace::run(args),
+        Command::Daemon(args) => daemon::run(args, cli.socket),
+        Command::Run(args) => run::run(args, cli.socket),
+        Command::Exec(args) => exec::run(args, cli.socket),
+        Command::Fork(args) => fork::run(args, cli.socket),
+        Command::Ls(args) => ls::run(args, cli.socket),
+        Command::Diff(args) => diff::run(args, cli.socket),
+        Command::Abort(args) => abort::run(args, cli.socket),
+        Command::Status(args) => status::run(args, cli.socket),
         Command::Init { spec } => match forkscope::sandbox::init::main(&spec) {
             Ok(()) => Ok(ExitCode::SUCCESS),
             Err(_) => Ok(ExitCode::FAILURE),

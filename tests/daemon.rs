@@ -1,0 +1,385 @@
+//! The daemon and the CLI end to end: real daemon, real CLI, real branches. Isolation, a
+//! daemon killed with SIGKILL and restarted, abort leaving nothing, containment of the API,
+//! 100 branches at once, and bad input.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use forkscope_tests::{TempDir, cgroup2_root, forkscope, require_root};
+
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+    state: PathBuf,
+}
+
+impl Daemon {
+    fn start(dir: &Path) -> Self {
+        let socket = dir.join("api.sock");
+        let state = dir.join("state");
+        let child = Command::new(forkscope())
+            .args(["daemon", "--state-dir"])
+            .arg(&state)
+            .arg("--socket")
+            .arg(&socket)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let d = Daemon {
+            child,
+            socket,
+            state,
+        };
+        let start = Instant::now();
+        while !d.cli(&["status"]).status.success() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "daemon did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(forkscope())
+            .env("FORKSCOPE_SOCKET", &self.socket)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Runs the CLI and returns its stdout, failing the test on a non-zero exit.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "forkscope {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // Abort whatever is left, then stop.
+        if let Ok(out) = Command::new(forkscope())
+            .env("FORKSCOPE_SOCKET", &self.socket)
+            .args(["ls", "--json"])
+            .output()
+        {
+            let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            let mut names: Vec<(u64, String)> = list
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|b| {
+                    (
+                        b["id"].as_u64().unwrap_or(0),
+                        b["name"].as_str().unwrap_or("").to_string(),
+                    )
+                })
+                .collect();
+            names.sort();
+            for (_, n) in names.iter().rev() {
+                let _ = Command::new(forkscope())
+                    .env("FORKSCOPE_SOCKET", &self.socket)
+                    .args(["abort", n])
+                    .output();
+            }
+        }
+        self.kill9();
+    }
+}
+
+fn workspace(dir: &Path) -> PathBuf {
+    let ws = dir.join("ws");
+    std::fs::create_dir_all(&ws).unwrap();
+    std::fs::write(ws.join("shared.txt"), "original\n").unwrap();
+    ws
+}
+
+#[test]
+fn forks_are_isolated_from_parent_siblings_and_host() {
+    require_root();
+    let dir = TempDir::new("daemon-iso");
+    let ws = workspace(dir.path());
+    let d = Daemon::start(dir.path());
+    d.ok(&[
+        "run",
+        "--name",
+        "main",
+        "--workspace",
+        ws.to_str().unwrap(),
+        "--",
+        "sleep",
+        "1000",
+    ]);
+    d.ok(&["exec", "main", "--", "sh", "-c", "echo main > shared.txt"]);
+    let kids = d.ok(&["fork", "main", "-n", "2"]);
+    let kids: Vec<&str> = kids.lines().collect();
+    assert_eq!(kids.len(), 2);
+    d.ok(&[
+        "exec",
+        kids[0],
+        "--",
+        "sh",
+        "-c",
+        "echo kid0 > shared.txt; echo x > only0.txt",
+    ]);
+    assert_eq!(
+        d.ok(&["exec", kids[1], "--", "cat", "shared.txt"]),
+        "main\n",
+        "a sibling's write is invisible"
+    );
+    assert_eq!(
+        d.ok(&["exec", "main", "--", "cat", "shared.txt"]),
+        "main\n",
+        "a child's write is invisible to its parent"
+    );
+    assert_eq!(
+        std::fs::read_to_string(ws.join("shared.txt")).unwrap(),
+        "original\n",
+        "the host is untouched"
+    );
+    assert!(!ws.join("only0.txt").exists());
+    let code = d
+        .cli(&["exec", kids[1], "--", "test", "-e", "only0.txt"])
+        .status
+        .code();
+    assert_eq!(code, Some(1), "exit codes pass through");
+    assert_eq!(d.ok(&["diff", kids[0]]), "A only0.txt\nM shared.txt\n");
+}
+
+#[test]
+fn a_daemon_killed_with_sigkill_comes_back_with_every_branch() {
+    require_root();
+    let dir = TempDir::new("daemon-restart");
+    let ws = workspace(dir.path());
+    let mut d = Daemon::start(dir.path());
+    d.ok(&[
+        "run",
+        "--name",
+        "survivor",
+        "--workspace",
+        ws.to_str().unwrap(),
+        "--",
+        "sleep",
+        "1000",
+    ]);
+    d.ok(&[
+        "exec",
+        "survivor",
+        "--",
+        "sh",
+        "-c",
+        "echo kept > state.txt",
+    ]);
+    d.ok(&["fork", "survivor", "--name", "kid"]);
+    d.kill9();
+    let d2 = Daemon::start(dir.path());
+    let ls = d2.ok(&["ls"]);
+    assert!(
+        ls.contains("survivor") && ls.contains("kid") && !ls.contains("dead"),
+        "{ls}"
+    );
+    assert_eq!(d2.ok(&["exec", "kid", "--", "cat", "state.txt"]), "kept\n");
+    std::mem::forget(d); // its child is already reaped; d2 cleans up
+}
+
+#[test]
+fn abort_leaves_no_trace() {
+    require_root();
+    let dir = TempDir::new("daemon-abort");
+    let ws = workspace(dir.path());
+    let d = Daemon::start(dir.path());
+    d.ok(&[
+        "run",
+        "--name",
+        "gone",
+        "--workspace",
+        ws.to_str().unwrap(),
+        "--",
+        "sleep",
+        "1000",
+    ]);
+    d.ok(&["fork", "gone", "--name", "gone-kid"]);
+    let before = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    d.ok(&["abort", "gone-kid"]);
+    d.ok(&["abort", "gone"]);
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert_eq!(
+        before.lines().count(),
+        mounts.lines().count(),
+        "no mount added or left on the host"
+    );
+    assert!(!mounts.contains(&*dir.path().to_string_lossy()));
+    let branches = d.state.join("branches");
+    assert_eq!(
+        std::fs::read_dir(&branches).map(|r| r.count()).unwrap_or(0),
+        0,
+        "no branch files left"
+    );
+    let cgroups: Vec<_> = std::fs::read_dir(cgroup2_root().join("forkscope"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("branch-"))
+        .collect();
+    let out = d.ok(&["ls", "--json"]);
+    assert_eq!(out.trim(), "[]");
+    // Other tests may have branches running; none of ours is left.
+    for c in cgroups {
+        let procs = std::fs::read_to_string(
+            cgroup2_root()
+                .join("forkscope")
+                .join(&c)
+                .join("cgroup.procs"),
+        )
+        .unwrap_or_default();
+        for pid in procs.lines() {
+            let cmdline =
+                std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            assert!(
+                !cmdline.contains(&*dir.path().to_string_lossy()),
+                "a process of an aborted branch lives on"
+            );
+        }
+    }
+    // The name is free again.
+    d.ok(&["run", "--name", "gone", "--workspace", ws.to_str().unwrap()]);
+}
+
+#[test]
+fn code_in_a_branch_cannot_reach_the_daemon() {
+    require_root();
+    let dir = TempDir::new("daemon-contain");
+    let ws = workspace(dir.path());
+    let d = Daemon::start(dir.path());
+    d.ok(&[
+        "run",
+        "--name",
+        "jail",
+        "--workspace",
+        ws.to_str().unwrap(),
+        "--",
+        "sleep",
+        "1000",
+    ]);
+    let bin = forkscope();
+    let sock = d.socket.to_str().unwrap().to_string();
+    let out = d.cli(&[
+        "exec",
+        "jail",
+        "--",
+        bin.to_str().unwrap(),
+        "--socket",
+        &sock,
+        "status",
+    ]);
+    assert_ne!(
+        out.status.code(),
+        Some(0),
+        "the daemon answered a process inside a branch"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot reach the forkscope daemon") || err.contains("refused"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_hundred_branches_at_once() {
+    require_root();
+    let dir = TempDir::new("daemon-100");
+    let ws = workspace(dir.path());
+    let d = Daemon::start(dir.path());
+    d.ok(&[
+        "run",
+        "--name",
+        "base",
+        "--workspace",
+        ws.to_str().unwrap(),
+        "--",
+        "sleep",
+        "1000",
+    ]);
+    for _ in 0..3 {
+        d.ok(&["fork", "base", "-n", "33"]);
+    }
+    let list: serde_json::Value = serde_json::from_str(&d.ok(&["ls", "--json"])).unwrap();
+    let running = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["status"] == "running")
+        .count();
+    assert_eq!(running, 100);
+    let last = list.as_array().unwrap().last().unwrap()["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        d.ok(&["exec", &last, "--", "cat", "shared.txt"]),
+        "original\n"
+    );
+}
+
+#[test]
+fn bad_input_gets_clear_errors_and_changes_nothing() {
+    require_root();
+    let dir = TempDir::new("daemon-bad");
+    let ws = workspace(dir.path());
+    let d = Daemon::start(dir.path());
+    let err = |args: &[&str]| {
+        let out = d.cli(args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    assert!(err(&["exec", "nope", "--", "true"]).contains("no live branch named \"nope\""));
+    assert!(err(&["fork", "nope"]).contains("no live branch"));
+    assert!(
+        err(&["run", "--name", "a/b", "--workspace", ws.to_str().unwrap()])
+            .contains("invalid branch name")
+    );
+    assert!(err(&["run", "--workspace", "/nonexistent-ws"]).contains("/nonexistent-ws"));
+    d.ok(&["run", "--name", "one", "--workspace", ws.to_str().unwrap()]);
+    assert!(
+        err(&["run", "--name", "one", "--workspace", ws.to_str().unwrap()])
+            .contains("already named")
+    );
+    assert!(err(&["abort", "nope"]).contains("no live branch"));
+    assert_eq!(
+        d.ok(&["ls", "--json"]).matches("\"name\"").count(),
+        1,
+        "nothing else was created"
+    );
+    // A second daemon on the same state directory.
+    let out = Command::new(forkscope())
+        .args(["daemon", "--state-dir"])
+        .arg(&d.state)
+        .arg("--socket")
+        .arg(dir.path().join("other.sock"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("another forkscope daemon"));
+    let unreachable = Command::new(forkscope())
+        .args(["--socket", "/nonexistent.sock", "ls"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&unreachable.stderr).contains("start it with `forkscope daemon`")
+    );
+}

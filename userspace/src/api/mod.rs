@@ -1,0 +1,52 @@
+//! The daemon's JSON HTTP API on a Unix socket ([`server`]) and the client the CLI uses
+//! ([`client`]).
+//!
+//! | method and path | body | answer |
+//! |---|---|---|
+//! | `GET /v1/status` | | version, state directory, branch count |
+//! | `GET /v1/branches` | | every live branch |
+//! | `POST /v1/branches` | `{"name"?, "workspace", "command": [..]}` | the new root branch (201) |
+//! | `GET /v1/branches/{name}` | | one branch |
+//! | `POST /v1/branches/{name}/fork` | `{"name"?, "count"?}` | the new branches (201) |
+//! | `GET /v1/branches/{name}/diff` | | changed paths since the fork point |
+//! | `DELETE /v1/branches/{name}` | | abort (204) |
+//!
+//! Errors are `{"error": "..."}` with 400 (bad input), 403 (request from inside a branch),
+//! 404 (unknown branch), 409 (conflict) or 500.
+
+pub mod client;
+pub mod server;
+
+use serde::{Deserialize, Serialize};
+
+/// `POST /v1/branches`
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RunRequest {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub workspace: std::path::PathBuf,
+    #[serde(default)]
+    pub command: Vec<String>,
+}
+
+/// `POST /v1/branches/{name}/fork`
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ForkRequest {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub count: Option<u32>,
+}
+
+/// `GET /v1/status`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub state_dir: std::path::PathBuf,
+    pub branches: usize,
+}
+
+/// Default socket path.
+pub const DEFAULT_SOCKET: &str = "/run/forkscope/forkscope.sock";
+/// Default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/forkscope";

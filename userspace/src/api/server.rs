@@ -1,0 +1,220 @@
+//! The daemon's HTTP server: one [`Manager`] behind a mutex, operations run off the async
+//! threads, every request checked to come from outside any branch.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use axum::{
+    Json, Router,
+    extract::{ConnectInfo, Path as UrlPath, State},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::{get, post},
+    serve::IncomingStream,
+};
+use tokio::net::UnixListener;
+
+use super::{ForkRequest, RunRequest, Status};
+use crate::{
+    branch::Manager,
+    error::{Error, IoContext, Result},
+};
+
+#[derive(Clone)]
+struct App {
+    manager: Arc<Mutex<Manager>>,
+    state_dir: PathBuf,
+}
+
+/// Who is on the other end of a connection (SO_PEERCRED).
+#[derive(Clone, Debug)]
+struct Peer {
+    pid: Option<i32>,
+}
+
+impl axum::extract::connect_info::Connected<IncomingStream<'_, UnixListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
+        Peer {
+            pid: stream.io().peer_cred().ok().and_then(|c| c.pid()),
+        }
+    }
+}
+
+/// Whether process `pid` runs inside a forkscope branch (its cgroup is a branch's).
+fn inside_branch(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .map(|t| {
+            t.lines()
+                .any(|l| l.starts_with("0::") && l.contains("/forkscope/branch-"))
+        })
+        .unwrap_or(false)
+}
+
+struct ApiError(Error);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = match &self.0 {
+            Error::Invalid(_) | Error::NoCommand => StatusCode::BAD_REQUEST,
+            Error::Forbidden(_) => StatusCode::FORBIDDEN,
+            Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::Conflict(_) => StatusCode::CONFLICT,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        (
+            status,
+            Json(serde_json::json!({ "error": self.0.to_string() })),
+        )
+            .into_response()
+    }
+}
+
+type ApiResult<T> = std::result::Result<T, ApiError>;
+
+/// Runs `f` on the manager in a blocking thread, refusing callers from inside a branch.
+async fn with_manager<T: Send + 'static>(
+    app: &App,
+    peer: &Peer,
+    f: impl FnOnce(&mut Manager) -> Result<T> + Send + 'static,
+) -> ApiResult<T> {
+    if peer.pid.is_some_and(inside_branch) {
+        return Err(ApiError(Error::Forbidden(
+            "requests from inside a branch are refused".into(),
+        )));
+    }
+    let manager = app.manager.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut m = manager.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut m)
+    })
+    .await
+    .map_err(|e| ApiError(Error::State(format!("worker failed: {e}"))))?
+    .map_err(ApiError)
+}
+
+async fn status(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+) -> ApiResult<Json<Status>> {
+    let dir = app.state_dir.clone();
+    let n = with_manager(&app, &peer, |m| Ok(m.list()?.len())).await?;
+    Ok(Json(Status {
+        version: env!("CARGO_PKG_VERSION").into(),
+        state_dir: dir,
+        branches: n,
+    }))
+}
+
+async fn list(State(app): State<App>, ConnectInfo(peer): ConnectInfo<Peer>) -> ApiResult<Response> {
+    let l = with_manager(&app, &peer, |m| m.list()).await?;
+    Ok(Json(l).into_response())
+}
+
+async fn run(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    Json(req): Json<RunRequest>,
+) -> ApiResult<Response> {
+    let b = with_manager(&app, &peer, move |m| {
+        m.run(req.name, &req.workspace, req.command)
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(b)).into_response())
+}
+
+async fn get_branch(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<Response> {
+    let b = with_manager(&app, &peer, move |m| {
+        m.list()?
+            .into_iter()
+            .find(|b| b.record.name == name)
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "no live branch named {name:?} (see `forkscope ls`)"
+                ))
+            })
+    })
+    .await?;
+    Ok(Json(b).into_response())
+}
+
+async fn fork(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    UrlPath(name): UrlPath<String>,
+    Json(req): Json<ForkRequest>,
+) -> ApiResult<Response> {
+    let count = req.count.unwrap_or(1);
+    if count == 0 || count > 64 || (count > 1 && req.name.is_some()) {
+        return Err(ApiError(Error::Invalid(
+            "fork: count must be 1 to 64, and a name can only be given for a single fork".into(),
+        )));
+    }
+    let made = with_manager(&app, &peer, move |m| m.fork(&name, req.name, count)).await?;
+    Ok((StatusCode::CREATED, Json(made)).into_response())
+}
+
+async fn diff(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<Response> {
+    let d = with_manager(&app, &peer, move |m| m.diff(&name)).await?;
+    Ok(Json(d).into_response())
+}
+
+async fn abort(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<StatusCode> {
+    with_manager(&app, &peer, move |m| m.abort(&name)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Serves the API for the branches of `state_dir` on `socket` until `shutdown` completes.
+pub async fn serve(
+    state_dir: &Path,
+    socket: &Path,
+    forkscope_bin: &Path,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let manager = Manager::open(state_dir, forkscope_bin)?;
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).at(dir)?;
+    }
+    if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+        return Err(Error::Conflict(format!(
+            "another daemon is listening on {}: stop it or use another --socket",
+            socket.display()
+        )));
+    }
+    let _ = std::fs::remove_file(socket);
+    let listener = UnixListener::bind(socket).at(socket)?;
+    std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .at(socket)?;
+    let app = App {
+        manager: Arc::new(Mutex::new(manager)),
+        state_dir: state_dir.to_path_buf(),
+    };
+    let router = Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/branches", get(list).post(run))
+        .route("/v1/branches/{name}", get(get_branch).delete(abort))
+        .route("/v1/branches/{name}/fork", post(fork))
+        .route("/v1/branches/{name}/diff", get(diff))
+        .with_state(app);
+    let served = axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<Peer>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await;
+    let _ = std::fs::remove_file(socket);
+    served.map_err(Error::Other)
+}

@@ -1,0 +1,42 @@
+//! `forkscope daemon [--state-dir DIR]`: serves the API on the socket until SIGINT/SIGTERM.
+//! Branches keep running when it stops; a new daemon on the same state directory serves them.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::Context;
+use clap::Args;
+
+/// Run the forkscope daemon in the foreground (systemd and tests run it so).
+#[derive(Args)]
+pub struct DaemonArgs {
+    /// Where branch records, layers and upper directories live.
+    #[arg(long, default_value = forkscope::api::DEFAULT_STATE_DIR, env = "FORKSCOPE_STATE_DIR")]
+    state_dir: PathBuf,
+}
+
+pub fn run(args: DaemonArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
+    let bin = std::env::current_exe().context("finding the forkscope binary")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut term = signal(SignalKind::terminate())?;
+        let stop = async move {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        };
+        eprintln!(
+            "forkscope daemon: state in {}, listening on {}",
+            args.state_dir.display(),
+            socket.display()
+        );
+        forkscope::api::server::serve(&args.state_dir, &socket, &bin, stop).await?;
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,55 @@
+//! `forkscope exec BRANCH -- CMD...`: runs CMD inside the branch through its init, with this
+//! terminal's stdin, stdout and stderr, and exits with its status.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::Args;
+use forkscope::sandbox::control::{ExecReply, ExecRequest, exec};
+use hyper::Method;
+
+/// Run a command inside a branch.
+#[derive(Args)]
+pub struct ExecArgs {
+    branch: String,
+    /// Working directory inside the branch (default: the workspace).
+    #[arg(long)]
+    cwd: Option<PathBuf>,
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        required = true,
+        value_name = "CMD"
+    )]
+    command: Vec<String>,
+}
+
+pub fn run(args: ExecArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
+    let b = super::client::call(
+        &socket,
+        Method::GET,
+        &format!("/v1/branches/{}", args.branch),
+        None,
+    )?;
+    if b["status"] != "running" {
+        anyhow::bail!(
+            "branch {} is not running (its init is gone): abort it",
+            args.branch
+        );
+    }
+    let control = PathBuf::from(b["control"].as_str().unwrap_or_default());
+    let req = ExecRequest {
+        argv: args.command,
+        cwd: args.cwd,
+        env: Vec::new(),
+    };
+    let reply = exec(&control, &req, [0, 1, 2], |_| {})?;
+    Ok(match reply {
+        ExecReply::ExitCode(c) => ExitCode::from(c.clamp(0, 255) as u8),
+        ExecReply::Signal(s) => ExitCode::from((128 + s).clamp(0, 255) as u8),
+        ExecReply::Error(e) => {
+            eprintln!("forkscope exec: {e}");
+            ExitCode::from(127)
+        }
+        ExecReply::Pid(_) => ExitCode::FAILURE,
+    })
+}

@@ -1,0 +1,40 @@
+//! `forkscope run [--name N] --workspace DIR -- CMD...`: a new root branch.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::Args;
+use hyper::Method;
+
+/// Start a root branch on a workspace; returns as soon as it is up.
+#[derive(Args)]
+pub struct RunArgs {
+    /// The branch's name (default: b<id>).
+    #[arg(long)]
+    name: Option<String>,
+    /// The directory the branch works on (it sees a private overlay of it at the same path).
+    #[arg(long)]
+    workspace: PathBuf,
+    /// Print the branch as JSON.
+    #[arg(long)]
+    json: bool,
+    /// The branch's command (optional: a branch can also just wait for `exec`).
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "CMD"
+    )]
+    command: Vec<String>,
+}
+
+pub fn run(args: RunArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
+    let workspace = std::path::absolute(&args.workspace)?;
+    let body =
+        serde_json::json!({ "name": args.name, "workspace": workspace, "command": args.command });
+    let b = super::client::call(&socket, Method::POST, "/v1/branches", Some(body))?;
+    if args.json {
+        println!("{b}");
+    } else {
+        println!("{}", b["name"].as_str().unwrap_or("?"));
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,22 @@
+//! `forkscope status`: whether the daemon answers, and what it holds.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::Args;
+use hyper::Method;
+
+/// Show the daemon's status.
+#[derive(Args)]
+pub struct StatusArgs {}
+
+pub fn run(_args: StatusArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
+    let s = super::client::call(&socket, Method::GET, "/v1/status", None)?;
+    println!(
+        "forkscope daemon {} on {}: {} live branches, state in {}",
+        s["version"].as_str().unwrap_or("?"),
+        socket.display(),
+        s["branches"],
+        s["state_dir"].as_str().unwrap_or("?")
+    );
+    Ok(ExitCode::SUCCESS)
+}
