@@ -61,7 +61,11 @@ fn run_fork_diff_and_abort() {
         "the host workspace is untouched"
     );
 
-    let child = m.fork("root", Some("child".into()), 1).unwrap().remove(0);
+    let child = m
+        .fork("root", Some("child".into()), 1)
+        .unwrap()
+        .branches
+        .remove(0);
     assert_eq!(child.parent.as_deref(), Some("root"));
     assert_eq!(
         sh(&child.control, "cat README added.txt /tmp/t").1,

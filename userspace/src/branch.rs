@@ -9,7 +9,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use serde::{Deserialize, Serialize};
@@ -50,6 +50,24 @@ pub struct BranchRecord {
     pub tmp_deltas: Vec<PathBuf>,
     /// When its last snapshot was taken (file change-time clock).
     pub last_snapshot_ns: Option<i128>,
+}
+
+/// Where the time of a fork went, in microseconds: freezing the parent, snapshotting its
+/// files (the parent is frozen meanwhile), thawing it, and starting the children's
+/// sandboxes (the parent runs meanwhile).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForkPhases {
+    pub freeze_us: u64,
+    pub files_us: u64,
+    pub thaw_us: u64,
+    pub start_us: u64,
+}
+
+/// The result of a fork.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Forked {
+    pub branches: Vec<BranchRecord>,
+    pub phases: ForkPhases,
 }
 
 /// A branch and whether its init is alive.
@@ -192,7 +210,7 @@ impl Manager {
         parent: &str,
         name: Option<String>,
         count: u32,
-    ) -> Result<Vec<BranchRecord>> {
+    ) -> Result<Forked> {
         if count == 0 || (count > 1 && name.is_some()) {
             return Err(Error::Invalid(
                 "fork: count must be at least 1, and a name can only be given for a single child"
@@ -208,10 +226,17 @@ impl Manager {
                 )));
             }
         }
+        let mut phases = ForkPhases::default();
         let cg = Cgroup::open(&p.cgroup)?;
+        let t = Instant::now();
         cg.freeze(true, Duration::from_secs(5))?;
+        phases.freeze_us = t.elapsed().as_micros() as u64;
+        let t = Instant::now();
         let taken = self.snapshot_parent(&p);
+        phases.files_us = t.elapsed().as_micros() as u64;
+        let t = Instant::now();
         let thawed = cg.freeze(false, Duration::from_secs(5));
+        phases.thaw_us = t.elapsed().as_micros() as u64;
         let (layers, at) = taken?;
         thawed?;
         if let Some((ws_layer, tmp_layer)) = layers {
@@ -229,6 +254,7 @@ impl Manager {
             )));
         }
         let mut made = Vec::new();
+        let t = Instant::now();
         for _ in 0..count {
             let id = self.registry.next_id()?;
             let child = self.unused_name(name.clone(), id)?;
@@ -242,7 +268,11 @@ impl Manager {
                 tmp_lowers.clone(),
             )?);
         }
-        Ok(made)
+        phases.start_us = t.elapsed().as_micros() as u64;
+        Ok(Forked {
+            branches: made,
+            phases,
+        })
     }
 
     /// Snapshots a (frozen) branch's workspace and /tmp upper directories into new layers;

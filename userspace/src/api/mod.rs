@@ -7,7 +7,7 @@
 //! | `GET /v1/branches` | | every live branch |
 //! | `POST /v1/branches` | `{"name"?, "workspace", "command": [..]}` | the new root branch (201) |
 //! | `GET /v1/branches/{name}` | | one branch |
-//! | `POST /v1/branches/{name}/fork` | `{"name"?, "count"?}` | the new branches (201) |
+//! | `POST /v1/branches/{name}/fork` | `{"name"?, "count"?}` | `{"branches": [..], "phases": {..}}` (201) |
 //! | `GET /v1/branches/{name}/diff` | | changed paths since the fork point |
 //! | `DELETE /v1/branches/{name}` | | abort (204) |
 //!

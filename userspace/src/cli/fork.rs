@@ -32,9 +32,14 @@ pub fn run(args: ForkArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
         &format!("/v1/branches/{}/fork", args.branch),
         Some(body),
     )?;
-    for b in made.as_array().into_iter().flatten() {
+    for b in made["branches"].as_array().into_iter().flatten() {
         println!("{}", b["name"].as_str().unwrap_or("?"));
     }
+    let ph = &made["phases"];
+    eprintln!(
+        "forked in: freeze {} us, files {} us (parent frozen), thaw {} us, child sandboxes {} us",
+        ph["freeze_us"], ph["files_us"], ph["thaw_us"], ph["start_us"]
+    );
     eprintln!("note: processes are not cloned yet; each child started the branch's command afresh");
     Ok(ExitCode::SUCCESS)
 }
