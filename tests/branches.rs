@@ -2,35 +2,13 @@
 //! branch on a workspace, fork it while it runs, isolation in both directions, the diff of a
 //! branch, and an abort that leaves nothing behind.
 
-use std::{fs, os::fd::AsRawFd, path::Path};
+use std::{fs, path::Path};
 
-use forkscope::{
-    branch::Manager,
-    layers::diff::ChangeKind,
-    sandbox::control::{ExecReply, ExecRequest, exec},
-};
+use forkscope::{branch::Manager, layers::diff::ChangeKind};
 use forkscope_tests::{TempDir, forkscope, require_root};
 
 fn sh(control: &Path, script: &str) -> (i32, String) {
-    let dir = TempDir::new("exec-out");
-    let out = fs::File::create(dir.path().join("out")).unwrap();
-    let null = fs::File::open("/dev/null").unwrap();
-    let req = ExecRequest {
-        argv: vec!["sh".into(), "-c".into(), script.into()],
-        ..Default::default()
-    };
-    let code = match exec(
-        control,
-        &req,
-        [null.as_raw_fd(), out.as_raw_fd(), out.as_raw_fd()],
-        |_| {},
-    )
-    .unwrap()
-    {
-        ExecReply::ExitCode(c) => c,
-        other => panic!("{other:?}"),
-    };
-    (code, fs::read_to_string(dir.path().join("out")).unwrap())
+    forkscope_tests::exec_sh(control, script)
 }
 
 #[test]

@@ -72,26 +72,9 @@ fn branch(tag: &str) -> Branch {
 }
 
 /// Runs `sh -c script` in the branch; returns (exit code, stdout).
+/// Runs `sh -c script` in the branch.
 fn sh(b: &Branch, script: &str) -> (i32, String) {
-    let dir = TempDir::new("out");
-    let out = fs::File::create(dir.path().join("out")).unwrap();
-    let null = fs::File::open("/dev/null").unwrap();
-    let req = ExecRequest {
-        argv: vec!["sh".into(), "-c".into(), script.into()],
-        ..Default::default()
-    };
-    let reply = exec(
-        &b.control,
-        &req,
-        [null.as_raw_fd(), out.as_raw_fd(), out.as_raw_fd()],
-        |_| {},
-    )
-    .unwrap();
-    let code = match reply {
-        ExecReply::ExitCode(c) => c,
-        other => panic!("unexpected reply {other:?}"),
-    };
-    (code, fs::read_to_string(dir.path().join("out")).unwrap())
+    forkscope_tests::exec_sh(&b.control, script)
 }
 
 #[test]

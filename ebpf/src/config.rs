@@ -35,3 +35,10 @@ pub fn offsets() -> KernelOffsets {
     // SAFETY: OFFSETS is a valid, aligned static; volatile only stops constant folding.
     unsafe { core::ptr::read_volatile(&raw const OFFSETS) }
 }
+
+/// The offsets, once userspace has filled them in (`None` before: the programs do nothing).
+#[inline(always)]
+pub fn ready_offsets() -> Option<KernelOffsets> {
+    let o = offsets();
+    (o.ready != 0).then_some(o)
+}

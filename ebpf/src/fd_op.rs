@@ -6,9 +6,9 @@ use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use forkscope_common::{EventKind, FdEvent, event::file_type, syscalls::*};
 
 use crate::{
-    cgroup, config,
+    config,
     emit::{header, send},
-    kernel::{fd_file, file_info, read_user, syscall_args},
+    kernel::{SysExit, fd_file, file_info, read_user, sys_exit},
 };
 
 #[tracepoint]
@@ -18,15 +18,12 @@ pub fn sys_exit_fd_op(ctx: TracePointContext) -> u32 {
 }
 
 fn try_fd_op(ctx: &TracePointContext) -> Option<()> {
-    let cg = cgroup::tracked()?;
-    // SAFETY: `__syscall_nr` (offset 8) and `ret` (offset 16) of every sys_exit_* record.
-    let (nr, ret) = unsafe {
-        (
-            ctx.read_at::<i32>(8).ok()? as u32,
-            ctx.read_at::<i64>(16).ok()?,
-        )
-    };
-    let a = syscall_args()?;
+    let SysExit {
+        cgroup: cg,
+        nr,
+        ret,
+        args: a,
+    } = sys_exit(ctx)?;
     // (kind, fd, offset, bytes, flags, source fd)
     let (kind, fd, offset, bytes, flags, src_fd) = match nr {
         SYS_MMAP => {
@@ -83,10 +80,7 @@ fn try_fd_op(ctx: &TracePointContext) -> Option<()> {
         }
         _ => return None,
     };
-    let o = config::offsets();
-    if o.ready == 0 {
-        return None;
-    }
+    let o = config::ready_offsets()?;
     let info = file_info(&o, fd_file(&o, fd));
     if kind == EventKind::FileMmap && info.ftype != file_type::REG {
         return None;

@@ -7,9 +7,9 @@ use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use forkscope_common::{EventKind, FdEvent, event::file_type, syscalls::*};
 
 use crate::{
-    cgroup, config,
+    config,
     emit::{header, send},
-    kernel::{fd_file, file_info, read_user, socket_peer, syscall_args},
+    kernel::{SysExit, fd_file, file_info, read_user, socket_peer, sys_exit},
 };
 
 #[tracepoint]
@@ -19,18 +19,15 @@ pub fn sys_exit_fd_write(ctx: TracePointContext) -> u32 {
 }
 
 fn try_fd_write(ctx: &TracePointContext) -> Option<()> {
-    let cg = cgroup::tracked()?;
-    // SAFETY: `__syscall_nr` (offset 8) and `ret` (offset 16) of every sys_exit_* record.
-    let (nr, ret) = unsafe {
-        (
-            ctx.read_at::<i32>(8).ok()? as u32,
-            ctx.read_at::<i64>(16).ok()?,
-        )
-    };
+    let SysExit {
+        cgroup: cg,
+        nr,
+        ret,
+        args: a,
+    } = sys_exit(ctx)?;
     if ret <= 0 {
         return None;
     }
-    let a = syscall_args()?;
     // (descriptor written to, offset given explicitly by the caller or -1)
     let (fd, explicit) = match nr {
         SYS_WRITE | SYS_WRITEV | SYS_SENDFILE => (a[0] as i64, -1),
@@ -42,10 +39,7 @@ fn try_fd_write(ctx: &TracePointContext) -> Option<()> {
         ),
         _ => return None,
     };
-    let o = config::offsets();
-    if o.ready == 0 {
-        return None;
-    }
+    let o = config::ready_offsets()?;
     let file = fd_file(&o, fd);
     let info = file_info(&o, file);
     let mut ev = FdEvent {

@@ -19,6 +19,38 @@ const REG_DX: usize = 12;
 const REG_SI: usize = 13;
 const REG_DI: usize = 14;
 
+/// A syscall a traced task is returning from.
+pub struct SysExit {
+    /// The task's cgroup id.
+    pub cgroup: u64,
+    /// The syscall number.
+    pub nr: u32,
+    /// Its result.
+    pub ret: i64,
+    /// Its six arguments.
+    pub args: [u64; 6],
+}
+
+/// Where every `sys_exit_*` program starts: the syscall the current task returns from, or
+/// `None` when the task is not traced.
+#[inline(always)]
+pub fn sys_exit(ctx: &aya_ebpf::programs::TracePointContext) -> Option<SysExit> {
+    let cgroup = crate::cgroup::tracked()?;
+    // SAFETY: `__syscall_nr` (offset 8) and `ret` (offset 16) of every sys_exit_* record.
+    let (nr, ret) = unsafe {
+        (
+            ctx.read_at::<i32>(8).ok()? as u32,
+            ctx.read_at::<i64>(16).ok()?,
+        )
+    };
+    Some(SysExit {
+        cgroup,
+        nr,
+        ret,
+        args: syscall_args()?,
+    })
+}
+
 /// The six arguments of the syscall the current task is returning from. At syscall exit the
 /// saved user registers still hold the arguments (only `ax` carries the result).
 #[inline(always)]

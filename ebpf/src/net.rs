@@ -7,9 +7,9 @@ use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use forkscope_common::{EventKind, FdEvent, syscalls::*};
 
 use crate::{
-    cgroup, config,
+    config,
     emit::{header, send},
-    kernel::{Peer, fd_file, file_info, read_user, socket_peer, syscall_args, user_sockaddr},
+    kernel::{Peer, SysExit, fd_file, file_info, read_user, socket_peer, sys_exit, user_sockaddr},
 };
 
 /// Messages of one `sendmmsg` call reported individually (the rest are summed into the last).
@@ -25,19 +25,13 @@ pub fn sys_exit_net(ctx: TracePointContext) -> u32 {
 }
 
 fn try_net(ctx: &TracePointContext) -> Option<()> {
-    let cg = cgroup::tracked()?;
-    // SAFETY: `__syscall_nr` (offset 8) and `ret` (offset 16) of every sys_exit_* record.
-    let (nr, ret) = unsafe {
-        (
-            ctx.read_at::<i32>(8).ok()? as u32,
-            ctx.read_at::<i64>(16).ok()?,
-        )
-    };
-    let a = syscall_args()?;
-    let o = config::offsets();
-    if o.ready == 0 {
-        return None;
-    }
+    let SysExit {
+        cgroup: cg,
+        nr,
+        ret,
+        args: a,
+    } = sys_exit(ctx)?;
+    let o = config::ready_offsets()?;
     let fd = a[0] as i64;
     let file = fd_file(&o, fd);
     let info = file_info(&o, file);

@@ -14,9 +14,9 @@ use forkscope_common::{
 };
 
 use crate::{
-    cgroup, config,
+    config,
     emit::{count_event, count_lost, header},
-    kernel::{fd_file, file_info, read_user, syscall_args},
+    kernel::{SysExit, fd_file, file_info, read_user, sys_exit},
     maps::EVENTS,
 };
 
@@ -183,24 +183,18 @@ fn decode(nr: u32, a: &[u64; 6]) -> Option<PathOp> {
 }
 
 fn try_path_op(ctx: &TracePointContext) -> Option<()> {
-    let cg = cgroup::tracked()?;
-    // SAFETY: `__syscall_nr` (offset 8) and `ret` (offset 16) of every sys_exit_* record.
-    let (nr, ret) = unsafe {
-        (
-            ctx.read_at::<i32>(8).ok()? as u32,
-            ctx.read_at::<i64>(16).ok()?,
-        )
-    };
-    let a = syscall_args()?;
+    let SysExit {
+        cgroup: cg,
+        nr,
+        ret,
+        args: a,
+    } = sys_exit(ctx)?;
     let d = decode(nr, &a)?;
     let is_open = d.kind == EventKind::FileOpen;
     if ret < 0 || (!is_open && ret != 0) {
         return None;
     }
-    let o = config::offsets();
-    if o.ready == 0 {
-        return None;
-    }
+    let o = config::ready_offsets()?;
     // Read-only opens are most opens (libraries, imports, configs): they have no side effect,
     // and userspace needs only directories among them (to resolve *at() paths). Decide from
     // the flags before reading any kernel structure; directories are opened with O_DIRECTORY

@@ -46,10 +46,7 @@ pub fn sched_process_fork(ctx: RawTracePointContext) -> i32 {
 
 fn try_fork(ctx: &RawTracePointContext) -> Option<()> {
     let cg = cgroup::tracked()?;
-    let o = config::offsets();
-    if o.ready == 0 {
-        return None;
-    }
+    let o = config::ready_offsets()?;
     let child: u64 = ctx.arg(1);
     let pid = read::<i32>(child, o.task_pid)?;
     let tgid = read::<i32>(child, o.task_tgid)?;
@@ -100,10 +97,7 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
 
 fn try_exit(ctx: &TracePointContext) -> Option<()> {
     let cg = cgroup::tracked()?;
-    let o = config::offsets();
-    if o.ready == 0 {
-        return None;
-    }
+    let o = config::ready_offsets()?;
     let last_thread = if o.tp_exit_group_dead != KernelOffsets::ABSENT {
         // SAFETY: the offset was read from this tracepoint's format file.
         unsafe { ctx.read_at::<u8>(o.tp_exit_group_dead as usize) }.ok()? != 0

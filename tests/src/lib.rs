@@ -202,3 +202,32 @@ pub fn leftover_cgroups(pid: u32) -> Vec<PathBuf> {
         })
         .unwrap_or_default()
 }
+
+/// Runs `sh -c script` in the branch whose init listens on `control`, with stdout and stderr
+/// captured; returns the exit code and the output.
+pub fn exec_sh(control: &Path, script: &str) -> (i32, String) {
+    use forkscope::sandbox::control::{ExecReply, ExecRequest, exec};
+    use std::os::fd::AsRawFd;
+    let dir = TempDir::new("exec-out");
+    let out = std::fs::File::create(dir.path().join("out")).unwrap();
+    let null = std::fs::File::open("/dev/null").unwrap();
+    let req = ExecRequest {
+        argv: vec!["sh".into(), "-c".into(), script.into()],
+        ..Default::default()
+    };
+    let code = match exec(
+        control,
+        &req,
+        [null.as_raw_fd(), out.as_raw_fd(), out.as_raw_fd()],
+        |_| {},
+    )
+    .unwrap()
+    {
+        ExecReply::ExitCode(c) => c,
+        other => panic!("unexpected reply {other:?}"),
+    };
+    (
+        code,
+        std::fs::read_to_string(dir.path().join("out")).unwrap(),
+    )
+}

@@ -205,12 +205,7 @@ impl Manager {
 
     /// Forks `parent` into `count` new branches (one snapshot for all of them). A name can be
     /// given for a single child.
-    pub fn fork(
-        &mut self,
-        parent: &str,
-        name: Option<String>,
-        count: u32,
-    ) -> Result<Forked> {
+    pub fn fork(&mut self, parent: &str, name: Option<String>, count: u32) -> Result<Forked> {
         if count == 0 || (count > 1 && name.is_some()) {
             return Err(Error::Invalid(
                 "fork: count must be at least 1, and a name can only be given for a single child"

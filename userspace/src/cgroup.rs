@@ -112,6 +112,23 @@ impl Cgroup {
         fs::OpenOptions::new().write(true).open(&p).at(p)
     }
 
+    /// A `pre_exec` hook that moves the child into this cgroup between fork and exec, so the
+    /// program runs in the cgroup from its first instruction. `procs` is this cgroup's
+    /// [`Cgroup::open_procs`], kept open until the child is spawned.
+    pub fn enter_hook(
+        procs: &fs::File,
+    ) -> impl FnMut() -> std::io::Result<()> + Send + Sync + 'static {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(procs);
+        move || {
+            // SAFETY: write(2) on an open descriptor is async-signal-safe, as a pre_exec hook
+            // must be; writing "0" to cgroup.procs moves the writing process.
+            if unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) } != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        }
+    }
+
     /// Whether any process is still in the cgroup or below it.
     pub fn populated(&self) -> Result<bool> {
         let p = self.path.join("cgroup.events");

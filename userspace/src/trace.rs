@@ -7,7 +7,7 @@ use std::{
     ffi::OsString,
     future::Future,
     io::Write,
-    os::{fd::AsRawFd, unix::process::ExitStatusExt},
+    os::unix::process::ExitStatusExt,
     sync::atomic::{AtomicU32, Ordering},
     time::Duration,
 };
@@ -191,18 +191,12 @@ pub async fn run<W: Write>(
 fn spawn_in(cgroup: &Cgroup, command: &[OsString]) -> Result<tokio::process::Child> {
     let program = command.first().ok_or(Error::NoCommand)?;
     let procs = cgroup.open_procs()?;
-    let procs_fd = procs.as_raw_fd();
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(&command[1..]);
-    // SAFETY: the closure runs in the child between fork and exec and only calls write(2),
-    // which is async-signal-safe; the descriptor stays open in the parent until after spawn.
+    // SAFETY: the hook only calls write(2), async-signal-safe as pre_exec requires, on a
+    // descriptor that stays open until spawn returns.
     unsafe {
-        cmd.pre_exec(move || {
-            if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
+        cmd.pre_exec(Cgroup::enter_hook(&procs));
     }
     let name = program.to_string_lossy().into_owned();
     cmd.spawn().map_err(|e| match e.kind() {

@@ -17,7 +17,7 @@ mod mounts;
 
 use std::{
     io::{BufRead, BufReader, Write},
-    os::{fd::AsRawFd, unix::process::CommandExt},
+    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Command, Stdio},
 };
@@ -87,22 +87,16 @@ pub fn start(
     let (to_init_r, mut to_init_w) = std::io::pipe()?;
     let (from_init_r, from_init_w) = std::io::pipe()?;
     let procs = cgroup.open_procs()?;
-    let procs_fd = procs.as_raw_fd();
     let mut cmd = Command::new(forkscope_bin);
     cmd.arg("__init")
         .arg(spec_file)
         .stdin(Stdio::from(to_init_r))
         .stdout(Stdio::from(from_init_w))
         .stderr(Stdio::inherit());
-    // SAFETY: runs between fork and exec; write(2) is async-signal-safe and the descriptor
-    // stays open in the parent until spawn returns.
+    // SAFETY: the hook only calls write(2), async-signal-safe as pre_exec requires, on a
+    // descriptor that stays open until spawn returns.
     unsafe {
-        cmd.pre_exec(move || {
-            if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
+        cmd.pre_exec(Cgroup::enter_hook(&procs));
     }
     let mut setup = cmd
         .spawn()
