@@ -18,7 +18,11 @@ struct Daemon {
 
 impl Daemon {
     fn start(dir: &Path) -> Self {
-        let socket = dir.join("api.sock");
+        Self::start_on(dir, &dir.join("api.sock"))
+    }
+
+    fn start_on(dir: &Path, socket: &Path) -> Self {
+        let socket = socket.to_path_buf();
         let state = dir.join("state");
         let child = Command::new(forkscope())
             .args(["daemon", "--state-dir"])
@@ -265,7 +269,13 @@ fn code_in_a_branch_cannot_reach_the_daemon() {
     require_root();
     let dir = TempDir::new("daemon-contain");
     let ws = workspace(dir.path());
-    let d = Daemon::start(dir.path());
+    // Everything at paths the branch could see: the socket under /run, the CLI in the
+    // workspace (the branch has a /tmp of its own, where the test's directory is not).
+    let run_dir = PathBuf::from(format!("/run/forkscope-test-{}", std::process::id()));
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let socket = run_dir.join("api.sock");
+    std::fs::copy(forkscope(), ws.join("forkscope")).unwrap();
+    let d = Daemon::start_on(dir.path(), &socket);
     d.ok(&[
         "run",
         "--name",
@@ -276,13 +286,19 @@ fn code_in_a_branch_cannot_reach_the_daemon() {
         "sleep",
         "1000",
     ]);
-    let bin = forkscope();
-    let sock = d.socket.to_str().unwrap().to_string();
+    let sock = socket.to_str().unwrap().to_string();
+
+    // 1. The socket's directory is hidden inside the branch.
+    let script = format!("test -e {sock} || echo hidden");
+    assert_eq!(
+        d.ok(&["exec", "jail", "--", "sh", "-c", &script]),
+        "hidden\n"
+    );
     let out = d.cli(&[
         "exec",
         "jail",
         "--",
-        bin.to_str().unwrap(),
+        "./forkscope",
         "--socket",
         &sock,
         "status",
@@ -292,11 +308,24 @@ fn code_in_a_branch_cannot_reach_the_daemon() {
         Some(0),
         "the daemon answered a process inside a branch"
     );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the forkscope daemon"));
+
+    // 2. A process in a branch's cgroup that reaches the socket anyway is refused.
+    let list: serde_json::Value = serde_json::from_str(&d.ok(&["ls", "--json"])).unwrap();
+    let cgroup = list[0]["cgroup"].as_str().unwrap().to_string();
+    let inside = format!(
+        "echo $$ > {cgroup}/cgroup.procs && exec {} --socket {sock} status",
+        forkscope().display()
+    );
+    let out = Command::new("sh").args(["-c", &inside]).output().unwrap();
+    assert_ne!(out.status.code(), Some(0));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("cannot reach the forkscope daemon") || err.contains("refused"),
+        err.contains("requests from inside a branch are refused (HTTP 403)"),
         "{err}"
     );
+    drop(d);
+    let _ = std::fs::remove_dir_all(&run_dir);
 }
 
 #[test]

@@ -53,6 +53,7 @@ fn branch(tag: &str) -> Branch {
         control: state.path().join("control.sock"),
         command: vec!["sleep".into(), "1000".into()],
         log: state.path().join("cmd.log"),
+        hidden: Vec::new(),
     };
     let cgroup = Cgroup::create(&format!("sandbox-test-{}-{tag}", std::process::id())).unwrap();
     let sandbox = start(

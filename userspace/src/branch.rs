@@ -106,6 +106,8 @@ pub struct Manager {
     registry: Registry,
     /// The forkscope binary that runs `__init`.
     bin: PathBuf,
+    /// Host directories branches must not see (see `SandboxSpec::hidden`).
+    hidden: Vec<PathBuf>,
     /// Names this state directory's branch cgroups (`<prefix>-<id>`), so daemons on different
     /// state directories never collide.
     cgroup_prefix: String,
@@ -129,7 +131,14 @@ impl Manager {
             registry,
             bin: bin.to_path_buf(),
             cgroup_prefix: format!("branch-{ino:x}"),
+            hidden: vec![state.to_path_buf()],
         })
+    }
+
+    /// Adds host directories that branches started from now on must not see (the daemon
+    /// hides its socket's directory this way).
+    pub fn hide(&mut self, dir: &Path) {
+        self.hidden.push(dir.to_path_buf());
     }
 
     fn unused_name(&self, name: Option<String>, id: u64) -> Result<String> {
@@ -332,6 +341,7 @@ impl Manager {
             control: dir.join("control.sock"),
             command: command.clone(),
             log: dir.join("command.log"),
+            hidden: self.hidden.clone(),
         };
         let cgroup = Cgroup::create(&format!("{}-{id}", self.cgroup_prefix))?;
         let started = sandbox::start(&self.bin, &spec, &dir.join("spec.json"), &cgroup);

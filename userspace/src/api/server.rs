@@ -184,9 +184,11 @@ pub async fn serve(
     forkscope_bin: &Path,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let manager = Manager::open(state_dir, forkscope_bin)?;
+    let mut manager = Manager::open(state_dir, forkscope_bin)?;
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).at(dir)?;
+        // Branches do not even see the socket (the peer check below is the second line).
+        manager.hide(dir);
     }
     if std::os::unix::net::UnixStream::connect(socket).is_ok() {
         return Err(Error::Conflict(format!(

@@ -45,6 +45,10 @@ pub struct SandboxSpec {
     pub command: Vec<String>,
     /// Where the command's output goes.
     pub log: PathBuf,
+    /// Host directories the branch must not see at all (the daemon's socket directory and
+    /// state directory): covered with an empty read-only tmpfs.
+    #[serde(default)]
+    pub hidden: Vec<PathBuf>,
 }
 
 /// An overlay stack, serializable.

@@ -108,6 +108,20 @@ pub fn setup(spec: &SandboxSpec) -> Result<()> {
         Some("mode=1777"),
     )
     .map_err(sys("mounting a private /dev/shm".into()))?;
+    for dir in &spec.hidden {
+        // Never hide the workspace or what leads to it.
+        if spec.workspace.starts_with(dir) || !dir.is_dir() {
+            continue;
+        }
+        mount(
+            Some("tmpfs"),
+            dir,
+            Some("tmpfs"),
+            MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            Some("size=4k,mode=0555"),
+        )
+        .map_err(sys(format!("hiding {}", dir.display())))?;
+    }
     set_readonly(Path::new("/"), true, true)?;
     for writable in [
         Path::new("/tmp"),
