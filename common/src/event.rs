@@ -153,6 +153,30 @@ pub struct FdEvent {
 }
 crate::assert_size!(FdEvent, 128);
 
+impl FdEvent {
+    /// An event about descriptor `fd` with everything else unknown: no offset (-1), no
+    /// source, no peer. Programs fill in what they know with struct update syntax.
+    pub const fn new(hdr: EventHeader, fd: i32) -> Self {
+        Self {
+            hdr,
+            fd,
+            file_type: 0,
+            ino: 0,
+            dev: 0,
+            flags: 0,
+            offset: -1,
+            bytes: 0,
+            src_fd: -1,
+            src_dev: 0,
+            src_ino: 0,
+            family: 0,
+            port: 0,
+            ret: 0,
+            addr: [0; 16],
+        }
+    }
+}
+
 /// Flags in [`PathEvent::trunc`].
 pub const PATH1_TRUNCATED: u32 = 1;
 pub const PATH2_TRUNCATED: u32 = 2;

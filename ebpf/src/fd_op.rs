@@ -91,8 +91,6 @@ fn try_fd_op(ctx: &TracePointContext) -> Option<()> {
         Default::default()
     };
     let ev = FdEvent {
-        hdr: header(kind, nr, cg),
-        fd: fd as i32,
         file_type: info.ftype,
         ino: info.ino,
         dev: info.dev,
@@ -102,10 +100,8 @@ fn try_fd_op(ctx: &TracePointContext) -> Option<()> {
         src_fd: src_fd as i32,
         src_dev: src.dev,
         src_ino: src.ino,
-        family: 0,
-        port: 0,
         ret: ret as i32,
-        addr: [0; 16],
+        ..FdEvent::new(header(kind, nr, cg), fd as i32)
     };
     send(&ev);
     Some(())

@@ -43,21 +43,12 @@ fn try_fd_write(ctx: &TracePointContext) -> Option<()> {
     let file = fd_file(&o, fd);
     let info = file_info(&o, file);
     let mut ev = FdEvent {
-        hdr: header(EventKind::FileWrite, nr, cg),
-        fd: fd as i32,
         file_type: info.ftype,
         ino: info.ino,
         dev: info.dev,
         flags: info.flags,
-        offset: -1,
         bytes: ret,
-        src_fd: -1,
-        src_dev: 0,
-        src_ino: 0,
-        family: 0,
-        port: 0,
-        ret: 0,
-        addr: [0; 16],
+        ..FdEvent::new(header(EventKind::FileWrite, nr, cg), fd as i32)
     };
     match info.ftype {
         file_type::REG => {

@@ -36,21 +36,12 @@ fn try_net(ctx: &TracePointContext) -> Option<()> {
     let file = fd_file(&o, fd);
     let info = file_info(&o, file);
     let mut ev = FdEvent {
-        hdr: header(EventKind::NetSend, nr, cg),
-        fd: fd as i32,
         file_type: info.ftype,
         ino: info.ino,
         dev: info.dev,
-        flags: 0,
-        offset: -1,
         bytes: ret,
-        src_fd: -1,
-        src_dev: 0,
-        src_ino: 0,
-        family: 0,
-        port: 0,
         ret: ret as i32,
-        addr: [0; 16],
+        ..FdEvent::new(header(EventKind::NetSend, nr, cg), fd as i32)
     };
     let set_peer = |ev: &mut FdEvent, p: Peer| {
         ev.family = p.family;

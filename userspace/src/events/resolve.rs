@@ -434,21 +434,13 @@ mod tests {
         let t = r.event(&RawEvent::Path(Box::new(mv))).unwrap();
         assert_eq!(t.new_path.as_deref(), Some("/w/f"));
         let w = FdEvent {
-            hdr: header(EventKind::FileWrite, 3),
-            fd: 4,
             file_type: file_type::REG,
             ino: 77,
             dev: 9,
             flags: 1,
             offset: 100,
             bytes: 5,
-            src_fd: -1,
-            src_dev: 0,
-            src_ino: 0,
-            family: 0,
-            port: 0,
-            ret: 0,
-            addr: [0; 16],
+            ..FdEvent::new(header(EventKind::FileWrite, 3), 4)
         };
         let t = r.event(&RawEvent::Fd(w)).unwrap();
         assert_eq!(
@@ -479,21 +471,15 @@ mod tests {
         let mut addr = [0u8; 16];
         addr[..4].copy_from_slice(&[127, 0, 0, 1]);
         let e = FdEvent {
-            hdr: header(EventKind::NetSend, 1),
-            fd: 3,
             file_type: file_type::SOCK,
             ino: 1,
             dev: 1,
-            flags: 0,
-            offset: -1,
             bytes: 10,
-            src_fd: -1,
-            src_dev: 0,
-            src_ino: 0,
             family: 2,
             port: 8080,
             ret: 10,
             addr,
+            ..FdEvent::new(header(EventKind::NetSend, 1), 3)
         };
         let t = r.event(&RawEvent::Fd(e)).unwrap();
         assert_eq!(
