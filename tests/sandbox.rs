@@ -176,3 +176,66 @@ fn exit_codes_and_missing_commands_come_back() {
         ExecReply::Error("no-such-command-xyz: No such file or directory (os error 2)".into())
     );
 }
+
+#[test]
+fn escapes_and_tracer_blinding_are_refused_and_normal_work_goes_on() {
+    let b = branch("seccomp");
+    // Each line: name, then the errno the call failed with (0 = it succeeded).
+    let probe = r#"
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+def try_(name, nr, *args):
+    r = libc.syscall(nr, *args)
+    print(name, 0 if r >= 0 else ctypes.get_errno())
+try_("mount", 165, b"none", b"/mnt", b"tmpfs", 0, None)
+try_("umount2", 166, b"/tmp", 0)
+try_("chroot", 161, b"/")
+try_("setns", 308, 0, 0)
+try_("unshare", 272, 0x10000000)
+try_("bpf", 321, 0, 0, 0)
+try_("perf_event_open", 298, 0, 0, -1, -1, 0)
+try_("io_uring_setup", 425, 1, 0)
+try_("fsopen", 430, b"tmpfs", 0)
+try_("clone3", 435, 0, 0)
+try_("clone_newns", 56, 0x00020000 | 17, 0, 0, 0, 0)
+"#;
+    let (code, out) = sh(&b, &format!("python3 -c '{probe}'"));
+    assert_eq!(code, 0, "{out}");
+    let errnos: std::collections::BTreeMap<&str, i32> = out
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(n, e)| (n, e.parse().unwrap()))
+        .collect();
+    for name in [
+        "mount",
+        "umount2",
+        "chroot",
+        "setns",
+        "unshare",
+        "bpf",
+        "perf_event_open",
+        "io_uring_setup",
+        "fsopen",
+        "clone_newns",
+    ] {
+        assert_eq!(
+            errnos[name],
+            libc::EPERM,
+            "{name} must fail with EPERM: {out}"
+        );
+    }
+    assert_eq!(
+        errnos["clone3"],
+        libc::ENOSYS,
+        "clone3 answers ENOSYS so glibc falls back to clone"
+    );
+    // Ordinary work is unaffected: processes, pipes, threads, a git repository.
+    let (code, out) = sh(
+        &b,
+        "python3 -c 'import subprocess, threading; t = threading.Thread(target=print); t.start(); t.join(); \
+         print(subprocess.run([\"echo\", \"child\"], capture_output=True, text=True).stdout.strip())' && \
+         git init -q repo && cd repo && echo x > f && git add f && git -c user.name=a -c user.email=a@b commit -qm m && git log --oneline | wc -l",
+    );
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out, "\nchild\n1\n");
+}

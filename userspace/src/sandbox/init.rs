@@ -125,6 +125,7 @@ fn init(spec: &SandboxSpec, listener: OwnedFd, log: std::fs::File) -> Result<()>
         eprintln!("forkscope init: {e} (the branch sees the host's /proc)");
     }
     std::env::set_current_dir(&spec.workspace)?;
+    super::seccomp::install()?;
     // Processes that exec'd requests started, with the connection waiting for their status.
     let mut running: HashMap<i32, OwnedFd> = HashMap::new();
     if !spec.command.is_empty() {

@@ -9,11 +9,13 @@
 //! pid namespace: the branch's init, a subreaper that starts the branch's command and every
 //! later `exec` ([`control`]), so everything in the branch inherits its namespaces and cgroup.
 //! Processes in the branch see only the branch's processes, so they cannot signal the daemon
-//! or anything else on the host.
+//! or anything else on the host. The init installs a seccomp filter ([`seccomp`]) before it
+//! starts anything.
 
 pub mod control;
 pub mod init;
 mod mounts;
+pub mod seccomp;
 
 use std::{
     io::{BufRead, BufReader, Write},
