@@ -4,7 +4,10 @@
 
 use std::{fs, path::Path};
 
-use forkscope::{branch::Manager, layers::diff::ChangeKind};
+use forkscope::{
+    branch::{ForkOptions, Manager},
+    layers::diff::ChangeKind,
+};
 use forkscope_tests::{TempDir, forkscope, require_root};
 
 fn sh(control: &Path, script: &str) -> (i32, String) {
@@ -40,7 +43,13 @@ fn run_fork_diff_and_abort() {
     );
 
     let child = m
-        .fork("root", Some("child".into()), 1)
+        .fork(
+            "root",
+            &ForkOptions {
+                name: Some("child".into()),
+                ..Default::default()
+            },
+        )
         .unwrap()
         .branches
         .remove(0);
@@ -78,19 +87,31 @@ fn run_fork_diff_and_abort() {
 
     // Names: unique among live branches, reusable after an abort; bad names refused.
     assert!(
-        m.fork("root", Some("child".into()), 1)
-            .unwrap_err()
-            .to_string()
-            .contains("already named")
+        m.fork(
+            "root",
+            &ForkOptions {
+                name: Some("child".into()),
+                ..Default::default()
+            }
+        )
+        .unwrap_err()
+        .to_string()
+        .contains("already named")
     );
     assert!(
-        m.fork("root", Some("../x".into()), 1)
-            .unwrap_err()
-            .to_string()
-            .contains("invalid branch name")
+        m.fork(
+            "root",
+            &ForkOptions {
+                name: Some("../x".into()),
+                ..Default::default()
+            }
+        )
+        .unwrap_err()
+        .to_string()
+        .contains("invalid branch name")
     );
     assert!(
-        m.fork("nope", None, 1)
+        m.fork("nope", &ForkOptions::default())
             .unwrap_err()
             .to_string()
             .contains("no live branch")

@@ -412,3 +412,64 @@ fn bad_input_gets_clear_errors_and_changes_nothing() {
         String::from_utf8_lossy(&unreachable.stderr).contains("start it with `forkscope daemon`")
     );
 }
+
+#[test]
+fn a_checkpoint_forked_three_times_gives_three_identical_starts() {
+    require_root();
+    let dir = TempDir::new("daemon-ckpt");
+    let ws = workspace(dir.path());
+    let d = Daemon::start(dir.path());
+    d.ok(&[
+        "run",
+        "--name",
+        "main",
+        "--workspace",
+        ws.to_str().unwrap(),
+        "--",
+        "sleep",
+        "1000",
+    ]);
+    d.ok(&[
+        "exec",
+        "main",
+        "--",
+        "sh",
+        "-c",
+        "echo at-checkpoint > state.txt; echo tmp > /tmp/t",
+    ]);
+    assert_eq!(d.ok(&["fork", "main", "--frozen", "--name", "cp"]), "cp\n");
+    d.ok(&["exec", "main", "--", "sh", "-c", "echo later > state.txt"]);
+    let kids = d.ok(&["fork", "cp", "-n", "3"]);
+    let kids: Vec<&str> = kids.lines().collect();
+    assert_eq!(kids.len(), 3);
+    for (i, k) in kids.iter().enumerate() {
+        assert_eq!(
+            d.ok(&["exec", k, "--", "cat", "state.txt", "/tmp/t"]),
+            "at-checkpoint\ntmp\n",
+            "{k}"
+        );
+        d.ok(&[
+            "exec",
+            k,
+            "--",
+            "sh",
+            "-c",
+            &format!("echo kid{i} > state.txt"),
+        ]);
+    }
+    for (i, k) in kids.iter().enumerate() {
+        assert_eq!(
+            d.ok(&["exec", k, "--", "cat", "state.txt"]),
+            format!("kid{i}\n"),
+            "each start is its own"
+        );
+    }
+    let out = d.cli(&["exec", "cp", "--", "true"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("frozen checkpoint"));
+    assert!(
+        d.ok(&["ls"])
+            .lines()
+            .any(|l| l.starts_with("cp ") && l.contains("frozen"))
+    );
+    assert_eq!(d.ok(&["diff", "cp"]), "", "a checkpoint never changes");
+}

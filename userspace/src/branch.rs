@@ -50,6 +50,24 @@ pub struct BranchRecord {
     pub tmp_deltas: Vec<PathBuf>,
     /// When its last snapshot was taken (file change-time clock).
     pub last_snapshot_ns: Option<i128>,
+    /// A checkpoint (`fork --frozen`): layers only, no processes; forks of it all start from
+    /// the same state.
+    #[serde(default)]
+    pub frozen: bool,
+}
+
+/// What `fork` makes.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ForkOptions {
+    /// The child's name (a single child only).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// How many children (default 1).
+    #[serde(default)]
+    pub count: Option<u32>,
+    /// Make checkpoints instead of running branches.
+    #[serde(default)]
+    pub frozen: bool,
 }
 
 /// Where the time of a fork went, in microseconds: freezing the parent, snapshotting its
@@ -172,9 +190,16 @@ impl Manager {
                     && Cgroup::open(&record.cgroup)
                         .and_then(|c| c.populated())
                         .unwrap_or(false);
+                let status = if record.frozen {
+                    "frozen"
+                } else if alive {
+                    "running"
+                } else {
+                    "dead"
+                };
                 BranchInfo {
                     record,
-                    status: if alive { "running" } else { "dead" }.into(),
+                    status: status.into(),
                 }
             })
             .collect())
@@ -214,10 +239,11 @@ impl Manager {
 
     /// Forks `parent` into `count` new branches (one snapshot for all of them). A name can be
     /// given for a single child.
-    pub fn fork(&mut self, parent: &str, name: Option<String>, count: u32) -> Result<Forked> {
-        if count == 0 || (count > 1 && name.is_some()) {
+    pub fn fork(&mut self, parent: &str, opts: &ForkOptions) -> Result<Forked> {
+        let (name, count) = (opts.name.clone(), opts.count.unwrap_or(1));
+        if count == 0 || count > 64 || (count > 1 && name.is_some()) {
             return Err(Error::Invalid(
-                "fork: count must be at least 1, and a name can only be given for a single child"
+                "fork: count must be 1 to 64, and a name can only be given for a single child"
                     .into(),
             ));
         }
@@ -231,24 +257,9 @@ impl Manager {
             }
         }
         let mut phases = ForkPhases::default();
-        let cg = Cgroup::open(&p.cgroup)?;
-        let t = Instant::now();
-        cg.freeze(true, Duration::from_secs(5))?;
-        phases.freeze_us = t.elapsed().as_micros() as u64;
-        let t = Instant::now();
-        let taken = self.snapshot_parent(&p);
-        phases.files_us = t.elapsed().as_micros() as u64;
-        let t = Instant::now();
-        let thawed = cg.freeze(false, Duration::from_secs(5));
-        phases.thaw_us = t.elapsed().as_micros() as u64;
-        let (layers, at) = taken?;
-        thawed?;
-        if let Some((ws_layer, tmp_layer)) = layers {
-            p.ws_deltas.insert(0, ws_layer);
-            p.tmp_deltas.insert(0, tmp_layer);
+        if !p.frozen {
+            self.snapshot_running(&mut p, &mut phases)?;
         }
-        p.last_snapshot_ns = Some(at);
-        self.registry.put(&p)?;
         let ws_lowers: Vec<PathBuf> = p.ws_deltas.iter().chain(&p.ws_lowers).cloned().collect();
         let tmp_lowers: Vec<PathBuf> = p.tmp_deltas.iter().chain(&p.tmp_lowers).cloned().collect();
         if ws_lowers.len().max(tmp_lowers.len()) > MAX_LOWERS {
@@ -262,21 +273,83 @@ impl Manager {
         for _ in 0..count {
             let id = self.registry.next_id()?;
             let child = self.unused_name(name.clone(), id)?;
-            made.push(self.start(
-                id,
-                child,
-                Some(p.name.clone()),
-                p.workspace.clone(),
-                p.command.clone(),
-                ws_lowers.clone(),
-                tmp_lowers.clone(),
-            )?);
+            let (ws, tmp) = (ws_lowers.clone(), tmp_lowers.clone());
+            made.push(if opts.frozen {
+                self.checkpoint(id, child, &p, ws, tmp)?
+            } else {
+                self.start(
+                    id,
+                    child,
+                    Some(p.name.clone()),
+                    p.workspace.clone(),
+                    p.command.clone(),
+                    ws,
+                    tmp,
+                )?
+            });
         }
         phases.start_us = t.elapsed().as_micros() as u64;
         Ok(Forked {
             branches: made,
             phases,
         })
+    }
+
+    /// Records a checkpoint of `p` standing on the given layers.
+    fn checkpoint(
+        &mut self,
+        id: u64,
+        name: String,
+        p: &BranchRecord,
+        ws_lowers: Vec<PathBuf>,
+        tmp_lowers: Vec<PathBuf>,
+    ) -> Result<BranchRecord> {
+        let dir = branch_dir(&self.state, id);
+        mkdirs(&dir, &[])?;
+        std::fs::create_dir_all(&dir).at(&dir)?;
+        let record = BranchRecord {
+            id,
+            name,
+            parent: Some(p.name.clone()),
+            workspace: p.workspace.clone(),
+            command: p.command.clone(),
+            cgroup: PathBuf::new(),
+            init_pid: 0,
+            control: PathBuf::new(),
+            dir,
+            ws_lowers,
+            tmp_lowers,
+            ws_deltas: Vec::new(),
+            tmp_deltas: Vec::new(),
+            last_snapshot_ns: None,
+            frozen: true,
+        };
+        self.registry.put(&record)?;
+        Ok(record)
+    }
+
+    /// Freezes a running branch, snapshots what it changed since its previous fork into new
+    /// layers (recorded as its newest deltas) and thaws it.
+    fn snapshot_running(&mut self, p: &mut BranchRecord, phases: &mut ForkPhases) -> Result<()> {
+        let cg = Cgroup::open(&p.cgroup)?;
+        let t = Instant::now();
+        cg.freeze(true, Duration::from_secs(5))?;
+        phases.freeze_us = t.elapsed().as_micros() as u64;
+        let t = Instant::now();
+        let taken = self.snapshot_parent(p);
+        phases.files_us = t.elapsed().as_micros() as u64;
+        let t = Instant::now();
+        let thawed = cg.freeze(false, Duration::from_secs(5));
+        phases.thaw_us = t.elapsed().as_micros() as u64;
+        let (layers, at) = taken?;
+        thawed?;
+        if let Some((ws_layer, tmp_layer)) = layers {
+            p.ws_deltas.insert(0, ws_layer);
+            p.tmp_deltas.insert(0, tmp_layer);
+        }
+        p.last_snapshot_ns = Some(at);
+        self.registry.put(p)?;
+        Ok(())
     }
 
     /// Snapshots a (frozen) branch's workspace and /tmp upper directories into new layers;
@@ -368,6 +441,7 @@ impl Manager {
             ws_deltas: Vec::new(),
             tmp_deltas: Vec::new(),
             last_snapshot_ns: None,
+            frozen: false,
         };
         self.registry.put(&record)?;
         Ok(record)
@@ -376,6 +450,9 @@ impl Manager {
     /// What branch `name` changed in its workspace since its fork point.
     pub fn diff(&self, name: &str) -> Result<Vec<Change>> {
         let b = self.get(name)?;
+        if b.frozen {
+            return Ok(Vec::new()); // a checkpoint never changes
+        }
         changes(&b.dir.join("ws/upper"), &b.ws_lowers)
     }
 
@@ -396,7 +473,7 @@ impl Manager {
                 children.join(", ")
             )));
         }
-        if b.cgroup.exists() {
+        if !b.frozen && b.cgroup.exists() {
             Cgroup::open(&b.cgroup)?.remove()?;
         }
         self.registry.remove(b.id)?;

@@ -7,7 +7,7 @@
 //! | `GET /v1/branches` | | every live branch |
 //! | `POST /v1/branches` | `{"name"?, "workspace", "command": [..]}` | the new root branch (201) |
 //! | `GET /v1/branches/{name}` | | one branch |
-//! | `POST /v1/branches/{name}/fork` | `{"name"?, "count"?}` | `{"branches": [..], "phases": {..}}` (201) |
+//! | `POST /v1/branches/{name}/fork` | `{"name"?, "count"?, "frozen"?}` | `{"branches": [..], "phases": {..}}` (201) |
 //! | `GET /v1/branches/{name}/diff` | | changed paths since the fork point |
 //! | `DELETE /v1/branches/{name}` | | abort (204) |
 //!
@@ -29,14 +29,8 @@ pub struct RunRequest {
     pub command: Vec<String>,
 }
 
-/// `POST /v1/branches/{name}/fork`
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct ForkRequest {
-    #[serde(default)]
-    pub name: Option<String>,
-    #[serde(default)]
-    pub count: Option<u32>,
-}
+/// `POST /v1/branches/{name}/fork` takes a [`crate::branch::ForkOptions`].
+pub use crate::branch::ForkOptions as ForkRequest;
 
 /// `GET /v1/status`
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -16,9 +16,9 @@ use axum::{
 };
 use tokio::net::UnixListener;
 
-use super::{ForkRequest, RunRequest, Status};
+use super::{RunRequest, Status};
 use crate::{
-    branch::Manager,
+    branch::{ForkOptions, Manager},
     error::{Error, IoContext, Result},
 };
 
@@ -147,15 +147,9 @@ async fn fork(
     State(app): State<App>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     UrlPath(name): UrlPath<String>,
-    Json(req): Json<ForkRequest>,
+    Json(req): Json<ForkOptions>,
 ) -> ApiResult<Response> {
-    let count = req.count.unwrap_or(1);
-    if count == 0 || count > 64 || (count > 1 && req.name.is_some()) {
-        return Err(ApiError(Error::Invalid(
-            "fork: count must be 1 to 64, and a name can only be given for a single fork".into(),
-        )));
-    }
-    let made = with_manager(&app, &peer, move |m| m.fork(&name, req.name, count)).await?;
+    let made = with_manager(&app, &peer, move |m| m.fork(&name, &req)).await?;
     Ok((StatusCode::CREATED, Json(made)).into_response())
 }
 

@@ -30,6 +30,12 @@ pub fn run(args: ExecArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
         &format!("/v1/branches/{}", args.branch),
         None,
     )?;
+    if b["status"] == "frozen" {
+        anyhow::bail!(
+            "branch {} is a frozen checkpoint: fork it to get a running branch",
+            args.branch
+        );
+    }
     if b["status"] != "running" {
         anyhow::bail!(
             "branch {} is not running (its init is gone): abort it",

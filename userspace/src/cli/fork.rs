@@ -16,16 +16,14 @@ pub struct ForkArgs {
     /// How many children.
     #[arg(short = 'n', long = "count", default_value_t = 1)]
     count: u32,
-    /// Make a stopped checkpoint (not built yet).
+    /// Make checkpoints: layers only, no processes; every fork of a checkpoint starts from
+    /// the same state.
     #[arg(long)]
     frozen: bool,
 }
 
 pub fn run(args: ForkArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
-    if args.frozen {
-        anyhow::bail!("--frozen checkpoints are not built yet");
-    }
-    let body = serde_json::json!({ "name": args.name, "count": args.count });
+    let body = serde_json::json!({ "name": args.name, "count": args.count, "frozen": args.frozen });
     let made = super::client::call(
         &socket,
         Method::POST,
