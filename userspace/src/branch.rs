@@ -305,7 +305,6 @@ impl Manager {
         tmp_lowers: Vec<PathBuf>,
     ) -> Result<BranchRecord> {
         let dir = branch_dir(&self.state, id);
-        mkdirs(&dir, &[])?;
         std::fs::create_dir_all(&dir).at(&dir)?;
         let record = BranchRecord {
             id,
@@ -476,10 +475,17 @@ impl Manager {
         if !b.frozen && b.cgroup.exists() {
             Cgroup::open(&b.cgroup)?.remove()?;
         }
-        self.registry.remove(b.id)?;
-        // Keep the snapshot layers a parent's other children may use? They belong to this
-        // branch's own forks (its children), which are gone: remove everything.
-        std::fs::remove_dir_all(&b.dir).at(&b.dir)?;
-        Ok(())
+        // Its layers belong to its own forks, which are gone (checked above). Files first,
+        // then the record: an abort cut short can be run again.
+        match std::fs::remove_dir_all(&b.dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(Error::Io {
+                    path: b.dir,
+                    cause: e,
+                });
+            }
+            _ => {}
+        }
+        self.registry.remove(b.id)
     }
 }
