@@ -190,7 +190,6 @@ fn copy_entry(
             let (bytes, cloned) = copy_file(&src, &dst)?;
             stats.bytes += bytes;
             stats.reflinked += cloned as u64;
-            copy_attrs(&src, &dst)?;
         }
         EntryKind::Symlink => {
             let target = fs::read_link(&src).at(&src)?;
@@ -215,19 +214,27 @@ fn copy_entry(
     Ok(())
 }
 
-/// Copies a regular file's data, by reflink (FICLONE) where the filesystem can.
-/// Returns (bytes, whether it was a reflink).
+/// Copies a regular file: its data by reflink (FICLONE) where the filesystem can, else by
+/// copy_file_range, then its mode, owner and times, all through the two open descriptors
+/// (a fork is paused while this runs: every syscall counts). Returns (bytes, reflinked).
 fn copy_file(src: &Path, dst: &Path) -> Result<(u64, bool)> {
-    let from = fs::File::open(src).at(src)?;
-    let len = from.metadata().at(src)?.len();
-    let to = fs::File::create(dst).at(dst)?;
+    let mut from = fs::File::open(src).at(src)?;
+    let meta = from.metadata().at(src)?;
+    let mut to = fs::File::create(dst).at(dst)?;
     // SAFETY: FICLONE takes the source descriptor as its argument; both descriptors are open.
     let cloned = unsafe { libc::ioctl(to.as_raw_fd(), libc::FICLONE as _, from.as_raw_fd()) } == 0;
     if !cloned {
-        drop(to);
-        fs::copy(src, dst).at(dst)?;
+        std::io::copy(&mut from, &mut to).at(dst)?;
     }
-    Ok((len, cloned))
+    nix::unistd::fchown(&to, Some(meta.uid().into()), Some(meta.gid().into()))
+        .map_err(|e| Error::Layer(format!("chown {}: {e}", dst.display())))?;
+    to.set_permissions(fs::Permissions::from_mode(meta.mode() & 0o7777))
+        .at(dst)?;
+    let mtime = nix::sys::time::TimeSpec::new(meta.mtime(), meta.mtime_nsec());
+    let atime = nix::sys::time::TimeSpec::new(meta.atime(), meta.atime_nsec());
+    nix::sys::stat::futimens(&to, &atime, &mtime)
+        .map_err(|e| Error::Layer(format!("setting times of {}: {e}", dst.display())))?;
+    Ok((meta.len(), cloned))
 }
 
 /// Mode, owner and modification time of `src` onto `dst` (not following symlinks).
