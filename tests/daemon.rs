@@ -404,6 +404,22 @@ fn bad_input_gets_clear_errors_and_changes_nothing() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("another forkscope daemon"));
+    // A malformed API body gets a 400 with a JSON error.
+    {
+        use std::io::{Read, Write};
+        let mut conn = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+        let body = "{not json";
+        write!(
+            conn,
+            "POST /v1/branches HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut answer = String::new();
+        conn.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        assert!(answer.contains("\"error\":\"bad request body"), "{answer}");
+    }
     let unreachable = Command::new(forkscope())
         .args(["--socket", "/nonexistent.sock", "ls"])
         .output()

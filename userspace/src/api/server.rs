@@ -112,11 +112,18 @@ async fn list(State(app): State<App>, ConnectInfo(peer): ConnectInfo<Peer>) -> A
     Ok(Json(l).into_response())
 }
 
+/// Parses a JSON request body, answering 400 with `{"error": ...}` when it does not fit.
+fn body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError(Error::Invalid(format!("bad request body: {e}"))))
+}
+
 async fn run(
     State(app): State<App>,
     ConnectInfo(peer): ConnectInfo<Peer>,
-    Json(req): Json<RunRequest>,
+    bytes: axum::body::Bytes,
 ) -> ApiResult<Response> {
+    let req: RunRequest = body(&bytes)?;
     let b = with_manager(&app, &peer, move |m| {
         m.run(req.name, &req.workspace, req.command)
     })
@@ -147,8 +154,13 @@ async fn fork(
     State(app): State<App>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     UrlPath(name): UrlPath<String>,
-    Json(req): Json<ForkOptions>,
+    bytes: axum::body::Bytes,
 ) -> ApiResult<Response> {
+    let req: ForkOptions = if bytes.is_empty() {
+        ForkOptions::default()
+    } else {
+        body(&bytes)?
+    };
     let made = with_manager(&app, &peer, move |m| m.fork(&name, &req)).await?;
     Ok((StatusCode::CREATED, Json(made)).into_response())
 }

@@ -80,6 +80,9 @@ pub struct Sandbox {
     pub control: PathBuf,
 }
 
+/// How long building a sandbox may take before its setup process is killed.
+pub const SETUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Starts a sandbox for `spec` in `cgroup`, running `forkscope_bin __init`. Returns once the
 /// init listens for exec requests.
 pub fn start(
@@ -109,6 +112,19 @@ pub fn start(
         .map_err(|e| Error::Sandbox(format!("starting {}: {e}", forkscope_bin.display())))?;
     drop(procs);
     let pid = setup.id();
+    // A setup that hangs (a mount blocked on a dead filesystem, say) must not hang the
+    // daemon: past SETUP_TIMEOUT it is killed, its pipe closes and the reads below fail.
+    let (done, watchdog) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+            watchdog.recv_timeout(SETUP_TIMEOUT)
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    });
     let mut lines = BufReader::new(from_init_r);
     let mut line = String::new();
     // 1. The setup process entered its user namespace: map ids 1:1 and let it go on.
@@ -126,6 +142,7 @@ pub fn start(
     line.clear();
     lines.read_line(&mut line)?;
     let status = setup.wait()?;
+    let _ = done.send(());
     let init_pid: u32 = line
         .trim()
         .strip_prefix("init ")
