@@ -67,6 +67,20 @@ impl Daemon {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Starts a root branch `name` on `ws` whose command sleeps.
+    fn run_sleeping(&self, name: &str, ws: &Path) {
+        self.ok(&[
+            "run",
+            "--name",
+            name,
+            "--workspace",
+            ws.to_str().unwrap(),
+            "--",
+            "sleep",
+            "1000",
+        ]);
+    }
+
     fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -118,16 +132,7 @@ fn forks_are_isolated_from_parent_siblings_and_host() {
     let dir = TempDir::new("daemon-iso");
     let ws = workspace(dir.path());
     let d = Daemon::start(dir.path());
-    d.ok(&[
-        "run",
-        "--name",
-        "main",
-        "--workspace",
-        ws.to_str().unwrap(),
-        "--",
-        "sleep",
-        "1000",
-    ]);
+    d.run_sleeping("main", &ws);
     d.ok(&["exec", "main", "--", "sh", "-c", "echo main > shared.txt"]);
     let kids = d.ok(&["fork", "main", "-n", "2"]);
     let kids: Vec<&str> = kids.lines().collect();
@@ -170,16 +175,7 @@ fn a_daemon_killed_with_sigkill_comes_back_with_every_branch() {
     let dir = TempDir::new("daemon-restart");
     let ws = workspace(dir.path());
     let mut d = Daemon::start(dir.path());
-    d.ok(&[
-        "run",
-        "--name",
-        "survivor",
-        "--workspace",
-        ws.to_str().unwrap(),
-        "--",
-        "sleep",
-        "1000",
-    ]);
+    d.run_sleeping("survivor", &ws);
     d.ok(&[
         "exec",
         "survivor",
@@ -206,16 +202,7 @@ fn abort_leaves_no_trace() {
     let dir = TempDir::new("daemon-abort");
     let ws = workspace(dir.path());
     let d = Daemon::start(dir.path());
-    d.ok(&[
-        "run",
-        "--name",
-        "gone",
-        "--workspace",
-        ws.to_str().unwrap(),
-        "--",
-        "sleep",
-        "1000",
-    ]);
+    d.run_sleeping("gone", &ws);
     d.ok(&["fork", "gone", "--name", "gone-kid"]);
     let before = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     d.ok(&["abort", "gone-kid"]);
@@ -276,16 +263,7 @@ fn code_in_a_branch_cannot_reach_the_daemon() {
     let socket = run_dir.join("api.sock");
     std::fs::copy(forkscope(), ws.join("forkscope")).unwrap();
     let d = Daemon::start_on(dir.path(), &socket);
-    d.ok(&[
-        "run",
-        "--name",
-        "jail",
-        "--workspace",
-        ws.to_str().unwrap(),
-        "--",
-        "sleep",
-        "1000",
-    ]);
+    d.run_sleeping("jail", &ws);
     let sock = socket.to_str().unwrap().to_string();
 
     // 1. The socket's directory is hidden inside the branch.
@@ -334,16 +312,7 @@ fn a_hundred_branches_at_once() {
     let dir = TempDir::new("daemon-100");
     let ws = workspace(dir.path());
     let d = Daemon::start(dir.path());
-    d.ok(&[
-        "run",
-        "--name",
-        "base",
-        "--workspace",
-        ws.to_str().unwrap(),
-        "--",
-        "sleep",
-        "1000",
-    ]);
+    d.run_sleeping("base", &ws);
     for _ in 0..3 {
         d.ok(&["fork", "base", "-n", "33"]);
     }
@@ -435,16 +404,7 @@ fn a_checkpoint_forked_three_times_gives_three_identical_starts() {
     let dir = TempDir::new("daemon-ckpt");
     let ws = workspace(dir.path());
     let d = Daemon::start(dir.path());
-    d.ok(&[
-        "run",
-        "--name",
-        "main",
-        "--workspace",
-        ws.to_str().unwrap(),
-        "--",
-        "sleep",
-        "1000",
-    ]);
+    d.run_sleeping("main", &ws);
     d.ok(&[
         "exec",
         "main",
