@@ -258,9 +258,18 @@ fn code_in_a_branch_cannot_reach_the_daemon() {
     let ws = workspace(dir.path());
     // Everything at paths the branch could see: the socket under /run, the CLI in the
     // workspace (the branch has a /tmp of its own, where the test's directory is not).
-    let run_dir = PathBuf::from(format!("/run/forkscope-test-{}", std::process::id()));
-    std::fs::create_dir_all(&run_dir).unwrap();
-    let socket = run_dir.join("api.sock");
+    struct RunDir(PathBuf);
+    impl Drop for RunDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let run_dir = RunDir(PathBuf::from(format!(
+        "/run/forkscope-test-{}",
+        std::process::id()
+    )));
+    std::fs::create_dir_all(&run_dir.0).unwrap();
+    let socket = run_dir.0.join("api.sock");
     std::fs::copy(forkscope(), ws.join("forkscope")).unwrap();
     let d = Daemon::start_on(dir.path(), &socket);
     d.run_sleeping("jail", &ws);
@@ -303,7 +312,6 @@ fn code_in_a_branch_cannot_reach_the_daemon() {
         "{err}"
     );
     drop(d);
-    let _ = std::fs::remove_dir_all(&run_dir);
 }
 
 #[test]
