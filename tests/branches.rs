@@ -73,10 +73,7 @@ fn run_fork_diff_and_abort() {
     );
 
     let diff = m.diff("child").unwrap();
-    let got: Vec<(String, ChangeKind)> = diff
-        .iter()
-        .map(|c| (c.path.to_string_lossy().into_owned(), c.kind))
-        .collect();
+    let got = forkscope_tests::change_list(&diff);
     assert_eq!(
         got,
         vec![

@@ -144,10 +144,7 @@ fn snapshots_fork_a_workspace_exactly_and_isolate_both_sides() {
 
     // The child's diff against its fork point.
     let diff = changes(&child_upper, &[layer1.clone(), base.clone()]).unwrap();
-    let got: Vec<(String, ChangeKind)> = diff
-        .iter()
-        .map(|c| (c.path.to_string_lossy().into_owned(), c.kind))
-        .collect();
+    let got = forkscope_tests::change_list(&diff);
     assert_eq!(
         got,
         vec![

@@ -179,14 +179,7 @@ pub fn parse_jsonl(text: &str) -> Vec<Value> {
 
 /// The cgroup v2 mount point.
 pub fn cgroup2_root() -> PathBuf {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    info.lines()
-        .find_map(|l| {
-            let (left, right) = l.split_once(" - ")?;
-            (right.split_whitespace().next()? == "cgroup2")
-                .then(|| PathBuf::from(left.split_whitespace().nth(4).unwrap()))
-        })
-        .expect("a cgroup2 mount")
+    forkscope::cgroup::cgroup2_root().expect("a cgroup2 mount")
 }
 
 /// forkscope's trace cgroups left by process `pid` (there must be none once it exits).
@@ -230,4 +223,14 @@ pub fn exec_sh(control: &Path, script: &str) -> (i32, String) {
         code,
         std::fs::read_to_string(dir.path().join("out")).unwrap(),
     )
+}
+
+/// (path, kind) of each change, for comparing a diff with what a test expects.
+pub fn change_list(
+    changes: &[forkscope::layers::diff::Change],
+) -> Vec<(String, forkscope::layers::diff::ChangeKind)> {
+    changes
+        .iter()
+        .map(|c| (c.path.to_string_lossy().into_owned(), c.kind))
+        .collect()
 }

@@ -81,6 +81,20 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Installs SIGINT and SIGTERM handlers now (inside a tokio runtime) and returns a future
+/// that completes on either.
+pub fn interrupted() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    })
+}
+
 /// A minimal stderr logger for the `log` facade.
 fn init_logging(level: log::LevelFilter) {
     struct Stderr;

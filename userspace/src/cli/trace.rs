@@ -88,7 +88,7 @@ pub fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
     // through trace::run's clean-up instead of killing us with a cgroup behind.
     let cancel = {
         let _guard = runtime.enter();
-        interrupted()?
+        super::interrupted()?
     };
     let result = runtime.block_on(trace::run(&opts, &mut out, cancel));
     let outcome = match result {
@@ -116,17 +116,4 @@ pub fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(130));
     }
     Ok(ExitCode::from(outcome.exit_code.clamp(0, 255) as u8))
-}
-
-/// Installs SIGINT and SIGTERM handlers now and returns a future that completes on either.
-fn interrupted() -> std::io::Result<impl std::future::Future<Output = ()>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut term = signal(SignalKind::terminate())?;
-    Ok(async move {
-        tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
-        }
-    })
 }
