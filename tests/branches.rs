@@ -170,3 +170,64 @@ fn bad_workspaces_and_a_second_manager_are_refused() {
         "{second}"
     );
 }
+
+#[test]
+fn deep_fork_chains_are_flattened_and_show_the_same_files() {
+    require_root();
+    let state = TempDir::new("state");
+    let ws = TempDir::new("workspace");
+    fs::create_dir(ws.path().join("d")).unwrap();
+    fs::write(ws.path().join("d/old"), "old\n").unwrap();
+    let mut m = Manager::open(&state.path().join("state"), &forkscope()).unwrap();
+    let mut parent = m
+        .run(
+            Some("g0".into()),
+            ws.path(),
+            vec!["sleep".into(), "1000".into()],
+        )
+        .unwrap();
+    // A chain of generations, each changing something and forking the next: a new file,
+    // the previous one deleted, and once a directory deleted and created again.
+    let generations = forkscope::branch::FLATTEN_AT + 6;
+    for g in 1..=generations {
+        let script = if g == 5 {
+            format!(
+                "echo {g} > f{g}; rm -f f{}; rm -r d; mkdir d; echo new > d/x",
+                g - 1
+            )
+        } else {
+            format!("echo {g} > f{g}; rm -f f{}", g - 1)
+        };
+        assert_eq!(sh(&parent.control, &script).0, 0);
+        let child = m
+            .fork(
+                &parent.name,
+                &ForkOptions {
+                    name: Some(format!("g{g}")),
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+            .branches
+            .remove(0);
+        assert!(
+            child.ws_lowers.len() <= forkscope::branch::FLATTEN_AT + 1,
+            "generation {g} stands on {} layers",
+            child.ws_lowers.len()
+        );
+        let expected = if g >= 5 {
+            format!("d\nd/x\nf{g}\n")
+        } else {
+            format!("d\nd/old\nf{g}\n")
+        };
+        assert_eq!(
+            sh(&child.control, "find . -mindepth 1 | sed 's|^./||' | sort").1,
+            expected,
+            "generation {g} sees its parent's files"
+        );
+        parent = child;
+    }
+    for g in (0..=generations).rev() {
+        m.abort(&format!("g{g}")).unwrap();
+    }
+}

@@ -8,6 +8,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::os::unix::fs::PermissionsExt;
+
 use forkscope_tests::{TempDir, cgroup2_root, forkscope, require_root};
 
 struct Daemon {
@@ -22,9 +24,15 @@ impl Daemon {
     }
 
     fn start_on(dir: &Path, socket: &Path) -> Self {
+        Self::start_with(dir, socket, &[])
+    }
+
+    /// Starts a daemon with extra environment variables (fault injection).
+    fn start_with(dir: &Path, socket: &Path, env: &[(&str, &str)]) -> Self {
         let socket = socket.to_path_buf();
         let state = dir.join("state");
         let child = Command::new(forkscope())
+            .envs(env.iter().copied())
             .args(["daemon", "--state-dir"])
             .arg(&state)
             .arg("--socket")
@@ -194,6 +202,88 @@ fn a_daemon_killed_with_sigkill_comes_back_with_every_branch() {
     );
     assert_eq!(d2.ok(&["exec", "kid", "--", "cat", "state.txt"]), "kept\n");
     std::mem::forget(d); // its child is already reaped; d2 cleans up
+}
+
+/// Waits for a daemon that crashed on purpose to be gone.
+fn wait_crashed(d: &mut Daemon) {
+    let start = Instant::now();
+    while d.child.try_wait().unwrap().is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "daemon did not crash"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_commit_cut_by_a_crash_is_all_or_nothing() {
+    require_root();
+    let dir = TempDir::new("daemon-commit-crash");
+    let ws = workspace(dir.path());
+    for f in ["a", "b", "c"] {
+        std::fs::write(ws.join(f), "old\n").unwrap();
+    }
+    let socket = dir.path().join("api.sock");
+    let change = "echo new > a && echo new > b && rm c && mkdir d && echo new > d/e && chmod 700 d";
+
+    // Killed after the staging, before the journal: the host stays as it was.
+    let mut d = Daemon::start_with(
+        dir.path(),
+        &socket,
+        &[("FORKSCOPE_FAULT", "commit-before-journal")],
+    );
+    d.run_sleeping("main", &ws);
+    d.ok(&["exec", "main", "--", "sh", "-c", change]);
+    let before = forkscope_tests::tree(&ws);
+    assert!(!d.cli(&["commit", "main"]).status.success());
+    wait_crashed(&mut d);
+    std::mem::forget(d);
+    let mut d = Daemon::start_with(
+        dir.path(),
+        &socket,
+        &[("FORKSCOPE_FAULT", "commit-after-op:2")],
+    );
+    assert_eq!(forkscope_tests::tree(&ws), before, "nothing applied");
+    let branch_dir = d.state.join("branches/1");
+    assert!(!branch_dir.join("staging").exists(), "staging removed");
+    assert!(!branch_dir.join("commit-staging").exists());
+
+    // Killed half-way through applying: the restarted daemon finishes it.
+    assert!(!d.cli(&["commit", "main"]).status.success());
+    wait_crashed(&mut d);
+    std::mem::forget(d);
+    let partial = forkscope_tests::tree(&ws);
+    assert_ne!(partial, before, "the crash came after some operations");
+    let d = Daemon::start(dir.path());
+    let view = d.ok(&[
+        "exec",
+        "main",
+        "--",
+        "sh",
+        "-c",
+        "cat a b d/e; ls c 2>/dev/null | wc -l; stat -c %a d",
+    ]);
+    assert_eq!(
+        view, "new\nnew\nnew\n0\n700\n",
+        "the branch runs again (thawed)"
+    );
+    assert_eq!(std::fs::read_to_string(ws.join("a")).unwrap(), "new\n");
+    assert_eq!(std::fs::read_to_string(ws.join("d/e")).unwrap(), "new\n");
+    assert!(!ws.join("c").exists());
+    assert_eq!(
+        std::fs::metadata(ws.join("d"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o700
+    );
+    assert!(!branch_dir.join("commit-journal.json").exists());
+    // Committed once, not twice: nothing is left to commit.
+    let again = d.ok(&["commit", "main", "--json"]);
+    let again: serde_json::Value = serde_json::from_str(&again).unwrap();
+    assert_eq!(again["changes"].as_array().unwrap().len(), 0, "{again}");
 }
 
 #[test]
@@ -366,6 +456,29 @@ fn bad_input_gets_clear_errors_and_changes_nothing() {
             .contains("already named")
     );
     assert!(err(&["abort", "nope"]).contains("no live branch"));
+    assert!(err(&["commit", "nope"]).contains("no live branch"));
+    assert!(err(&["commit", "one", "--prefer", "mine"]).contains("expected `branch` or `target`"));
+    // A conflicting commit through the CLI: refused, every path named, nothing applied.
+    d.ok(&[
+        "exec",
+        "one",
+        "--",
+        "sh",
+        "-c",
+        "echo branch > shared.txt; echo b > new.txt",
+    ]);
+    std::fs::write(ws.join("shared.txt"), "host\n").unwrap();
+    let msg = err(&["commit", "one"]);
+    assert!(
+        msg.contains("shared.txt") && msg.contains("--prefer") && msg.contains("409"),
+        "{msg}"
+    );
+    assert!(!ws.join("new.txt").exists());
+    // A workspace that holds the state directory.
+    assert!(
+        err(&["run", "--workspace", dir.path().to_str().unwrap()])
+            .contains("must not contain each other")
+    );
     assert_eq!(
         d.ok(&["ls", "--json"]).matches("\"name\"").count(),
         1,

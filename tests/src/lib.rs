@@ -234,3 +234,43 @@ pub fn change_list(
         .map(|c| (c.path.to_string_lossy().into_owned(), c.kind))
         .collect()
 }
+
+/// Every entry under `root` (relative path → type, mode, owner and content or link target),
+/// for comparing two trees exactly.
+pub fn tree(root: &Path) -> BTreeMap<String, String> {
+    use std::os::unix::fs::MetadataExt;
+    fn walk(root: &Path, rel: &Path, out: &mut BTreeMap<String, String>) {
+        let mut names: Vec<_> = std::fs::read_dir(root.join(rel))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        for n in names {
+            let r = rel.join(&n);
+            let p = root.join(&r);
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let what = if m.is_dir() {
+                walk(root, &r, out);
+                "dir".to_string()
+            } else if m.is_symlink() {
+                format!("link -> {}", std::fs::read_link(&p).unwrap().display())
+            } else if m.is_file() {
+                format!(
+                    "file {:?} mtime {}",
+                    String::from_utf8_lossy(&std::fs::read(&p).unwrap()),
+                    m.mtime()
+                )
+            } else {
+                format!("other {:o}", m.mode() & libc::S_IFMT)
+            };
+            let mode = if m.is_symlink() { 0 } else { m.mode() & 0o7777 };
+            out.insert(
+                r.to_string_lossy().into_owned(),
+                format!("{what} mode {mode:o} owner {}:{}", m.uid(), m.gid()),
+            );
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, Path::new(""), &mut out);
+    out
+}

@@ -57,6 +57,9 @@ pub enum Error {
     /// The request conflicts with the current state (name taken, live children): HTTP 409.
     #[error("{0}")]
     Conflict(String),
+    /// Both sides of a commit changed the same paths: HTTP 409, nothing applied.
+    #[error("{}", conflicts_message(target, paths))]
+    Conflicts { target: String, paths: Vec<PathBuf> },
     #[error("sandbox: {0}")]
     Sandbox(String),
     #[error("layers: {0}")]
@@ -65,6 +68,15 @@ pub enum Error {
     Io { path: PathBuf, cause: io::Error },
     #[error("{0}")]
     Other(io::Error),
+}
+
+fn conflicts_message(target: &str, paths: &[PathBuf]) -> String {
+    let list: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    format!(
+        "{} path(s) changed both in the branch and in {target} since the fork point, so nothing was applied: {}. Look at both versions, or choose a side with --prefer branch or --prefer target",
+        paths.len(),
+        list.join(", ")
+    )
 }
 
 // Messages carry their cause inline (no `source()` chain), so printing an error with its chain

@@ -5,7 +5,8 @@
 //! - [`bpf`]: the embedded eBPF object, kernel offsets from BTF, loading and attaching
 //!   ([`bpf::Probe`]), cgroup registration, reading maps;
 //! - [`api`]: the daemon's HTTP API on a Unix socket, and its client;
-//! - [`branch`]: branches (run, fork, diff, abort) and their records;
+//! - [`branch`]: branches (run, fork, diff, commit, abort) and their records;
+//! - [`commit`]: applying a branch's changes to its parent's view (three-way, journaled);
 //! - [`state`]: the daemon's SQLite registry;
 //! - [`cgroup`]: cgroup v2 directories (create, move into, kill, remove);
 //! - [`events`]: decoding kernel records, resolving paths and addresses, JSON records, totals;
@@ -19,6 +20,7 @@ pub mod api;
 pub mod bpf;
 pub mod branch;
 pub mod cgroup;
+pub mod commit;
 pub mod error;
 pub mod events;
 pub mod layers;

@@ -9,10 +9,12 @@
 //! | `GET /v1/branches/{name}` | | one branch |
 //! | `POST /v1/branches/{name}/fork` | `{"name"?, "count"?, "frozen"?}` | `{"branches": [..], "phases": {..}}` (201) |
 //! | `GET /v1/branches/{name}/diff` | | changed paths since the fork point |
+//! | `POST /v1/branches/{name}/commit` | `{"prefer"?: "branch" \| "target"}` | `{"target", "changes": [..], "conflicts": [..], "phases": {..}}` |
 //! | `DELETE /v1/branches/{name}` | | abort (204) |
 //!
 //! Errors are `{"error": "..."}` with 400 (bad input), 403 (request from inside a branch),
-//! 404 (unknown branch), 409 (conflict) or 500.
+//! 404 (unknown branch), 409 (conflict; a commit's conflicting paths are also listed in
+//! `"conflicts"`) or 500.
 
 pub mod client;
 pub mod server;

@@ -18,7 +18,7 @@ use tokio::net::UnixListener;
 
 use super::{RunRequest, Status};
 use crate::{
-    branch::{ForkOptions, Manager},
+    branch::{CommitOptions, ForkOptions, Manager},
     error::{Error, IoContext, Result},
 };
 
@@ -60,14 +60,14 @@ impl IntoResponse for ApiError {
             Error::Invalid(_) | Error::NoCommand => StatusCode::BAD_REQUEST,
             Error::Forbidden(_) => StatusCode::FORBIDDEN,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
-            Error::Conflict(_) => StatusCode::CONFLICT,
+            Error::Conflict(_) | Error::Conflicts { .. } => StatusCode::CONFLICT,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        (
-            status,
-            Json(serde_json::json!({ "error": self.0.to_string() })),
-        )
-            .into_response()
+        let mut body = serde_json::json!({ "error": self.0.to_string() });
+        if let Error::Conflicts { paths, .. } = &self.0 {
+            body["conflicts"] = serde_json::json!(paths);
+        }
+        (status, Json(body)).into_response()
     }
 }
 
@@ -174,6 +174,21 @@ async fn diff(
     Ok(Json(d).into_response())
 }
 
+async fn commit(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    UrlPath(name): UrlPath<String>,
+    bytes: axum::body::Bytes,
+) -> ApiResult<Response> {
+    let req: CommitOptions = if bytes.is_empty() {
+        CommitOptions::default()
+    } else {
+        body(&bytes)?
+    };
+    let done = with_manager(&app, &peer, move |m| m.commit(&name, &req)).await?;
+    Ok(Json(done).into_response())
+}
+
 async fn abort(
     State(app): State<App>,
     ConnectInfo(peer): ConnectInfo<Peer>,
@@ -216,6 +231,7 @@ pub async fn serve(
         .route("/v1/branches/{name}", get(get_branch).delete(abort))
         .route("/v1/branches/{name}/fork", post(fork))
         .route("/v1/branches/{name}/diff", get(diff))
+        .route("/v1/branches/{name}/commit", post(commit))
         .with_state(app);
     let served = axum::serve(
         listener,

@@ -1,5 +1,6 @@
 //! `forkscope diff BRANCH [--json]`: what the branch changed in its workspace since its
-//! fork point (A added, M modified, D deleted, R replaced directory).
+//! fork point (A added, M modified, D deleted, R renamed, T replaced: a directory deleted
+//! and created again, or a path that changed type).
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -30,10 +31,14 @@ pub fn run(args: DiffArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
             Some("added") => "A",
             Some("modified") => "M",
             Some("deleted") => "D",
-            Some("replaced") => "R",
+            Some("replaced") => "T",
+            Some("renamed") => "R",
             _ => "?",
         };
-        println!("{tag} {}", c["path"].as_str().unwrap_or("?"));
+        match c["from"].as_str() {
+            Some(from) => println!("{tag} {from} -> {}", c["path"].as_str().unwrap_or("?")),
+            None => println!("{tag} {}", c["path"].as_str().unwrap_or("?")),
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

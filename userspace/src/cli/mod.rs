@@ -2,6 +2,7 @@
 
 mod abort;
 mod client;
+mod commit;
 mod daemon;
 mod diff;
 mod exec;
@@ -45,6 +46,7 @@ enum Command {
     Fork(fork::ForkArgs),
     Ls(ls::LsArgs),
     Diff(diff::DiffArgs),
+    Commit(commit::CommitArgs),
     Abort(abort::AbortArgs),
     Status(status::StatusArgs),
     /// Internal: builds a branch's sandbox and becomes its init (started by the daemon).
@@ -65,6 +67,7 @@ pub fn main() -> ExitCode {
         Command::Fork(args) => fork::run(args, cli.socket),
         Command::Ls(args) => ls::run(args, cli.socket),
         Command::Diff(args) => diff::run(args, cli.socket),
+        Command::Commit(args) => commit::run(args, cli.socket),
         Command::Abort(args) => abort::run(args, cli.socket),
         Command::Status(args) => status::run(args, cli.socket),
         Command::Init { spec } => match forkscope::sandbox::init::main(&spec) {

@@ -7,27 +7,42 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::scan::{EntryKind, kind_of, scan};
 use crate::error::Result;
 
 /// How a path differs from the fork point.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ChangeKind {
     Added,
     Modified,
     Deleted,
+    /// A file moved: deleted at `from`, added at `path` with the same content.
+    Renamed,
     /// A directory deleted and created again: its old content is gone.
     Replaced,
 }
 
 /// One changed path.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Change {
     pub path: PathBuf,
     pub kind: ChangeKind,
+    /// Where a renamed file was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<PathBuf>,
+}
+
+impl Change {
+    pub fn new(path: PathBuf, kind: ChangeKind) -> Self {
+        Self {
+            path,
+            kind,
+            from: None,
+        }
+    }
 }
 
 /// What `rel` is in the merged view of `lowers` (topmost first), if it is visible there.
@@ -92,7 +107,61 @@ pub fn changes(upper: &Path, lowers: &[PathBuf]) -> Result<Vec<Change>> {
             (_, Some(_)) => ChangeKind::Modified,
             (_, None) => ChangeKind::Added,
         };
-        out.push(Change { path: e.path, kind });
+        out.push(Change::new(e.path, kind));
     }
+    pair_renames(upper, lowers, &mut out);
     Ok(out)
+}
+
+/// Overlayfs records a rename as a deletion and a new file; a deleted file and an added one
+/// with the same content are shown as one rename.
+fn pair_renames(upper: &Path, lowers: &[PathBuf], changes: &mut Vec<Change>) {
+    let below = |rel: &Path| {
+        lowers
+            .iter()
+            .map(|l| l.join(rel))
+            .find(|p| fs::symlink_metadata(p).is_ok())
+    };
+    let mut used = vec![false; changes.len()];
+    let mut renames = Vec::new();
+    for (i, added) in changes.iter().enumerate() {
+        if added.kind != ChangeKind::Added {
+            continue;
+        }
+        let new = upper.join(&added.path);
+        let Ok(nm) = fs::symlink_metadata(&new) else {
+            continue;
+        };
+        if !nm.is_file() {
+            continue;
+        }
+        for (j, deleted) in changes.iter().enumerate() {
+            if used[j] || deleted.kind != ChangeKind::Deleted {
+                continue;
+            }
+            let Some(old) = below(&deleted.path) else {
+                continue;
+            };
+            let same = fs::symlink_metadata(&old)
+                .is_ok_and(|om| om.is_file() && om.len() == nm.len())
+                && fs::read(&old).ok() == fs::read(&new).ok();
+            if same {
+                used[i] = true;
+                used[j] = true;
+                renames.push(Change {
+                    path: added.path.clone(),
+                    kind: ChangeKind::Renamed,
+                    from: Some(deleted.path.clone()),
+                });
+                break;
+            }
+        }
+    }
+    let mut n = 0;
+    changes.retain(|_| {
+        n += 1;
+        !used[n - 1]
+    });
+    changes.extend(renames);
+    changes.sort_by(|a, b| a.path.cmp(&b.path));
 }

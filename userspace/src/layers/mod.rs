@@ -9,12 +9,16 @@
 //! were at the fork point, and the cost follows what changed since the previous fork, not the
 //! size of the workspace. A layer in use by a mounted overlay is never modified.
 //!
+//! - [`base`]: a root branch's base layer, hard links to the workspace as it was at `run`;
+//! - [`flatten`]: merging a deep chain of layers into one;
 //! - [`overlay`]: mounting and unmounting an overlay stack;
 //! - [`scan`]: walking an upper directory (whiteouts, opaque directories, change times);
 //! - [`snapshot`]: delta copies of an upper directory into a new layer;
 //! - [`diff`]: what a branch changed since its fork point.
 
+pub mod base;
 pub mod diff;
+pub mod flatten;
 pub mod overlay;
 pub mod scan;
 pub mod snapshot;

@@ -34,6 +34,10 @@ use crate::error::{Error, IoContext, Result};
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Manifest {
     pub entries: BTreeMap<PathBuf, EntryKind>,
+    /// Each entry's status change time when the snapshot scanned it (a commit of a child
+    /// tells from it what the parent changed after the fork).
+    #[serde(default)]
+    pub ctimes: BTreeMap<PathBuf, i128>,
 }
 
 /// What a snapshot copied.
@@ -71,6 +75,10 @@ pub fn snapshot(
     let entries = scan(upper)?;
     let manifest = Manifest {
         entries: entries.iter().map(|e| (e.path.clone(), e.kind)).collect(),
+        ctimes: entries
+            .iter()
+            .map(|e| (e.path.clone(), e.ctime_ns))
+            .collect(),
     };
     let mut stats = SnapshotStats::default();
     let mut whole: Vec<PathBuf> = Vec::new();
@@ -191,33 +199,52 @@ fn copy_entry(
             stats.bytes += bytes;
             stats.reflinked += cloned as u64;
         }
-        EntryKind::Symlink => {
-            let target = fs::read_link(&src).at(&src)?;
-            symlink(&target, &dst).at(&dst)?;
-            copy_owner(&src, &dst)?;
+        kind => copy_entry_from(&src, &dst, kind)?,
+    }
+    stats.entries += 1;
+    Ok(())
+}
+
+/// Copies one entry that is not a directory from `src` to `dst` (which must not exist), with
+/// its mode, owner and times: a file's data (by reflink where possible), a symlink's target,
+/// a device node, FIFO or whiteout.
+pub(crate) fn copy_entry_from(src: &Path, dst: &Path, kind: EntryKind) -> Result<()> {
+    match kind {
+        EntryKind::Dir { .. } => {
+            return Err(Error::Layer(format!(
+                "{}: a directory where a file was expected",
+                src.display()
+            )));
         }
-        EntryKind::Whiteout => whiteout(&dst)?,
+        EntryKind::File => {
+            copy_file(src, dst)?;
+        }
+        EntryKind::Symlink => {
+            let target = fs::read_link(src).at(src)?;
+            symlink(&target, dst).at(dst)?;
+            copy_owner(src, dst)?;
+        }
+        EntryKind::Whiteout => whiteout(dst)?,
         EntryKind::Other => {
-            let meta = fs::symlink_metadata(&src).at(&src)?;
+            let meta = fs::symlink_metadata(src).at(src)?;
             let kind = SFlag::from_bits_truncate(meta.mode() & libc::S_IFMT);
             mknod(
-                &dst,
+                dst,
                 kind,
                 Mode::from_bits_truncate(meta.mode() & 0o7777),
                 meta.rdev(),
             )
             .map_err(|e| Error::Layer(format!("mknod {}: {e}", dst.display())))?;
-            copy_attrs(&src, &dst)?;
+            copy_attrs(src, dst)?;
         }
     }
-    stats.entries += 1;
     Ok(())
 }
 
 /// Copies a regular file: its data by reflink (FICLONE) where the filesystem can, else by
 /// copy_file_range, then its mode, owner and times, all through the two open descriptors
 /// (a fork is paused while this runs: every syscall counts). Returns (bytes, reflinked).
-fn copy_file(src: &Path, dst: &Path) -> Result<(u64, bool)> {
+pub(crate) fn copy_file(src: &Path, dst: &Path) -> Result<(u64, bool)> {
     let mut from = fs::File::open(src).at(src)?;
     let meta = from.metadata().at(src)?;
     let mut to = fs::File::create(dst).at(dst)?;
@@ -238,7 +265,7 @@ fn copy_file(src: &Path, dst: &Path) -> Result<(u64, bool)> {
 }
 
 /// Mode, owner and modification time of `src` onto `dst` (not following symlinks).
-fn copy_attrs(src: &Path, dst: &Path) -> Result<()> {
+pub(crate) fn copy_attrs(src: &Path, dst: &Path) -> Result<()> {
     let meta = fs::symlink_metadata(src).at(src)?;
     copy_owner(src, dst)?;
     fs::set_permissions(dst, fs::Permissions::from_mode(meta.mode() & 0o7777)).at(dst)?;
@@ -254,7 +281,7 @@ fn copy_attrs(src: &Path, dst: &Path) -> Result<()> {
     .map_err(|e| Error::Layer(format!("setting times of {}: {e}", dst.display())))
 }
 
-fn copy_owner(src: &Path, dst: &Path) -> Result<()> {
+pub(crate) fn copy_owner(src: &Path, dst: &Path) -> Result<()> {
     let meta = fs::symlink_metadata(src).at(src)?;
     lchown(dst, Some(meta.uid()), Some(meta.gid())).at(dst)
 }

@@ -6,6 +6,11 @@
 //! changed since its previous fork into new immutable layers, thaws it, and starts the child
 //! on those layers above the parent's: the child sees the parent's files as they were at the
 //! fork point. Processes are not cloned yet: the child starts the parent's command afresh.
+//! Committing ([`commit`]) applies a branch's changes to its parent's view.
+
+mod commit;
+
+pub use commit::{CommitOptions, Committed};
 
 use std::{
     path::{Path, PathBuf},
@@ -18,7 +23,9 @@ use crate::{
     cgroup::Cgroup,
     error::{Error, IoContext, Result},
     layers::{
+        base::build_base,
         diff::{Change, changes},
+        flatten::flatten,
         overlay::MAX_LOWERS,
         snapshot::{Manifest, snapshot, snapshot_clock_ns},
     },
@@ -54,6 +61,11 @@ pub struct BranchRecord {
     /// the same state.
     #[serde(default)]
     pub frozen: bool,
+    /// The fork point in the file change-time clock: for a root branch, the latest change
+    /// time in its base layer (see [`crate::layers::base`]); for a child, when its parent was snapshotted for it (a child of a
+    /// checkpoint inherits the checkpoint's).
+    #[serde(default)]
+    pub fork_ns: Option<i128>,
 }
 
 /// What `fork` makes.
@@ -131,6 +143,27 @@ pub struct Manager {
     cgroup_prefix: String,
 }
 
+/// A fork whose parent stands on more layers than this merges them first (see
+/// [`crate::layers::flatten`]); well below [`MAX_LOWERS`], as each layer costs every lookup.
+pub const FLATTEN_AT: usize = MAX_LOWERS / 2;
+
+/// The number for a branch's next layer directory (`ws-layer-N`, `ws-flat-N`, ...): one more
+/// than any it has, so a layer name is never reused while an overlay may use it.
+fn next_layer_number(dir: &Path) -> Result<u64> {
+    let mut max = 0;
+    for e in std::fs::read_dir(dir).at(dir)? {
+        let name = e.at(dir)?.file_name();
+        if let Some(n) = name
+            .to_str()
+            .and_then(|n| n.rsplit_once('-'))
+            .and_then(|(_, n)| n.parse::<u64>().ok())
+        {
+            max = max.max(n);
+        }
+    }
+    Ok(max + 1)
+}
+
 fn mkdirs(dir: &Path, subdirs: &[&str]) -> Result<()> {
     for s in subdirs {
         let p = dir.join(s);
@@ -143,14 +176,17 @@ impl Manager {
     /// Opens the state directory (one manager per directory).
     pub fn open(state: &Path, bin: &Path) -> Result<Self> {
         let registry = Registry::open(state)?;
-        let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(state).at(state)?);
-        Ok(Self {
-            state: state.to_path_buf(),
+        let state = state.canonicalize().at(state)?;
+        let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&state).at(&state)?);
+        let manager = Self {
+            state: state.clone(),
             registry,
             bin: bin.to_path_buf(),
             cgroup_prefix: format!("branch-{ino:x}"),
-            hidden: vec![state.to_path_buf()],
-        })
+            hidden: vec![state],
+        };
+        manager.recover()?;
+        Ok(manager)
     }
 
     /// Adds host directories that branches started from now on must not see (the daemon
@@ -221,19 +257,34 @@ impl Manager {
                 workspace.display()
             )));
         }
+        if workspace.starts_with(&self.state) || self.state.starts_with(&workspace) {
+            return Err(Error::Invalid(format!(
+                "workspace {} and the state directory {} must not contain each other",
+                workspace.display(),
+                self.state.display()
+            )));
+        }
         let id = self.registry.next_id()?;
         let name = self.unused_name(name, id)?;
         let dir = branch_dir(&self.state, id);
         mkdirs(&dir, &["tmp-base"])?;
-        let tmp_base = dir.join("tmp-base");
+        let (ws_base, tmp_base) = (dir.join("ws-base"), dir.join("tmp-base"));
+        let fork_ns = match build_base(&workspace, &ws_base) {
+            Ok(stats) => stats.max_ctime_ns,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
         self.start(
             id,
             name,
             None,
-            workspace.clone(),
+            workspace,
             command,
-            vec![workspace],
+            vec![ws_base],
             vec![tmp_base],
+            Some(fork_ns),
         )
     }
 
@@ -260,22 +311,40 @@ impl Manager {
         if !p.frozen {
             self.snapshot_running(&mut p, &mut phases)?;
         }
+        let t = Instant::now();
+        if p.ws_deltas.len() + p.ws_lowers.len() > FLATTEN_AT
+            || p.tmp_deltas.len() + p.tmp_lowers.len() > FLATTEN_AT
+        {
+            self.flatten_layers(&mut p)?;
+        }
         let ws_lowers: Vec<PathBuf> = p.ws_deltas.iter().chain(&p.ws_lowers).cloned().collect();
         let tmp_lowers: Vec<PathBuf> = p.tmp_deltas.iter().chain(&p.tmp_lowers).cloned().collect();
-        if ws_lowers.len().max(tmp_lowers.len()) > MAX_LOWERS {
-            return Err(Error::Conflict(format!(
-                "{parent} has {} layers, more than the {MAX_LOWERS} an overlay stack may have (flattening is not built yet)",
-                ws_lowers.len()
-            )));
-        }
+        // What the parent's upper directory held at the fork (a checkpoint passes on what its
+        // own parent's held): a commit of the child needs it to see what the parent changed
+        // since.
+        let fork_manifest = if p.frozen {
+            p.dir.join("fork-manifest.json")
+        } else {
+            p.dir.join("ws-manifest.json")
+        };
+        let fork_ns = if p.frozen {
+            p.fork_ns
+        } else {
+            p.last_snapshot_ns
+        };
         let mut made = Vec::new();
-        let t = Instant::now();
         for _ in 0..count {
             let id = self.registry.next_id()?;
             let child = self.unused_name(name.clone(), id)?;
+            let dir = branch_dir(&self.state, id);
+            std::fs::create_dir_all(&dir).at(&dir)?;
+            if fork_manifest.exists() {
+                let to = dir.join("fork-manifest.json");
+                std::fs::copy(&fork_manifest, &to).at(&to)?;
+            }
             let (ws, tmp) = (ws_lowers.clone(), tmp_lowers.clone());
             made.push(if opts.frozen {
-                self.checkpoint(id, child, &p, ws, tmp)?
+                self.checkpoint(id, child, &p, ws, tmp, fork_ns)?
             } else {
                 self.start(
                     id,
@@ -285,6 +354,7 @@ impl Manager {
                     p.command.clone(),
                     ws,
                     tmp,
+                    fork_ns,
                 )?
             });
         }
@@ -303,6 +373,7 @@ impl Manager {
         p: &BranchRecord,
         ws_lowers: Vec<PathBuf>,
         tmp_lowers: Vec<PathBuf>,
+        fork_ns: Option<i128>,
     ) -> Result<BranchRecord> {
         let dir = branch_dir(&self.state, id);
         std::fs::create_dir_all(&dir).at(&dir)?;
@@ -322,9 +393,38 @@ impl Manager {
             tmp_deltas: Vec::new(),
             last_snapshot_ns: None,
             frozen: true,
+            fork_ns,
         };
         self.registry.put(&record)?;
         Ok(record)
+    }
+
+    /// Merges the layers `p` stands on (all but the bottom one: the workspace's base, or the
+    /// empty /tmp base) into one layer in `p`'s directory, so its children get a short stack.
+    /// `p`'s own mounted stack is untouched; its record now describes the same files with
+    /// the merged layer.
+    fn flatten_layers(&mut self, p: &mut BranchRecord) -> Result<()> {
+        let n = next_layer_number(&p.dir)?;
+        for (what, deltas, lowers) in [
+            ("ws", &mut p.ws_deltas, &mut p.ws_lowers),
+            ("tmp", &mut p.tmp_deltas, &mut p.tmp_lowers),
+        ] {
+            let mut chain: Vec<PathBuf> = deltas.iter().chain(lowers.iter()).cloned().collect();
+            let Some(bottom) = chain.pop() else {
+                continue;
+            };
+            if chain.len() < 2 {
+                continue;
+            }
+            let flat = p.dir.join(format!("{what}-flat-{n}"));
+            if let Err(e) = flatten(&chain, &flat) {
+                let _ = std::fs::remove_dir_all(&flat);
+                return Err(e);
+            }
+            *deltas = vec![flat];
+            *lowers = vec![bottom];
+        }
+        self.registry.put(p)
     }
 
     /// Freezes a running branch, snapshots what it changed since its previous fork into new
@@ -355,7 +455,7 @@ impl Manager {
     /// `None` when nothing changed since its previous fork (the children share its layers).
     fn snapshot_parent(&self, p: &BranchRecord) -> Result<(Option<(PathBuf, PathBuf)>, i128)> {
         let at = snapshot_clock_ns();
-        let n = p.ws_deltas.len() + 1;
+        let n = next_layer_number(&p.dir)?;
         let mut layers = Vec::new();
         let mut copied = 0;
         for (what, upper) in [
@@ -368,7 +468,6 @@ impl Manager {
                 .and_then(|t| serde_json::from_str(&t).ok())
                 .unwrap_or_default();
             let layer = p.dir.join(format!("{what}-layer-{n}"));
-            let _ = std::fs::remove_dir_all(&layer); // an empty one left by an earlier fork
             let (manifest, stats) = snapshot(&upper, p.last_snapshot_ns, &previous, &layer)?;
             copied += stats.entries;
             let text = serde_json::to_string(&manifest).map_err(std::io::Error::from)?;
@@ -395,6 +494,7 @@ impl Manager {
         command: Vec<String>,
         ws_lowers: Vec<PathBuf>,
         tmp_lowers: Vec<PathBuf>,
+        fork_ns: Option<i128>,
     ) -> Result<BranchRecord> {
         let dir = branch_dir(&self.state, id);
         mkdirs(&dir, &["ws/upper", "ws/work", "tmp/upper", "tmp/work"])?;
@@ -441,6 +541,7 @@ impl Manager {
             tmp_deltas: Vec::new(),
             last_snapshot_ns: None,
             frozen: false,
+            fork_ns,
         };
         self.registry.put(&record)?;
         Ok(record)

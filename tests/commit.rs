@@ -1,0 +1,331 @@
+//! `commit` through the library (`forkscope::branch::Manager`) on the real kernel: a root
+//! branch's changes reproduced exactly on the host while mounted branches keep their view,
+//! conflicts refused with nothing applied (or settled with `prefer`), a child committing into
+//! its running parent, commits that move the branch's base forward, and checkpoints.
+
+use std::{fs, os::unix::fs::PermissionsExt, path::PathBuf};
+
+use forkscope::{
+    Error,
+    branch::{BranchRecord, CommitOptions, ForkOptions, Manager},
+    commit::Prefer,
+    layers::diff::ChangeKind,
+};
+use forkscope_tests::{TempDir, exec_sh, forkscope, require_root, tree};
+
+/// A manager whose branches are all aborted when the test ends, passed or failed.
+struct Branches(Manager);
+
+impl Branches {
+    fn open(state: &std::path::Path) -> Self {
+        Self(Manager::open(&state.join("state"), &forkscope()).unwrap())
+    }
+}
+
+impl std::ops::Deref for Branches {
+    type Target = Manager;
+    fn deref(&self) -> &Manager {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Branches {
+    fn deref_mut(&mut self) -> &mut Manager {
+        &mut self.0
+    }
+}
+
+impl Drop for Branches {
+    fn drop(&mut self) {
+        abort_all(&mut self.0);
+    }
+}
+
+fn sleeping(m: &mut Manager, name: &str, ws: &std::path::Path) -> BranchRecord {
+    m.run(Some(name.into()), ws, vec!["sleep".into(), "1000".into()])
+        .unwrap()
+}
+
+fn fork(m: &mut Manager, parent: &str, name: &str, frozen: bool) -> BranchRecord {
+    m.fork(
+        parent,
+        &ForkOptions {
+            name: Some(name.into()),
+            frozen,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .branches
+    .remove(0)
+}
+
+fn sh(b: &BranchRecord, script: &str) -> String {
+    let (code, out) = exec_sh(&b.control, script);
+    assert_eq!(code, 0, "{script}: {out}");
+    out
+}
+
+/// The workspace as branch `b`'s processes see it.
+fn view(b: &BranchRecord) -> PathBuf {
+    PathBuf::from(format!("/proc/{}/root", b.init_pid)).join(b.workspace.strip_prefix("/").unwrap())
+}
+
+fn commit(m: &mut Manager, name: &str) -> forkscope::Result<forkscope::branch::Committed> {
+    m.commit(name, &CommitOptions::default())
+}
+
+fn abort_all(m: &mut Manager) {
+    let mut all = m.list().unwrap();
+    all.sort_by_key(|b| std::cmp::Reverse(b.record.id));
+    for b in all {
+        let _ = m.abort(&b.record.name);
+    }
+}
+
+#[test]
+fn root_commit_reproduces_every_change_on_the_host_and_mounted_branches_keep_their_view() {
+    require_root();
+    let state = TempDir::new("state");
+    let ws = TempDir::new("workspace");
+    let w = ws.path();
+    for (f, text) in [
+        ("keep.txt", "keep\n"),
+        ("modify.txt", "old\n"),
+        ("delete.txt", "bye\n"),
+        ("rename-me.txt", "moving\n"),
+        ("chmod.sh", "#!/bin/sh\n"),
+        ("dir/nested.txt", "nested\n"),
+        ("olddir/a", "a\n"),
+        ("olddir/sub/b", "b\n"),
+        ("typechange", "a file for now\n"),
+    ] {
+        let p = w.join(f);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(p, text).unwrap();
+    }
+    fs::set_permissions(w.join("chmod.sh"), fs::Permissions::from_mode(0o644)).unwrap();
+    std::os::unix::fs::symlink("keep.txt", w.join("link-old")).unwrap();
+    let initial = tree(w);
+
+    let mut m = Branches::open(state.path());
+    let root = sleeping(&mut m, "root", w);
+    // Forked before the changes: it must keep seeing the initial files after the commit.
+    let watcher = fork(&mut m, "root", "watcher", false);
+    sh(
+        &root,
+        "echo new > added.txt && echo changed > modify.txt && rm delete.txt && \
+         mv rename-me.txt renamed.txt && chmod 755 chmod.sh && mkdir -p empty/deeper && \
+         ln -s keep.txt newlink && rm link-old && rm -r olddir && rm typechange && \
+         mkdir typechange && echo inner > typechange/inner && chown 1234:5678 added.txt && \
+         chmod 700 dir",
+    );
+    let expected = tree(&view(&root));
+    assert_ne!(expected, initial);
+
+    let diff = m.diff("root").unwrap();
+    assert!(
+        diff.iter().any(|c| c.kind == ChangeKind::Renamed
+            && c.path == "renamed.txt"
+            && c.from == Some(PathBuf::from("rename-me.txt"))),
+        "the diff shows the rename: {diff:?}"
+    );
+
+    let done = commit(&mut m, "root").unwrap();
+    assert_eq!(done.target, "host");
+    assert!(done.conflicts.is_empty());
+    assert_eq!(
+        tree(w),
+        expected,
+        "the host holds exactly the branch's files"
+    );
+    assert_eq!(
+        tree(&view(&root)),
+        expected,
+        "the branch still sees its files"
+    );
+    assert_eq!(
+        tree(&view(&watcher)),
+        initial,
+        "a branch mounted before the commit sees what it saw"
+    );
+    assert_eq!(
+        sh(&watcher, "cat modify.txt olddir/sub/b typechange"),
+        "old\nb\na file for now\n"
+    );
+
+    // Nothing new: nothing to do.
+    assert!(commit(&mut m, "root").unwrap().changes.is_empty());
+    // The base moved forward: the next commit carries only what changed since, and a host
+    // change to a path the branch left alone is kept.
+    sh(&root, "echo again > keep.txt");
+    fs::write(w.join("dir/nested.txt"), "host edit\n").unwrap();
+    let done = commit(&mut m, "root").unwrap();
+    assert_eq!(
+        done.changes
+            .iter()
+            .map(|c| c.path.clone())
+            .collect::<Vec<_>>(),
+        vec![PathBuf::from("keep.txt")]
+    );
+    assert_eq!(fs::read_to_string(w.join("keep.txt")).unwrap(), "again\n");
+    assert_eq!(
+        fs::read_to_string(w.join("dir/nested.txt")).unwrap(),
+        "host edit\n"
+    );
+    // A path the branch committed, then changed on the host, then changed in the branch
+    // again: a conflict.
+    fs::write(w.join("added.txt"), "host\n").unwrap();
+    sh(&root, "echo branch > added.txt");
+    let err = commit(&mut m, "root").unwrap_err();
+    assert!(
+        matches!(&err, Error::Conflicts { paths, .. } if paths == &[PathBuf::from("added.txt")]),
+        "{err}"
+    );
+    assert_eq!(fs::read_to_string(w.join("added.txt")).unwrap(), "host\n");
+    abort_all(&mut m);
+    assert!(m.list().unwrap().is_empty(), "every branch aborted");
+}
+
+#[test]
+fn conflicts_are_refused_whole_or_settled_by_prefer() {
+    require_root();
+    let state = TempDir::new("state");
+    let mut m = Branches::open(state.path());
+    let mut hosts = Vec::new();
+    for prefer in [Prefer::None, Prefer::Target, Prefer::Branch] {
+        let ws = TempDir::new("workspace");
+        let w = ws.path().to_path_buf();
+        fs::write(w.join("a.txt"), "a0\n").unwrap();
+        fs::write(w.join("b.txt"), "b0\n").unwrap();
+        fs::create_dir(w.join("d")).unwrap();
+        fs::write(w.join("d/c.txt"), "c0\n").unwrap();
+        let name = format!("{prefer:?}").to_lowercase();
+        let b = sleeping(&mut m, &name, &w);
+        sh(
+            &b,
+            "echo a-branch > a.txt && echo b-branch > b.txt && echo new > new.txt && rm -r d",
+        );
+        // The host changes a.txt in place and adds a file in d, which the branch removed.
+        fs::write(w.join("a.txt"), "a-host\n").unwrap();
+        fs::write(w.join("d/extra.txt"), "host\n").unwrap();
+        let before = tree(&w);
+        let got = m.commit(&name, &CommitOptions { prefer });
+        match prefer {
+            Prefer::None => {
+                let err = got.unwrap_err();
+                match &err {
+                    Error::Conflicts { paths, .. } => assert_eq!(
+                        paths,
+                        &[PathBuf::from("a.txt"), PathBuf::from("d")],
+                        "{err}"
+                    ),
+                    other => panic!("expected a conflict, got {other}"),
+                }
+                assert!(err.to_string().contains("--prefer"), "{err}");
+                assert_eq!(tree(&w), before, "nothing applied");
+            }
+            Prefer::Target => {
+                let done = got.unwrap();
+                assert_eq!(done.conflicts.len(), 2);
+                assert_eq!(fs::read_to_string(w.join("a.txt")).unwrap(), "a-host\n");
+                assert_eq!(fs::read_to_string(w.join("b.txt")).unwrap(), "b-branch\n");
+                assert_eq!(fs::read_to_string(w.join("new.txt")).unwrap(), "new\n");
+                assert!(w.join("d/extra.txt").exists() && w.join("d/c.txt").exists());
+            }
+            Prefer::Branch => {
+                got.unwrap();
+                assert_eq!(tree(&w), tree(&view(&b)), "the branch's version everywhere");
+            }
+        }
+        hosts.push(ws);
+    }
+    abort_all(&mut m);
+    assert!(m.list().unwrap().is_empty(), "every branch aborted");
+}
+
+#[test]
+fn a_child_commits_into_its_running_parent() {
+    require_root();
+    let state = TempDir::new("state");
+    let ws = TempDir::new("workspace");
+    let w = ws.path();
+    fs::write(w.join("f"), "v1\n").unwrap();
+    let mut m = Branches::open(state.path());
+    let root = sleeping(&mut m, "root", w);
+    sh(&root, "echo root-before-fork > r.txt");
+    let c1 = fork(&mut m, "root", "c1", false);
+    let c2 = fork(&mut m, "root", "c2", false);
+    fork(&mut m, "root", "cp", true);
+
+    sh(
+        &c1,
+        "echo c1 > f && echo new > c1.txt && rm r.txt && mkdir -p deep/er",
+    );
+    let done = commit(&mut m, "c1").unwrap();
+    assert_eq!(done.target, "root");
+    assert_eq!(
+        sh(
+            &root,
+            "cat f c1.txt; ls r.txt 2>/dev/null | wc -l; ls -d deep/er"
+        ),
+        "c1\nnew\n0\ndeep/er\n",
+        "the parent sees the child's changes"
+    );
+    assert_eq!(sh(&c2, "cat f; ls c1.txt 2>/dev/null | wc -l"), "v1\n0\n");
+    assert_eq!(
+        fs::read_to_string(w.join("f")).unwrap(),
+        "v1\n",
+        "host untouched"
+    );
+
+    // A sibling that changed the same file since the same fork point conflicts.
+    sh(&c2, "echo c2 > f");
+    let err = commit(&mut m, "c2").unwrap_err();
+    assert!(
+        matches!(&err, Error::Conflicts { paths, .. } if paths == &[PathBuf::from("f")]),
+        "{err}"
+    );
+    assert_eq!(sh(&root, "cat f"), "c1\n");
+
+    // The committing child's base moved: changing f again is not a conflict with itself...
+    sh(&c1, "echo c1-again > f");
+    commit(&mut m, "c1").unwrap();
+    assert_eq!(sh(&root, "cat f"), "c1-again\n");
+    // ...but a change the parent made itself since is.
+    sh(&root, "echo root > f");
+    sh(&c1, "echo c1-third > f");
+    assert!(matches!(
+        commit(&mut m, "c1").unwrap_err(),
+        Error::Conflicts { .. }
+    ));
+
+    // A fork of a checkpoint commits into the checkpoint's running parent.
+    let k = fork(&mut m, "cp", "k", false);
+    sh(&k, "echo from-checkpoint > k.txt");
+    assert_eq!(commit(&mut m, "k").unwrap().target, "root");
+    assert_eq!(sh(&root, "cat k.txt"), "from-checkpoint\n");
+    assert!(
+        m.commit("cp", &CommitOptions::default())
+            .unwrap_err()
+            .to_string()
+            .contains("checkpoint")
+    );
+
+    // And the root carries it all to the host.
+    commit(&mut m, "root").unwrap();
+    assert_eq!(tree(w), tree(&view(&root)));
+    assert_eq!(fs::read_to_string(w.join("f")).unwrap(), "root\n");
+    assert_eq!(
+        fs::read_to_string(w.join("k.txt")).unwrap(),
+        "from-checkpoint\n"
+    );
+    abort_all(&mut m);
+    assert!(
+        fs::read_dir(state.path().join("state/branches"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "abort after commits leaves no branch directory"
+    );
+}

@@ -1,0 +1,235 @@
+//! `commit`: applying a branch's changes since its fork point (or its previous commit) to its
+//! parent's view: the host workspace for a root branch, else the nearest running ancestor
+//! (a checkpoint is skipped: it never changes). See [`crate::commit`] for how.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+
+use super::{BranchRecord, Manager};
+use crate::{
+    cgroup::Cgroup,
+    commit::{
+        CommitPhases, CommitState, Prefer,
+        journal::{self, Journal},
+        plan::plan,
+        target::Target,
+    },
+    error::{Error, Result},
+    layers::{diff::Change, scan::EntryKind},
+};
+
+/// What `commit` does about conflicts.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct CommitOptions {
+    #[serde(default)]
+    pub prefer: Prefer,
+}
+
+/// The result of a commit.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Committed {
+    pub branch: String,
+    /// `host` or the parent branch's name.
+    pub target: String,
+    /// What changed in the target.
+    pub changes: Vec<Change>,
+    /// Paths changed on both sides, settled by `prefer`.
+    pub conflicts: Vec<PathBuf>,
+    pub phases: CommitPhases,
+}
+
+/// Freezes a cgroup until dropped.
+struct Frozen(Option<Cgroup>);
+
+impl Frozen {
+    fn new(path: &Path) -> Result<Self> {
+        let cg = Cgroup::open(path)?;
+        cg.freeze(true, Duration::from_secs(5))?;
+        Ok(Self(Some(cg)))
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        if let Some(cg) = self.0.take() {
+            let _ = cg.freeze(false, Duration::from_secs(5));
+        }
+    }
+}
+
+impl Manager {
+    /// Commits branch `name` into its parent's view (the host workspace for a root branch).
+    pub fn commit(&mut self, name: &str, opts: &CommitOptions) -> Result<Committed> {
+        let b = self.get(name)?;
+        if b.frozen {
+            return Err(Error::Invalid(format!(
+                "{name} is a checkpoint: it has no changes of its own to commit (fork it and commit the fork)"
+            )));
+        }
+        journal::recover(&b.dir)?; // a commit of it that failed half-way is finished first
+        let (target, target_branch) = self.target_of(&b)?;
+        let mut state = CommitState::load(&b.dir)?;
+        let mut phases = CommitPhases::default();
+
+        let t = Instant::now();
+        let frozen_branch = Frozen::new(&b.cgroup)?;
+        let frozen_target = match &target_branch {
+            Some(p) => Some(Frozen::new(&p.cgroup)?),
+            None => None,
+        };
+        phases.freeze_us = t.elapsed().as_micros() as u64;
+
+        let t = Instant::now();
+        let plan = plan(
+            &b.dir.join("ws/upper"),
+            &b.ws_lowers,
+            &state,
+            &target,
+            opts.prefer,
+        )?;
+        phases.plan_us = t.elapsed().as_micros() as u64;
+
+        if !plan.ops.is_empty() {
+            let staging = self.staging_dir(&b, &target)?;
+            let t = Instant::now();
+            if let Err(e) = journal::stage(&b.dir, &plan, &staging) {
+                journal::discard(&b.dir, &staging);
+                return Err(e);
+            }
+            phases.stage_us = t.elapsed().as_micros() as u64;
+            let t = Instant::now();
+            state.manifest = plan.manifest.clone();
+            state.commits += 1;
+            journal::apply(
+                &b.dir,
+                &Journal {
+                    root: target.root().to_path_buf(),
+                    baseline: target.baseline().to_path_buf(),
+                    staging,
+                    ops: plan.ops.clone(),
+                    state,
+                },
+            )?;
+            phases.apply_us = t.elapsed().as_micros() as u64;
+        } else if state.manifest != plan.manifest {
+            // Nothing to write (changes that cancel out): the base still moves forward.
+            state.manifest = plan.manifest.clone();
+            state.save(&b.dir)?;
+        }
+
+        let t = Instant::now();
+        drop(frozen_target);
+        drop(frozen_branch);
+        phases.thaw_us = t.elapsed().as_micros() as u64;
+        Ok(Committed {
+            branch: b.name.clone(),
+            target: target_branch.map_or_else(|| "host".to_string(), |p| p.name),
+            changes: plan.changes,
+            conflicts: plan.conflicts,
+            phases,
+        })
+    }
+
+    /// What `b` commits into, and the branch record when that is a branch.
+    fn target_of(&self, b: &BranchRecord) -> Result<(Target, Option<BranchRecord>)> {
+        let Some(mut parent) = b.parent.clone() else {
+            let base = b.ws_lowers.last().cloned().unwrap_or_default();
+            let base_ns = b
+                .fork_ns
+                .ok_or_else(|| Error::State(format!("{} has no recorded fork point", b.name)))?;
+            return Ok((
+                Target::Host {
+                    dir: b.workspace.clone(),
+                    base,
+                    base_ns,
+                },
+                None,
+            ));
+        };
+        let p = loop {
+            let p = self.get(&parent)?;
+            if !p.frozen {
+                break p;
+            }
+            parent = p
+                .parent
+                .clone()
+                .ok_or_else(|| Error::State(format!("checkpoint {} has no parent", p.name)))?;
+        };
+        let alive = Cgroup::open(&p.cgroup)
+            .and_then(|c| c.populated())
+            .unwrap_or(false)
+            && Path::new(&format!("/proc/{}", p.init_pid)).exists();
+        if !alive {
+            return Err(Error::Conflict(format!(
+                "{} commits into {}, which is not running: its files cannot be changed (abort it, or commit {} elsewhere)",
+                b.name, p.name, b.name
+            )));
+        }
+        let manifest_file = b.dir.join("fork-manifest.json");
+        let fork_manifest: BTreeMap<PathBuf, (EntryKind, Option<i128>)> =
+            std::fs::read_to_string(&manifest_file)
+                .ok()
+                .and_then(|t| serde_json::from_str::<crate::layers::snapshot::Manifest>(&t).ok())
+                .map(|m| {
+                    m.entries
+                        .into_iter()
+                        .map(|(p, k)| {
+                            let c = m.ctimes.get(&p).copied();
+                            (p, (k, c))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+        let fork_ns = b
+            .fork_ns
+            .ok_or_else(|| Error::State(format!("{} has no recorded fork point", b.name)))?;
+        let rel = p.workspace.strip_prefix("/").unwrap_or(&p.workspace);
+        Ok((
+            Target::Branch {
+                name: p.name.clone(),
+                view: PathBuf::from(format!("/proc/{}/root", p.init_pid)).join(rel),
+                upper: p.dir.join("ws/upper"),
+                fork_ns,
+                fork_manifest,
+            },
+            Some(p),
+        ))
+    }
+
+    /// Where a commit of `b` stages its files: on the target's filesystem, so installing is a
+    /// rename. The state directory when it shares the host workspace's filesystem; else a
+    /// hidden directory at the top of the target.
+    fn staging_dir(&self, b: &BranchRecord, target: &Target) -> Result<PathBuf> {
+        use std::os::unix::fs::MetadataExt;
+        if let Target::Host { dir, .. } = target {
+            let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev()).ok();
+            if dev(dir).is_some() && dev(dir) == dev(&b.dir) {
+                return Ok(b.dir.join("staging"));
+            }
+        }
+        Ok(target.root().join(format!(".forkscope-staging-{}", b.id)))
+    }
+
+    /// Finishes the commits a crash interrupted and thaws branches a crash left frozen;
+    /// run when the registry is opened.
+    pub(super) fn recover(&self) -> Result<()> {
+        for b in self.registry.all()? {
+            if b.frozen {
+                continue;
+            }
+            if journal::recover(&b.dir)? {
+                log::info!("finished the commit of {} a crash interrupted", b.name);
+            }
+            if let Ok(cg) = Cgroup::open(&b.cgroup) {
+                let _ = cg.freeze(false, Duration::from_secs(5));
+            }
+        }
+        Ok(())
+    }
+}
