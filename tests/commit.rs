@@ -126,7 +126,7 @@ fn root_commit_reproduces_every_change_on_the_host_and_mounted_branches_keep_the
     let diff = m.diff("root").unwrap();
     assert!(
         diff.iter().any(|c| c.kind == ChangeKind::Renamed
-            && c.path == "renamed.txt"
+            && c.path.as_path() == std::path::Path::new("renamed.txt")
             && c.from == Some(PathBuf::from("rename-me.txt"))),
         "the diff shows the rename: {diff:?}"
     );
