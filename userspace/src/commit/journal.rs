@@ -2,10 +2,11 @@
 //!
 //! 1. A marker naming the staging directory is written (so a crash can clean it up).
 //! 2. Every file the commit installs is copied into the staging directory, which sits on the
-//!    target's filesystem, and made durable (`syncfs`). The target is untouched so far: a
-//!    crash here leaves it as it was, and recovery removes the staging directory.
+//!    target's filesystem. The target is untouched so far: a crash here leaves it as it was,
+//!    and recovery removes the staging directory.
 //! 3. The journal (target, staging directory, operations, the branch's next commit state) is
-//!    written durably. From here on the commit happens: recovery replays the journal.
+//!    written, the staged files and the journal are made durable (`syncfs`), and the journal
+//!    is renamed into place. From here on the commit happens: recovery replays the journal.
 //! 4. The operations run in order. Each is idempotent (a removal checks the inode it planned
 //!    to remove, an install whose staged file is gone was done), so replaying a journal
 //!    whose operations partly ran gives the same result as running it once.
@@ -26,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     CommitState, Fingerprint,
     plan::{Op, Plan},
-    sync_dir, write_durably,
+    sync_dir,
 };
 use crate::{
     error::{Error, IoContext, Result},
@@ -76,13 +77,11 @@ fn syncfs(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Steps 1 and 2: copies what `plan` installs into `staging` (created afresh) and makes it
-/// durable.
+/// Steps 1 and 2: copies what `plan` installs into `staging` (created afresh). It is made
+/// durable together with the journal, by [`apply`].
 pub fn stage(branch_dir: &Path, plan: &Plan, staging: &Path) -> Result<()> {
-    write_durably(
-        &marker_file(branch_dir),
-        staging.as_os_str().as_encoded_bytes(),
-    )?;
+    let marker = marker_file(branch_dir);
+    fs::write(&marker, staging.as_os_str().as_encoded_bytes()).at(&marker)?;
     if staging.exists() {
         fs::remove_dir_all(staging).at(staging)?;
     }
@@ -90,16 +89,26 @@ pub fn stage(branch_dir: &Path, plan: &Plan, staging: &Path) -> Result<()> {
     for s in &plan.stage {
         copy_entry_from(&s.src, &staging.join(&s.staged), s.kind)?;
     }
-    syncfs(staging)
+    Ok(())
 }
 
-/// Steps 3 to 5, after [`stage`].
+/// Steps 3 to 5, after [`stage`]. The journal becomes valid by a rename once it, the staged
+/// files and the marker are on disk: one `syncfs` covers them when they share a filesystem.
 pub fn apply(branch_dir: &Path, journal: &Journal) -> Result<()> {
     if fault("commit-before-journal") {
         std::process::abort();
     }
     let text = serde_json::to_string(journal).map_err(std::io::Error::from)?;
-    write_durably(&journal_file(branch_dir), text.as_bytes())?;
+    let jf = journal_file(branch_dir);
+    let tmp = jf.with_extension("tmp");
+    fs::write(&tmp, text.as_bytes()).at(&tmp)?;
+    syncfs(&journal.staging)?;
+    let dev = |p: &Path| fs::metadata(p).map(|m| m.dev()).ok();
+    if dev(&journal.staging) != dev(branch_dir) {
+        syncfs(branch_dir)?;
+    }
+    fs::rename(&tmp, &jf).at(&jf)?;
+    sync_dir(branch_dir)?;
     replay(branch_dir, journal)
 }
 
@@ -137,11 +146,14 @@ fn replay(branch_dir: &Path, j: &Journal) -> Result<()> {
         }
         state.ours.insert(p.to_path_buf(), fp);
     }
-    state.save(branch_dir)?;
-    let _ = fs::remove_dir_all(&j.staging);
+    // The new state is on disk before the journal goes: a crash in between replays the
+    // journal (idempotent) rather than forgetting what was committed.
+    state.save_unsynced_dir(branch_dir)?;
     fs::remove_file(journal_file(branch_dir)).at(journal_file(branch_dir))?;
     let _ = fs::remove_file(marker_file(branch_dir));
-    sync_dir(branch_dir)
+    sync_dir(branch_dir)?;
+    let _ = fs::remove_dir_all(&j.staging);
+    Ok(())
 }
 
 /// One operation, idempotent.

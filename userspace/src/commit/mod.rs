@@ -128,22 +128,23 @@ impl CommitState {
 
     /// Saves the state durably (write, fsync, rename, fsync the directory).
     pub fn save(&self, branch_dir: &Path) -> Result<()> {
-        let text = serde_json::to_string(self).map_err(std::io::Error::from)?;
-        write_durably(&Self::file(branch_dir), text.as_bytes())
+        self.save_unsynced_dir(branch_dir)?;
+        sync_dir(branch_dir)
     }
-}
 
-/// Writes `path` so that after a crash it holds either its old content or `data`.
-pub fn write_durably(path: &Path, data: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = fs::File::create(&tmp).at(&tmp)?;
-        f.write_all(data).at(&tmp)?;
-        f.sync_all().at(&tmp)?;
+    /// Saves the state (write, fsync, rename); the caller fsyncs the directory.
+    pub fn save_unsynced_dir(&self, branch_dir: &Path) -> Result<()> {
+        use std::io::Write;
+        let text = serde_json::to_string(self).map_err(std::io::Error::from)?;
+        let path = Self::file(branch_dir);
+        let tmp = path.with_extension("tmp");
+        {
+            let mut f = fs::File::create(&tmp).at(&tmp)?;
+            f.write_all(text.as_bytes()).at(&tmp)?;
+            f.sync_all().at(&tmp)?;
+        }
+        fs::rename(&tmp, &path).at(&path)
     }
-    fs::rename(&tmp, path).at(path)?;
-    sync_dir(path.parent().unwrap_or(Path::new("/")))
 }
 
 /// fsyncs a directory (so the entries created or renamed in it are durable).
