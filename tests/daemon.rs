@@ -89,6 +89,32 @@ impl Daemon {
         ]);
     }
 
+    /// SIGTERM, as systemd stops it; with no branch left it removes its eBPF pins.
+    fn stop(&mut self) {
+        let _ = nix_kill(self.child.id(), libc::SIGTERM);
+        let start = Instant::now();
+        while self.child.try_wait().ok().flatten().is_none() {
+            if start.elapsed() > Duration::from_secs(20) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill9();
+    }
+
+    /// The daemon's pin directories under /sys/fs/bpf (one per state directory).
+    fn pins(&self) -> Vec<PathBuf> {
+        use std::os::unix::fs::MetadataExt;
+        let tag = format!("{:x}-", std::fs::metadata(&self.state).unwrap().ino());
+        std::fs::read_dir("/sys/fs/bpf/forkscope")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&tag))
+            .map(|e| e.path())
+            .collect()
+    }
+
     fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -123,7 +149,7 @@ impl Drop for Daemon {
                     .output();
             }
         }
-        self.kill9();
+        self.stop();
     }
 }
 
@@ -194,6 +220,17 @@ fn a_daemon_killed_with_sigkill_comes_back_with_every_branch() {
     ]);
     d.ok(&["fork", "survivor", "--name", "kid"]);
     d.kill9();
+    // The branch goes on while no daemon runs, and the pinned eBPF programs keep tracing it.
+    let list = d.state.join("branches");
+    let control = std::fs::read_dir(&list)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("control.sock"))
+        .find(|p| p.exists())
+        .unwrap();
+    let (code, _) = forkscope_tests::exec_sh(&control, "echo meanwhile > meanwhile.txt");
+    assert_eq!(code, 0);
+    assert_eq!(d.pins().len(), 1, "the programs stay pinned");
     let d2 = Daemon::start(dir.path());
     let ls = d2.ok(&["ls"]);
     assert!(
@@ -201,7 +238,36 @@ fn a_daemon_killed_with_sigkill_comes_back_with_every_branch() {
         "{ls}"
     );
     assert_eq!(d2.ok(&["exec", "kid", "--", "cat", "state.txt"]), "kept\n");
+    std::thread::sleep(Duration::from_millis(200));
+    let traced: usize = ["survivor", "kid"]
+        .iter()
+        .map(|b| {
+            d2.ok(&["trace", "--branch", b])
+                .matches("meanwhile.txt")
+                .count()
+        })
+        .sum();
+    assert!(
+        traced >= 2,
+        "what a branch did while no daemon ran is in its trace"
+    );
     std::mem::forget(d); // its child is already reaped; d2 cleans up
+    let mut d2 = d2;
+    let pins = d2.pins();
+    assert_eq!(pins.len(), 1);
+    for b in ["kid", "survivor"] {
+        d2.ok(&["abort", b]);
+    }
+    d2.stop();
+    assert!(
+        !pins[0].exists(),
+        "a daemon stopped with no branch removes its pins"
+    );
+}
+
+fn nix_kill(pid: u32, sig: i32) -> i32 {
+    // SAFETY: kill(2) on a pid this test started.
+    unsafe { libc::kill(pid as i32, sig) }
 }
 
 /// Waits for a daemon that crashed on purpose to be gone.
@@ -569,4 +635,121 @@ fn a_checkpoint_forked_three_times_gives_three_identical_starts() {
             .any(|l| l.starts_with("cp ") && l.contains("frozen"))
     );
     assert_eq!(d.ok(&["diff", "cp"]), "", "a checkpoint never changes");
+}
+
+#[test]
+fn each_branch_keeps_its_own_trace_and_follow_streams_it() {
+    require_root();
+    let dir = TempDir::new("daemon-trace");
+    let ws = workspace(dir.path());
+    let d = Daemon::start(dir.path());
+    // A real server on loopback for the branch to send to.
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    let accept = std::thread::spawn(move || {
+        use std::io::Read;
+        let (mut conn, _) = server.accept().unwrap();
+        let mut got = Vec::new();
+        conn.read_to_end(&mut got).unwrap();
+        got
+    });
+    d.run_sleeping("root", &ws);
+    d.ok(&[
+        "exec",
+        "root",
+        "--",
+        "bash",
+        "-c",
+        &format!("echo parent > a.txt; exec 3<>/dev/tcp/127.0.0.1/{port}; printf hello >&3"),
+    ]);
+    assert_eq!(accept.join().unwrap(), b"hello");
+    d.ok(&["fork", "root", "--name", "kid"]);
+    d.ok(&[
+        "exec",
+        "kid",
+        "--",
+        "sh",
+        "-c",
+        "echo child > only-child.txt",
+    ]);
+    let events = |name: &str| -> Vec<serde_json::Value> {
+        // The daemon drains the ring buffer every 20 ms.
+        std::thread::sleep(Duration::from_millis(200));
+        forkscope_tests::parse_jsonl(&d.ok(&["trace", "--branch", name]))
+    };
+    let ws_s = ws.to_str().unwrap().to_string();
+    let writes_to = |evs: &[serde_json::Value], file: &str| {
+        evs.iter()
+            .filter(|e| e["kind"] == "file_write" && e["path"] == format!("{ws_s}/{file}"))
+            .count()
+    };
+    let root = events("root");
+    let kid = events("kid");
+    assert_eq!(
+        writes_to(&root, "a.txt"),
+        1,
+        "the root's write is in its trace"
+    );
+    assert_eq!(writes_to(&root, "only-child.txt"), 0, "not the child's");
+    assert_eq!(
+        writes_to(&kid, "only-child.txt"),
+        1,
+        "the child's write is in its trace"
+    );
+    assert_eq!(writes_to(&kid, "a.txt"), 0);
+    assert!(
+        root.iter()
+            .any(|e| e["kind"] == "net_connect" && e["port"] == port),
+        "the connect is traced"
+    );
+    let sent: i64 = root
+        .iter()
+        .filter(|e| e["kind"] == "net_send" && e["port"] == port)
+        .map(|e| e["bytes"].as_i64().unwrap())
+        .sum();
+    assert_eq!(sent, 5, "bytes sent to the server");
+
+    // --follow: new events arrive, and the stream ends when the branch is aborted.
+    let mut follow = Command::new(forkscope())
+        .env("FORKSCOPE_SOCKET", &d.socket)
+        .args(["trace", "--branch", "kid", "--follow"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = follow.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    d.ok(&["exec", "kid", "--", "sh", "-c", "echo late > late.txt"]);
+    let start = Instant::now();
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("late event followed");
+        if line.contains("late.txt") {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10));
+    }
+    d.ok(&["abort", "kid"]);
+    let start = Instant::now();
+    while follow.try_wait().unwrap().is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "--follow ends with the branch"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(follow.wait().unwrap().success());
+    let status = d.ok(&["status"]);
+    assert!(
+        status.contains("tracing branches") && status.contains(" 0 lost"),
+        "{status}"
+    );
 }

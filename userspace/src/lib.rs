@@ -13,6 +13,7 @@
 //! - [`layers`]: branched workspaces on overlayfs (snapshot layers, diffs);
 //! - [`sandbox`]: a branch's namespaces, mounts and init process;
 //! - [`trace`]: `forkscope trace` (one command, one cgroup, one trace);
+//! - [`tracker`]: the daemon's per-branch traces (one probe, events by branch cgroup);
 //! - [`sys`]: start-up checks (root, BTF, tracefs);
 //! - [`error`]: the typed errors.
 
@@ -28,5 +29,6 @@ pub mod sandbox;
 pub mod state;
 pub mod sys;
 pub mod trace;
+pub mod tracker;
 
 pub use error::{Error, Result};

@@ -22,6 +22,28 @@ pub fn preflight() -> Result<()> {
     Ok(())
 }
 
+/// Where the BPF filesystem is expected.
+pub const BPFFS: &str = "/sys/fs/bpf";
+
+/// Mounts the BPF filesystem on /sys/fs/bpf when it is not there (pins live on it).
+pub fn ensure_bpffs() -> Result<()> {
+    const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
+    let mounted = nix::sys::statfs::statfs(BPFFS)
+        .map(|s| s.filesystem_type().0 as u64 == BPF_FS_MAGIC)
+        .unwrap_or(false);
+    if mounted {
+        return Ok(());
+    }
+    nix::mount::mount(
+        Some("bpf"),
+        BPFFS,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| Error::State(format!("mounting the BPF filesystem on {BPFFS}: {e}")))
+}
+
 /// Mounts tracefs on /sys/kernel/tracing when its events are not visible (aya attaches
 /// tracepoints by reading their ids there).
 pub fn ensure_tracefs() -> Result<()> {

@@ -18,6 +18,41 @@ pub async fn request(
     path: &str,
     body: Option<&Value>,
 ) -> Result<(u16, Value)> {
+    let resp = send(socket, method, path, body).await?;
+    let status = resp.status().as_u16();
+    Ok((status, json_body(resp).await?))
+}
+
+/// Sends one request and hands each chunk of a 2xx answer's body to `on_chunk` as it
+/// arrives (for streams such as a followed trace). Returns the status, and the JSON body of
+/// an answer that is not 2xx.
+pub async fn request_stream(
+    socket: &Path,
+    method: Method,
+    path: &str,
+    mut on_chunk: impl FnMut(&[u8]) -> std::io::Result<()>,
+) -> Result<(u16, Value)> {
+    let resp = send(socket, method, path, None).await?;
+    let status = resp.status().as_u16();
+    if !(200..300).contains(&status) {
+        return Ok((status, json_body(resp).await?));
+    }
+    let mut body = resp.into_body();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| Error::State(format!("reading the answer: {e}")))?;
+        if let Some(data) = frame.data_ref() {
+            on_chunk(data)?;
+        }
+    }
+    Ok((status, Value::Null))
+}
+
+async fn send(
+    socket: &Path,
+    method: Method,
+    path: &str,
+    body: Option<&Value>,
+) -> Result<hyper::Response<hyper::body::Incoming>> {
     let stream = UnixStream::connect(socket).await.map_err(|e| {
         Error::Other(std::io::Error::new(
             e.kind(),
@@ -41,21 +76,22 @@ pub async fn request(
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(bytes)))
         .map_err(|e| Error::State(format!("building request: {e}")))?;
-    let resp = sender
+    sender
         .send_request(req)
         .await
-        .map_err(|e| Error::State(format!("request to the daemon: {e}")))?;
-    let status = resp.status().as_u16();
+        .map_err(|e| Error::State(format!("request to the daemon: {e}")))
+}
+
+async fn json_body(resp: hyper::Response<hyper::body::Incoming>) -> Result<Value> {
     let body = resp
         .into_body()
         .collect()
         .await
         .map_err(|e| Error::State(format!("reading the answer: {e}")))?;
     let bytes = body.to_bytes();
-    let value = if bytes.is_empty() {
+    Ok(if bytes.is_empty() {
         Value::Null
     } else {
         serde_json::from_slice(&bytes).unwrap_or(Value::Null)
-    };
-    Ok((status, value))
+    })
 }

@@ -10,6 +10,7 @@
 //! | `POST /v1/branches/{name}/fork` | `{"name"?, "count"?, "frozen"?}` | `{"branches": [..], "phases": {..}}` (201) |
 //! | `GET /v1/branches/{name}/diff` | | changed paths since the fork point |
 //! | `POST /v1/branches/{name}/commit` | `{"prefer"?: "branch" \| "target"}` | `{"target", "changes": [..], "conflicts": [..], "phases": {..}}` |
+//! | `GET /v1/branches/{name}/trace[?follow=true]` | | the branch's events as JSON lines (`application/x-ndjson`); `follow` streams new ones until the branch is aborted |
 //! | `DELETE /v1/branches/{name}` | | abort (204) |
 //!
 //! Errors are `{"error": "..."}` with 400 (bad input), 403 (request from inside a branch),
@@ -40,6 +41,20 @@ pub struct Status {
     pub version: String,
     pub state_dir: std::path::PathBuf,
     pub branches: usize,
+    /// The per-branch tracer's counters (absent with `--no-trace`).
+    #[serde(default)]
+    pub trace: Option<TraceStatus>,
+}
+
+/// The daemon tracer's counters since it started.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct TraceStatus {
+    /// Events the eBPF programs recorded.
+    pub events: u64,
+    /// Events dropped because the ring buffer was full.
+    pub lost: u64,
+    /// Events from cgroups no live branch owned.
+    pub unattributed: u64,
 }
 
 /// Default socket path.

@@ -8,7 +8,7 @@ use std::{
 
 use axum::{
     Json, Router,
-    extract::{ConnectInfo, Path as UrlPath, State},
+    extract::{ConnectInfo, Path as UrlPath, RawQuery, State},
     http::StatusCode,
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -99,11 +99,13 @@ async fn status(
     ConnectInfo(peer): ConnectInfo<Peer>,
 ) -> ApiResult<Json<Status>> {
     let dir = app.state_dir.clone();
-    let n = with_manager(&app, &peer, |m| Ok(m.list()?.len())).await?;
+    let (n, trace) =
+        with_manager(&app, &peer, |m| Ok((m.list()?.len(), m.trace_status()?))).await?;
     Ok(Json(Status {
         version: env!("CARGO_PKG_VERSION").into(),
         state_dir: dir,
         branches: n,
+        trace,
     }))
 }
 
@@ -189,6 +191,71 @@ async fn commit(
     Ok(Json(done).into_response())
 }
 
+/// A branch's trace as JSON lines; with `?follow=true`, kept open and fed as events arrive
+/// until the branch is aborted or the client goes away.
+async fn trace_stream(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    UrlPath(name): UrlPath<String>,
+    RawQuery(query): RawQuery,
+) -> ApiResult<Response> {
+    let follow = query.as_deref().is_some_and(|q| {
+        q.split('&')
+            .any(|kv| kv == "follow=true" || kv == "follow=1")
+    });
+    let (file, dir, traced) = with_manager(&app, &peer, move |m| {
+        let b = m.get(&name)?;
+        Ok((crate::branch::trace_file(&b), b.dir.clone(), m.traced()))
+    })
+    .await?;
+    if !traced {
+        return Err(ApiError(Error::Conflict(
+            "this daemon does not trace branches (it was started with --no-trace)".into(),
+        )));
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<axum::body::Bytes>(16);
+    tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let mut f = loop {
+            match tokio::fs::File::open(&file).await {
+                Ok(f) => break f,
+                Err(_) if follow && dir.exists() && !tx.is_closed() => {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                Err(_) => return,
+            }
+        };
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            match f.read(&mut buf).await {
+                Ok(0) => {
+                    if !follow || !dir.exists() || tx.is_closed() {
+                        return;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                Ok(n) => {
+                    let chunk = axum::body::Bytes::copy_from_slice(&buf[..n]);
+                    if tx.send(chunk).await.is_err() {
+                        return;
+                    }
+                }
+                Err(_) => return,
+            }
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|chunk| (Ok::<_, std::io::Error>(chunk), rx))
+    });
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response())
+}
+
 async fn abort(
     State(app): State<App>,
     ConnectInfo(peer): ConnectInfo<Peer>,
@@ -203,9 +270,30 @@ pub async fn serve(
     state_dir: &Path,
     socket: &Path,
     forkscope_bin: &Path,
+    trace: bool,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let mut manager = Manager::open(state_dir, forkscope_bin)?;
+    let tracker = if trace {
+        let tracker = crate::tracker::Tracker::start(
+            &crate::bpf::ProbeOptions::default(),
+            &manager.instance_tag(),
+        )
+        .map_err(|e| {
+            Error::State(format!(
+                "loading the eBPF programs for per-branch traces: {e} (start the daemon with --no-trace to run without traces)"
+            ))
+        })?;
+        let tracker = Arc::new(tracker);
+        manager.set_tracker(tracker.clone())?;
+        tracker.start_reading()?;
+        if tracker.adopted {
+            log::info!("adopted the pinned eBPF programs: branch tracing went on meanwhile");
+        }
+        Some(tracker)
+    } else {
+        None
+    };
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).at(dir)?;
         // Branches do not even see the socket (the peer check below is the second line).
@@ -225,6 +313,7 @@ pub async fn serve(
         manager: Arc::new(Mutex::new(manager)),
         state_dir: state_dir.to_path_buf(),
     };
+    let app_for_shutdown = app.clone();
     let router = Router::new()
         .route("/v1/status", get(status))
         .route("/v1/branches", get(list).post(run))
@@ -232,6 +321,7 @@ pub async fn serve(
         .route("/v1/branches/{name}/fork", post(fork))
         .route("/v1/branches/{name}/diff", get(diff))
         .route("/v1/branches/{name}/commit", post(commit))
+        .route("/v1/branches/{name}/trace", get(trace_stream))
         .with_state(app);
     let served = axum::serve(
         listener,
@@ -240,5 +330,17 @@ pub async fn serve(
     .with_graceful_shutdown(shutdown)
     .await;
     let _ = std::fs::remove_file(socket);
+    // With no branch left, nothing needs tracing: the programs go. Otherwise they stay
+    // pinned and keep recording for the next daemon.
+    if let Some(t) = tracker {
+        let idle = app_for_shutdown
+            .manager
+            .lock()
+            .map(|m| m.list().map(|l| l.is_empty()).unwrap_or(false))
+            .unwrap_or(false);
+        if idle {
+            t.unpin()?;
+        }
+    }
     served.map_err(Error::Other)
 }

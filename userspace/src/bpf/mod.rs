@@ -4,7 +4,20 @@
 pub mod offsets;
 mod probe;
 
-pub use probe::{Probe, ProbeOptions, Stats};
+pub use probe::{Probe, ProbeOptions, Stats, unpin};
+
+/// Where pinned programs and maps live on the BPF filesystem.
+pub const PIN_ROOT: &str = "/sys/fs/bpf/forkscope";
+
+/// A short identity of the embedded object (FNV-1a of its bytes): pins made by another
+/// build are never adopted.
+pub fn object_id() -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in EBPF_OBJECT {
+        h = (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
 
 /// The eBPF object built from `ebpf/` by build.rs (aya-build), embedded in the binary.
 pub static EBPF_OBJECT: &[u8] =

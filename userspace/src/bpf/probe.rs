@@ -4,9 +4,11 @@ use std::collections::HashMap as StdHashMap;
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
-        ProgramError, RawTracePoint, TracePoint, raw_trace_point::RawTracePointLinkId,
+        ProgramError, RawTracePoint, TracePoint,
+        links::{FdLink, PinnedLink},
+        raw_trace_point::RawTracePointLinkId,
         trace_point::TracePointLinkId,
     },
 };
@@ -51,9 +53,26 @@ pub struct Stats {
     pub read_errors: u64,
 }
 
-/// Loaded eBPF programs and their maps. Dropping it detaches and unloads everything.
+/// Rebuilds a typed map from a pinned one.
+type MapKind = fn(MapData) -> Map;
+
+/// The maps userspace uses (see [`super::MAPS`]), and how to rebuild each from a pinned copy.
+const MAPS: [(&str, MapKind); 7] = [
+    ("EVENTS", Map::RingBuf),
+    ("TRACKED_CGROUPS", Map::HashMap),
+    ("CGROUP_VERDICT", Map::Array),
+    ("DIRTY_PAGES", Map::HashMap),
+    ("PAGE_COUNTS", Map::PerCpuHashMap),
+    ("STATS", Map::PerCpuArray),
+    ("SCRATCH", Map::PerCpuArray),
+];
+
+/// Loaded eBPF programs and their maps. Dropping it detaches and unloads everything, except
+/// what was pinned (see [`Probe::pin`]).
 pub struct Probe {
-    ebpf: Ebpf,
+    /// The programs, when this instance loaded them (not when adopted from pins).
+    ebpf: Option<Ebpf>,
+    maps: StdHashMap<&'static str, Map>,
     /// Tracepoints this kernel does not have (skipped at attach; the syscall is not traced).
     pub missing_tracepoints: Vec<String>,
     /// Attachments, by program name, so they can be detached all at once (see `detach`).
@@ -100,21 +119,111 @@ impl Probe {
             }
             .map_err(refused(name, "load"))?;
         }
+        let mut maps = StdHashMap::new();
+        for (name, _) in MAPS {
+            let map = ebpf.take_map(name).ok_or_else(|| {
+                Error::Btf(format!("map {name} missing from the embedded object"))
+            })?;
+            maps.insert(name, map);
+        }
         Ok(Self {
-            ebpf,
+            ebpf: Some(ebpf),
+            maps,
             missing_tracepoints: Vec::new(),
             tracepoint_links: Vec::new(),
             raw_links: Vec::new(),
         })
     }
 
+    /// Pins the maps (`DIR/maps/NAME`) and every attachment (`DIR/links/N`) under `dir` on
+    /// a BPF filesystem: the programs stay attached, and keep recording into the maps, when
+    /// this process exits, until [`unpin`] removes them. [`Probe::adopt`] takes them back.
+    pub fn pin(&mut self, dir: &std::path::Path) -> Result<()> {
+        let pin_err =
+            |what: String| move |e: aya::pin::PinError| Error::Btf(format!("pinning {what}: {e}"));
+        for sub in ["maps", "links"] {
+            std::fs::create_dir_all(dir.join(sub)).map_err(|e| Error::Io {
+                path: dir.join(sub),
+                cause: e,
+            })?;
+        }
+        for (name, map) in &self.maps {
+            map.pin(dir.join("maps").join(name))
+                .map_err(pin_err(format!("map {name}")))?;
+        }
+        let mut links: Vec<FdLink> = Vec::new();
+        for (prog, id) in std::mem::take(&mut self.tracepoint_links) {
+            let link = self
+                .tracepoint(prog)
+                .take_link(id)
+                .map_err(refused(prog, "pin"))?;
+            links.push(FdLink::try_from(link).map_err(|e| {
+                Error::Btf(format!(
+                    "{prog}: this kernel cannot make a pinnable link: {e}"
+                ))
+            })?);
+        }
+        for (prog, id) in std::mem::take(&mut self.raw_links) {
+            let raw: &mut RawTracePoint = self
+                .ebpf
+                .as_mut()
+                .and_then(|e| e.program_mut(prog))
+                .and_then(|p| p.try_into().ok())
+                .expect("raw tracepoint program");
+            links.push(raw.take_link(id).map_err(refused(prog, "pin"))?.into());
+        }
+        for (n, link) in links.into_iter().enumerate() {
+            let pinned: PinnedLink = link
+                .pin(dir.join("links").join(n.to_string()))
+                .map_err(pin_err(format!("link {n}")))?;
+            drop(pinned); // the pin keeps it attached
+        }
+        Ok(())
+    }
+
+    /// Takes back the maps a previous [`Probe::pin`] left under `dir`, whose programs are
+    /// still attached; `None` when `dir` holds no complete set.
+    pub fn adopt(dir: &std::path::Path) -> Result<Option<Self>> {
+        let has_links = std::fs::read_dir(dir.join("links"))
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false);
+        if !has_links {
+            return Ok(None);
+        }
+        let mut maps = StdHashMap::new();
+        for (name, make) in MAPS {
+            match MapData::from_pin(dir.join("maps").join(name)) {
+                Ok(data) => {
+                    maps.insert(name, make(data));
+                }
+                Err(_) => return Ok(None),
+            }
+        }
+        Ok(Some(Self {
+            ebpf: None,
+            maps,
+            missing_tracepoints: Vec::new(),
+            tracepoint_links: Vec::new(),
+            raw_links: Vec::new(),
+        }))
+    }
+
     fn tracepoint(&mut self, name: &str) -> &mut TracePoint {
         let p: &mut TracePoint = self
             .ebpf
-            .program_mut(name)
+            .as_mut()
+            .and_then(|e| e.program_mut(name))
             .and_then(|p| p.try_into().ok())
             .expect("tracepoint program");
         p
+    }
+
+    fn map(&self, name: &'static str) -> &Map {
+        self.maps.get(name).expect("map taken at load")
+    }
+
+    fn map_mut(&mut self, name: &'static str) -> &mut Map {
+        self.maps.get_mut(name).expect("map taken at load")
     }
 
     /// Attaches every program: the per-syscall `sys_exit_*` tracepoints, the scheduler's
@@ -157,7 +266,8 @@ impl Probe {
         }
         let fork: &mut RawTracePoint = self
             .ebpf
-            .program_mut("sched_process_fork")
+            .as_mut()
+            .and_then(|e| e.program_mut("sched_process_fork"))
             .and_then(|p| p.try_into().ok())
             .expect("raw tracepoint program");
         let id = fork
@@ -178,8 +288,11 @@ impl Probe {
             }
         }
         for (prog, id) in std::mem::take(&mut self.raw_links) {
-            let raw: Option<&mut RawTracePoint> =
-                self.ebpf.program_mut(prog).and_then(|p| p.try_into().ok());
+            let raw: Option<&mut RawTracePoint> = self
+                .ebpf
+                .as_mut()
+                .and_then(|e| e.program_mut(prog))
+                .and_then(|p| p.try_into().ok());
             if let Some(Ok(link)) = raw.map(|p| p.take_link(id)) {
                 owned.push(Box::new(link));
             }
@@ -193,7 +306,10 @@ impl Probe {
 
     /// Takes the event ring buffer (once).
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
-        let map = self.ebpf.take_map("EVENTS").expect("EVENTS map");
+        let map = self
+            .maps
+            .remove("EVENTS")
+            .ok_or_else(|| Error::State("the event ring buffer was taken already".into()))?;
         RingBuf::try_from(map).map_err(map_err("EVENTS"))
     }
 
@@ -201,7 +317,7 @@ impl Probe {
         &mut self,
         name: &'static str,
     ) -> Result<HashMap<&mut MapData, K, V>> {
-        HashMap::try_from(self.ebpf.map_mut(name).expect("map in object")).map_err(map_err(name))
+        HashMap::try_from(self.map_mut(name)).map_err(map_err(name))
     }
 
     /// Starts tracing the tasks of cgroup `id` and of its descendants.
@@ -221,12 +337,8 @@ impl Probe {
     /// Forgets every cached tracked/untracked verdict (after the tracked set changed) by
     /// moving the cache to a new generation.
     fn clear_verdicts(&mut self) -> Result<()> {
-        let mut cache: Array<&mut MapData, VerdictSlot> = Array::try_from(
-            self.ebpf
-                .map_mut("CGROUP_VERDICT")
-                .expect("CGROUP_VERDICT map"),
-        )
-        .map_err(map_err("CGROUP_VERDICT"))?;
+        let mut cache: Array<&mut MapData, VerdictSlot> =
+            Array::try_from(self.map_mut("CGROUP_VERDICT")).map_err(map_err("CGROUP_VERDICT"))?;
         let generation = cache
             .get(&VERDICT_SLOTS, 0)
             .map_err(map_err("CGROUP_VERDICT"))?
@@ -243,8 +355,7 @@ impl Probe {
     /// The programs' counters, summed over CPUs.
     pub fn stats(&self) -> Result<Stats> {
         let map: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(self.ebpf.map("STATS").expect("STATS map"))
-                .map_err(map_err("STATS"))?;
+            PerCpuArray::try_from(self.map("STATS")).map_err(map_err("STATS"))?;
         let sum =
             |i: u32| -> Result<u64> { Ok(map.get(&i, 0).map_err(map_err("STATS"))?.iter().sum()) };
         Ok(Stats {
@@ -262,8 +373,7 @@ impl Probe {
         cgroup_filter: impl Fn(u64) -> bool,
     ) -> Result<StdHashMap<ProcKey, u64>> {
         let map: PerCpuHashMap<&MapData, ProcKey, u64> =
-            PerCpuHashMap::try_from(self.ebpf.map("PAGE_COUNTS").expect("PAGE_COUNTS map"))
-                .map_err(map_err("PAGE_COUNTS"))?;
+            PerCpuHashMap::try_from(self.map("PAGE_COUNTS")).map_err(map_err("PAGE_COUNTS"))?;
         let mut out = StdHashMap::new();
         for item in map.iter() {
             let (k, v) = item.map_err(map_err("PAGE_COUNTS"))?;
@@ -278,8 +388,7 @@ impl Probe {
     /// cgroup satisfies `cgroup_filter`.
     pub fn dirty_pages(&self, cgroup_filter: impl Fn(u64) -> bool) -> Result<Vec<DirtyPageKey>> {
         let map: HashMap<&MapData, DirtyPageKey, u8> =
-            HashMap::try_from(self.ebpf.map("DIRTY_PAGES").expect("DIRTY_PAGES map"))
-                .map_err(map_err("DIRTY_PAGES"))?;
+            HashMap::try_from(self.map("DIRTY_PAGES")).map_err(map_err("DIRTY_PAGES"))?;
         Ok(map
             .keys()
             .filter_map(|k| k.ok())
@@ -296,8 +405,7 @@ impl Probe {
             let _ = set.remove(k);
         }
         let mut counts: PerCpuHashMap<&mut MapData, ProcKey, u64> =
-            PerCpuHashMap::try_from(self.ebpf.map_mut("PAGE_COUNTS").expect("PAGE_COUNTS map"))
-                .map_err(map_err("PAGE_COUNTS"))?;
+            PerCpuHashMap::try_from(self.map_mut("PAGE_COUNTS")).map_err(map_err("PAGE_COUNTS"))?;
         let keys: Vec<ProcKey> = counts
             .keys()
             .filter_map(|k| k.ok())
@@ -313,6 +421,18 @@ impl Probe {
 impl Drop for Probe {
     fn drop(&mut self) {
         self.detach();
+    }
+}
+
+/// Removes what [`Probe::pin`] left under `dir`: the programs detach once nothing else
+/// holds them.
+pub fn unpin(dir: &std::path::Path) -> Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::Io {
+            path: dir.to_path_buf(),
+            cause: e,
+        }),
+        _ => Ok(()),
     }
 }
 

@@ -31,6 +31,7 @@ use crate::{
     },
     sandbox::{self, SandboxSpec, StackSpec},
     state::{Registry, branch_dir},
+    tracker::Tracker,
 };
 
 /// A live branch, as recorded in the registry.
@@ -141,6 +142,13 @@ pub struct Manager {
     /// Names this state directory's branch cgroups (`<prefix>-<id>`), so daemons on different
     /// state directories never collide.
     cgroup_prefix: String,
+    /// Per-branch traces, when the daemon loaded the eBPF programs.
+    tracker: Option<std::sync::Arc<Tracker>>,
+}
+
+/// A branch's trace: one JSON line per event of its processes (see [`crate::tracker`]).
+pub fn trace_file(b: &BranchRecord) -> PathBuf {
+    b.dir.join("trace.jsonl")
 }
 
 /// A fork whose parent stands on more layers than this merges them first (see
@@ -184,9 +192,52 @@ impl Manager {
             bin: bin.to_path_buf(),
             cgroup_prefix: format!("branch-{ino:x}"),
             hidden: vec![state],
+            tracker: None,
         };
         manager.recover()?;
         Ok(manager)
+    }
+
+    /// Traces every running branch (and every later one) with `tracker`, appending to the
+    /// branches' trace files.
+    pub fn set_tracker(&mut self, tracker: std::sync::Arc<Tracker>) -> Result<()> {
+        for b in self.registry.all()? {
+            if b.frozen {
+                continue;
+            }
+            if let Ok(cg) = Cgroup::open(&b.cgroup) {
+                tracker.track(cg.id(), &trace_file(&b))?;
+            }
+        }
+        self.tracker = Some(tracker);
+        Ok(())
+    }
+
+    /// Names this state directory among others on the host (its inode), for cgroups and
+    /// pins.
+    pub fn instance_tag(&self) -> String {
+        self.cgroup_prefix
+            .strip_prefix("branch-")
+            .unwrap_or(&self.cgroup_prefix)
+            .to_string()
+    }
+
+    /// Whether branches are traced.
+    pub fn traced(&self) -> bool {
+        self.tracker.is_some()
+    }
+
+    /// The tracer's counters, when branches are traced.
+    pub fn trace_status(&self) -> Result<Option<crate::api::TraceStatus>> {
+        let Some(t) = &self.tracker else {
+            return Ok(None);
+        };
+        let (stats, unattributed) = t.stats()?;
+        Ok(Some(crate::api::TraceStatus {
+            events: stats.events,
+            lost: stats.lost,
+            unattributed,
+        }))
     }
 
     /// Adds host directories that branches started from now on must not see (the daemon
@@ -516,10 +567,16 @@ impl Manager {
             hidden: self.hidden.clone(),
         };
         let cgroup = Cgroup::create(&format!("{}-{id}", self.cgroup_prefix))?;
+        if let Some(t) = &self.tracker {
+            t.track(cgroup.id(), &dir.join("trace.jsonl"))?;
+        }
         let started = sandbox::start(&self.bin, &spec, &dir.join("spec.json"), &cgroup);
         let sb = match started {
             Ok(sb) => sb,
             Err(e) => {
+                if let Some(t) = &self.tracker {
+                    t.untrack(cgroup.id());
+                }
                 drop(cgroup);
                 let _ = std::fs::remove_dir_all(&dir);
                 return Err(e);
@@ -574,7 +631,13 @@ impl Manager {
             )));
         }
         if !b.frozen && b.cgroup.exists() {
-            Cgroup::open(&b.cgroup)?.remove()?;
+            let cg = Cgroup::open(&b.cgroup)?;
+            if let Some(t) = &self.tracker {
+                // Its processes' last events first, then the trace file is closed.
+                cg.kill_all(Duration::from_secs(5))?;
+                t.untrack(cg.id());
+            }
+            cg.remove()?;
         }
         // Its layers belong to its own forks, which are gone (checked above). Files first,
         // then the record: an abort cut short can be run again.

@@ -12,6 +12,9 @@ pub struct DaemonArgs {
     /// Where branch records, layers and upper directories live.
     #[arg(long, default_value = forkscope::api::DEFAULT_STATE_DIR, env = "FORKSCOPE_STATE_DIR")]
     state_dir: PathBuf,
+    /// Do not load the eBPF programs: no per-branch traces (`forkscope trace --branch`).
+    #[arg(long)]
+    no_trace: bool,
 }
 
 pub fn run(args: DaemonArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
@@ -27,7 +30,7 @@ pub fn run(args: DaemonArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
             args.state_dir.display(),
             socket.display()
         );
-        forkscope::api::server::serve(&args.state_dir, &socket, &bin, stop).await?;
+        forkscope::api::server::serve(&args.state_dir, &socket, &bin, !args.no_trace, stop).await?;
         anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)

@@ -60,7 +60,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log);
     let result = match cli.command {
-        Command::Trace(args) => trace::run(args),
+        Command::Trace(args) => trace::run(args, cli.socket),
         Command::Daemon(args) => daemon::run(args, cli.socket),
         Command::Run(args) => run::run(args, cli.socket),
         Command::Exec(args) => exec::run(args, cli.socket),

@@ -18,5 +18,12 @@ pub fn run(_args: StatusArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
         s["branches"],
         s["state_dir"].as_str().unwrap_or("?")
     );
+    match s["trace"].as_object() {
+        Some(t) => println!(
+            "tracing branches: {} events, {} lost, {} from no live branch",
+            t["events"], t["lost"], t["unattributed"]
+        ),
+        None => println!("not tracing branches (daemon started with --no-trace)"),
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,4 +1,5 @@
-//! `forkscope trace [--output FILE] [--format jsonl] -- CMD [ARGS...]`
+//! `forkscope trace [--output FILE] [--format jsonl] -- CMD [ARGS...]`: trace one command.
+//! `forkscope trace --branch NAME [--follow]`: a branch's trace, kept by the daemon.
 
 use std::{ffi::OsString, fs::File, io::BufWriter, io::Write, path::PathBuf, process::ExitCode};
 
@@ -41,11 +42,17 @@ pub struct TraceArgs {
     /// Print no summary on stderr.
     #[arg(short, long)]
     quiet: bool,
+    /// Print the trace the daemon keeps of branch NAME instead of running a command.
+    #[arg(long, value_name = "NAME", conflicts_with = "command")]
+    branch: Option<String>,
+    /// With --branch: keep printing new events until the branch is aborted (or Ctrl-C).
+    #[arg(long, requires = "branch")]
+    follow: bool,
     /// The command to trace, after `--`.
     #[arg(
         trailing_var_arg = true,
         allow_hyphen_values = true,
-        required = true,
+        required_unless_present = "branch",
         value_name = "CMD"
     )]
     command: Vec<OsString>,
@@ -63,7 +70,49 @@ fn parse_ring_mb(s: &str) -> Result<u32, String> {
     Ok(n)
 }
 
-pub fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
+/// `--branch`: streams the daemon's trace of a branch to the output.
+fn branch_trace(
+    args: &TraceArgs,
+    name: &str,
+    socket: &std::path::Path,
+) -> anyhow::Result<ExitCode> {
+    let mut out: Box<dyn Write> = match &args.output {
+        Some(p) => Box::new(
+            File::create(p)
+                .with_context(|| format!("cannot create output file {}", p.display()))?,
+        ),
+        None => Box::new(std::io::stdout().lock()),
+    };
+    let path = format!(
+        "/v1/branches/{name}/trace{}",
+        if args.follow { "?follow=true" } else { "" }
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (status, err) = runtime.block_on(async {
+        let stop = super::interrupted()?;
+        tokio::select! {
+            r = forkscope::api::client::request_stream(socket, hyper::Method::GET, &path, |chunk| {
+                out.write_all(chunk)?;
+                out.flush()
+            }) => anyhow::Ok(r?),
+            () = stop => anyhow::Ok((200, serde_json::Value::Null)),
+        }
+    })?;
+    if !(200..300).contains(&status) {
+        anyhow::bail!(
+            "{} (HTTP {status})",
+            err["error"].as_str().unwrap_or("no message")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn run(args: TraceArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
+    if let Some(name) = args.branch.clone() {
+        return branch_trace(&args, &name, &socket);
+    }
     let Format::Jsonl = args.format;
     let opts = TraceOptions {
         command: args.command,

@@ -1,0 +1,216 @@
+//! Per-branch traces in the daemon: one loaded [`Probe`] watches every branch's cgroup, and a
+//! reader thread appends each event, as a JSON line, to the trace file of the branch whose
+//! cgroup it came from (`<branch dir>/trace.jsonl`).
+//!
+//! Events are attributed by the cgroup id the eBPF programs record: a branch's processes all
+//! live in its cgroup. The trace starts when the branch's cgroup is created, before its
+//! sandbox is built, so nothing the branch does is missed (the first events are the
+//! sandbox's own set-up by `forkscope __init`).
+
+use std::{
+    collections::HashMap,
+    fs::{File, OpenOptions},
+    io::{BufWriter, Write},
+    path::Path,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use aya::maps::{MapData, RingBuf};
+
+use crate::{
+    bpf::{Probe, ProbeOptions, Stats},
+    error::{IoContext, Result},
+    events::{decode::decode, resolve::Resolver},
+};
+
+/// How often the reader drains the ring buffer.
+const DRAIN_INTERVAL: Duration = Duration::from_millis(20);
+
+/// Where events go; the reader holds it while it writes a batch.
+struct Sinks {
+    /// Open trace files by cgroup id.
+    files: HashMap<u64, BufWriter<File>>,
+    resolver: Resolver,
+    /// Events from cgroups no branch owns any more (a branch aborted with events in flight).
+    unattributed: u64,
+}
+
+/// Events written per hold of the sinks' lock, so tracking a new branch never waits long.
+const BATCH: usize = 4096;
+
+/// The daemon's tracer. Dropping it stops the reader; the pinned programs stay attached
+/// until [`Tracker::unpin`].
+pub struct Tracker {
+    probe: Mutex<Probe>,
+    sinks: Arc<Mutex<Sinks>>,
+    stop: Arc<AtomicBool>,
+    /// The ring buffer until the reader starts.
+    ring: Mutex<Option<RingBuf<MapData>>>,
+    reader: Mutex<Option<JoinHandle<()>>>,
+    pin_dir: std::path::PathBuf,
+    /// Whether the programs were adopted from pins rather than loaded.
+    pub adopted: bool,
+}
+
+impl Tracker {
+    /// Adopts the programs pinned for `instance` (the state directory's tag), or loads,
+    /// attaches and pins them. Events are read once [`Tracker::start_reading`] is called
+    /// (after the branches are registered, so what waited in the ring buffer reaches them).
+    pub fn start(opts: &ProbeOptions, instance: &str) -> Result<Self> {
+        crate::sys::ensure_tracefs()?;
+        crate::sys::ensure_bpffs()?;
+        let root = Path::new(crate::bpf::PIN_ROOT);
+        let pin_dir = root.join(format!("{instance}-{}", crate::bpf::object_id()));
+        // Pins of this state directory left by another build: their programs go.
+        if let Ok(entries) = std::fs::read_dir(root) {
+            for e in entries.flatten() {
+                let p = e.path();
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with(&format!("{instance}-")) && p != pin_dir {
+                    log::info!("removing pins of another forkscope build: {}", p.display());
+                    crate::bpf::unpin(&p)?;
+                }
+            }
+        }
+        let (mut probe, adopted) = match Probe::adopt(&pin_dir)? {
+            Some(p) => (p, true),
+            None => {
+                crate::bpf::unpin(&pin_dir)?; // an incomplete set
+                let mut probe = Probe::load(opts)?;
+                probe.attach()?;
+                for tp in &probe.missing_tracepoints {
+                    log::info!("this kernel has no {tp} tracepoint: that syscall is not traced");
+                }
+                if let Err(e) = probe.pin(&pin_dir) {
+                    let _ = crate::bpf::unpin(&pin_dir);
+                    return Err(e);
+                }
+                (probe, false)
+            }
+        };
+        let ring = probe.take_events()?;
+        Ok(Self {
+            probe: Mutex::new(probe),
+            sinks: Arc::new(Mutex::new(Sinks {
+                files: HashMap::new(),
+                resolver: Resolver::new(),
+                unattributed: 0,
+            })),
+            stop: Arc::new(AtomicBool::new(false)),
+            ring: Mutex::new(Some(ring)),
+            reader: Mutex::new(None),
+            pin_dir,
+            adopted,
+        })
+    }
+
+    /// Starts the reader thread (once).
+    pub fn start_reading(&self) -> Result<()> {
+        let Some(ring) = self.ring.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            return Ok(());
+        };
+        let (sinks, stop) = (self.sinks.clone(), self.stop.clone());
+        let handle = std::thread::Builder::new()
+            .name("forkscope-tracer".into())
+            .spawn(move || read_loop(ring, &sinks, &stop))
+            .map_err(crate::Error::Other)?;
+        *self.reader.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+        Ok(())
+    }
+
+    /// Removes the pins: the programs detach once this tracer is dropped.
+    pub fn unpin(&self) -> Result<()> {
+        crate::bpf::unpin(&self.pin_dir)
+    }
+
+    fn probe(&self) -> std::sync::MutexGuard<'_, Probe> {
+        self.probe.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn sinks(&self) -> std::sync::MutexGuard<'_, Sinks> {
+        self.sinks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts appending the events of cgroup `id` to `file`.
+    pub fn track(&self, id: u64, file: &Path) -> Result<()> {
+        let out = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(file)
+            .at(file)?;
+        self.sinks().files.insert(id, BufWriter::new(out));
+        if let Err(e) = self.probe().track(id) {
+            self.sinks().files.remove(&id);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Stops tracing cgroup `id` and closes its trace file (after writing what was read).
+    pub fn untrack(&self, id: u64) {
+        let _ = self.probe().untrack(id);
+        if let Some(mut out) = self.sinks().files.remove(&id) {
+            let _ = out.flush();
+        }
+    }
+
+    /// The programs' counters (events, lost events), and events no branch claimed.
+    pub fn stats(&self) -> Result<(Stats, u64)> {
+        let stats = self.probe().stats()?;
+        Ok((stats, self.sinks().unattributed))
+    }
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(r) = self.reader.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = r.join();
+        }
+    }
+}
+
+fn read_loop(mut ring: RingBuf<MapData>, sinks: &Mutex<Sinks>, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(DRAIN_INTERVAL);
+        loop {
+            let mut guard = sinks.lock().unwrap_or_else(|p| p.into_inner());
+            let s = &mut *guard;
+            let mut n = 0;
+            while n < BATCH {
+                let Some(item) = ring.next() else {
+                    break;
+                };
+                n += 1;
+                let Ok(raw) = decode(&item) else {
+                    continue;
+                };
+                let cgroup = raw.header().cgroup;
+                let Some(ev) = s.resolver.event(&raw) else {
+                    continue;
+                };
+                match s.files.get_mut(&cgroup) {
+                    Some(out) => {
+                        let ok = serde_json::to_writer(&mut *out, &ev).is_ok()
+                            && out.write_all(b"\n").is_ok();
+                        if !ok {
+                            log::warn!("writing the trace of cgroup {cgroup} failed");
+                        }
+                    }
+                    None => s.unattributed += 1,
+                }
+            }
+            for out in s.files.values_mut() {
+                let _ = out.flush();
+            }
+            if n < BATCH {
+                break;
+            }
+        }
+    }
+}
