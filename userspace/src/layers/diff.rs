@@ -122,6 +122,20 @@ fn pair_renames(upper: &Path, lowers: &[PathBuf], changes: &mut Vec<Change>) {
             .map(|l| l.join(rel))
             .find(|p| fs::symlink_metadata(p).is_ok())
     };
+    // Pairing compares contents: past this many candidate pairs, renames are not looked for
+    // (they show as a deletion and an addition).
+    const MAX_PAIRS: usize = 10_000;
+    let added = changes
+        .iter()
+        .filter(|c| c.kind == ChangeKind::Added)
+        .count();
+    let deleted = changes
+        .iter()
+        .filter(|c| c.kind == ChangeKind::Deleted)
+        .count();
+    if added * deleted > MAX_PAIRS {
+        return;
+    }
     let mut used = vec![false; changes.len()];
     let mut renames = Vec::new();
     for (i, added) in changes.iter().enumerate() {
