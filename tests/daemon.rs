@@ -29,6 +29,10 @@ impl Daemon {
 
     /// Starts a daemon with extra environment variables (fault injection).
     fn start_with(dir: &Path, socket: &Path, env: &[(&str, &str)]) -> Self {
+        Self::start_full(dir, socket, env, &[])
+    }
+
+    fn start_full(dir: &Path, socket: &Path, env: &[(&str, &str)], args: &[&str]) -> Self {
         let socket = socket.to_path_buf();
         let state = dir.join("state");
         let child = Command::new(forkscope())
@@ -37,6 +41,7 @@ impl Daemon {
             .arg(&state)
             .arg("--socket")
             .arg(&socket)
+            .args(args)
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
@@ -751,5 +756,92 @@ fn each_branch_keeps_its_own_trace_and_follow_streams_it() {
     assert!(
         status.contains("tracing branches") && status.contains(" 0 lost"),
         "{status}"
+    );
+}
+
+/// Connects to a Unix socket from a child process running as `uid`:`gid` (no
+/// supplementary groups); returns 0 or the errno of connect(2).
+fn connect_as(socket: &Path, uid: u32, gid: u32) -> i32 {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: sockaddr_un is plain data; zeroed is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(socket.as_os_str().as_bytes()) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: between fork and _exit the child makes only raw syscalls (async-signal-safe),
+    // on memory prepared before the fork.
+    unsafe {
+        let pid = libc::fork();
+        if pid == 0 {
+            let ok = libc::setgroups(0, std::ptr::null()) == 0
+                && libc::setgid(gid) == 0
+                && libc::setuid(uid) == 0;
+            if !ok {
+                libc::_exit(100);
+            }
+            let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+            let r = libc::connect(
+                fd,
+                (&addr as *const libc::sockaddr_un).cast(),
+                std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+            );
+            libc::_exit(if r == 0 { 0 } else { *libc::__errno_location() });
+        }
+        let mut status = 0;
+        libc::waitpid(pid, &mut status, 0);
+        libc::WEXITSTATUS(status)
+    }
+}
+
+#[test]
+fn a_socket_group_lets_its_members_in_and_no_one_else() {
+    use std::os::unix::fs::MetadataExt;
+    require_root();
+    let dir = TempDir::new("daemon-group");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // `users` (gid 100 on Debian) as the allowed group; 65534 is nobody / nogroup.
+    let users = std::fs::read_to_string("/etc/group")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("users:"))
+        .and_then(|l| l.split(':').nth(2)?.parse::<u32>().ok())
+        .expect("a `users` group in /etc/group");
+    let socket = dir.path().join("api.sock");
+    let d = Daemon::start_full(dir.path(), &socket, &[], &["--socket-group", "users"]);
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert_eq!(meta.mode() & 0o777, 0o660);
+    assert_eq!(meta.gid(), users);
+    assert_eq!(connect_as(&socket, 65534, users), 0, "a member gets in");
+    assert_eq!(
+        connect_as(&socket, 65534, 65534),
+        libc::EACCES,
+        "anyone else is refused"
+    );
+    drop(d);
+    // Without the option, root only.
+    let dir2 = TempDir::new("daemon-nogroup");
+    std::fs::set_permissions(dir2.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let d2 = Daemon::start(dir2.path());
+    assert_eq!(std::fs::metadata(&d2.socket).unwrap().mode() & 0o777, 0o600);
+    assert_eq!(connect_as(&d2.socket, 65534, users), libc::EACCES);
+    // A group that does not exist: a clear error, no daemon.
+    let out = Command::new(forkscope())
+        .args([
+            "daemon",
+            "--socket-group",
+            "no-such-group-here",
+            "--state-dir",
+        ])
+        .arg(dir2.path().join("state2"))
+        .arg("--socket")
+        .arg(dir2.path().join("other.sock"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no such group"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }

@@ -54,10 +54,15 @@ async fn send(
     body: Option<&Value>,
 ) -> Result<hyper::Response<hyper::body::Incoming>> {
     let stream = UnixStream::connect(socket).await.map_err(|e| {
+        let what = if e.kind() == std::io::ErrorKind::PermissionDenied {
+            "run as root, or as a member of the group the daemon was given with --socket-group"
+        } else {
+            "start it with `forkscope daemon`, or set --socket / FORKSCOPE_SOCKET"
+        };
         Error::Other(std::io::Error::new(
             e.kind(),
             format!(
-                "cannot reach the forkscope daemon at {} ({e}): start it with `forkscope daemon`, or set --socket / FORKSCOPE_SOCKET",
+                "cannot reach the forkscope daemon at {} ({e}): {what}",
                 socket.display()
             ),
         ))

@@ -2,7 +2,7 @@
 //! threads, every request checked to come from outside any branch.
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{Arc, Mutex},
 };
 
@@ -265,16 +265,45 @@ async fn abort(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Serves the API for the branches of `state_dir` on `socket` until `shutdown` completes.
+/// How the daemon serves.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    /// The forkscope binary branches' inits run.
+    pub forkscope_bin: PathBuf,
+    /// Load the eBPF programs and keep per-branch traces.
+    pub trace: bool,
+    /// A group whose members may use the socket too (mode 0660); else root only (0600).
+    pub socket_group: Option<String>,
+}
+
+/// Serves the API for the branches of `opts.state_dir` on `opts.socket` until `shutdown`
+/// completes.
 pub async fn serve(
-    state_dir: &Path,
-    socket: &Path,
-    forkscope_bin: &Path,
-    trace: bool,
+    opts: &ServeOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    let (state_dir, socket, forkscope_bin) = (
+        opts.state_dir.as_path(),
+        opts.socket.as_path(),
+        opts.forkscope_bin.as_path(),
+    );
+    let group = match &opts.socket_group {
+        Some(name) => Some(
+            nix::unistd::Group::from_name(name)
+                .map_err(|e| Error::Invalid(format!("looking up group {name:?}: {e}")))?
+                .ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "--socket-group {name:?}: no such group (create it with groupadd, or leave the option out for root only)"
+                    ))
+                })?
+                .gid,
+        ),
+        None => None,
+    };
     let mut manager = Manager::open(state_dir, forkscope_bin)?;
-    let tracker = if trace {
+    let tracker = if opts.trace {
         let tracker = crate::tracker::Tracker::start(
             &crate::bpf::ProbeOptions::default(),
             &manager.instance_tag(),
@@ -307,7 +336,15 @@ pub async fn serve(
     }
     let _ = std::fs::remove_file(socket);
     let listener = UnixListener::bind(socket).at(socket)?;
-    std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+    let mode = match group {
+        Some(gid) => {
+            nix::unistd::chown(socket, None, Some(gid))
+                .map_err(|e| Error::State(format!("chown {}: {e}", socket.display())))?;
+            0o660
+        }
+        None => 0o600,
+    };
+    std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(mode))
         .at(socket)?;
     let app = App {
         manager: Arc::new(Mutex::new(manager)),

@@ -15,6 +15,10 @@ pub struct DaemonArgs {
     /// Do not load the eBPF programs: no per-branch traces (`forkscope trace --branch`).
     #[arg(long)]
     no_trace: bool,
+    /// Let members of GROUP use the socket too (mode 0660). They can then run commands in
+    /// sandboxes as the daemon does: give it to trusted users only.
+    #[arg(long, value_name = "GROUP")]
+    socket_group: Option<String>,
 }
 
 pub fn run(args: DaemonArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
@@ -30,7 +34,14 @@ pub fn run(args: DaemonArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
             args.state_dir.display(),
             socket.display()
         );
-        forkscope::api::server::serve(&args.state_dir, &socket, &bin, !args.no_trace, stop).await?;
+        let opts = forkscope::api::server::ServeOptions {
+            state_dir: args.state_dir.clone(),
+            socket: socket.clone(),
+            forkscope_bin: bin,
+            trace: !args.no_trace,
+            socket_group: args.socket_group.clone(),
+        };
+        forkscope::api::server::serve(&opts, stop).await?;
         anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)

@@ -5,8 +5,9 @@
 //!    target's filesystem. The target is untouched so far: a crash here leaves it as it was,
 //!    and recovery removes the staging directory.
 //! 3. The journal (target, staging directory, operations, the branch's next commit state) is
-//!    written, the staged files and the journal are made durable (`syncfs`), and the journal
-//!    is renamed into place. From here on the commit happens: recovery replays the journal.
+//!    written, and the staged files and the journal are made durable by one `syncfs`. From
+//!    here on the commit happens: recovery replays the journal (a journal cut short by a
+//!    crash before that sync does not parse, and is ignored).
 //! 4. The operations run in order. Each is idempotent (a removal checks the inode it planned
 //!    to remove, an install whose staged file is gone was done), so replaying a journal
 //!    whose operations partly ran gives the same result as running it once.
@@ -92,23 +93,23 @@ pub fn stage(branch_dir: &Path, plan: &Plan, staging: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Steps 3 to 5, after [`stage`]. The journal becomes valid by a rename once it, the staged
-/// files and the marker are on disk: one `syncfs` covers them when they share a filesystem.
+/// Steps 3 to 5, after [`stage`]. One `syncfs` makes the staged files and the journal
+/// durable together (the journal is in the branch's directory, which shares the staging
+/// directory's filesystem for a host target; else both filesystems are synced): that is the
+/// commit point. A journal cut short by a crash does not parse, and counts as no journal.
 pub fn apply(branch_dir: &Path, journal: &Journal) -> Result<()> {
     if fault("commit-before-journal") {
         std::process::abort();
     }
-    let text = serde_json::to_string(journal).map_err(std::io::Error::from)?;
+    let mut text = serde_json::to_string(journal).map_err(std::io::Error::from)?;
+    text.push('\n');
     let jf = journal_file(branch_dir);
-    let tmp = jf.with_extension("tmp");
-    fs::write(&tmp, text.as_bytes()).at(&tmp)?;
+    fs::write(&jf, text.as_bytes()).at(&jf)?;
     syncfs(&journal.staging)?;
     let dev = |p: &Path| fs::metadata(p).map(|m| m.dev()).ok();
     if dev(&journal.staging) != dev(branch_dir) {
         syncfs(branch_dir)?;
     }
-    fs::rename(&tmp, &jf).at(&jf)?;
-    sync_dir(branch_dir)?;
     replay(branch_dir, journal)
 }
 
@@ -223,10 +224,19 @@ fn run(j: &Journal, n: usize, op: &Op) -> std::io::Result<()> {
 pub fn recover(branch_dir: &Path) -> Result<bool> {
     let jf = journal_file(branch_dir);
     if let Ok(text) = fs::read_to_string(&jf) {
-        let j: Journal = serde_json::from_str(&text)
-            .map_err(|e| Error::State(format!("{}: {e}", jf.display())))?;
-        replay(branch_dir, &j)?;
-        return Ok(true);
+        // Only a whole journal counts: one cut short by a crash was never synced, so the
+        // commit did not happen.
+        let whole = text.ends_with("}\n");
+        match serde_json::from_str::<Journal>(&text) {
+            Ok(j) if whole => {
+                replay(branch_dir, &j)?;
+                return Ok(true);
+            }
+            _ => {
+                log::warn!("{} is incomplete: the commit did not happen", jf.display());
+                let _ = fs::remove_file(&jf);
+            }
+        }
     }
     if let Ok(staging) = fs::read_to_string(marker_file(branch_dir)) {
         let _ = fs::remove_dir_all(staging);
@@ -240,4 +250,66 @@ pub fn recover(branch_dir: &Path) -> Result<bool> {
 pub fn discard(branch_dir: &Path, staging: &Path) {
     let _ = fs::remove_dir_all(staging);
     let _ = fs::remove_file(marker_file(branch_dir));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(tag: &str) -> PathBuf {
+        let d =
+            std::env::temp_dir().join(format!("forkscope-journal-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn journal(dir: &Path) -> Journal {
+        Journal {
+            root: dir.join("target"),
+            baseline: dir.join("target"),
+            staging: dir.join("staging"),
+            ops: vec![Op::Install {
+                path: "f".into(),
+                staged: "0".into(),
+            }],
+            state: CommitState::default(),
+        }
+    }
+
+    #[test]
+    fn a_journal_cut_short_is_no_commit_and_its_staging_goes() {
+        let dir = scratch("cut");
+        let j = journal(&dir);
+        fs::create_dir_all(&j.root).unwrap();
+        fs::create_dir_all(&j.staging).unwrap();
+        fs::write(j.staging.join("0"), "new").unwrap();
+        fs::write(marker_file(&dir), j.staging.as_os_str().as_encoded_bytes()).unwrap();
+        let text = serde_json::to_string(&j).unwrap() + "\n";
+        fs::write(journal_file(&dir), &text[..text.len() / 2]).unwrap();
+        assert!(!recover(&dir).unwrap(), "nothing replayed");
+        assert!(!j.root.join("f").exists(), "target untouched");
+        assert!(!j.staging.exists() && !journal_file(&dir).exists());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_whole_journal_is_replayed_once_and_twice_gives_the_same() {
+        let dir = scratch("whole");
+        let j = journal(&dir);
+        fs::create_dir_all(&j.root).unwrap();
+        fs::create_dir_all(&j.staging).unwrap();
+        fs::write(j.staging.join("0"), "new").unwrap();
+        let text = serde_json::to_string(&j).unwrap() + "\n";
+        fs::write(journal_file(&dir), &text).unwrap();
+        assert!(recover(&dir).unwrap());
+        assert_eq!(fs::read_to_string(j.root.join("f")).unwrap(), "new");
+        // The same journal again (a crash after the ops, before it was removed): no change.
+        fs::write(journal_file(&dir), &text).unwrap();
+        assert!(recover(&dir).unwrap());
+        assert_eq!(fs::read_to_string(j.root.join("f")).unwrap(), "new");
+        let state = CommitState::load(&dir).unwrap();
+        assert!(state.ours.contains_key(Path::new("f")));
+        fs::remove_dir_all(&dir).unwrap();
+    }
 }
