@@ -151,6 +151,44 @@ pub fn trace_file(b: &BranchRecord) -> PathBuf {
     b.dir.join("trace.jsonl")
 }
 
+/// One upper directory of a branch about to be snapshotted: where its new layer goes (made
+/// ready before the freeze) and what its previous snapshot saw.
+struct SnapshotPart {
+    upper: PathBuf,
+    layer: PathBuf,
+    manifest_file: PathBuf,
+    previous: Manifest,
+}
+
+/// Creates the empty layer directories of `p`'s next snapshot (workspace, then /tmp) and
+/// reads its previous manifests.
+fn prepare_snapshot(p: &BranchRecord) -> Result<Vec<SnapshotPart>> {
+    let n = next_layer_number(&p.dir)?;
+    let mut parts = Vec::new();
+    for what in ["ws", "tmp"] {
+        let manifest_file = p.dir.join(format!("{what}-manifest.json"));
+        let previous: Manifest = std::fs::read_to_string(&manifest_file)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        let layer = p.dir.join(format!("{what}-layer-{n}"));
+        if let Err(e) = std::fs::create_dir(&layer) {
+            for part in &parts {
+                let part: &SnapshotPart = part;
+                let _ = std::fs::remove_dir(&part.layer);
+            }
+            return Err(e).at(&layer);
+        }
+        parts.push(SnapshotPart {
+            upper: p.dir.join(format!("{what}/upper")),
+            layer,
+            manifest_file,
+            previous,
+        });
+    }
+    Ok(parts)
+}
+
 /// A fork whose parent stands on more layers than this merges them first (see
 /// [`crate::layers::flatten`]); well below [`MAX_LOWERS`], as each layer costs every lookup.
 pub const FLATTEN_AT: usize = MAX_LOWERS / 2;
@@ -479,60 +517,60 @@ impl Manager {
     }
 
     /// Freezes a running branch, snapshots what it changed since its previous fork into new
-    /// layers (recorded as its newest deltas) and thaws it.
+    /// layers (recorded as its newest deltas) and thaws it. What can be done before the
+    /// freeze is (creating the layer directories costs up to milliseconds on ext4), and the
+    /// manifests are written after the thaw: the branch is paused for the copy only.
     fn snapshot_running(&mut self, p: &mut BranchRecord, phases: &mut ForkPhases) -> Result<()> {
         let cg = Cgroup::open(&p.cgroup)?;
+        let prep = prepare_snapshot(p)?;
+        let discard = |prep: &[SnapshotPart]| {
+            for part in prep {
+                let _ = std::fs::remove_dir_all(&part.layer);
+            }
+        };
         let t = Instant::now();
-        cg.freeze(true, Duration::from_secs(5))?;
+        if let Err(e) = cg.freeze(true, Duration::from_secs(5)) {
+            let _ = cg.freeze(false, Duration::from_secs(5));
+            discard(&prep);
+            return Err(e);
+        }
         phases.freeze_us = t.elapsed().as_micros() as u64;
         let t = Instant::now();
-        let taken = self.snapshot_parent(p);
+        let at = snapshot_clock_ns();
+        let taken: Result<Vec<(Manifest, u64)>> = prep
+            .iter()
+            .map(|part| {
+                snapshot(&part.upper, p.last_snapshot_ns, &part.previous, &part.layer)
+                    .map(|(m, stats)| (m, stats.entries))
+            })
+            .collect();
         phases.files_us = t.elapsed().as_micros() as u64;
         let t = Instant::now();
         let thawed = cg.freeze(false, Duration::from_secs(5));
         phases.thaw_us = t.elapsed().as_micros() as u64;
-        let (layers, at) = taken?;
+        let taken = match taken {
+            Ok(t) => t,
+            Err(e) => {
+                discard(&prep);
+                return Err(e);
+            }
+        };
         thawed?;
-        if let Some((ws_layer, tmp_layer)) = layers {
-            p.ws_deltas.insert(0, ws_layer);
-            p.tmp_deltas.insert(0, tmp_layer);
+        let copied: u64 = taken.iter().map(|(_, n)| n).sum();
+        for (part, (manifest, _)) in prep.iter().zip(&taken) {
+            let text = serde_json::to_string(manifest).map_err(std::io::Error::from)?;
+            std::fs::write(&part.manifest_file, text).at(&part.manifest_file)?;
+        }
+        if copied == 0 {
+            // Nothing changed since the previous fork: the children share its layers.
+            discard(&prep);
+        } else {
+            p.ws_deltas.insert(0, prep[0].layer.clone());
+            p.tmp_deltas.insert(0, prep[1].layer.clone());
         }
         p.last_snapshot_ns = Some(at);
         self.registry.put(p)?;
         Ok(())
-    }
-
-    /// Snapshots a (frozen) branch's workspace and /tmp upper directories into new layers;
-    /// `None` when nothing changed since its previous fork (the children share its layers).
-    fn snapshot_parent(&self, p: &BranchRecord) -> Result<(Option<(PathBuf, PathBuf)>, i128)> {
-        let at = snapshot_clock_ns();
-        let n = next_layer_number(&p.dir)?;
-        let mut layers = Vec::new();
-        let mut copied = 0;
-        for (what, upper) in [
-            ("ws", p.dir.join("ws/upper")),
-            ("tmp", p.dir.join("tmp/upper")),
-        ] {
-            let manifest_file = p.dir.join(format!("{what}-manifest.json"));
-            let previous: Manifest = std::fs::read_to_string(&manifest_file)
-                .ok()
-                .and_then(|t| serde_json::from_str(&t).ok())
-                .unwrap_or_default();
-            let layer = p.dir.join(format!("{what}-layer-{n}"));
-            let (manifest, stats) = snapshot(&upper, p.last_snapshot_ns, &previous, &layer)?;
-            copied += stats.entries;
-            let text = serde_json::to_string(&manifest).map_err(std::io::Error::from)?;
-            std::fs::write(&manifest_file, text).at(&manifest_file)?;
-            layers.push(layer);
-        }
-        let tmp = layers.pop().expect("two layers");
-        let ws = layers.pop().expect("two layers");
-        if copied == 0 {
-            let _ = std::fs::remove_dir(&ws);
-            let _ = std::fs::remove_dir(&tmp);
-            return Ok((None, at));
-        }
-        Ok((Some((ws, tmp)), at))
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -63,15 +63,18 @@ pub fn snapshot_clock_ns() -> i128 {
         .unwrap_or(0)
 }
 
-/// Copies into `layer` (created, must not exist) what `upper` changed since the snapshot
-/// that produced `previous` at time `since_ns` (`None`: the first snapshot, copy all).
+/// Copies into `layer` (an empty directory, created if missing) what `upper` changed since
+/// the snapshot that produced `previous` at time `since_ns` (`None`: the first snapshot,
+/// copy all).
 pub fn snapshot(
     upper: &Path,
     since_ns: Option<i128>,
     previous: &Manifest,
     layer: &Path,
 ) -> Result<(Manifest, SnapshotStats)> {
-    fs::create_dir(layer).at(layer)?;
+    if !layer.exists() {
+        fs::create_dir(layer).at(layer)?;
+    }
     let entries = scan(upper)?;
     let manifest = Manifest {
         entries: entries.iter().map(|e| (e.path.clone(), e.kind)).collect(),
@@ -245,13 +248,35 @@ pub(crate) fn copy_entry_from(src: &Path, dst: &Path, kind: EntryKind) -> Result
 /// copy_file_range, then its mode, owner and times, all through the two open descriptors
 /// (a fork is paused while this runs: every syscall counts). Returns (bytes, reflinked).
 pub(crate) fn copy_file(src: &Path, dst: &Path) -> Result<(u64, bool)> {
-    let mut from = fs::File::open(src).at(src)?;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    // The last filesystem (device) that refused a reflink: not asked again.
+    static NO_REFLINK_DEV: AtomicU64 = AtomicU64::new(u64::MAX);
+    let from = fs::File::open(src).at(src)?;
     let meta = from.metadata().at(src)?;
-    let mut to = fs::File::create(dst).at(dst)?;
-    // SAFETY: FICLONE takes the source descriptor as its argument; both descriptors are open.
-    let cloned = unsafe { libc::ioctl(to.as_raw_fd(), libc::FICLONE as _, from.as_raw_fd()) } == 0;
+    let to = fs::File::create(dst).at(dst)?;
+    let dev = meta.dev();
+    let cloned = NO_REFLINK_DEV.load(Ordering::Relaxed) != dev && {
+        // SAFETY: FICLONE takes the source descriptor as its argument; both are open.
+        let ok = unsafe { libc::ioctl(to.as_raw_fd(), libc::FICLONE as _, from.as_raw_fd()) } == 0;
+        if !ok {
+            NO_REFLINK_DEV.store(dev, Ordering::Relaxed);
+        }
+        ok
+    };
     if !cloned {
-        std::io::copy(&mut from, &mut to).at(dst)?;
+        // In-kernel copy of the known length (no read/write through userspace).
+        let mut left = meta.len() as usize;
+        while left > 0 {
+            match nix::fcntl::copy_file_range(&from, None, &to, None, left) {
+                Ok(0) => break, // the file shrank meanwhile
+                Ok(n) => left -= n,
+                Err(_) => {
+                    // Across filesystems some kernels refuse: copy through userspace.
+                    std::io::copy(&mut &from, &mut &to).at(dst)?;
+                    break;
+                }
+            }
+        }
     }
     nix::unistd::fchown(&to, Some(meta.uid().into()), Some(meta.gid().into()))
         .map_err(|e| Error::Layer(format!("chown {}: {e}", dst.display())))?;
