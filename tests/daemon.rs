@@ -845,3 +845,43 @@ fn a_socket_group_lets_its_members_in_and_no_one_else() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_replayed_commit_never_removes_what_it_created() {
+    require_root();
+    let dir = TempDir::new("daemon-replay");
+    let ws = workspace(dir.path());
+    let socket = dir.path().join("api.sock");
+    let mut d = Daemon::start(dir.path());
+    d.run_sleeping("main", &ws);
+    d.ok(&["exec", "main", "--", "sh", "-c", "echo file > out"]);
+    d.ok(&["commit", "main"]);
+    // The file becomes a directory: the commit removes `out`, creates it again (ext4 may give
+    // the new directory the old inode number, which a replay must not take for the file it
+    // removed) and installs out/a. The daemon dies right after the directory is created.
+    d.ok(&[
+        "exec",
+        "main",
+        "--",
+        "sh",
+        "-c",
+        "rm out; mkdir out; echo inside > out/a",
+    ]);
+    d.stop();
+    std::mem::forget(d);
+    let mut d = Daemon::start_with(
+        dir.path(),
+        &socket,
+        &[("FORKSCOPE_FAULT", "commit-after-op:2")],
+    );
+    assert!(!d.cli(&["commit", "main"]).status.success());
+    wait_crashed(&mut d);
+    std::mem::forget(d);
+    let d = Daemon::start(dir.path());
+    assert_eq!(
+        std::fs::read_to_string(ws.join("out/a")).unwrap(),
+        "inside\n",
+        "the replay kept the directory it had created and finished the install"
+    );
+    assert_eq!(d.ok(&["exec", "main", "--", "cat", "out/a"]), "inside\n");
+}

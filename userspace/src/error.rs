@@ -60,6 +60,12 @@ pub enum Error {
     /// Both sides of a commit changed the same paths: HTTP 409, nothing applied.
     #[error("{}", conflicts_message(target, paths))]
     Conflicts { target: String, paths: Vec<PathBuf> },
+    /// A commit passed its commit point but could not finish; its journal is kept and
+    /// replayed when the daemon starts or the branch is committed again: HTTP 500.
+    #[error(
+        "the commit is incomplete ({0}); the branches involved stay frozen until it is finished: fix the cause, then run `forkscope commit` again or restart the daemon"
+    )]
+    CommitIncomplete(String),
     #[error("sandbox: {0}")]
     Sandbox(String),
     #[error("layers: {0}")]

@@ -33,8 +33,8 @@ const DRAIN_INTERVAL: Duration = Duration::from_millis(20);
 
 /// Where events go; the reader holds it while it writes a batch.
 struct Sinks {
-    /// Open trace files by cgroup id.
-    files: HashMap<u64, BufWriter<File>>,
+    /// Open trace files (and their paths) by cgroup id.
+    files: HashMap<u64, (std::path::PathBuf, BufWriter<File>)>,
     resolver: Resolver,
     /// Events from cgroups no branch owns any more (a branch aborted with events in flight).
     unattributed: u64,
@@ -58,6 +58,23 @@ pub struct Tracker {
 }
 
 impl Tracker {
+    /// Removes every pin set of `instance` (a daemon that does not trace leaves no programs
+    /// of an earlier one attached).
+    pub fn remove_pins(instance: &str) -> Result<()> {
+        let root = Path::new(crate::bpf::PIN_ROOT);
+        if let Ok(entries) = std::fs::read_dir(root) {
+            for e in entries.flatten() {
+                if e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("{instance}-"))
+                {
+                    crate::bpf::unpin(&e.path())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Adopts the programs pinned for `instance` (the state directory's tag), or loads,
     /// attaches and pins them. Events are read once [`Tracker::start_reading`] is called
     /// (after the branches are registered, so what waited in the ring buffer reaches them).
@@ -143,7 +160,9 @@ impl Tracker {
             .append(true)
             .open(file)
             .at(file)?;
-        self.sinks().files.insert(id, BufWriter::new(out));
+        self.sinks()
+            .files
+            .insert(id, (file.to_path_buf(), BufWriter::new(out)));
         if let Err(e) = self.probe().track(id) {
             self.sinks().files.remove(&id);
             return Err(e);
@@ -154,8 +173,22 @@ impl Tracker {
     /// Stops tracing cgroup `id` and closes its trace file (after writing what was read).
     pub fn untrack(&self, id: u64) {
         let _ = self.probe().untrack(id);
-        if let Some(mut out) = self.sinks().files.remove(&id) {
+        if let Some((_, mut out)) = self.sinks().files.remove(&id) {
             let _ = out.flush();
+        }
+    }
+
+    /// Stops tracing whatever writes to `file` (a branch whose cgroup is already gone).
+    pub fn forget_file(&self, file: &Path) {
+        let ids: Vec<u64> = self
+            .sinks()
+            .files
+            .iter()
+            .filter(|(_, (p, _))| p == file)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            self.untrack(id);
         }
     }
 
@@ -195,7 +228,7 @@ fn read_loop(mut ring: RingBuf<MapData>, sinks: &Mutex<Sinks>, stop: &AtomicBool
                     continue;
                 };
                 match s.files.get_mut(&cgroup) {
-                    Some(out) => {
+                    Some((_, out)) => {
                         let ok = serde_json::to_writer(&mut *out, &ev).is_ok()
                             && out.write_all(b"\n").is_ok();
                         if !ok {
@@ -205,7 +238,7 @@ fn read_loop(mut ring: RingBuf<MapData>, sinks: &Mutex<Sinks>, stop: &AtomicBool
                     None => s.unattributed += 1,
                 }
             }
-            for out in s.files.values_mut() {
+            for (_, out) in s.files.values_mut() {
                 let _ = out.flush();
             }
             if n < BATCH {

@@ -321,6 +321,7 @@ pub async fn serve(
         }
         Some(tracker)
     } else {
+        crate::tracker::Tracker::remove_pins(&manager.instance_tag())?;
         None
     };
     if let Some(dir) = socket.parent() {

@@ -53,6 +53,9 @@ pub struct Stats {
     pub read_errors: u64,
 }
 
+/// The pin that marks a complete set of pins (see [`Probe::pin`]).
+const COMPLETE: &str = "complete";
+
 /// Rebuilds a typed map from a pinned one.
 type MapKind = fn(MapData) -> Map;
 
@@ -178,16 +181,18 @@ impl Probe {
                 .map_err(pin_err(format!("link {n}")))?;
             drop(pinned); // the pin keeps it attached
         }
+        // Last: the mark of a complete set (bpffs holds only BPF objects, so the mark is the
+        // STATS map pinned once more). A set without it is never adopted.
+        self.map("STATS")
+            .pin(dir.join(COMPLETE))
+            .map_err(pin_err("the completion mark".into()))?;
         Ok(())
     }
 
     /// Takes back the maps a previous [`Probe::pin`] left under `dir`, whose programs are
     /// still attached; `None` when `dir` holds no complete set.
     pub fn adopt(dir: &std::path::Path) -> Result<Option<Self>> {
-        let has_links = std::fs::read_dir(dir.join("links"))
-            .map(|mut d| d.next().is_some())
-            .unwrap_or(false);
-        if !has_links {
+        if !dir.join(COMPLETE).exists() {
             return Ok(None);
         }
         let mut maps = StdHashMap::new();

@@ -14,7 +14,7 @@ use super::{BranchRecord, Manager};
 use crate::{
     cgroup::Cgroup,
     commit::{
-        CommitPhases, CommitState, Prefer,
+        CommitPhases, CommitState, Fingerprint, Prefer,
         journal::{self, Journal},
         plan::plan,
         target::Target,
@@ -49,8 +49,17 @@ struct Frozen(Option<Cgroup>);
 impl Frozen {
     fn new(path: &Path) -> Result<Self> {
         let cg = Cgroup::open(path)?;
-        cg.freeze(true, Duration::from_secs(5))?;
+        if let Err(e) = cg.freeze(true, Duration::from_secs(5)) {
+            // The request to freeze was written even if the wait timed out: undo it.
+            let _ = cg.freeze(false, Duration::from_secs(5));
+            return Err(e);
+        }
         Ok(Self(Some(cg)))
+    }
+
+    /// Leaves the cgroup frozen (a commit that must be finished before anything runs).
+    fn keep(mut self) {
+        self.0.take();
     }
 }
 
@@ -71,9 +80,7 @@ impl Manager {
                 "{name} is a checkpoint: it has no changes of its own to commit (fork it and commit the fork)"
             )));
         }
-        journal::recover(&b.dir)?; // a commit of it that failed half-way is finished first
         let (target, target_branch) = self.target_of(&b)?;
-        let mut state = CommitState::load(&b.dir)?;
         let mut phases = CommitPhases::default();
 
         let t = Instant::now();
@@ -83,6 +90,20 @@ impl Manager {
             None => None,
         };
         phases.freeze_us = t.elapsed().as_micros() as u64;
+        let keep_frozen = |e: Error, fb: Frozen, ft: Option<Frozen>| {
+            if matches!(e, Error::CommitIncomplete(_)) {
+                fb.keep();
+                if let Some(ft) = ft {
+                    ft.keep();
+                }
+            }
+            e
+        };
+        // A commit of it that stopped half-way is finished first, both sides frozen.
+        if let Err(e) = journal::recover(&b.dir) {
+            return Err(keep_frozen(e, frozen_branch, frozen_target));
+        }
+        let mut state = CommitState::load(&b.dir)?;
 
         let t = Instant::now();
         let plan = plan(
@@ -96,16 +117,52 @@ impl Manager {
 
         if !plan.ops.is_empty() {
             let staging = self.staging_dir(&b, &target)?;
+            // The host is not frozen: what the plan saw there is checked again once the
+            // files are staged, just before the commit point.
+            let seen: Vec<(PathBuf, Option<Fingerprint>)> = plan
+                .ops
+                .iter()
+                .map(|op| {
+                    let p = op.path().to_path_buf();
+                    let fp = Fingerprint::of(&target.root().join(&p));
+                    (p, fp)
+                })
+                .collect();
             let t = Instant::now();
             if let Err(e) = journal::stage(&b.dir, &plan, &staging) {
                 journal::discard(&b.dir, &staging);
                 return Err(e);
             }
             phases.stage_us = t.elapsed().as_micros() as u64;
+            let moved: Vec<String> = seen
+                .iter()
+                .filter(|(p, fp)| {
+                    !Fingerprint::matches(fp, &Fingerprint::of(&target.root().join(p)))
+                })
+                .map(|(p, _)| p.display().to_string())
+                .collect();
+            if !moved.is_empty() {
+                journal::discard(&b.dir, &staging);
+                return Err(Error::Conflict(format!(
+                    "{} changed while the commit was being prepared ({}): nothing was applied; commit again",
+                    target.describe(),
+                    moved.join(", ")
+                )));
+            }
+            let target_process = match &target_branch {
+                Some(p) => Some((
+                    p.init_pid,
+                    journal::process_start(p.init_pid).ok_or_else(|| {
+                        Error::Conflict(format!("{} stopped during the commit", p.name))
+                    })?,
+                )),
+                None => None,
+            };
             let t = Instant::now();
             state.manifest = plan.manifest.clone();
+            state.scan_ns = plan.scan_ns;
             state.commits += 1;
-            journal::apply(
+            let applied = journal::apply(
                 &b.dir,
                 &Journal {
                     root: target.root().to_path_buf(),
@@ -113,12 +170,17 @@ impl Manager {
                     staging,
                     ops: plan.ops.clone(),
                     state,
+                    target_process,
                 },
-            )?;
+            );
+            if let Err(e) = applied {
+                return Err(keep_frozen(e, frozen_branch, frozen_target));
+            }
             phases.apply_us = t.elapsed().as_micros() as u64;
         } else if state.manifest != plan.manifest {
             // Nothing to write (changes that cancel out): the base still moves forward.
             state.manifest = plan.manifest.clone();
+            state.scan_ns = plan.scan_ns;
             state.save(&b.dir)?;
         }
 
@@ -219,15 +281,46 @@ impl Manager {
     /// Finishes the commits a crash interrupted and thaws branches a crash left frozen;
     /// run when the registry is opened.
     pub(super) fn recover(&self) -> Result<()> {
-        for b in self.registry.all()? {
+        let all = self.registry.all()?;
+        let mut stuck: Vec<&BranchRecord> = Vec::new();
+        for b in &all {
             if b.frozen {
                 continue;
             }
-            if journal::recover(&b.dir)? {
-                log::info!("finished the commit of {} a crash interrupted", b.name);
+            match journal::recover(&b.dir) {
+                Ok(true) => log::info!("finished the commit of {} a crash interrupted", b.name),
+                Ok(false) => {}
+                Err(e) => {
+                    // Not fatal to the daemon: the other branches are served; this one and
+                    // the branch it commits into stay frozen until the commit is finished.
+                    log::error!("{}: {e}", b.name);
+                    stuck.push(b);
+                }
+            }
+        }
+        for b in &all {
+            let blocked = stuck
+                .iter()
+                .any(|s| s.id == b.id || s.parent.as_deref() == Some(b.name.as_str()));
+            if b.frozen || blocked {
+                continue;
             }
             if let Ok(cg) = Cgroup::open(&b.cgroup) {
                 let _ = cg.freeze(false, Duration::from_secs(5));
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses `what` while a commit of any branch is incomplete (its target may be half
+    /// written and is kept frozen).
+    pub(super) fn no_commit_pending(&self, what: &str) -> Result<()> {
+        for b in self.registry.all()? {
+            if journal::pending(&b.dir) {
+                return Err(Error::Conflict(format!(
+                    "the commit of {} is incomplete: finish it (`forkscope commit {}`, or restart the daemon) before {what}",
+                    b.name, b.name
+                )));
             }
         }
         Ok(())

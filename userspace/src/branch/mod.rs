@@ -67,6 +67,56 @@ pub struct BranchRecord {
     /// checkpoint inherits the checkpoint's).
     #[serde(default)]
     pub fork_ns: Option<i128>,
+    /// The layers its children stand on, merged at a fork when they grew deep (see
+    /// [`crate::layers::flatten`]).
+    #[serde(default)]
+    pub flattened: Option<Flattened>,
+}
+
+/// A branch's layer chain as merged for its children: `ws` and `tmp` replace its deltas
+/// taken up to then (`ws_deltas`, `tmp_deltas` of them) and its lowers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Flattened {
+    pub ws: Vec<PathBuf>,
+    pub tmp: Vec<PathBuf>,
+    pub ws_deltas: usize,
+    pub tmp_deltas: usize,
+}
+
+impl BranchRecord {
+    /// The workspace layers a child forked now stands on, topmost first.
+    pub fn children_ws(&self) -> Vec<PathBuf> {
+        match &self.flattened {
+            Some(f) => self.ws_deltas[..self.ws_deltas.len() - f.ws_deltas]
+                .iter()
+                .chain(&f.ws)
+                .cloned()
+                .collect(),
+            None => self
+                .ws_deltas
+                .iter()
+                .chain(&self.ws_lowers)
+                .cloned()
+                .collect(),
+        }
+    }
+
+    /// The /tmp layers a child forked now stands on, topmost first.
+    pub fn children_tmp(&self) -> Vec<PathBuf> {
+        match &self.flattened {
+            Some(f) => self.tmp_deltas[..self.tmp_deltas.len() - f.tmp_deltas]
+                .iter()
+                .chain(&f.tmp)
+                .cloned()
+                .collect(),
+            None => self
+                .tmp_deltas
+                .iter()
+                .chain(&self.tmp_lowers)
+                .cloned()
+                .collect(),
+        }
+    }
 }
 
 /// What `fork` makes.
@@ -388,6 +438,7 @@ impl Manager {
             ));
         }
         let mut p = self.get(parent)?;
+        self.no_commit_pending("forking")?;
         if let Some(n) = &name {
             validate_name(n)?;
             if self.registry.get(n)?.is_some() {
@@ -401,13 +452,11 @@ impl Manager {
             self.snapshot_running(&mut p, &mut phases)?;
         }
         let t = Instant::now();
-        if p.ws_deltas.len() + p.ws_lowers.len() > FLATTEN_AT
-            || p.tmp_deltas.len() + p.tmp_lowers.len() > FLATTEN_AT
-        {
+        if p.children_ws().len() > FLATTEN_AT || p.children_tmp().len() > FLATTEN_AT {
             self.flatten_layers(&mut p)?;
         }
-        let ws_lowers: Vec<PathBuf> = p.ws_deltas.iter().chain(&p.ws_lowers).cloned().collect();
-        let tmp_lowers: Vec<PathBuf> = p.tmp_deltas.iter().chain(&p.tmp_lowers).cloned().collect();
+        let ws_lowers = p.children_ws();
+        let tmp_lowers = p.children_tmp();
         // What the parent's upper directory held at the fork (a checkpoint passes on what its
         // own parent's held): a commit of the child needs it to see what the parent changed
         // since.
@@ -483,26 +532,24 @@ impl Manager {
             last_snapshot_ns: None,
             frozen: true,
             fork_ns,
+            flattened: None,
         };
         self.registry.put(&record)?;
         Ok(record)
     }
 
-    /// Merges the layers `p` stands on (all but the bottom one: the workspace's base, or the
-    /// empty /tmp base) into one layer in `p`'s directory, so its children get a short stack.
-    /// `p`'s own mounted stack is untouched; its record now describes the same files with
-    /// the merged layer.
+    /// Merges the layers `p`'s children would stand on (all but the bottom one: the
+    /// workspace's base, or the empty /tmp base) into one layer in `p`'s directory, so they
+    /// get a short stack. `p`'s own record (its mounted stack) is unchanged; the merged
+    /// chain is kept apart in [`BranchRecord::flattened`].
     fn flatten_layers(&mut self, p: &mut BranchRecord) -> Result<()> {
         let n = next_layer_number(&p.dir)?;
-        for (what, deltas, lowers) in [
-            ("ws", &mut p.ws_deltas, &mut p.ws_lowers),
-            ("tmp", &mut p.tmp_deltas, &mut p.tmp_lowers),
-        ] {
-            let mut chain: Vec<PathBuf> = deltas.iter().chain(lowers.iter()).cloned().collect();
-            let Some(bottom) = chain.pop() else {
-                continue;
-            };
+        let mut merged = Vec::new();
+        for (what, chain) in [("ws", p.children_ws()), ("tmp", p.children_tmp())] {
+            let mut chain = chain;
+            let bottom = chain.pop().expect("a branch stands on at least one layer");
             if chain.len() < 2 {
+                merged.push([chain, vec![bottom]].concat());
                 continue;
             }
             let flat = p.dir.join(format!("{what}-flat-{n}"));
@@ -510,9 +557,16 @@ impl Manager {
                 let _ = std::fs::remove_dir_all(&flat);
                 return Err(e);
             }
-            *deltas = vec![flat];
-            *lowers = vec![bottom];
+            merged.push(vec![flat, bottom]);
         }
+        let tmp = merged.pop().expect("two chains");
+        let ws = merged.pop().expect("two chains");
+        p.flattened = Some(Flattened {
+            ws,
+            tmp,
+            ws_deltas: p.ws_deltas.len(),
+            tmp_deltas: p.tmp_deltas.len(),
+        });
         self.registry.put(p)
     }
 
@@ -637,6 +691,7 @@ impl Manager {
             last_snapshot_ns: None,
             frozen: false,
             fork_ns,
+            flattened: None,
         };
         self.registry.put(&record)?;
         Ok(record)
@@ -668,6 +723,11 @@ impl Manager {
                 children.join(", ")
             )));
         }
+        if crate::commit::journal::pending(&b.dir) {
+            return Err(Error::Conflict(format!(
+                "the commit of {name} is incomplete: finish it (`forkscope commit {name}`, or restart the daemon) before aborting, or its target stays half written"
+            )));
+        }
         if !b.frozen && b.cgroup.exists() {
             let cg = Cgroup::open(&b.cgroup)?;
             if let Some(t) = &self.tracker {
@@ -676,6 +736,9 @@ impl Manager {
                 t.untrack(cg.id());
             }
             cg.remove()?;
+        }
+        if let Some(t) = &self.tracker {
+            t.forget_file(&trace_file(&b));
         }
         // Its layers belong to its own forks, which are gone (checked above). Files first,
         // then the record: an abort cut short can be run again.

@@ -9,8 +9,10 @@
 //!    here on the commit happens: recovery replays the journal (a journal cut short by a
 //!    crash before that sync does not parse, and is ignored).
 //! 4. The operations run in order. Each is idempotent (a removal checks the inode it planned
-//!    to remove, an install whose staged file is gone was done), so replaying a journal
-//!    whose operations partly ran gives the same result as running it once.
+//!    to remove, and is skipped once a marker says all removals are done; an install whose
+//!    staged file is gone was done), so replaying a journal whose operations partly ran gives
+//!    the same result as running it once. A replay refuses to run when the target branch's
+//!    init is no longer the process the journal names, or the staging directory is gone.
 //! 5. The target is made durable, the branch's commit state (with the fingerprints of what
 //!    was written) is saved, and the journal, marker and staging directory are removed.
 //!
@@ -46,6 +48,19 @@ pub struct Journal {
     pub ops: Vec<Op>,
     /// The branch's commit state once the commit is done, fingerprints aside.
     pub state: CommitState,
+    /// For a parent branch target reached through `/proc/<pid>/root`: that process's start
+    /// time (field 22 of `/proc/<pid>/stat`), so a replay never writes through a pid that
+    /// now belongs to another process.
+    #[serde(default)]
+    pub target_process: Option<(u32, u64)>,
+}
+
+/// The start time of process `pid` (clock ticks since boot), if it exists.
+pub fn process_start(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count after the last ')'.
+    let rest = stat.rsplit_once(')')?.1;
+    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
 fn journal_file(branch_dir: &Path) -> PathBuf {
@@ -104,21 +119,63 @@ pub fn apply(branch_dir: &Path, journal: &Journal) -> Result<()> {
     let mut text = serde_json::to_string(journal).map_err(std::io::Error::from)?;
     text.push('\n');
     let jf = journal_file(branch_dir);
-    fs::write(&jf, text.as_bytes()).at(&jf)?;
-    syncfs(&journal.staging)?;
-    let dev = |p: &Path| fs::metadata(p).map(|m| m.dev()).ok();
-    if dev(&journal.staging) != dev(branch_dir) {
-        syncfs(branch_dir)?;
+    let durable = fs::write(&jf, text.as_bytes()).at(&jf).and_then(|()| {
+        syncfs(&journal.staging)?;
+        let dev = |p: &Path| fs::metadata(p).map(|m| m.dev()).ok();
+        if dev(&journal.staging) != dev(branch_dir) {
+            syncfs(branch_dir)?;
+        }
+        Ok(())
+    });
+    if let Err(e) = durable {
+        // Not a commit: the target is untouched, and no later recovery may apply it.
+        let _ = fs::remove_file(&jf);
+        return Err(e);
     }
-    replay(branch_dir, journal)
+    replay(branch_dir, journal).map_err(|e| Error::CommitIncomplete(e.to_string()))
+}
+
+/// Whether a journal is waiting to be replayed for this branch.
+pub fn pending(branch_dir: &Path) -> bool {
+    journal_file(branch_dir).exists()
 }
 
 /// Steps 4 and 5: runs a journal's operations (again) and finishes the commit.
 fn replay(branch_dir: &Path, j: &Journal) -> Result<()> {
+    if let Some((pid, start)) = j.target_process
+        && process_start(pid) != Some(start)
+    {
+        return Err(Error::State(format!(
+            "the branch this commit writes into (its init, pid {pid}) is gone: the journal {} is kept, nothing was written",
+            journal_file(branch_dir).display()
+        )));
+    }
+    if !j.staging.is_dir() {
+        return Err(Error::State(format!(
+            "the staging directory {} of this commit is missing: the journal {} is kept, nothing was written",
+            j.staging.display(),
+            journal_file(branch_dir).display()
+        )));
+    }
     let crash_after = fault_after_op();
+    // Removals come first. Once they are all done a marker says so: a replay must not
+    // remove again what a later operation of the same commit created (inode numbers are
+    // reused at once on ext4).
+    let removes_done = j.staging.join("removes-done");
+    let skip_removes = removes_done.exists();
+    let mut marked = skip_removes;
     for (n, op) in j.ops.iter().enumerate() {
         if crash_after == Some(n) {
             std::process::abort();
+        }
+        let is_remove = matches!(op, Op::Remove { .. });
+        if is_remove && skip_removes {
+            continue;
+        }
+        if !is_remove && !marked {
+            fs::write(&removes_done, b"").at(&removes_done)?;
+            sync_dir(&j.staging)?;
+            marked = true;
         }
         run(j, n, op).map_err(|e| {
             Error::State(format!(
@@ -229,7 +286,7 @@ pub fn recover(branch_dir: &Path) -> Result<bool> {
         let whole = text.ends_with("}\n");
         match serde_json::from_str::<Journal>(&text) {
             Ok(j) if whole => {
-                replay(branch_dir, &j)?;
+                replay(branch_dir, &j).map_err(|e| Error::CommitIncomplete(e.to_string()))?;
                 return Ok(true);
             }
             _ => {
@@ -274,6 +331,7 @@ mod tests {
                 staged: "0".into(),
             }],
             state: CommitState::default(),
+            target_process: None,
         }
     }
 
@@ -304,7 +362,9 @@ mod tests {
         fs::write(journal_file(&dir), &text).unwrap();
         assert!(recover(&dir).unwrap());
         assert_eq!(fs::read_to_string(j.root.join("f")).unwrap(), "new");
-        // The same journal again (a crash after the ops, before it was removed): no change.
+        // The same journal again (a crash after the ops, before the journal and the then
+        // emptied staging directory were removed): no change.
+        fs::create_dir_all(&j.staging).unwrap();
         fs::write(journal_file(&dir), &text).unwrap();
         assert!(recover(&dir).unwrap());
         assert_eq!(fs::read_to_string(j.root.join("f")).unwrap(), "new");

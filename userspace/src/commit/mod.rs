@@ -108,6 +108,9 @@ pub struct CommitState {
     pub ours: BTreeMap<PathBuf, Option<Fingerprint>>,
     /// Commits made so far.
     pub commits: u64,
+    /// The clock when the last commit scanned the branch (kept for diagnosis).
+    #[serde(default)]
+    pub scan_ns: i128,
 }
 
 impl CommitState {

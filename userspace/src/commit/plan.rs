@@ -71,6 +71,8 @@ pub struct Plan {
     pub conflicts: Vec<PathBuf>,
     /// The branch's upper directory as the commit saw it (its next base).
     pub manifest: BTreeMap<PathBuf, (EntryKind, i128)>,
+    /// The coarse clock reading taken before that scan.
+    pub scan_ns: i128,
 }
 
 /// Plans committing the branch whose upper directory is `upper` (and lower layers `lowers`,
@@ -83,6 +85,7 @@ pub fn plan(
     target: &Target,
     prefer: Prefer,
 ) -> Result<Plan> {
+    let scan_ns = crate::layers::snapshot::snapshot_clock_ns();
     let entries = scan(upper)?;
     let manifest: BTreeMap<PathBuf, (EntryKind, i128)> = entries
         .iter()
@@ -222,6 +225,7 @@ pub fn plan(
 
     let mut plan = Plan {
         manifest,
+        scan_ns,
         conflicts: conflicts.clone(),
         ..Default::default()
     };

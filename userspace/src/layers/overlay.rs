@@ -48,8 +48,11 @@ impl Stack {
             .iter()
             .map(|p| checked(p))
             .collect::<Result<_>>()?;
+        // Explicitly off, whatever the host's module parameters say: snapshots, diffs and
+        // commits read upper directories as holding whole files (no metacopy) and whole
+        // renamed directories (no redirect_dir).
         Ok(format!(
-            "lowerdir={},upperdir={},workdir={}",
+            "lowerdir={},upperdir={},workdir={},redirect_dir=off,metacopy=off,index=off",
             lowers.join(":"),
             checked(&self.upper)?,
             checked(&self.work)?
@@ -94,7 +97,7 @@ mod tests {
         };
         assert_eq!(
             s.options().unwrap(),
-            "lowerdir=/l/2:/l/1,upperdir=/b/upper,workdir=/b/work"
+            "lowerdir=/l/2:/l/1,upperdir=/b/upper,workdir=/b/work,redirect_dir=off,metacopy=off,index=off"
         );
         let bad = Stack {
             lowers: vec!["/a:b".into()],
