@@ -329,3 +329,42 @@ fn a_child_commits_into_its_running_parent() {
         "abort after commits leaves no branch directory"
     );
 }
+
+#[test]
+fn a_workspace_on_another_filesystem_commits_against_its_copied_base() {
+    require_root();
+    // The state directory on /dev/shm (a tmpfs), the workspace under /tmp: the base layer is
+    // a copy, not hard links.
+    let state = PathBuf::from(format!(
+        "/dev/shm/forkscope-test-state-{}",
+        std::process::id()
+    ));
+    let _ = fs::remove_dir_all(&state);
+    fs::create_dir_all(&state).unwrap();
+    let ws_dir = TempDir::new("workspace");
+    let ws = ws_dir.path().to_path_buf();
+    fs::create_dir_all(ws.join("d")).unwrap();
+    fs::write(ws.join("a.txt"), "a0\n").unwrap();
+    fs::write(ws.join("b.txt"), "b0\n").unwrap();
+    fs::write(ws.join("d/c.txt"), "c0\n").unwrap();
+    let mut m = Branches::open(&state);
+    let b = sleeping(&mut m, "root", &ws);
+    assert!(
+        state.join("state/branches/1/base-manifest.json").exists(),
+        "a copied base"
+    );
+    sh(&b, "echo a1 > a.txt && rm d/c.txt && echo new > n.txt");
+    let done = commit(&mut m, "root").unwrap();
+    assert!(done.conflicts.is_empty(), "{:?}", done.conflicts);
+    assert_eq!(tree(&ws), tree(&view(&b)));
+    // A host change to a file the branch then changes is still a conflict.
+    fs::write(ws.join("b.txt"), "host\n").unwrap();
+    sh(&b, "echo b1 > b.txt");
+    assert!(matches!(
+        commit(&mut m, "root").unwrap_err(),
+        Error::Conflicts { paths, .. } if paths == [PathBuf::from("b.txt")]
+    ));
+    abort_all(&mut m);
+    drop(m);
+    fs::remove_dir_all(&state).unwrap();
+}

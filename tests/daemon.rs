@@ -545,6 +545,12 @@ fn bad_input_gets_clear_errors_and_changes_nothing() {
         "{msg}"
     );
     assert!(!ws.join("new.txt").exists());
+    // A workspace the branch's private /dev/shm would hide.
+    let shm = format!("/dev/shm/forkscope-test-ws-{}", std::process::id());
+    std::fs::create_dir_all(&shm).unwrap();
+    let msg = err(&["run", "--workspace", &shm]);
+    std::fs::remove_dir_all(&shm).unwrap();
+    assert!(msg.contains("private /dev/shm"), "{msg}");
     // A workspace that holds the state directory.
     assert!(
         err(&["run", "--workspace", dir.path().to_str().unwrap()])

@@ -204,11 +204,18 @@ impl Manager {
             let base_ns = b
                 .fork_ns
                 .ok_or_else(|| Error::State(format!("{} has no recorded fork point", b.name)))?;
+            let manifest = b.dir.join("base-manifest.json");
+            let copied_from = match std::fs::read_to_string(&manifest) {
+                Ok(t) => serde_json::from_str(&t)
+                    .map_err(|e| Error::State(format!("{}: {e}", manifest.display())))?,
+                Err(_) => Default::default(),
+            };
             return Ok((
                 Target::Host {
                     dir: b.workspace.clone(),
                     base,
                     base_ns,
+                    copied_from,
                 },
                 None,
             ));

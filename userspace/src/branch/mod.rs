@@ -396,6 +396,12 @@ impl Manager {
                 workspace.display()
             )));
         }
+        if workspace.starts_with("/dev/shm") {
+            return Err(Error::Invalid(format!(
+                "workspace {}: a branch has a private /dev/shm, which would hide it; put the workspace elsewhere",
+                workspace.display()
+            )));
+        }
         if workspace.starts_with(&self.state) || self.state.starts_with(&workspace) {
             return Err(Error::Invalid(format!(
                 "workspace {} and the state directory {} must not contain each other",
@@ -409,7 +415,16 @@ impl Manager {
         mkdirs(&dir, &["tmp-base"])?;
         let (ws_base, tmp_base) = (dir.join("ws-base"), dir.join("tmp-base"));
         let fork_ns = match build_base(&workspace, &ws_base) {
-            Ok(stats) => stats.max_ctime_ns,
+            Ok(stats) => {
+                if !stats.copied_from.is_empty() {
+                    // A copied base: commits compare the host with what was copied.
+                    let f = dir.join("base-manifest.json");
+                    let text =
+                        serde_json::to_string(&stats.copied_from).map_err(std::io::Error::from)?;
+                    std::fs::write(&f, text).at(&f)?;
+                }
+                stats.max_ctime_ns
+            }
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
                 return Err(e);

@@ -33,6 +33,9 @@ pub enum Target {
         /// The latest change time of anything linked into the base layer: a later change of
         /// a shared file has a later one (see [`crate::layers::base`]).
         base_ns: i128,
+        /// For a base copied from another filesystem: each host entry's inode and change
+        /// time when it was copied (empty for a base of hard links).
+        copied_from: BTreeMap<PathBuf, (u64, i128)>,
     },
     Branch {
         name: String,
@@ -72,6 +75,13 @@ impl Target {
         }
     }
 
+    fn base_path(&self, rel: &Path) -> PathBuf {
+        match self {
+            Target::Host { base, .. } => base.join(rel),
+            Target::Branch { upper, .. } => upper.join(rel),
+        }
+    }
+
     /// Whether `rel` itself changed in the target since the fork point (directories count
     /// only when they appeared, disappeared, changed type or were replaced whole).
     pub fn changed(&self, rel: &Path, ours: &Ours) -> bool {
@@ -89,7 +99,27 @@ impl Target {
             return now.is_some();
         }
         match self {
-            Target::Host { dir, base, base_ns } => {
+            Target::Host {
+                dir, copied_from, ..
+            } if !copied_from.is_empty() => {
+                let now = fs::symlink_metadata(dir.join(rel)).ok();
+                match (now, copied_from.get(rel)) {
+                    // Directories are not in the list: the base tells whether one was there.
+                    (None, None) => fs::symlink_metadata(self.base_path(rel)).is_ok(),
+                    (Some(n), None) => {
+                        !n.is_dir() || fs::symlink_metadata(self.base_path(rel)).is_err()
+                    }
+                    (None, Some(_)) => true,
+                    (Some(n), Some((ino, c))) => {
+                        !n.is_dir()
+                            && (std::os::unix::fs::MetadataExt::ino(&n) != *ino
+                                || ctime_ns(&n) != *c)
+                    }
+                }
+            }
+            Target::Host {
+                dir, base, base_ns, ..
+            } => {
                 let now = fs::symlink_metadata(dir.join(rel)).ok();
                 let then = fs::symlink_metadata(base.join(rel)).ok();
                 match (now, then) {

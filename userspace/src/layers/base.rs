@@ -27,7 +27,7 @@ use super::{
 use crate::error::{Error, IoContext, Result};
 
 /// What building a base layer did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BaseStats {
     /// Entries linked.
     pub linked: u64,
@@ -39,6 +39,9 @@ pub struct BaseStats {
     /// back from the files. Once [`build_base`] returns, the coarse clock is past it, so a
     /// later change of a shared file gives it a later change time.
     pub max_ctime_ns: i128,
+    /// When the base is a copy (another filesystem): each copied entry's host inode and
+    /// change time at the copy, the fork point a commit compares the host with.
+    pub copied_from: std::collections::BTreeMap<PathBuf, (u64, i128)>,
 }
 
 /// Builds at `base` (created, must not exist) a tree mirroring `workspace`: directories
@@ -95,6 +98,9 @@ fn mirror(
                 } else {
                     copy_entry_from(&src, &dst, kind)?;
                     copy_owner(&src, &dst)?;
+                    stats
+                        .copied_from
+                        .insert(path.clone(), (meta.ino(), crate::commit::ctime_ns(&meta)));
                     stats.copied += 1;
                 }
             }
