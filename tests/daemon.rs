@@ -365,9 +365,15 @@ fn abort_leaves_no_trace() {
     let d = Daemon::start(dir.path());
     d.run_sleeping("gone", &ws);
     d.ok(&["fork", "gone", "--name", "gone-kid"]);
+    d.ok(&["fork", "gone-kid", "--name", "gone-grandkid"]);
+    d.ok(&["fork", "gone", "--frozen", "--name", "gone-checkpoint"]);
     let before = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    d.ok(&["abort", "gone-kid"]);
-    d.ok(&["abort", "gone"]);
+    let refused = d.cli(&["abort", "gone"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--recursive"));
+    d.ok(&["abort", "gone-kid", "--recursive"]);
+    assert_eq!(d.ok(&["ls", "--json"]).matches("\"name\"").count(), 2);
+    d.ok(&["abort", "--recursive", "gone"]);
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert_eq!(
         before.lines().count(),

@@ -260,8 +260,20 @@ async fn abort(
     State(app): State<App>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     UrlPath(name): UrlPath<String>,
+    RawQuery(query): RawQuery,
 ) -> ApiResult<StatusCode> {
-    with_manager(&app, &peer, move |m| m.abort(&name)).await?;
+    let recursive = query.as_deref().is_some_and(|q| {
+        q.split('&')
+            .any(|kv| kv == "recursive=true" || kv == "recursive=1")
+    });
+    with_manager(&app, &peer, move |m| {
+        if recursive {
+            m.abort_tree(&name).map(|_| ())
+        } else {
+            m.abort(&name)
+        }
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

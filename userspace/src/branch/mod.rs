@@ -721,8 +721,31 @@ impl Manager {
         changes(&b.dir.join("ws/upper"), &b.ws_lowers)
     }
 
-    /// Kills a branch's processes and removes its cgroup, files and record. Layers its
-    /// children still stand on are kept until the last of them is aborted.
+    /// Aborts `name` and every branch forked from it, directly or not (children first).
+    /// Returns the names aborted.
+    pub fn abort_tree(&mut self, name: &str) -> Result<Vec<String>> {
+        self.get(name)?;
+        let all = self.registry.all()?;
+        // Descendants, each after its parent: aborted in reverse, children first.
+        let mut order = vec![name.to_string()];
+        let mut i = 0;
+        while i < order.len() {
+            let parent = order[i].clone();
+            order.extend(
+                all.iter()
+                    .filter(|b| b.parent.as_deref() == Some(parent.as_str()))
+                    .map(|b| b.name.clone()),
+            );
+            i += 1;
+        }
+        for n in order.iter().rev() {
+            self.abort(n)?;
+        }
+        Ok(order)
+    }
+
+    /// Kills a branch's processes and removes its cgroup, files and record. A branch with
+    /// live children is refused (see [`Manager::abort_tree`]).
     pub fn abort(&mut self, name: &str) -> Result<()> {
         let b = self.get(name)?;
         let children: Vec<String> = self
@@ -734,7 +757,7 @@ impl Manager {
             .collect();
         if !children.is_empty() {
             return Err(Error::Conflict(format!(
-                "{name} has live children ({}) standing on its layers: abort them first",
+                "{name} has live children ({}) standing on its layers: abort them first, or all at once with `forkscope abort --recursive {name}`",
                 children.join(", ")
             )));
         }

@@ -9,13 +9,24 @@ use hyper::Method;
 #[derive(Args)]
 pub struct AbortArgs {
     branch: String,
+    /// Also abort every branch forked from it, directly or not (children first).
+    #[arg(short, long)]
+    recursive: bool,
 }
 
 pub fn run(args: AbortArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
     super::client::call(
         &socket,
         Method::DELETE,
-        &format!("/v1/branches/{}", args.branch),
+        &format!(
+            "/v1/branches/{}{}",
+            args.branch,
+            if args.recursive {
+                "?recursive=true"
+            } else {
+                ""
+            }
+        ),
         None,
     )?;
     Ok(ExitCode::SUCCESS)
