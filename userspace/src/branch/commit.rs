@@ -305,11 +305,26 @@ impl Manager {
                 }
             }
         }
+        // A stuck commit keeps its branch and the branch it writes into frozen (through a
+        // checkpoint, that is the nearest running ancestor).
+        let blocked: Vec<u64> = stuck
+            .iter()
+            .flat_map(|s| {
+                let mut ids = vec![s.id];
+                match self.target_of(s) {
+                    Ok((_, Some(t))) => ids.push(t.id),
+                    Ok((_, None)) => {}
+                    Err(_) => ids.extend(
+                        all.iter()
+                            .filter(|p| s.parent.as_deref() == Some(p.name.as_str()))
+                            .map(|p| p.id),
+                    ),
+                }
+                ids
+            })
+            .collect();
         for b in &all {
-            let blocked = stuck
-                .iter()
-                .any(|s| s.id == b.id || s.parent.as_deref() == Some(b.name.as_str()));
-            if b.frozen || blocked {
+            if b.frozen || blocked.contains(&b.id) {
                 continue;
             }
             if let Ok(cg) = Cgroup::open(&b.cgroup) {
