@@ -73,8 +73,18 @@ impl Cgroup {
         self.path.clone()
     }
 
-    /// Freezes (`true`) or thaws every process in the cgroup and waits until it is done.
+    /// Freezes (`true`) or thaws every process in the cgroup and waits until it is done. A
+    /// freeze that fails (not frozen within `timeout`) is undone before the error returns, so
+    /// no caller leaves a cgroup frozen by a request it gave up on.
     pub fn freeze(&self, frozen: bool, timeout: Duration) -> Result<()> {
+        let done = self.set_frozen(frozen, timeout);
+        if frozen && done.is_err() {
+            let _ = self.set_frozen(false, timeout);
+        }
+        done
+    }
+
+    fn set_frozen(&self, frozen: bool, timeout: Duration) -> Result<()> {
         let p = self.path.join("cgroup.freeze");
         fs::write(&p, if frozen { "1" } else { "0" }).at(&p)?;
         let events = self.path.join("cgroup.events");

@@ -61,16 +61,8 @@ impl Tracker {
     /// Removes every pin set of `instance` (a daemon that does not trace leaves no programs
     /// of an earlier one attached).
     pub fn remove_pins(instance: &str) -> Result<()> {
-        let root = Path::new(crate::bpf::PIN_ROOT);
-        if let Ok(entries) = std::fs::read_dir(root) {
-            for e in entries.flatten() {
-                if e.file_name()
-                    .to_string_lossy()
-                    .starts_with(&format!("{instance}-"))
-                {
-                    crate::bpf::unpin(&e.path())?;
-                }
-            }
+        for p in pin_sets(instance) {
+            crate::bpf::unpin(&p)?;
         }
         Ok(())
     }
@@ -84,15 +76,9 @@ impl Tracker {
         let root = Path::new(crate::bpf::PIN_ROOT);
         let pin_dir = root.join(format!("{instance}-{}", crate::bpf::object_id()));
         // Pins of this state directory left by another build: their programs go.
-        if let Ok(entries) = std::fs::read_dir(root) {
-            for e in entries.flatten() {
-                let p = e.path();
-                let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with(&format!("{instance}-")) && p != pin_dir {
-                    log::info!("removing pins of another forkscope build: {}", p.display());
-                    crate::bpf::unpin(&p)?;
-                }
-            }
+        for p in pin_sets(instance).into_iter().filter(|p| *p != pin_dir) {
+            log::info!("removing pins of another forkscope build: {}", p.display());
+            crate::bpf::unpin(&p)?;
         }
         let (mut probe, adopted) = match Probe::adopt(&pin_dir)? {
             Some(p) => (p, true),
@@ -206,6 +192,18 @@ impl Drop for Tracker {
             let _ = r.join();
         }
     }
+}
+
+/// The pin directories of `instance` under [`crate::bpf::PIN_ROOT`], one per object build.
+fn pin_sets(instance: &str) -> Vec<std::path::PathBuf> {
+    let prefix = format!("{instance}-");
+    std::fs::read_dir(crate::bpf::PIN_ROOT)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path())
+        .collect()
 }
 
 fn read_loop(mut ring: RingBuf<MapData>, sinks: &Mutex<Sinks>, stop: &AtomicBool) {

@@ -191,6 +191,15 @@ async fn commit(
     Ok(Json(done).into_response())
 }
 
+/// Whether the query string sets `name=true` (or `name=1`).
+fn query_flag(query: Option<&str>, name: &str) -> bool {
+    query.is_some_and(|q| {
+        q.split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .any(|(k, v)| k == name && (v == "true" || v == "1"))
+    })
+}
+
 /// A branch's trace as JSON lines; with `?follow=true`, kept open and fed as events arrive
 /// until the branch is aborted or the client goes away.
 async fn trace_stream(
@@ -199,10 +208,7 @@ async fn trace_stream(
     UrlPath(name): UrlPath<String>,
     RawQuery(query): RawQuery,
 ) -> ApiResult<Response> {
-    let follow = query.as_deref().is_some_and(|q| {
-        q.split('&')
-            .any(|kv| kv == "follow=true" || kv == "follow=1")
-    });
+    let follow = query_flag(query.as_deref(), "follow");
     let (file, dir, traced) = with_manager(&app, &peer, move |m| {
         let b = m.get(&name)?;
         Ok((crate::branch::trace_file(&b), b.dir.clone(), m.traced()))
@@ -262,10 +268,7 @@ async fn abort(
     UrlPath(name): UrlPath<String>,
     RawQuery(query): RawQuery,
 ) -> ApiResult<StatusCode> {
-    let recursive = query.as_deref().is_some_and(|q| {
-        q.split('&')
-            .any(|kv| kv == "recursive=true" || kv == "recursive=1")
-    });
+    let recursive = query_flag(query.as_deref(), "recursive");
     with_manager(&app, &peer, move |m| {
         if recursive {
             m.abort_tree(&name).map(|_| ())

@@ -49,11 +49,7 @@ struct Frozen(Option<Cgroup>);
 impl Frozen {
     fn new(path: &Path) -> Result<Self> {
         let cg = Cgroup::open(path)?;
-        if let Err(e) = cg.freeze(true, Duration::from_secs(5)) {
-            // The request to freeze was written even if the wait timed out: undo it.
-            let _ = cg.freeze(false, Duration::from_secs(5));
-            return Err(e);
-        }
+        cg.freeze(true, Duration::from_secs(5))?;
         Ok(Self(Some(cg)))
     }
 

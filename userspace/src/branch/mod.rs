@@ -86,36 +86,31 @@ pub struct Flattened {
 impl BranchRecord {
     /// The workspace layers a child forked now stands on, topmost first.
     pub fn children_ws(&self) -> Vec<PathBuf> {
-        match &self.flattened {
-            Some(f) => self.ws_deltas[..self.ws_deltas.len() - f.ws_deltas]
-                .iter()
-                .chain(&f.ws)
-                .cloned()
-                .collect(),
-            None => self
-                .ws_deltas
-                .iter()
-                .chain(&self.ws_lowers)
-                .cloned()
-                .collect(),
-        }
+        let merged = self.flattened.as_ref().map(|f| (&f.ws, f.ws_deltas));
+        children_chain(&self.ws_deltas, &self.ws_lowers, merged)
     }
 
     /// The /tmp layers a child forked now stands on, topmost first.
     pub fn children_tmp(&self) -> Vec<PathBuf> {
-        match &self.flattened {
-            Some(f) => self.tmp_deltas[..self.tmp_deltas.len() - f.tmp_deltas]
-                .iter()
-                .chain(&f.tmp)
-                .cloned()
-                .collect(),
-            None => self
-                .tmp_deltas
-                .iter()
-                .chain(&self.tmp_lowers)
-                .cloned()
-                .collect(),
-        }
+        let merged = self.flattened.as_ref().map(|f| (&f.tmp, f.tmp_deltas));
+        children_chain(&self.tmp_deltas, &self.tmp_lowers, merged)
+    }
+}
+
+/// A branch's deltas over its lowers, or, once flattened, the deltas taken since over the
+/// merged chain (which replaced the first `covered` deltas taken and the lowers).
+fn children_chain(
+    deltas: &[PathBuf],
+    lowers: &[PathBuf],
+    merged: Option<(&Vec<PathBuf>, usize)>,
+) -> Vec<PathBuf> {
+    match merged {
+        Some((chain, covered)) => deltas[..deltas.len() - covered]
+            .iter()
+            .chain(chain)
+            .cloned()
+            .collect(),
+        None => deltas.iter().chain(lowers).cloned().collect(),
     }
 }
 
@@ -189,9 +184,10 @@ pub struct Manager {
     bin: PathBuf,
     /// Host directories branches must not see (see `SandboxSpec::hidden`).
     hidden: Vec<PathBuf>,
-    /// Names this state directory's branch cgroups (`<prefix>-<id>`), so daemons on different
-    /// state directories never collide.
-    cgroup_prefix: String,
+    /// Names this state directory among others on the host (its inode, in hex): branch
+    /// cgroups are `branch-<instance>-<id>` and pins `<instance>-<object>`, so daemons on
+    /// different state directories never collide.
+    instance: String,
     /// Per-branch traces, when the daemon loaded the eBPF programs.
     tracker: Option<std::sync::Arc<Tracker>>,
 }
@@ -278,7 +274,7 @@ impl Manager {
             state: state.clone(),
             registry,
             bin: bin.to_path_buf(),
-            cgroup_prefix: format!("branch-{ino:x}"),
+            instance: format!("{ino:x}"),
             hidden: vec![state],
             tracker: None,
         };
@@ -304,10 +300,7 @@ impl Manager {
     /// Names this state directory among others on the host (its inode), for cgroups and
     /// pins.
     pub fn instance_tag(&self) -> String {
-        self.cgroup_prefix
-            .strip_prefix("branch-")
-            .unwrap_or(&self.cgroup_prefix)
-            .to_string()
+        self.instance.clone()
     }
 
     /// Whether branches are traced.
@@ -599,7 +592,6 @@ impl Manager {
         };
         let t = Instant::now();
         if let Err(e) = cg.freeze(true, Duration::from_secs(5)) {
-            let _ = cg.freeze(false, Duration::from_secs(5));
             discard(&prep);
             return Err(e);
         }
@@ -673,7 +665,7 @@ impl Manager {
             log: dir.join("command.log"),
             hidden: self.hidden.clone(),
         };
-        let cgroup = Cgroup::create(&format!("{}-{id}", self.cgroup_prefix))?;
+        let cgroup = Cgroup::create(&format!("branch-{}-{id}", self.instance))?;
         if let Some(t) = &self.tracker {
             t.track(cgroup.id(), &dir.join("trace.jsonl"))?;
         }

@@ -140,8 +140,8 @@ pub fn plan(
                     remove(&e.path, &mut removes);
                 }
                 let new_dir = replace || there.is_none();
-                let attrs_changed = match fs::symlink_metadata(root.join(&e.path)) {
-                    Ok(t) if !replace => {
+                let attrs_changed = match &there {
+                    Some(t) if !replace => {
                         (t.mode(), t.uid(), t.gid()) != (meta.mode(), meta.uid(), meta.gid())
                             && below.is_none_or(|_| differs_below(lowers, &e.path, &meta))
                     }
