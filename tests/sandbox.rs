@@ -54,6 +54,7 @@ fn branch(tag: &str) -> Branch {
         command: vec!["sleep".into(), "1000".into()],
         log: state.path().join("cmd.log"),
         hidden: Vec::new(),
+        nest_in: None,
     };
     let cgroup = Cgroup::create(&format!("sandbox-test-{}-{tag}", std::process::id())).unwrap();
     let sandbox = start(

@@ -68,6 +68,9 @@ pub enum Error {
     CommitIncomplete(String),
     #[error("sandbox: {0}")]
     Sandbox(String),
+    /// A process of the branch cannot be cloned faithfully: HTTP 409, nothing forked.
+    #[error("{0}")]
+    CannotClone(String),
     #[error("layers: {0}")]
     Layer(String),
     #[error("{path}: {cause}")]

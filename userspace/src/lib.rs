@@ -12,6 +12,8 @@
 //! - [`events`]: decoding kernel records, resolving paths and addresses, JSON records, totals;
 //! - [`layers`]: branched workspaces on overlayfs (snapshot layers, diffs);
 //! - [`sandbox`]: a branch's namespaces, mounts and init process;
+//! - [`procfork`]: native fork of a branch's processes into a child (clone3 injected with
+//!   [`inject`], ptrace system-call injection);
 //! - [`trace`]: `forkscope trace` (one command, one cgroup, one trace);
 //! - [`tracker`]: the daemon's per-branch traces (one probe, events by branch cgroup);
 //! - [`sys`]: start-up checks (root, BTF, tracefs);
@@ -24,7 +26,9 @@ pub mod cgroup;
 pub mod commit;
 pub mod error;
 pub mod events;
+pub mod inject;
 pub mod layers;
+pub mod procfork;
 pub mod sandbox;
 pub mod state;
 pub mod sys;

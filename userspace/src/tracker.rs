@@ -178,6 +178,25 @@ impl Tracker {
         }
     }
 
+    /// Starts a new dirty-page epoch for the given cgroups (after a fork write-protected
+    /// their pages again). Errors are logged: accounting never fails a fork.
+    pub fn new_epoch(&self, cgroups: &[u64]) {
+        if let Err(e) = self.probe().new_epoch(|c| cgroups.contains(&c)) {
+            log::warn!("starting a new dirty-page epoch: {e}");
+        }
+    }
+
+    /// Pages first written since the current epoch began by the live processes `pids` of
+    /// cgroup `id`: the pages those processes made their own since the branch's last fork.
+    pub fn private_pages(&self, id: u64, pids: &[u32]) -> Result<u64> {
+        let counts = self.probe().page_counts(|c| c == id)?;
+        Ok(counts
+            .iter()
+            .filter(|(k, _)| pids.contains(&k.tgid))
+            .map(|(_, n)| n)
+            .sum())
+    }
+
     /// The programs' counters (events, lost events), and events no branch claimed.
     pub fn stats(&self) -> Result<(Stats, u64)> {
         let stats = self.probe().stats()?;

@@ -60,7 +60,9 @@ impl IntoResponse for ApiError {
             Error::Invalid(_) | Error::NoCommand => StatusCode::BAD_REQUEST,
             Error::Forbidden(_) => StatusCode::FORBIDDEN,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
-            Error::Conflict(_) | Error::Conflicts { .. } => StatusCode::CONFLICT,
+            Error::Conflict(_) | Error::Conflicts { .. } | Error::CannotClone(_) => {
+                StatusCode::CONFLICT
+            }
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let mut body = serde_json::json!({ "error": self.0.to_string() });

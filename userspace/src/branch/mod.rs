@@ -5,7 +5,9 @@
 //! and /tmp ([`crate::layers`]). Forking freezes the parent, copies what its upper directories
 //! changed since its previous fork into new immutable layers, thaws it, and starts the child
 //! on those layers above the parent's: the child sees the parent's files as they were at the
-//! fork point. Processes are not cloned yet: the child starts the parent's command afresh.
+//! fork point. The parent's processes are cloned into the child copy-on-write
+//! ([`crate::procfork`]), seized while the parent is frozen, so files and processes are taken
+//! at the same instant; `--fresh` starts the parent's command afresh instead.
 //! Committing ([`commit`]) applies a branch's changes to its parent's view.
 
 mod commit;
@@ -29,6 +31,7 @@ use crate::{
         overlay::MAX_LOWERS,
         snapshot::{Manifest, snapshot, snapshot_clock_ns},
     },
+    procfork,
     sandbox::{self, SandboxSpec, StackSpec},
     state::{Registry, branch_dir},
     tracker::Tracker,
@@ -114,6 +117,13 @@ fn children_chain(
     }
 }
 
+/// How a branch's sandbox starts: the command its init runs (none when the processes are
+/// cloned into it), and the parent init whose namespaces it nests in.
+struct Start {
+    command: Vec<String>,
+    nest_in: Option<u32>,
+}
+
 /// What `fork` makes.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ForkOptions {
@@ -126,17 +136,26 @@ pub struct ForkOptions {
     /// Make checkpoints instead of running branches.
     #[serde(default)]
     pub frozen: bool,
+    /// Start the parent's command afresh in the children instead of cloning its processes.
+    #[serde(default)]
+    pub fresh: bool,
 }
 
 /// Where the time of a fork went, in microseconds: freezing the parent, snapshotting its
-/// files (the parent is frozen meanwhile), thawing it, and starting the children's
-/// sandboxes (the parent runs meanwhile).
+/// files (the parent is frozen meanwhile), thawing it, starting the children's sandboxes,
+/// and cloning the processes into them. The parent's processes being cloned stay stopped
+/// (by ptrace) from the freeze until they are cloned into every child (`held_us`); its
+/// other processes (its init) run again at the thaw.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ForkPhases {
     pub freeze_us: u64,
     pub files_us: u64,
     pub thaw_us: u64,
     pub start_us: u64,
+    #[serde(default)]
+    pub processes_us: u64,
+    #[serde(default)]
+    pub held_us: u64,
 }
 
 /// The result of a fork.
@@ -144,6 +163,17 @@ pub struct ForkPhases {
 pub struct Forked {
     pub branches: Vec<BranchRecord>,
     pub phases: ForkPhases,
+    /// Host pids of each child's clones (one list per child, in `branches` order); empty
+    /// lists when processes were not cloned.
+    #[serde(default)]
+    pub cloned: Vec<Vec<u32>>,
+    /// How processes were handled: `cloned`, `fresh` (the command started afresh) or `none`
+    /// (a checkpoint).
+    #[serde(default)]
+    pub processes: String,
+    /// What the clones do not faithfully own (closed sockets, replaced stdio, ...).
+    #[serde(default)]
+    pub notes: Vec<String>,
 }
 
 /// A branch and whether its init is alive.
@@ -153,6 +183,24 @@ pub struct BranchInfo {
     pub record: BranchRecord,
     /// `running` while its init lives, `dead` otherwise.
     pub status: String,
+    /// Host pids of its processes (not its init).
+    #[serde(default)]
+    pub processes: Vec<u32>,
+    /// Memory pages its processes made their own (first written, by a user or kernel write
+    /// fault) since its last fork or its creation; none when the daemon does not trace.
+    /// Blind spot: writes through pinned pages (O_DIRECT, process_vm_writev, io_uring).
+    #[serde(default)]
+    pub private_pages: Option<u64>,
+    #[serde(default)]
+    pub private_bytes: Option<u64>,
+}
+
+/// The memory page size.
+fn page_size() -> u64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .map_or(4096, |n| n as u64)
 }
 
 /// Checks a branch name: 1 to 64 of letters, digits, `.`, `_`, `-`, starting with a letter
@@ -365,9 +413,21 @@ impl Manager {
                 } else {
                     "dead"
                 };
+                let processes = if alive {
+                    procfork::inspect::targets(&record.cgroup, record.init_pid).unwrap_or_default()
+                } else {
+                    Vec::new()
+                };
+                let private_pages = self.tracker.as_ref().and_then(|t| {
+                    let id = Cgroup::open(&record.cgroup).ok()?.id();
+                    t.private_pages(id, &processes).ok()
+                });
                 BranchInfo {
                     record,
                     status: status.into(),
+                    processes,
+                    private_pages,
+                    private_bytes: private_pages.map(|p| p * page_size()),
                 }
             })
             .collect())
@@ -428,10 +488,14 @@ impl Manager {
             name,
             None,
             workspace,
-            command,
+            command.clone(),
             vec![ws_base],
             vec![tmp_base],
             Some(fork_ns),
+            Start {
+                command,
+                nest_in: None,
+            },
         )
     }
 
@@ -456,9 +520,36 @@ impl Manager {
             }
         }
         let mut phases = ForkPhases::default();
-        if !p.frozen {
-            self.snapshot_running(&mut p, &mut phases)?;
-        }
+        let cloning = !p.frozen && !opts.frozen && !opts.fresh;
+        let checked = if cloning {
+            procfork::precheck(&p.cgroup, p.init_pid)?
+        } else {
+            Vec::new()
+        };
+        let t_held = Instant::now();
+        let held = if p.frozen {
+            None
+        } else {
+            let (cg, init) = (p.cgroup.clone(), p.init_pid);
+            self.snapshot_running(&mut p, &mut phases, || {
+                if checked.is_empty() {
+                    Ok(None)
+                } else {
+                    procfork::hold(&cg, init, &checked).map(Some)
+                }
+            })?
+        };
+        let mut held = match held {
+            Some(h) => {
+                let log = p.dir.join("command.log");
+                let ctx = procfork::inspect::Context {
+                    workspace: &p.workspace,
+                    parent_log: &log,
+                };
+                Some(procfork::plan(h, p.init_pid, &ctx)?)
+            }
+            None => None,
+        };
         let t = Instant::now();
         if p.children_ws().len() > FLATTEN_AT || p.children_tmp().len() > FLATTEN_AT {
             self.flatten_layers(&mut p)?;
@@ -479,20 +570,32 @@ impl Manager {
             p.last_snapshot_ns
         };
         let mut made = Vec::new();
-        for _ in 0..count {
-            let id = self.registry.next_id()?;
-            let child = self.unused_name(name.clone(), id)?;
-            let dir = branch_dir(&self.state, id);
-            std::fs::create_dir_all(&dir).at(&dir)?;
-            if fork_manifest.exists() {
-                let to = dir.join("fork-manifest.json");
-                std::fs::copy(&fork_manifest, &to).at(&to)?;
-            }
-            let (ws, tmp) = (ws_lowers.clone(), tmp_lowers.clone());
-            made.push(if opts.frozen {
-                self.checkpoint(id, child, &p, ws, tmp, fork_ns)?
-            } else {
-                self.start(
+        let mut cloned = Vec::new();
+        let outcome = (|| -> Result<()> {
+            for _ in 0..count {
+                let id = self.registry.next_id()?;
+                let child = self.unused_name(name.clone(), id)?;
+                let dir = branch_dir(&self.state, id);
+                std::fs::create_dir_all(&dir).at(&dir)?;
+                if fork_manifest.exists() {
+                    let to = dir.join("fork-manifest.json");
+                    std::fs::copy(&fork_manifest, &to).at(&to)?;
+                }
+                let (ws, tmp) = (ws_lowers.clone(), tmp_lowers.clone());
+                if opts.frozen {
+                    made.push(self.checkpoint(id, child, &p, ws, tmp, fork_ns)?);
+                    continue;
+                }
+                let how = Start {
+                    command: if cloning {
+                        Vec::new()
+                    } else {
+                        p.command.clone()
+                    },
+                    nest_in: cloning.then_some(p.init_pid),
+                };
+                let t_start = Instant::now();
+                let rec = self.start(
                     id,
                     child,
                     Some(p.name.clone()),
@@ -501,13 +604,59 @@ impl Manager {
                     ws,
                     tmp,
                     fork_ns,
-                )?
-            });
+                    how,
+                )?;
+                phases.start_us += t_start.elapsed().as_micros() as u64;
+                made.push(rec.clone());
+                if let Some(h) = held.as_mut() {
+                    let into = procfork::ChildBranch {
+                        cgroup: rec.cgroup.clone(),
+                        init_in_parent_ns: procfork::pid_as_seen_by(rec.init_pid, p.init_pid)?,
+                        log_fd: procfork::fd_of(rec.init_pid, &rec.dir.join("command.log"))?,
+                    };
+                    let c = procfork::clone_into(h, &into)?;
+                    phases.processes_us += c.us;
+                    cloned.push(c.pids);
+                } else {
+                    cloned.push(Vec::new());
+                }
+            }
+            Ok(())
+        })();
+        let notes = held.as_ref().map(|h| h.notes()).unwrap_or_default();
+        let released = held.map(|h| h.release()).unwrap_or(Ok(()));
+        phases.held_us = t_held.elapsed().as_micros() as u64;
+        if let Err(e) = outcome.and(released) {
+            // Never a half-forked branch: the children made so far go.
+            for b in made.iter().rev() {
+                let _ = self.abort(&b.name);
+            }
+            return Err(e);
         }
-        phases.start_us = t.elapsed().as_micros() as u64;
+        if cloning && let Some(t) = &self.tracker {
+            // The clone write-protected the parent's pages again: each counts anew.
+            let mut ids = vec![Cgroup::open(&p.cgroup)?.id()];
+            for b in &made {
+                ids.push(Cgroup::open(&b.cgroup)?.id());
+            }
+            t.new_epoch(&ids);
+        }
+        phases.start_us = phases
+            .start_us
+            .max(t.elapsed().as_micros() as u64 - phases.processes_us);
         Ok(Forked {
             branches: made,
             phases,
+            cloned,
+            processes: if opts.frozen {
+                "none"
+            } else if cloning {
+                "cloned"
+            } else {
+                "fresh"
+            }
+            .into(),
+            notes,
         })
     }
 
@@ -582,7 +731,15 @@ impl Manager {
     /// layers (recorded as its newest deltas) and thaws it. What can be done before the
     /// freeze is (creating the layer directories costs up to milliseconds on ext4), and the
     /// manifests are written after the thaw: the branch is paused for the copy only.
-    fn snapshot_running(&mut self, p: &mut BranchRecord, phases: &mut ForkPhases) -> Result<()> {
+    ///
+    /// `while_frozen` runs while the branch is frozen, after the snapshot: what it returns is
+    /// returned (on a failure after it ran, its result is dropped).
+    fn snapshot_running<T>(
+        &mut self,
+        p: &mut BranchRecord,
+        phases: &mut ForkPhases,
+        while_frozen: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
         let cg = Cgroup::open(&p.cgroup)?;
         let prep = prepare_snapshot(p)?;
         let discard = |prep: &[SnapshotPart]| {
@@ -606,6 +763,10 @@ impl Manager {
             })
             .collect();
         phases.files_us = t.elapsed().as_micros() as u64;
+        let during = match &taken {
+            Ok(_) => while_frozen(),
+            Err(_) => Err(Error::Sandbox("not reached".into())),
+        };
         let t = Instant::now();
         let thawed = cg.freeze(false, Duration::from_secs(5));
         phases.thaw_us = t.elapsed().as_micros() as u64;
@@ -617,6 +778,13 @@ impl Manager {
             }
         };
         thawed?;
+        let during = match during {
+            Ok(d) => d,
+            Err(e) => {
+                discard(&prep);
+                return Err(e);
+            }
+        };
         let copied: u64 = taken.iter().map(|(_, n)| n).sum();
         for (part, (manifest, _)) in prep.iter().zip(&taken) {
             let text = serde_json::to_string(manifest).map_err(std::io::Error::from)?;
@@ -631,7 +799,7 @@ impl Manager {
         }
         p.last_snapshot_ns = Some(at);
         self.registry.put(p)?;
-        Ok(())
+        Ok(during)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -645,6 +813,7 @@ impl Manager {
         ws_lowers: Vec<PathBuf>,
         tmp_lowers: Vec<PathBuf>,
         fork_ns: Option<i128>,
+        how: Start,
     ) -> Result<BranchRecord> {
         let dir = branch_dir(&self.state, id);
         mkdirs(&dir, &["ws/upper", "ws/work", "tmp/upper", "tmp/work"])?;
@@ -661,9 +830,10 @@ impl Manager {
                 work: dir.join("tmp/work"),
             },
             control: dir.join("control.sock"),
-            command: command.clone(),
+            command: how.command,
             log: dir.join("command.log"),
             hidden: self.hidden.clone(),
+            nest_in: how.nest_in,
         };
         let cgroup = Cgroup::create(&format!("branch-{}-{id}", self.instance))?;
         if let Some(t) = &self.tracker {

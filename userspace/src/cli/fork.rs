@@ -1,12 +1,13 @@
-//! `forkscope fork BRANCH [--name N] [-n COUNT]`: new child branches at the branch's current
-//! state.
+//! `forkscope fork BRANCH [--name N] [-n COUNT] [--frozen] [--fresh]`: new child branches at
+//! the branch's current state, with its processes cloned into them.
 
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::Args;
 use hyper::Method;
 
-/// Fork a branch: the children see its files as they are now; it keeps running.
+/// Fork a branch: the children see its files as they are now and get copy-on-write clones
+/// of its processes; it keeps running.
 #[derive(Args)]
 pub struct ForkArgs {
     branch: String,
@@ -20,10 +21,18 @@ pub struct ForkArgs {
     /// the same state.
     #[arg(long)]
     frozen: bool,
+    /// Start the branch's command afresh in each child instead of cloning its processes.
+    #[arg(long)]
+    fresh: bool,
 }
 
 pub fn run(args: ForkArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
-    let body = serde_json::json!({ "name": args.name, "count": args.count, "frozen": args.frozen });
+    let body = serde_json::json!({
+        "name": args.name,
+        "count": args.count,
+        "frozen": args.frozen,
+        "fresh": args.fresh,
+    });
     let made = super::client::call(
         &socket,
         Method::POST,
@@ -35,9 +44,32 @@ pub fn run(args: ForkArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
     }
     let ph = &made["phases"];
     eprintln!(
-        "forked in: freeze {} us, files {} us (parent frozen), thaw {} us, child sandboxes {} us",
-        ph["freeze_us"], ph["files_us"], ph["thaw_us"], ph["start_us"]
+        "forked in: freeze {} us, files {} us, thaw {} us, child sandboxes {} us, process clones {} us (the parent's processes held {} us)",
+        ph["freeze_us"],
+        ph["files_us"],
+        ph["thaw_us"],
+        ph["start_us"],
+        ph["processes_us"],
+        ph["held_us"]
     );
-    eprintln!("note: processes are not cloned yet; each child started the branch's command afresh");
+    match made["processes"].as_str() {
+        Some("cloned") => {
+            let n: Vec<usize> = made["cloned"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|c| c.as_array().map_or(0, |a| a.len()))
+                .collect();
+            eprintln!(
+                "processes: cloned copy-on-write ({} per child)",
+                n.first().copied().unwrap_or(0)
+            );
+        }
+        Some("fresh") => eprintln!("processes: each child started the branch's command afresh"),
+        _ => eprintln!("processes: none (a checkpoint holds files only)"),
+    }
+    for note in made["notes"].as_array().into_iter().flatten() {
+        eprintln!("note: {}", note.as_str().unwrap_or("?"));
+    }
     Ok(ExitCode::SUCCESS)
 }

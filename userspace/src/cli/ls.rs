@@ -1,4 +1,4 @@
-//! `forkscope ls [--tree] [--json]`: the live branches.
+//! `forkscope ls [--tree] [--json]`: the live branches, their processes and private memory.
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -20,8 +20,12 @@ pub struct LsArgs {
 fn print_tree(all: &[Value], parent: Option<&str>, depth: usize) {
     for b in all.iter().filter(|b| b["parent"].as_str() == parent) {
         let name = b["name"].as_str().unwrap_or("?");
+        let pages = b["private_pages"]
+            .as_u64()
+            .map(|p| format!(", {p} private pages"))
+            .unwrap_or_default();
         println!(
-            "{}{name} ({})",
+            "{}{name} ({}{pages})",
             "  ".repeat(depth),
             b["status"].as_str().unwrap_or("?")
         );
@@ -38,8 +42,8 @@ pub fn run(args: LsArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
         print_tree(&all, None, 0);
     } else {
         println!(
-            "{:<20} {:<20} {:<8} {:<30} COMMAND",
-            "NAME", "PARENT", "STATUS", "WORKSPACE"
+            "{:<20} {:<20} {:<8} {:>5} {:>10} {:<30} COMMAND",
+            "NAME", "PARENT", "STATUS", "PROCS", "PRIVATE", "WORKSPACE"
         );
         for b in &all {
             let cmd: Vec<&str> = b["command"]
@@ -48,11 +52,17 @@ pub fn run(args: LsArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
                 .flatten()
                 .filter_map(|c| c.as_str())
                 .collect();
+            let private = match b["private_bytes"].as_u64() {
+                Some(n) => format!("{:.1} MiB", n as f64 / (1 << 20) as f64),
+                None => "-".into(),
+            };
             println!(
-                "{:<20} {:<20} {:<8} {:<30} {}",
+                "{:<20} {:<20} {:<8} {:>5} {:>10} {:<30} {}",
                 b["name"].as_str().unwrap_or("?"),
                 b["parent"].as_str().unwrap_or("-"),
                 b["status"].as_str().unwrap_or("?"),
+                b["processes"].as_array().map_or(0, |p| p.len()),
+                private,
                 b["workspace"].as_str().unwrap_or("?"),
                 cmd.join(" ")
             );

@@ -2,8 +2,10 @@
 //! the branch's pid namespace, starts and reaps everything that runs in the branch.
 //!
 //! Talks to [`super::start`] over stdin/stdout: prints `userns` once in the new user
-//! namespace and waits for `mapped`, then prints `init <host pid>` when the init listens
-//! (or `error: ...`).
+//! namespace and waits for `mapped`, then prints `init <pid>` when the init listens (or
+//! `error: ...`) and waits for `done` before it exits. A nested setup (see
+//! [`SandboxSpec::nest_in`]) first joins the parent branch's user and pid namespaces and
+//! forks: its child, in the parent's pid namespace, goes on from there.
 
 use std::{
     collections::HashMap,
@@ -15,7 +17,7 @@ use std::{
 
 use nix::{
     poll::{PollFd, PollFlags, PollTimeout, poll},
-    sched::{CloneFlags, unshare},
+    sched::{CloneFlags, setns, unshare},
     sys::{
         signal::{Signal, kill},
         socket::{
@@ -53,9 +55,18 @@ fn setup(spec: &SandboxSpec) -> Result<()> {
         .open(&spec.log)
         .map_err(|e| Error::Sandbox(format!("{}: {e}", spec.log.display())))?;
     let listener = control_socket(&spec.control)?;
+    // Nested, the maps are written from here, after the mounts turn /proc read-only: keep
+    // the host's /proc open from before.
+    let host_proc = match spec.nest_in {
+        Some(_) => Some(std::fs::File::open("/proc")?),
+        None => None,
+    };
     mounts::setup(spec)?;
-    unshare(CloneFlags::CLONE_NEWUSER)
-        .map_err(|e| Error::Sandbox(format!("unshare(CLONE_NEWUSER): {e}")))?;
+    match (spec.nest_in, host_proc) {
+        (Some(parent_init), Some(proc_dir)) => join_parent(parent_init, &proc_dir)?,
+        _ => unshare(CloneFlags::CLONE_NEWUSER)
+            .map_err(|e| Error::Sandbox(format!("unshare(CLONE_NEWUSER): {e}")))?,
+    }
     println!("userns");
     std::io::stdout().flush()?;
     let mut line = String::new();
@@ -69,12 +80,26 @@ fn setup(spec: &SandboxSpec) -> Result<()> {
     // locked, so the branch cannot unmount or remount them.
     unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID)
         .map_err(|e| Error::Sandbox(format!("unshare(CLONE_NEWNS | CLONE_NEWPID): {e}")))?;
+    // The init says when its /proc is mounted and its filter installed: only then may
+    // processes be cloned into the branch (they find the init as pid 1 of that /proc).
+    let (ready_r, ready_w) = std::io::pipe()?;
     // SAFETY: this process is single-threaded (no runtime has started), so the child may run
     // arbitrary code after fork.
     match unsafe { fork() }.map_err(|e| Error::Sandbox(format!("fork: {e}")))? {
         ForkResult::Parent { child } => {
+            drop(ready_w);
+            let mut ready = [0u8; 1];
+            let mut r = ready_r;
+            if std::io::Read::read_exact(&mut r, &mut ready).is_err() {
+                return Err(Error::Sandbox(
+                    "the init died while it set itself up (see the daemon's log)".into(),
+                ));
+            }
             println!("init {child}");
             std::io::stdout().flush()?;
+            // The daemon reads the init's host pid from /proc while this process lives.
+            line.clear();
+            let _ = std::io::stdin().lock().read_line(&mut line);
             std::process::exit(0);
         }
         ForkResult::Child => {
@@ -87,12 +112,73 @@ fn setup(spec: &SandboxSpec) -> Result<()> {
                 let _ = nix::unistd::dup2_stdin(&null);
                 let _ = nix::unistd::dup2_stdout(&null);
             }
-            let code = match init(spec, listener, log) {
+            drop(ready_r);
+            let code = match init(spec, listener, log, ready_w) {
                 Ok(()) => 0,
                 Err(e) => {
                     eprintln!("forkscope init: {e}");
                     1
                 }
+            };
+            std::process::exit(code);
+        }
+    }
+}
+
+/// Joins the user and pid namespaces of the parent branch's init (`parent_init`, a host
+/// pid) and forks. The child (a member of the parent branch's pid namespace) makes its own
+/// user namespace and returns to build the sandbox; the parent maps its ids (only a process
+/// in the parent user namespace may), then waits for it and exits with its status.
+fn join_parent(parent_init: u32, host_proc: &std::fs::File) -> Result<()> {
+    let open = |ns: &str| {
+        let p = format!("/proc/{parent_init}/ns/{ns}");
+        std::fs::File::open(&p).map_err(|e| Error::Sandbox(format!("{p}: {e}")))
+    };
+    let (user, pid) = (open("user")?, open("pid")?);
+    setns(&user, CloneFlags::CLONE_NEWUSER)
+        .map_err(|e| Error::Sandbox(format!("joining the parent's user namespace: {e}")))?;
+    setns(&pid, CloneFlags::CLONE_NEWPID)
+        .map_err(|e| Error::Sandbox(format!("joining the parent's pid namespace: {e}")))?;
+    let (ready_r, ready_w) = std::io::pipe()?;
+    let (mapped_r, mapped_w) = std::io::pipe()?;
+    // SAFETY: single-threaded (no runtime has started), so the child may run anything.
+    match unsafe { fork() }.map_err(|e| Error::Sandbox(format!("fork: {e}")))? {
+        ForkResult::Child => {
+            drop((ready_r, mapped_w));
+            let made = unshare(CloneFlags::CLONE_NEWUSER)
+                .map_err(|e| Error::Sandbox(format!("unshare(CLONE_NEWUSER): {e}")));
+            let mut w = ready_w;
+            w.write_all(if made.is_ok() { b"1" } else { b"0" })?;
+            drop(w);
+            made?;
+            let mut ok = [0u8; 1];
+            let mut r = mapped_r;
+            std::io::Read::read_exact(&mut r, &mut ok)?;
+            if ok != *b"1" {
+                return Err(Error::Sandbox(
+                    "mapping the nested user namespace failed".into(),
+                ));
+            }
+            Ok(())
+        }
+        ForkResult::Parent { child } => {
+            drop((ready_w, mapped_r));
+            let mut ready = [0u8; 1];
+            let mut r = ready_r;
+            let mut w = mapped_w;
+            if std::io::Read::read_exact(&mut r, &mut ready).is_ok() && ready == *b"1" {
+                let proc_root = format!("/proc/self/fd/{}", host_proc.as_raw_fd());
+                let mapped = super::write_id_maps(Path::new(&proc_root), child.as_raw() as u32);
+                if let Err(e) = &mapped {
+                    println!("error: {e}");
+                    let _ = std::io::stdout().flush();
+                }
+                let _ = w.write_all(if mapped.is_ok() { b"1" } else { b"0" });
+            }
+            drop(w);
+            let code = match waitpid(child, None) {
+                Ok(WaitStatus::Exited(_, c)) => c,
+                _ => 1,
             };
             std::process::exit(code);
         }
@@ -120,12 +206,20 @@ fn control_socket(path: &Path) -> Result<OwnedFd> {
 }
 
 /// The init: pid 1 of the branch.
-fn init(spec: &SandboxSpec, listener: OwnedFd, log: std::fs::File) -> Result<()> {
+fn init(
+    spec: &SandboxSpec,
+    listener: OwnedFd,
+    log: std::fs::File,
+    ready: std::io::PipeWriter,
+) -> Result<()> {
     if let Err(e) = mounts::mount_proc() {
         eprintln!("forkscope init: {e} (the branch sees the host's /proc)");
     }
     std::env::set_current_dir(&spec.workspace)?;
     super::seccomp::install()?;
+    let mut ready = ready;
+    ready.write_all(b"1")?;
+    drop(ready);
     // Processes that exec'd requests started, with the connection waiting for their status.
     let mut running: HashMap<i32, OwnedFd> = HashMap::new();
     if !spec.command.is_empty() {
@@ -239,7 +333,9 @@ fn start_request(spec: &SandboxSpec, conn: &OwnedFd) -> Option<i32> {
 /// waits for.
 fn reap(running: &mut HashMap<i32, OwnedFd>) {
     loop {
-        let (pid, reply) = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+        // __WALL: clones forked into child branches (exit signal 0) are this init's
+        // children too (see crate::procfork).
+        let (pid, reply) = match waitpid(None, Some(WaitPidFlag::WNOHANG | WaitPidFlag::__WALL)) {
             Ok(WaitStatus::Exited(p, c)) => (p.as_raw(), ExecReply::ExitCode(c)),
             Ok(WaitStatus::Signaled(p, s, _)) => (p.as_raw(), ExecReply::Signal(s as i32)),
             Ok(WaitStatus::StillAlive) | Err(_) => return,

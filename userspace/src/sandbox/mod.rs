@@ -11,6 +11,12 @@
 //! Processes in the branch see only the branch's processes, so they cannot signal the daemon
 //! or anything else on the host. The init installs a seccomp filter ([`seccomp`]) before it
 //! starts anything.
+//!
+//! A child whose processes are cloned from its parent ([`crate::procfork`]) is nested: its
+//! setup first joins the parent's user namespace and pid namespace, so the namespaces it then
+//! makes are children of the parent's. The kernel only lets a process place a clone in its
+//! own pid namespace or a descendant, and only enter a mount namespace whose user namespace
+//! it holds capabilities in.
 
 pub mod control;
 pub mod init;
@@ -51,6 +57,11 @@ pub struct SandboxSpec {
     /// state directory): covered with an empty read-only tmpfs.
     #[serde(default)]
     pub hidden: Vec<PathBuf>,
+    /// The host pid of the parent branch's init, for a child whose processes are cloned from
+    /// its parent's: its user and pid namespaces are then made inside the parent's (see
+    /// [`init`]), so a process of the parent can place a clone of itself in them.
+    #[serde(default)]
+    pub nest_in: Option<u32>,
 }
 
 /// An overlay stack, serializable.
@@ -127,7 +138,8 @@ pub fn start(
     });
     let mut lines = BufReader::new(from_init_r);
     let mut line = String::new();
-    // 1. The setup process entered its user namespace: map ids 1:1 and let it go on.
+    // 1. The setup process (or, nested, its child in the parent's pid namespace) entered
+    //    its user namespace: map ids 1:1 and let it go on.
     lines.read_line(&mut line)?;
     if line.trim() != "userns" {
         let _ = setup.wait();
@@ -136,34 +148,71 @@ pub fn start(
             line.trim()
         )));
     }
-    write_id_maps(pid)?;
+    // (Nested, the setup process mapped them: only a process in the parent user namespace
+    // may, and it is the parent branch's.)
+    let mapped = if spec.nest_in.is_some() {
+        only_child(pid)
+    } else {
+        write_id_maps(Path::new("/proc"), pid).map(|()| pid)
+    };
+    let mapped = match mapped {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = setup.kill();
+            let _ = setup.wait();
+            return Err(e);
+        }
+    };
     to_init_w.write_all(b"mapped\n")?;
-    // 2. It reports the init's host pid once the init listens.
+    // 2. It reports the init's pid once the init listens (nested: as the parent's pid
+    //    namespace numbers it, so the host pid is read from /proc), then waits for `done`.
     line.clear();
     lines.read_line(&mut line)?;
-    let status = setup.wait()?;
-    let _ = done.send(());
-    let init_pid: u32 = line
+    let reported: Option<u32> = line
         .trim()
         .strip_prefix("init ")
-        .and_then(|p| p.parse().ok())
-        .ok_or_else(|| {
-            Error::Sandbox(format!("sandbox setup failed ({status}): {}", line.trim()))
-        })?;
+        .and_then(|p| p.parse().ok());
+    let init_pid = match reported {
+        Some(_) if spec.nest_in.is_some() => only_child(mapped).ok(),
+        other => other,
+    };
+    let _ = to_init_w.write_all(b"done\n");
+    let status = setup.wait()?;
+    let _ = done.send(());
+    let init_pid = init_pid.ok_or_else(|| {
+        Error::Sandbox(format!("sandbox setup failed ({status}): {}", line.trim()))
+    })?;
     Ok(Sandbox {
         init_pid,
         control: spec.control.clone(),
     })
 }
 
-/// Maps uids and gids 0..2^32-1 of `pid`'s new user namespace to themselves.
-fn write_id_maps(pid: u32) -> Result<()> {
+/// The host pid of `pid`'s one child.
+fn only_child(pid: u32) -> Result<u32> {
+    let f = format!("/proc/{pid}/task/{pid}/children");
+    let text = std::fs::read_to_string(&f).at(&f)?;
+    let kids: Vec<u32> = text
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    match kids.as_slice() {
+        [one] => Ok(*one),
+        _ => Err(Error::Sandbox(format!(
+            "sandbox setup: expected one child of process {pid}, found {kids:?}"
+        ))),
+    }
+}
+
+/// Maps uids and gids 0..2^32-1 of `pid`'s new user namespace to themselves (`proc`: where
+/// a writable /proc is).
+pub(crate) fn write_id_maps(proc: &Path, pid: u32) -> Result<()> {
     for (file, text) in [
         ("uid_map", "0 0 4294967295\n"),
         ("setgroups", "allow\n"),
         ("gid_map", "0 0 4294967295\n"),
     ] {
-        let p = format!("/proc/{pid}/{file}");
+        let p = proc.join(format!("{pid}/{file}"));
         std::fs::write(&p, text).at(&p)?;
     }
     Ok(())

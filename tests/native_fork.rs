@@ -1,0 +1,385 @@
+//! Native fork end to end: real daemon, real CLI, real programs (python3, bash, sqlite3).
+//! A fork clones the branch's processes copy-on-write into the child; each branch then goes
+//! its own way. What cannot be cloned is refused and leaves both branches as they were.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use forkscope_tests::{TempDir, daemon::Daemon, require_root};
+use serde_json::Value;
+
+/// A python program that holds `mib` MiB of state and a counter, and obeys command files
+/// dropped in its workspace: `add` (a number: add it to the counter and to every page of the
+/// state, then write `out`), `grow` (a number of fresh pages to write), `sql` (a statement for
+/// its open SQLite database).
+const AGENT: &str = r#"
+import os, sys, time, hashlib, sqlite3
+mib = int(sys.argv[1])
+state = bytearray(mib << 20)
+for i in range(0, len(state), 4096):
+    state[i] = 1
+counter = 0
+db = sqlite3.connect("db.sqlite", isolation_level=None) if os.path.exists("db.sqlite") else None
+if db is not None:
+    db.execute("select count(*) from t").fetchone()
+grown = []
+def report(what):
+    with open("out.tmp", "w") as f:
+        f.write(what)
+    os.rename("out.tmp", "out")
+report(f"ready {os.getpid()}\n")
+while True:
+    for name in ("add", "grow", "sql"):
+        if not os.path.exists(name):
+            continue
+        arg = open(name).read().strip()
+        os.remove(name)
+        if name == "add":
+            counter += int(arg)
+            for i in range(0, len(state), 4096):
+                state[i] = (state[i] + int(arg)) % 256
+            digest = hashlib.sha256(state).hexdigest()[:16]
+            report(f"counter {counter} state {digest}\n")
+        elif name == "grow":
+            fresh = bytearray(int(arg) * 4096)
+            for i in range(0, len(fresh), 4096):
+                fresh[i] = 1
+            grown.append(fresh)
+            report(f"grown {arg}\n")
+        else:
+            try:
+                db.execute(arg)
+                report("sql ok\n")
+            except Exception as e:
+                report(f"sql error {e}\n")
+    time.sleep(0.02)
+"#;
+
+struct Setup {
+    _dir: TempDir,
+    ws: PathBuf,
+    d: Daemon,
+}
+
+fn setup(files: &[(&str, &str)]) -> Setup {
+    require_root();
+    let dir = TempDir::new("native-fork");
+    let ws = dir.path().join("ws");
+    std::fs::create_dir_all(&ws).unwrap();
+    std::fs::write(ws.join("agent.py"), AGENT).unwrap();
+    for (name, text) in files {
+        std::fs::write(ws.join(name), text).unwrap();
+    }
+    let d = Daemon::start(dir.path());
+    Setup { _dir: dir, ws, d }
+}
+
+impl Setup {
+    fn run(&self, name: &str, cmd: &[&str]) {
+        let mut args = vec![
+            "run",
+            "--name",
+            name,
+            "--workspace",
+            self.ws.to_str().unwrap(),
+        ];
+        args.push("--");
+        args.extend_from_slice(cmd);
+        self.d.ok(&args);
+    }
+
+    /// Runs `sh -c script` in `branch`; returns its stdout.
+    fn sh(&self, branch: &str, script: &str) -> String {
+        self.d.ok(&["exec", branch, "--", "sh", "-c", script])
+    }
+
+    /// Waits until `out` in `branch`'s workspace starts with `prefix`; returns it.
+    fn wait_out(&self, branch: &str, prefix: &str) -> String {
+        let start = Instant::now();
+        loop {
+            let out = self.sh(branch, "cat out 2>/dev/null; true");
+            if out.starts_with(prefix) {
+                return out;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{branch}: waited for {prefix:?}, out is {out:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Tells the agent in `branch` to do `what` with `arg`, and waits for its answer.
+    fn tell(&self, branch: &str, what: &str, arg: &str, answer: &str) -> String {
+        self.sh(branch, "rm -f out");
+        let script = format!("printf '%s' \"$1\" > {what}.tmp && mv {what}.tmp {what}");
+        self.d
+            .ok(&["exec", branch, "--", "sh", "-c", &script, "sh", arg]);
+        self.wait_out(branch, answer)
+    }
+
+    fn info(&self, branch: &str) -> Value {
+        let list: Value = serde_json::from_str(&self.d.ok(&["ls", "--json"])).unwrap();
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] == branch)
+            .unwrap_or_else(|| panic!("{branch} is not listed"))
+            .clone()
+    }
+
+    /// Forks `parent` into `child`; returns the CLI's stderr (phases and notes).
+    fn fork(&self, parent: &str, child: &str) -> String {
+        let out = self.d.cli(&["fork", parent, "--name", child]);
+        assert!(
+            out.status.success(),
+            "fork {parent}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    fn pids(&self, branch: &str) -> Vec<u64> {
+        self.info(branch)["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.as_u64().unwrap())
+            .collect()
+    }
+}
+
+fn agent(mib: u32) -> Vec<String> {
+    vec!["python3".into(), "agent.py".into(), mib.to_string()]
+}
+
+#[test]
+fn a_python_process_with_200_mib_is_cloned_and_each_branch_goes_its_own_way() {
+    let s = setup(&[]);
+    let cmd = agent(200);
+    let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
+    s.run("root", &cmd);
+    s.wait_out("root", "ready");
+    let before = s.tell("root", "add", "3", "counter 3");
+    let stderr = s.fork("root", "kid");
+    assert!(
+        stderr.contains("cloned copy-on-write (1 per child)"),
+        "{stderr}"
+    );
+    // The clone is a new process in the child, not the parent's.
+    let (root_pids, kid_pids) = (s.pids("root"), s.pids("kid"));
+    assert_eq!(root_pids.len(), 1, "{root_pids:?}");
+    assert_eq!(kid_pids.len(), 1, "{kid_pids:?}");
+    assert_ne!(root_pids, kid_pids);
+    // Same state at the fork point: adding 0 reports the same counter and digest.
+    assert_eq!(s.tell("kid", "add", "0", "counter"), before);
+    assert_eq!(s.tell("root", "add", "0", "counter"), before);
+    // Then each changes it differently and sees only its own change.
+    let kid = s.tell("kid", "add", "10", "counter 13");
+    let root = s.tell("root", "add", "100", "counter 103");
+    assert_ne!(
+        kid.split(' ').nth(3),
+        root.split(' ').nth(3),
+        "states differ"
+    );
+    assert_eq!(s.tell("kid", "add", "0", "counter"), kid);
+    assert_eq!(s.tell("root", "add", "0", "counter"), root);
+    // Aborting the child leaves the parent's process alone.
+    s.d.ok(&["abort", "kid"]);
+    assert_eq!(s.pids("root"), root_pids);
+    assert_eq!(s.tell("root", "add", "1", "counter 104").len(), root.len());
+}
+
+#[test]
+fn an_interactive_bash_keeps_variables_cwd_and_history_in_the_clone() {
+    let s = setup(&[]);
+    std::fs::create_dir(s.ws.join("sub")).unwrap();
+    nix_mkfifo(&s.ws.join("ctl.fifo"));
+    // An interactive bash reading commands from a FIFO in the workspace (opened read-write,
+    // so it never sees end-of-file), blocked in read() at the fork.
+    let script = format!("exec bash --norc -i <> {}/ctl.fifo", s.ws.to_str().unwrap());
+    s.run("sh", &["sh", "-c", &script]);
+    s.sh(
+        "sh",
+        "echo 'greeting=hello; cd sub; echo marker-1 > /dev/null' > ctl.fifo",
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    s.fork("sh", "sh2");
+    let report = "echo \"$greeting $PWD\" > report; history > hist";
+    s.sh("sh2", &format!("echo '{report}' > ctl.fifo"));
+    let start = Instant::now();
+    let got = loop {
+        let got = s.sh("sh2", "cat sub/report 2>/dev/null; true");
+        if !got.is_empty() || start.elapsed() > Duration::from_secs(20) {
+            break got;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(got, format!("hello {}/sub\n", s.ws.display()));
+    let hist = s.sh("sh2", "cat sub/hist");
+    assert!(hist.contains("marker-1"), "history survived: {hist}");
+    // The parent's shell is unaffected and still answers on its own FIFO.
+    assert_eq!(s.sh("sh", "ls sub"), "");
+    s.sh("sh", "echo 'echo parent > mine' > ctl.fifo");
+    let start = Instant::now();
+    while s.sh("sh", "cat sub/mine 2>/dev/null; true").is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "parent shell answers"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(s.sh("sh2", "ls sub"), "hist\nreport\n");
+}
+
+fn nix_mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+}
+
+#[test]
+fn an_open_sqlite_database_is_the_childs_own_after_the_fork() {
+    let s = setup(&[]);
+    let db = s.ws.join("db.sqlite");
+    let made = std::process::Command::new("sqlite3")
+        .arg(&db)
+        .arg("create table t(v text); insert into t values ('base');")
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let cmd = agent(1);
+    let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
+    s.run("db", &cmd);
+    s.wait_out("db", "ready");
+    let stderr = s.fork("db", "db2");
+    // The clone's descriptor is re-pointed at the child's copy, and the fork says what
+    // SQLite will think of that.
+    assert!(
+        stderr.contains("db.sqlite) is open for writing"),
+        "{stderr}"
+    );
+    let clone = s.pids("db2")[0];
+    let fd_target = std::fs::read_dir(format!("/proc/{clone}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .find(|l| l.ends_with("db.sqlite"));
+    assert_eq!(
+        fd_target,
+        Some(db.clone()),
+        "the clone holds the database open"
+    );
+    let q = "sqlite3 db.sqlite 'select group_concat(v) from t'";
+    // The parent's own connection goes on writing its copy; the child writes its own.
+    assert_eq!(
+        s.tell("db", "sql", "insert into t values ('parent')", "sql"),
+        "sql ok\n"
+    );
+    s.sh(
+        "db2",
+        "sqlite3 db.sqlite \"insert into t values ('child')\"",
+    );
+    assert_eq!(s.sh("db2", q), "base,child\n");
+    assert_eq!(s.sh("db", q), "base,parent\n");
+    // The host's database is untouched until a commit.
+    let host = std::process::Command::new("sqlite3")
+        .arg(&db)
+        .arg("select group_concat(v) from t")
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&host.stdout), "base\n");
+}
+
+#[test]
+fn fresh_pages_written_after_a_fork_are_charged_to_the_branch_that_wrote_them() {
+    let s = setup(&[]);
+    let cmd = agent(8);
+    let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
+    s.run("mem", &cmd);
+    s.wait_out("mem", "ready");
+    s.fork("mem", "writer");
+    s.fork("mem", "idle");
+    const K: u64 = 2000;
+    // The same work in both children (a command file, an answer), but only one writes K
+    // fresh pages.
+    s.tell("writer", "grow", &K.to_string(), "grown");
+    s.tell("idle", "grow", "0", "grown");
+    let pages = |b: &str| s.info(b)["private_pages"].as_u64().expect("traced");
+    let (writer, idle) = (pages("writer"), pages("idle"));
+    // About K more: python's own allocations around the work move either count by a few
+    // dozen pages.
+    let extra = writer as i64 - idle as i64;
+    assert!(
+        (extra - K as i64).abs() <= K as i64 / 20,
+        "writer {writer} pages, idle {idle}: expected about {K} more"
+    );
+    assert_eq!(
+        s.info("writer")["private_bytes"].as_u64().unwrap(),
+        writer * 4096
+    );
+}
+
+#[test]
+fn processes_that_cannot_be_cloned_are_refused_and_both_branches_stay_as_they_were() {
+    let s = setup(&[]);
+    let cases: [(&str, &[&str], &str); 3] = [
+        (
+            "threads",
+            &[
+                "python3",
+                "-c",
+                "import threading, time\nthreading.Thread(target=time.sleep, args=(1000,)).start()\ntime.sleep(1000)",
+            ],
+            "threads",
+        ),
+        ("tree", &["sh", "-c", "sleep 1000; true"], "process trees"),
+        (
+            "shm",
+            &[
+                "python3",
+                "-c",
+                "import mmap, time\nm = mmap.mmap(-1, 4096)\nm[0] = 1\ntime.sleep(1000)",
+            ],
+            "shared mapping",
+        ),
+    ];
+    for (name, cmd, why) in cases {
+        s.run(name, cmd);
+        std::thread::sleep(Duration::from_millis(500));
+        std::fs::write(s.ws.join("f"), "x").ok();
+        let before = s.pids(name);
+        let out = s.d.cli(&["fork", name, "--name", &format!("{name}-kid")]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name}: fork refused");
+        assert!(
+            err.contains(why) && err.contains("cannot be cloned"),
+            "{name}: {err}"
+        );
+        // Nothing forked, the parent's processes run on, untraced and unstopped.
+        let list: Value = serde_json::from_str(&s.d.ok(&["ls", "--json"])).unwrap();
+        assert!(!list.as_array().unwrap().iter().any(|b| b["parent"] == name));
+        assert_eq!(s.pids(name), before);
+        for pid in before {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+            assert!(status.contains("TracerPid:\t0"), "{name}: {status}");
+            let st = status.lines().find(|l| l.starts_with("State:")).unwrap();
+            assert!(
+                !st.contains("stopped") && !st.contains("tracing"),
+                "{name}: {st}"
+            );
+        }
+        // --fresh still forks it (the command starts afresh).
+        let out =
+            s.d.cli(&["fork", name, "--fresh", "--name", &format!("{name}-fresh")]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stderr).contains("afresh"));
+        s.d.ok(&["abort", "--recursive", name]);
+    }
+}

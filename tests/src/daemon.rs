@@ -1,0 +1,163 @@
+//! A real daemon for tests: started on a private state directory and socket, driven with
+//! the real CLI, and on drop every branch it still has is aborted and it is stopped.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::forkscope;
+
+/// A running `forkscope daemon`.
+pub struct Daemon {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub state: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(dir: &Path) -> Self {
+        Self::start_on(dir, &dir.join("api.sock"))
+    }
+
+    pub fn start_on(dir: &Path, socket: &Path) -> Self {
+        Self::start_with(dir, socket, &[])
+    }
+
+    /// Starts a daemon with extra environment variables (fault injection).
+    pub fn start_with(dir: &Path, socket: &Path, env: &[(&str, &str)]) -> Self {
+        Self::start_full(dir, socket, env, &[])
+    }
+
+    pub fn start_full(dir: &Path, socket: &Path, env: &[(&str, &str)], args: &[&str]) -> Self {
+        let socket = socket.to_path_buf();
+        let state = dir.join("state");
+        let child = Command::new(forkscope())
+            .envs(env.iter().copied())
+            .args(["daemon", "--state-dir"])
+            .arg(&state)
+            .arg("--socket")
+            .arg(&socket)
+            .args(args)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let d = Daemon {
+            child,
+            socket,
+            state,
+        };
+        let start = Instant::now();
+        while !d.cli(&["status"]).status.success() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "daemon did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(forkscope())
+            .env("FORKSCOPE_SOCKET", &self.socket)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Runs the CLI and returns its stdout, failing the test on a non-zero exit.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "forkscope {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Starts a root branch `name` on `ws` whose command sleeps.
+    pub fn run_sleeping(&self, name: &str, ws: &Path) {
+        self.ok(&[
+            "run",
+            "--name",
+            name,
+            "--workspace",
+            ws.to_str().unwrap(),
+            "--",
+            "sleep",
+            "1000",
+        ]);
+    }
+
+    /// SIGTERM, as systemd stops it; with no branch left it removes its eBPF pins.
+    pub fn stop(&mut self) {
+        let _ = nix_kill(self.child.id(), libc::SIGTERM);
+        let start = Instant::now();
+        while self.child.try_wait().ok().flatten().is_none() {
+            if start.elapsed() > Duration::from_secs(20) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill9();
+    }
+
+    /// The daemon's pin directories under /sys/fs/bpf (one per state directory).
+    pub fn pins(&self) -> Vec<PathBuf> {
+        use std::os::unix::fs::MetadataExt;
+        let tag = format!("{:x}-", std::fs::metadata(&self.state).unwrap().ino());
+        std::fs::read_dir("/sys/fs/bpf/forkscope")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&tag))
+            .map(|e| e.path())
+            .collect()
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // Abort whatever is left, then stop.
+        if let Ok(out) = Command::new(forkscope())
+            .env("FORKSCOPE_SOCKET", &self.socket)
+            .args(["ls", "--json"])
+            .output()
+        {
+            let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            let mut names: Vec<(u64, String)> = list
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|b| {
+                    (
+                        b["id"].as_u64().unwrap_or(0),
+                        b["name"].as_str().unwrap_or("").to_string(),
+                    )
+                })
+                .collect();
+            names.sort();
+            for (_, n) in names.iter().rev() {
+                let _ = Command::new(forkscope())
+                    .env("FORKSCOPE_SOCKET", &self.socket)
+                    .args(["abort", n])
+                    .output();
+            }
+        }
+        self.stop();
+    }
+}
+
+/// Sends `sig` to `pid`.
+pub fn nix_kill(pid: u32, sig: i32) -> i32 {
+    // SAFETY: kill(2) takes plain integers.
+    unsafe { libc::kill(pid as i32, sig) }
+}

@@ -1,0 +1,278 @@
+//! The injected system calls that clone one held process into a child branch.
+//!
+//! In the original: open the child's cgroup, point its pid namespace for children at the
+//! child branch's, `clone3(CLONE_INTO_CGROUP | CLONE_PARENT, exit_signal 0)`, and put its
+//! namespace back. The clone is born in the child's cgroup and pid namespace, as a child of
+//! the original's parent (the parent branch's init, which reaps it), held by ptrace before
+//! its first instruction. In the clone: join the child's user and mount namespaces, change
+//! to the same working directory there, and redo each descriptor as planned
+//! ([`super::inspect::FdAction`]). It then resumes from the original's registers, so a
+//! system call the original was blocked in restarts in both.
+
+use std::os::unix::ffi::OsStrExt;
+
+use nix::unistd::Pid;
+
+use super::inspect::{FdAction, Target};
+use crate::{
+    error::{Error, Result},
+    inject::Tracee,
+};
+
+const AT_FDCWD: u64 = libc::AT_FDCWD as i64 as u64;
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// Where the clones go.
+pub struct ChildBranch {
+    /// The child's cgroup directory (a host path, also visible in the parent's sandbox).
+    pub cgroup: std::path::PathBuf,
+    /// The child's init pid as the parent branch's pid namespace numbers it.
+    pub init_in_parent_ns: u32,
+    /// The descriptor of the child's command log in the child's init (pid 1 there).
+    pub log_fd: i32,
+}
+
+fn nr(n: libc::c_long) -> i64 {
+    n
+}
+
+/// Clones the held `original` into `child`; returns the clone's host pid, held.
+pub fn clone_one(original: &mut Tracee, target: &Target, child: &ChildBranch) -> Result<Tracee> {
+    let ns = |kind: &str| format!("/proc/{}/ns/{kind}", child.init_in_parent_ns);
+    let strings = [
+        child.cgroup.as_os_str().as_bytes().to_vec(),
+        b"/proc/self/ns/pid_for_children".to_vec(),
+        ns("pid").into_bytes(),
+    ];
+    let refs: Vec<&[u8]> = strings.iter().map(|s| s.as_slice()).collect();
+    let at = original.scratch_strings(&refs)?;
+    let ro = (libc::O_RDONLY | libc::O_CLOEXEC) as u64;
+    let open = |t: &mut Tracee, what: &str, path: u64, flags: u64| {
+        t.call(what, nr(libc::SYS_openat), &[AT_FDCWD, path, flags, 0])
+    };
+    let cg = open(
+        original,
+        "opening the child's cgroup",
+        at[0],
+        ro | libc::O_DIRECTORY as u64,
+    )?;
+    let mut fds = vec![cg];
+    let result = (|| {
+        let own = open(original, "opening its pid namespace", at[1], ro)?;
+        fds.push(own);
+        let theirs = open(original, "opening the child's pid namespace", at[2], ro)?;
+        fds.push(theirs);
+        original.call(
+            "entering the child's pid namespace",
+            nr(libc::SYS_setns),
+            &[theirs as u64, libc::CLONE_NEWPID as u64],
+        )?;
+        let mut args = [0u64; 11];
+        args[0] = libc::CLONE_PARENT as u64 | CLONE_INTO_CGROUP;
+        args[10] = cg as u64;
+        let bytes: Vec<u8> = args.iter().flat_map(|a| a.to_ne_bytes()).collect();
+        let args_at = original.scratch_bytes(&bytes, *at.iter().min().expect("three"))?;
+        let mut born = None;
+        let r = original.syscall_with(nr(libc::SYS_clone3), &[args_at, 88], |p| born = Some(p));
+        // Its own pid namespace back, whatever happened.
+        let back = original.call(
+            "leaving the child's pid namespace",
+            nr(libc::SYS_setns),
+            &[own as u64, libc::CLONE_NEWPID as u64],
+        );
+        let r = r?;
+        let clone = match born {
+            Some(p) => Tracee::adopt_clone(p)?,
+            None => {
+                return Err(Error::Sandbox(format!(
+                    "clone3 in process {}: {}",
+                    original.pid,
+                    nix::errno::Errno::from_raw(-r as i32).desc()
+                )));
+            }
+        };
+        back?;
+        Ok(clone)
+    })();
+    for fd in &fds {
+        let _ = original.syscall(nr(libc::SYS_close), &[*fd as u64]);
+    }
+    let mut clone = result?;
+    clone.resume_from(original.saved_regs(), original.saved_mask());
+    let outcome = set_up_clone(&mut clone, target, child, &fds);
+    if let Err(e) = outcome {
+        kill(&clone);
+        return Err(e);
+    }
+    Ok(clone)
+}
+
+/// Kills a clone that could not be set up (it never ran an instruction of its own).
+fn kill(clone: &Tracee) {
+    let _ = nix::sys::signal::kill(clone.pid, nix::sys::signal::Signal::SIGKILL);
+}
+
+fn set_up_clone(
+    clone: &mut Tracee,
+    target: &Target,
+    child: &ChildBranch,
+    inherited: &[i64],
+) -> Result<()> {
+    for fd in inherited {
+        let _ = clone.syscall(nr(libc::SYS_close), &[*fd as u64]);
+    }
+    let pid = target.pid;
+    let reopened: Vec<&std::path::Path> = target
+        .fds
+        .iter()
+        .filter_map(|(_, a)| match a {
+            FdAction::Reopen { path, .. } => Some(path.as_path()),
+            _ => None,
+        })
+        .collect();
+    let mut strings: Vec<Vec<u8>> = vec![
+        format!("/proc/{}/ns/user", child.init_in_parent_ns).into_bytes(),
+        format!("/proc/{}/ns/mnt", child.init_in_parent_ns).into_bytes(),
+        target.cwd.as_os_str().as_bytes().to_vec(),
+        format!("/proc/1/fd/{}", child.log_fd).into_bytes(),
+        b"/dev/null".to_vec(),
+    ];
+    strings.extend(reopened.iter().map(|p| p.as_os_str().as_bytes().to_vec()));
+    let refs: Vec<&[u8]> = strings.iter().map(|s| s.as_slice()).collect();
+    let at = clone.scratch_strings(&refs)?;
+    let ro = (libc::O_RDONLY | libc::O_CLOEXEC) as u64;
+    let open = |t: &mut Tracee, what: &str, path: u64, flags: u64| {
+        t.call(what, nr(libc::SYS_openat), &[AT_FDCWD, path, flags, 0])
+    };
+    let user = open(clone, "opening the child's user namespace", at[0], ro)?;
+    let mnt = open(clone, "opening the child's mount namespace", at[1], ro)?;
+    clone.call(
+        "entering the child's user namespace",
+        nr(libc::SYS_setns),
+        &[user as u64, libc::CLONE_NEWUSER as u64],
+    )?;
+    clone.call(
+        "entering the child's mount namespace",
+        nr(libc::SYS_setns),
+        &[mnt as u64, libc::CLONE_NEWNS as u64],
+    )?;
+    for fd in [user, mnt] {
+        let _ = clone.syscall(nr(libc::SYS_close), &[fd as u64]);
+    }
+    clone
+        .call(
+            &format!("changing to {}", target.cwd.display()),
+            nr(libc::SYS_chdir),
+            &[at[2]],
+        )
+        .map_err(|e| Error::CannotClone(format!("process {pid} ({}): {e}", target.comm)))?;
+    let mut next_path = 5;
+    for (num, action) in &target.fds {
+        let num = *num as u64;
+        let what = |p: String| {
+            move |e: Error| {
+                Error::CannotClone(format!(
+                    "process {pid}: fd {num} ({p}) could not be given to the clone: {e}"
+                ))
+            }
+        };
+        let (new, cloexec) = match action {
+            FdAction::Close => {
+                let _ = clone.syscall(nr(libc::SYS_close), &[num]);
+                continue;
+            }
+            FdAction::DevNull => (
+                open(clone, "opening /dev/null", at[4], libc::O_RDWR as u64)?,
+                0,
+            ),
+            FdAction::ChildLog => (
+                open(
+                    clone,
+                    "opening the child's log",
+                    at[3],
+                    (libc::O_WRONLY | libc::O_APPEND) as u64,
+                )?,
+                0,
+            ),
+            FdAction::Reopen { path, flags, pos } => {
+                let path_at = at[next_path];
+                next_path += 1;
+                let fail = what(path.display().to_string());
+                let o_path = flags & libc::O_PATH != 0;
+                let open_flags = (flags & !(libc::O_CLOEXEC | libc::O_CREAT | libc::O_TRUNC))
+                    | if o_path {
+                        0
+                    } else {
+                        libc::O_NONBLOCK | libc::O_NOCTTY
+                    };
+                let new = open(clone, "open", path_at, open_flags as u64).map_err(&fail)?;
+                if !o_path {
+                    if *pos > 0 && flags & libc::O_APPEND == 0 {
+                        // Pipes and FIFOs have no position: an error is fine there.
+                        let _ = clone.syscall(nr(libc::SYS_lseek), &[new as u64, *pos, 0]);
+                    }
+                    if flags & libc::O_NONBLOCK == 0 {
+                        clone
+                            .call(
+                                "fcntl(F_SETFL)",
+                                nr(libc::SYS_fcntl),
+                                &[new as u64, libc::F_SETFL as u64, *flags as u64],
+                            )
+                            .map_err(&fail)?;
+                    }
+                }
+                (new, (flags & libc::O_CLOEXEC) as u64)
+            }
+        };
+        let r = clone.call("dup3", nr(libc::SYS_dup3), &[new as u64, num, cloexec]);
+        let _ = clone.syscall(nr(libc::SYS_close), &[new as u64]);
+        r?;
+    }
+    Ok(())
+}
+
+/// The pid that the pid namespace of `viewer` gives to `pid` (both host pids).
+pub fn pid_as_seen_by(pid: u32, viewer: u32) -> Result<u32> {
+    let nspids = |p: u32| -> Result<Vec<u32>> {
+        let f = format!("/proc/{p}/status");
+        let text = std::fs::read_to_string(&f).map_err(|e| Error::Sandbox(format!("{f}: {e}")))?;
+        Ok(text
+            .lines()
+            .find_map(|l| l.strip_prefix("NSpid:"))
+            .unwrap_or("")
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect())
+    };
+    let level = nspids(viewer)?.len();
+    nspids(pid)?
+        .get(level.saturating_sub(1))
+        .copied()
+        .ok_or_else(|| {
+            Error::Sandbox(format!(
+                "process {pid} is not in the pid namespace of process {viewer}"
+            ))
+        })
+}
+
+/// Which descriptor of process `pid` is open on `path`.
+pub fn fd_of(pid: u32, path: &std::path::Path) -> Result<i32> {
+    let dir = format!("/proc/{pid}/fd");
+    for entry in std::fs::read_dir(&dir).map_err(|e| Error::Sandbox(format!("{dir}: {e}")))? {
+        let Ok(entry) = entry else { continue };
+        if std::fs::read_link(entry.path()).ok().as_deref() == Some(path)
+            && let Some(n) = entry.file_name().to_str().and_then(|n| n.parse().ok())
+        {
+            return Ok(n);
+        }
+    }
+    Err(Error::Sandbox(format!(
+        "process {pid} has no descriptor on {}",
+        path.display()
+    )))
+}
+
+/// Pid of a [`Tracee`], as a raw number.
+pub fn raw(p: Pid) -> u32 {
+    p.as_raw() as u32
+}

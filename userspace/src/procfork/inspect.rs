@@ -1,0 +1,341 @@
+//! What a process to be cloned holds, read from /proc while it is held, and what its clone
+//! does with each piece: which descriptors are re-opened on the child's files, which are
+//! replaced or closed, and what makes the process impossible to clone faithfully (a refusal
+//! that names the process and the reason).
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// What the clone does with one of its descriptors.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FdAction {
+    /// Open the same path in the child's mount namespace (the child's copy for workspace and
+    /// /tmp files, the same read-only file elsewhere), same flags and offset.
+    Reopen { path: PathBuf, flags: i32, pos: u64 },
+    /// The child branch's own command log (the parent's log, or a pipe or terminal on 1 or 2).
+    ChildLog,
+    /// /dev/null (a pipe or terminal on 0).
+    DevNull,
+    /// Closed in the clone (sockets, terminals elsewhere): the parent keeps it.
+    Close,
+}
+
+/// A process to clone and the plan for its clone.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub pid: u32,
+    pub comm: String,
+    /// Its working directory.
+    pub cwd: PathBuf,
+    pub fds: Vec<(i32, FdAction)>,
+    /// What the clone does not faithfully own, reported to the caller.
+    pub notes: Vec<String>,
+}
+
+/// What the inspection needs to know about the branch.
+pub struct Context<'a> {
+    pub workspace: &'a Path,
+    /// The parent branch's command log (its processes' stdout and stderr).
+    pub parent_log: &'a Path,
+}
+
+/// The processes of a branch to clone: every process in its cgroup but its init.
+pub fn targets(cgroup: &Path, init_pid: u32) -> Result<Vec<u32>> {
+    let f = cgroup.join("cgroup.procs");
+    let text = std::fs::read_to_string(&f).map_err(|e| Error::Io {
+        path: f.clone(),
+        cause: e,
+    })?;
+    Ok(text
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .filter(|p| *p != init_pid)
+        .collect())
+}
+
+fn refuse(pid: u32, comm: &str, why: impl std::fmt::Display) -> Error {
+    Error::CannotClone(format!(
+        "process {pid} ({comm}) cannot be cloned: {why}; nothing was forked"
+    ))
+}
+
+fn read(path: String) -> Result<String> {
+    std::fs::read_to_string(&path).map_err(|e| {
+        if e.raw_os_error() == Some(libc::ESRCH) || e.kind() == std::io::ErrorKind::NotFound {
+            Error::Sandbox(format!("{path}: the process exited during the fork"))
+        } else {
+            Error::Io {
+                path: path.into(),
+                cause: e,
+            }
+        }
+    })
+}
+
+/// The value of `key:` in /proc/PID/status.
+fn status_field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .map(str::trim)
+}
+
+/// Checks what must hold before a process is seized: one thread, no children, not traced by
+/// someone else (`held`: by us), a top-level process of the branch (its parent is the
+/// branch's init, or outside the branch: a clone's parent is the init of the branch its
+/// line of clones started in). `procs` are the branch's processes. Returns its name.
+pub fn precheck(pid: u32, init_pid: u32, procs: &[u32], held: bool) -> Result<String> {
+    let status = read(format!("/proc/{pid}/status"))?;
+    let comm = status_field(&status, "Name").unwrap_or("?").to_string();
+    let field = |k: &str| status_field(&status, k).unwrap_or("0").to_string();
+    let ppid: u32 = field("PPid").parse().unwrap_or(0);
+    if ppid != init_pid && procs.contains(&ppid) {
+        return Err(refuse(
+            pid,
+            &comm,
+            format!(
+                "it is a child of process {ppid} of the branch (process trees are not cloned yet)"
+            ),
+        ));
+    }
+    let threads: u32 = field("Threads").parse().unwrap_or(1);
+    if threads > 1 {
+        return Err(refuse(
+            pid,
+            &comm,
+            format!(
+                "it has {threads} threads (multi-threaded processes are not cloned yet: fork with --fresh to start the command afresh)"
+            ),
+        ));
+    }
+    let tracer = field("TracerPid");
+    if tracer != "0" && !held {
+        return Err(refuse(
+            pid,
+            &comm,
+            format!("it is traced by process {tracer} (a debugger?)"),
+        ));
+    }
+    let children = read(format!("/proc/{pid}/task/{pid}/children"))?;
+    if !children.trim().is_empty() {
+        return Err(refuse(
+            pid,
+            &comm,
+            format!(
+                "it has child processes ({}): process trees are not cloned yet (fork with --fresh to start the command afresh)",
+                children.trim()
+            ),
+        ));
+    }
+    Ok(comm)
+}
+
+/// Devices a clone may open again: they hold no state.
+const STATELESS_DEVICES: &[&str] = &[
+    "/dev/null",
+    "/dev/zero",
+    "/dev/full",
+    "/dev/random",
+    "/dev/urandom",
+];
+
+fn is_terminal(link: &str) -> bool {
+    link.starts_with("/dev/pts/") || link.starts_with("/dev/tty") || link == "/dev/console"
+}
+
+/// Plans the clone of a held process.
+pub fn inspect(pid: u32, comm: &str, ctx: &Context) -> Result<Target> {
+    let mut notes = Vec::new();
+    let cwd_link = std::fs::read_link(format!("/proc/{pid}/cwd"))
+        .map_err(|e| Error::Sandbox(format!("the working directory of process {pid}: {e}")))?;
+    let cwd = match cwd_link.to_str().and_then(|s| s.strip_suffix(" (deleted)")) {
+        Some(_) => {
+            notes.push(format!(
+                "process {pid} ({comm}): its working directory was deleted; the clone starts in the workspace"
+            ));
+            ctx.workspace.to_path_buf()
+        }
+        None => cwd_link,
+    };
+    check_maps(pid, comm, ctx)?;
+    let locks = read("/proc/locks".into())?;
+    if locks.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() > 4 && f[1] == "POSIX" && f[4] == pid.to_string()
+    }) {
+        notes.push(format!(
+            "process {pid} ({comm}): its fcntl locks are not held by the clone"
+        ));
+    }
+    let mut fds = Vec::new();
+    let dir = format!("/proc/{pid}/fd");
+    let entries = std::fs::read_dir(&dir).map_err(|e| Error::Sandbox(format!("{dir}: {e}")))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::Sandbox(format!("{dir}: {e}")))?;
+        let Some(num) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(link) = std::fs::read_link(entry.path()) else {
+            continue; // closed meanwhile
+        };
+        let link = link.to_string_lossy().into_owned();
+        if let Some(action) = plan_fd(pid, comm, num, &link, ctx, &mut notes)? {
+            fds.push((num, action));
+        }
+    }
+    fds.sort_by_key(|(n, _)| *n);
+    Ok(Target {
+        pid,
+        comm: comm.to_string(),
+        cwd,
+        fds,
+        notes,
+    })
+}
+
+/// Flags and offset of descriptor `num`, from /proc/PID/fdinfo.
+fn fdinfo(pid: u32, num: i32) -> Result<(i32, u64)> {
+    let text = read(format!("/proc/{pid}/fdinfo/{num}"))?;
+    let get = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(str::trim)
+            .unwrap_or("0")
+            .to_string()
+    };
+    let flags = i32::from_str_radix(&get("flags:"), 8).unwrap_or(0);
+    let pos = get("pos:").parse().unwrap_or(0);
+    Ok((flags, pos))
+}
+
+fn plan_fd(
+    pid: u32,
+    comm: &str,
+    num: i32,
+    link: &str,
+    ctx: &Context,
+    notes: &mut Vec<String>,
+) -> Result<Option<FdAction>> {
+    let stdio_replacement = |what: &str, notes: &mut Vec<String>| {
+        let action = match num {
+            0 => FdAction::DevNull,
+            1 | 2 => FdAction::ChildLog,
+            _ => FdAction::Close,
+        };
+        let given = match action {
+            FdAction::DevNull => "/dev/null",
+            FdAction::ChildLog => "the child's own log",
+            _ => "nothing (closed)",
+        };
+        notes.push(format!(
+            "process {pid} ({comm}): fd {num} ({what}) is shared with the parent; the clone gets {given}"
+        ));
+        action
+    };
+    if link.starts_with("socket:") {
+        notes.push(format!(
+            "process {pid} ({comm}): fd {num} is a socket, closed in the clone (the parent keeps it)"
+        ));
+        return Ok(Some(FdAction::Close));
+    }
+    if link.starts_with("pipe:") {
+        if num <= 2 {
+            return Ok(Some(stdio_replacement("a pipe", notes)));
+        }
+        notes.push(format!(
+            "process {pid} ({comm}): fd {num} is a pipe, closed in the clone (the parent keeps it)"
+        ));
+        return Ok(Some(FdAction::Close));
+    }
+    if is_terminal(link) {
+        return Ok(Some(stdio_replacement("a terminal", notes)));
+    }
+    if link.starts_with("anon_inode:") || link.starts_with("/memfd:") {
+        return Err(refuse(
+            pid,
+            comm,
+            format!(
+                "fd {num} is {link}, kernel state the clone would share with the parent branch"
+            ),
+        ));
+    }
+    let path = Path::new(link);
+    if path == ctx.parent_log {
+        return Ok(Some(FdAction::ChildLog));
+    }
+    if link.ends_with(" (deleted)") {
+        notes.push(format!(
+            "process {pid} ({comm}): fd {num} is an unlinked file ({link}), shared with the parent"
+        ));
+        return Ok(None);
+    }
+    if path.starts_with("/dev/shm") {
+        return Err(refuse(
+            pid,
+            comm,
+            format!("fd {num} is shared memory ({link})"),
+        ));
+    }
+    if path.starts_with("/dev") && !STATELESS_DEVICES.contains(&link) {
+        return Err(refuse(pid, comm, format!("fd {num} is a device ({link})")));
+    }
+    if !path.is_absolute() {
+        return Err(refuse(
+            pid,
+            comm,
+            format!("fd {num} is {link}, which the clone cannot open again"),
+        ));
+    }
+    let (flags, pos) = fdinfo(pid, num)?;
+    let private = path.starts_with(ctx.workspace) || path.starts_with("/tmp");
+    if private && flags & libc::O_ACCMODE != libc::O_RDONLY && !path.is_dir() {
+        notes.push(format!(
+            "process {pid} ({comm}): fd {num} ({link}) is open for writing; the clone gets the child's copy, another inode, which SQLite takes for a moved database (writes fail with SQLITE_READONLY_DBMOVED until it reconnects)"
+        ));
+    }
+    Ok(Some(FdAction::Reopen {
+        path: path.to_path_buf(),
+        flags,
+        pos,
+    }))
+}
+
+/// Refuses shared mappings the clone would share with the parent: anonymous shared memory,
+/// SysV segments, memfds, /dev/shm, and files of the workspace or /tmp.
+fn check_maps(pid: u32, comm: &str, ctx: &Context) -> Result<()> {
+    let maps = read(format!("/proc/{pid}/maps"))?;
+    for line in maps.lines() {
+        let f: Vec<&str> = line.splitn(6, ' ').collect();
+        if f.len() < 5 || f[1].as_bytes().get(3) != Some(&b's') {
+            continue;
+        }
+        let what = f.get(5).map(|s| s.trim()).unwrap_or("");
+        let shared_state = what.is_empty()
+            || what.starts_with("/dev/zero")
+            || what.starts_with("/SYSV")
+            || what.starts_with("/memfd:")
+            || what.starts_with("/dev/shm")
+            || Path::new(what).starts_with(ctx.workspace)
+            || Path::new(what).starts_with("/tmp");
+        if shared_state {
+            let name = if what.is_empty() {
+                "anonymous shared memory"
+            } else {
+                what
+            };
+            return Err(refuse(
+                pid,
+                comm,
+                format!(
+                    "it has a shared mapping of {name} that its clone would share with the parent (re-pointing shared mappings is not built yet)"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
