@@ -57,10 +57,11 @@ while True:
     time.sleep(0.02)
 "#;
 
+/// Fields drop in order: the daemon (aborting every branch) before the directory.
 struct Setup {
-    _dir: TempDir,
-    ws: PathBuf,
     d: Daemon,
+    ws: PathBuf,
+    _dir: TempDir,
 }
 
 fn setup(files: &[(&str, &str)]) -> Setup {
@@ -73,7 +74,7 @@ fn setup(files: &[(&str, &str)]) -> Setup {
         std::fs::write(ws.join(name), text).unwrap();
     }
     let d = Daemon::start(dir.path());
-    Setup { _dir: dir, ws, d }
+    Setup { d, ws, _dir: dir }
 }
 
 impl Setup {
@@ -382,4 +383,76 @@ fn processes_that_cannot_be_cloned_are_refused_and_both_branches_stay_as_they_we
         assert!(String::from_utf8_lossy(&out.stderr).contains("afresh"));
         s.d.ok(&["abort", "--recursive", name]);
     }
+}
+
+#[test]
+fn a_checkpoint_with_processes_forked_three_times_gives_three_live_clones_with_the_same_state() {
+    let s = setup(&[]);
+    let cmd = agent(16);
+    let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
+    s.run("live", &cmd);
+    s.wait_out("live", "ready");
+    let at_checkpoint = s.tell("live", "add", "7", "counter 7");
+    let out = s.d.cli(&["fork", "live", "--frozen", "--name", "cp"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(s.info("cp")["status"], "frozen");
+    // The checkpoint's clone never runs: the parent moves on, the checkpoint does not.
+    s.tell("live", "add", "1", "counter 8");
+    let frozen_pid = s.pids("cp")[0];
+    let events = std::fs::read_to_string(format!(
+        "{}/cgroup.events",
+        s.info("cp")["cgroup"].as_str().unwrap()
+    ))
+    .unwrap();
+    assert!(events.contains("frozen 1"), "{events}");
+    for k in ["k1", "k2", "k3"] {
+        s.fork("cp", k);
+        assert_eq!(s.info(k)["status"], "running");
+    }
+    // Three live starts from the same state: each reports the checkpoint's counter and digest.
+    for k in ["k1", "k2", "k3"] {
+        assert_eq!(s.tell(k, "add", "0", "counter"), at_checkpoint, "{k}");
+    }
+    // They are independent of each other.
+    s.tell("k1", "add", "1", "counter 8");
+    assert_eq!(s.tell("k2", "add", "0", "counter"), at_checkpoint);
+    // The checkpoint's own clone is still there, still frozen.
+    assert_eq!(s.pids("cp"), vec![frozen_pid]);
+    assert_eq!(s.info("cp")["status"], "frozen");
+}
+
+#[test]
+fn a_process_traced_by_a_debugger_is_refused_and_left_as_it_was() {
+    let s = setup(&[]);
+    s.run("dbg", &["sleep", "1000"]);
+    let pid = s.pids("dbg")[0];
+    let mut strace = std::process::Command::new("strace")
+        .args(["-o", "/dev/null", "-p", &pid.to_string()])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("strace runs");
+    let start = Instant::now();
+    while std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .contains("TracerPid:\t0")
+    {
+        assert!(start.elapsed() < Duration::from_secs(10), "strace attaches");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = s.d.cli(&["fork", "dbg", "--name", "dbg2"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("traced by process"), "{err}");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(
+        status.contains(&format!("TracerPid:\t{}", strace.id())),
+        "still strace's: {status}"
+    );
+    let _ = strace.kill();
+    let _ = strace.wait();
+    assert_eq!(s.pids("dbg"), vec![pid]);
 }

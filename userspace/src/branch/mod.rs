@@ -520,7 +520,9 @@ impl Manager {
             }
         }
         let mut phases = ForkPhases::default();
-        let cloning = !p.frozen && !opts.frozen && !opts.fresh;
+        // A running branch, or a checkpoint holding stopped clones, has processes to clone.
+        let has_processes = p.init_pid != 0 && !p.cgroup.as_os_str().is_empty();
+        let cloning = has_processes && !opts.fresh;
         let checked = if cloning {
             procfork::precheck(&p.cgroup, p.init_pid)?
         } else {
@@ -528,7 +530,15 @@ impl Manager {
         };
         let t_held = Instant::now();
         let held = if p.frozen {
-            None
+            if checked.is_empty() {
+                None
+            } else {
+                // A checkpoint's clones are seized frozen, then thawed: they stay held by
+                // ptrace, and are frozen again before they are let go.
+                let h = procfork::hold(&p.cgroup, p.init_pid, &checked)?;
+                Cgroup::open(&p.cgroup)?.freeze(false, Duration::from_secs(5))?;
+                Some(h)
+            }
         } else {
             let (cg, init) = (p.cgroup.clone(), p.init_pid);
             self.snapshot_running(&mut p, &mut phases, || {
@@ -550,7 +560,6 @@ impl Manager {
             }
             None => None,
         };
-        let t = Instant::now();
         if p.children_ws().len() > FLATTEN_AT || p.children_tmp().len() > FLATTEN_AT {
             self.flatten_layers(&mut p)?;
         }
@@ -582,7 +591,7 @@ impl Manager {
                     std::fs::copy(&fork_manifest, &to).at(&to)?;
                 }
                 let (ws, tmp) = (ws_lowers.clone(), tmp_lowers.clone());
-                if opts.frozen {
+                if opts.frozen && !cloning {
                     made.push(self.checkpoint(id, child, &p, ws, tmp, fork_ns)?);
                     continue;
                 }
@@ -595,7 +604,7 @@ impl Manager {
                     nest_in: cloning.then_some(p.init_pid),
                 };
                 let t_start = Instant::now();
-                let rec = self.start(
+                let mut rec = self.start(
                     id,
                     child,
                     Some(p.name.clone()),
@@ -608,25 +617,42 @@ impl Manager {
                 )?;
                 phases.start_us += t_start.elapsed().as_micros() as u64;
                 made.push(rec.clone());
+                // A checkpoint's cgroup is frozen before its clones are let go: they never run.
+                let child_cg = Cgroup::open(&rec.cgroup)?;
+                let freeze = opts.frozen.then_some(&child_cg);
                 if let Some(h) = held.as_mut() {
                     let into = procfork::ChildBranch {
                         cgroup: rec.cgroup.clone(),
                         init_in_parent_ns: procfork::pid_as_seen_by(rec.init_pid, p.init_pid)?,
                         log_fd: procfork::fd_of(rec.init_pid, &rec.dir.join("command.log"))?,
                     };
-                    let c = procfork::clone_into(h, &into)?;
+                    let c = procfork::clone_into(h, &into, freeze)?;
                     phases.processes_us += c.us;
                     cloned.push(c.pids);
                 } else {
+                    if let Some(cg) = freeze {
+                        cg.freeze(true, Duration::from_secs(5))?;
+                    }
                     cloned.push(Vec::new());
+                }
+                if opts.frozen {
+                    rec.frozen = true;
+                    self.registry.put(&rec)?;
+                    *made.last_mut().expect("just pushed") = rec;
                 }
             }
             Ok(())
         })();
         let notes = held.as_ref().map(|h| h.notes()).unwrap_or_default();
+        let refrozen = match (&held, p.frozen) {
+            (Some(_), true) => {
+                Cgroup::open(&p.cgroup).and_then(|c| c.freeze(true, Duration::from_secs(5)))
+            }
+            _ => Ok(()),
+        };
         let released = held.map(|h| h.release()).unwrap_or(Ok(()));
         phases.held_us = t_held.elapsed().as_micros() as u64;
-        if let Err(e) = outcome.and(released) {
+        if let Err(e) = outcome.and(refrozen).and(released) {
             // Never a half-forked branch: the children made so far go.
             for b in made.iter().rev() {
                 let _ = self.abort(&b.name);
@@ -641,17 +667,14 @@ impl Manager {
             }
             t.new_epoch(&ids);
         }
-        phases.start_us = phases
-            .start_us
-            .max(t.elapsed().as_micros() as u64 - phases.processes_us);
         Ok(Forked {
             branches: made,
             phases,
             cloned,
-            processes: if opts.frozen {
-                "none"
-            } else if cloning {
+            processes: if cloning {
                 "cloned"
+            } else if opts.frozen {
+                "none"
             } else {
                 "fresh"
             }
@@ -928,7 +951,7 @@ impl Manager {
                 "the commit of {name} is incomplete: finish it (`forkscope commit {name}`, or restart the daemon) before aborting, or its target stays half written"
             )));
         }
-        if !b.frozen && b.cgroup.exists() {
+        if !b.cgroup.as_os_str().is_empty() && b.cgroup.exists() {
             let cg = Cgroup::open(&b.cgroup)?;
             if let Some(t) = &self.tracker {
                 // Its processes' last events first, then the trace file is closed.

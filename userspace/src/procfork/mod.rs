@@ -87,7 +87,14 @@ pub struct Cloned {
 
 /// Clones every held process into `child`. On failure the clones made so far are killed
 /// (the caller removes the child) and the originals stay held, unchanged.
-pub fn clone_into(held: &mut Held, child: &ChildBranch) -> Result<Cloned> {
+///
+/// With `freeze`, that cgroup (the child's) is frozen before the clones are let go, so they
+/// never run: a checkpoint.
+pub fn clone_into(
+    held: &mut Held,
+    child: &ChildBranch,
+    freeze: Option<&crate::cgroup::Cgroup>,
+) -> Result<Cloned> {
     let t = Instant::now();
     let mut clones = Vec::new();
     for (original, target) in held.processes.iter_mut() {
@@ -102,6 +109,14 @@ pub fn clone_into(held: &mut Held, child: &ChildBranch) -> Result<Cloned> {
         }
     }
     let pids = clones.iter().map(|c| clone::raw(c.pid)).collect();
+    if let Some(cg) = freeze
+        && let Err(e) = cg.freeze(true, std::time::Duration::from_secs(5))
+    {
+        for c in &clones {
+            let _ = nix::sys::signal::kill(c.pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        return Err(e);
+    }
     for c in clones {
         c.detach()?;
     }
