@@ -55,6 +55,7 @@ fn branch(tag: &str) -> Branch {
         log: state.path().join("cmd.log"),
         hidden: Vec::new(),
         nest_in: None,
+        deferred: None,
     };
     let cgroup = Cgroup::create(&format!("sandbox-test-{}-{tag}", std::process::id())).unwrap();
     let sandbox = start(

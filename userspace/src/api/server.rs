@@ -132,7 +132,20 @@ async fn run(
         m.run(req.name, &req.workspace, req.command)
     })
     .await?;
+    prewarm(&app, b.name.clone());
     Ok((StatusCode::CREATED, Json(b)).into_response())
+}
+
+/// Pre-starts the sandbox of `name`'s next child after the reply (see
+/// [`crate::branch::Manager::prewarm`]); a failure only costs the next fork its speed.
+fn prewarm(app: &App, name: String) {
+    let manager = app.manager.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut m = manager.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = m.prewarm(&name) {
+            log::warn!("pre-starting the next child sandbox of {name}: {e}");
+        }
+    });
 }
 
 async fn get_branch(
@@ -165,7 +178,9 @@ async fn fork(
     } else {
         body(&bytes)?
     };
+    let parent = name.clone();
     let made = with_manager(&app, &peer, move |m| m.fork(&name, &req)).await?;
+    prewarm(&app, parent);
     Ok((StatusCode::CREATED, Json(made)).into_response())
 }
 

@@ -11,6 +11,7 @@
 //! Committing ([`commit`]) applies a branch's changes to its parent's view.
 
 mod commit;
+mod warm;
 
 pub use commit::{CommitOptions, Committed};
 
@@ -122,6 +123,8 @@ fn children_chain(
 struct Start {
     command: Vec<String>,
     nest_in: Option<u32>,
+    /// A pre-started sandbox to use (its overlays are mounted on the branch's stacks).
+    warm: Option<warm::WarmChild>,
 }
 
 /// What `fork` makes.
@@ -238,6 +241,8 @@ pub struct Manager {
     instance: String,
     /// Per-branch traces, when the daemon loaded the eBPF programs.
     tracker: Option<std::sync::Arc<Tracker>>,
+    /// Pre-started child sandboxes, by parent name (see [`warm`]).
+    warm: std::collections::HashMap<String, warm::WarmChild>,
 }
 
 /// A branch's trace: one JSON line per event of its processes (see [`crate::tracker`]).
@@ -325,8 +330,10 @@ impl Manager {
             instance: format!("{ino:x}"),
             hidden: vec![state],
             tracker: None,
+            warm: Default::default(),
         };
         manager.recover()?;
+        manager.sweep_unowned()?;
         Ok(manager)
     }
 
@@ -495,6 +502,7 @@ impl Manager {
             Start {
                 command,
                 nest_in: None,
+                warm: None,
             },
         )
     }
@@ -581,8 +589,17 @@ impl Manager {
         let mut made = Vec::new();
         let mut cloned = Vec::new();
         let outcome = (|| -> Result<()> {
-            for _ in 0..count {
-                let id = self.registry.next_id()?;
+            for i in 0..count {
+                // The first child takes the parent's pre-started sandbox, if there is one.
+                let warm = if cloning && i == 0 {
+                    self.take_warm(&p.name, p.init_pid)
+                } else {
+                    None
+                };
+                let id = match &warm {
+                    Some(w) => w.id,
+                    None => self.registry.next_id()?,
+                };
                 let child = self.unused_name(name.clone(), id)?;
                 let dir = branch_dir(&self.state, id);
                 std::fs::create_dir_all(&dir).at(&dir)?;
@@ -602,6 +619,7 @@ impl Manager {
                         p.command.clone()
                     },
                     nest_in: cloning.then_some(p.init_pid),
+                    warm,
                 };
                 let t_start = Instant::now();
                 let mut rec = self.start(
@@ -857,12 +875,22 @@ impl Manager {
             log: dir.join("command.log"),
             hidden: self.hidden.clone(),
             nest_in: how.nest_in,
+            deferred: None,
         };
-        let cgroup = Cgroup::create(&format!("branch-{}-{id}", self.instance))?;
+        let (cgroup, warm) = match how.warm {
+            Some(w) => (w.cgroup, Some(w.warm)),
+            None => (
+                Cgroup::create(&format!("branch-{}-{id}", self.instance))?,
+                None,
+            ),
+        };
         if let Some(t) = &self.tracker {
             t.track(cgroup.id(), &dir.join("trace.jsonl"))?;
         }
-        let started = sandbox::start(&self.bin, &spec, &dir.join("spec.json"), &cgroup);
+        let started = match warm {
+            Some(w) => w.mount(&spec.workspace_stack, &spec.tmp_stack),
+            None => sandbox::start(&self.bin, &spec, &dir.join("spec.json"), &cgroup),
+        };
         let sb = match started {
             Ok(sb) => sb,
             Err(e) => {
@@ -933,6 +961,7 @@ impl Manager {
     /// live children is refused (see [`Manager::abort_tree`]).
     pub fn abort(&mut self, name: &str) -> Result<()> {
         let b = self.get(name)?;
+        self.drop_warm(name);
         let children: Vec<String> = self
             .registry
             .all()?

@@ -159,15 +159,6 @@ pub fn inspect(pid: u32, comm: &str, ctx: &Context) -> Result<Target> {
         None => cwd_link,
     };
     check_maps(pid, comm, ctx)?;
-    let locks = read("/proc/locks".into())?;
-    if locks.lines().any(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        f.len() > 4 && f[1] == "POSIX" && f[4] == pid.to_string()
-    }) {
-        notes.push(format!(
-            "process {pid} ({comm}): its fcntl locks are not held by the clone"
-        ));
-    }
     let mut fds = Vec::new();
     let dir = format!("/proc/{pid}/fd");
     let entries = std::fs::read_dir(&dir).map_err(|e| Error::Sandbox(format!("{dir}: {e}")))?;
@@ -198,8 +189,9 @@ pub fn inspect(pid: u32, comm: &str, ctx: &Context) -> Result<Target> {
     })
 }
 
-/// Flags and offset of descriptor `num`, from /proc/PID/fdinfo.
-fn fdinfo(pid: u32, num: i32) -> Result<(i32, u64)> {
+/// Flags and offset of descriptor `num`, from /proc/PID/fdinfo, and whether the process
+/// holds fcntl (POSIX) locks on its file.
+fn fdinfo(pid: u32, num: i32) -> Result<(i32, u64, bool)> {
     let text = read(format!("/proc/{pid}/fdinfo/{num}"))?;
     let get = |k: &str| {
         text.lines()
@@ -210,7 +202,10 @@ fn fdinfo(pid: u32, num: i32) -> Result<(i32, u64)> {
     };
     let flags = i32::from_str_radix(&get("flags:"), 8).unwrap_or(0);
     let pos = get("pos:").parse().unwrap_or(0);
-    Ok((flags, pos))
+    let locked = text
+        .lines()
+        .any(|l| l.starts_with("lock:") && l.contains("POSIX"));
+    Ok((flags, pos, locked))
 }
 
 fn plan_fd(
@@ -291,7 +286,12 @@ fn plan_fd(
             format!("fd {num} is {link}, which the clone cannot open again"),
         ));
     }
-    let (flags, pos) = fdinfo(pid, num)?;
+    let (flags, pos, locked) = fdinfo(pid, num)?;
+    if locked {
+        notes.push(format!(
+            "process {pid} ({comm}): its fcntl locks on {link} are not held by the clone"
+        ));
+    }
     let private = path.starts_with(ctx.workspace) || path.starts_with("/tmp");
     if private && flags & libc::O_ACCMODE != libc::O_RDONLY && !path.is_dir() {
         notes.push(format!(

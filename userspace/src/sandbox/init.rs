@@ -61,13 +61,21 @@ fn setup(spec: &SandboxSpec) -> Result<()> {
         Some(_) => Some(std::fs::File::open("/proc")?),
         None => None,
     };
-    mounts::setup(spec)?;
+    if let Some(deferred) = mounts::setup(spec)? {
+        // This process stays in the host's user namespace to mount the overlays later (see
+        // `mounter`); a child goes on to build the rest.
+        // SAFETY: single-threaded (no runtime has started), so the child may run anything.
+        match unsafe { fork() }.map_err(|e| Error::Sandbox(format!("fork: {e}")))? {
+            ForkResult::Parent { child } => mounter(spec, &deferred, child),
+            ForkResult::Child => {}
+        }
+    }
     match (spec.nest_in, host_proc) {
         (Some(parent_init), Some(proc_dir)) => join_parent(parent_init, &proc_dir)?,
         _ => unshare(CloneFlags::CLONE_NEWUSER)
             .map_err(|e| Error::Sandbox(format!("unshare(CLONE_NEWUSER): {e}")))?,
     }
-    println!("userns");
+    println!("userns {}", std::process::id());
     std::io::stdout().flush()?;
     let mut line = String::new();
     std::io::stdin().lock().read_line(&mut line)?;
@@ -123,6 +131,40 @@ fn setup(spec: &SandboxSpec) -> Result<()> {
             std::process::exit(code);
         }
     }
+}
+
+/// The setup process of a pre-started sandbox once the rest is built: waits for the part
+/// that built it to finish, says `waiting`, and mounts the overlays it is sent (`mount
+/// {json}`), which propagate into the branch's mount namespace; then exits.
+fn mounter(spec: &SandboxSpec, deferred: &mounts::Deferred, line_pid: Pid) -> ! {
+    let built = matches!(waitpid(line_pid, None), Ok(WaitStatus::Exited(_, 0)));
+    if !built {
+        std::process::exit(1);
+    }
+    // The daemon may be gone (it was killed): nothing to say then.
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "waiting").and_then(|()| out.flush());
+    let mut line = String::new();
+    if std::io::stdin().lock().read_line(&mut line).unwrap_or(0) == 0 {
+        std::process::exit(0); // the daemon let it go unused
+    }
+    let mounted = line
+        .trim()
+        .strip_prefix("mount ")
+        .ok_or_else(|| Error::Sandbox(format!("unexpected request {:?}", line.trim())))
+        .and_then(|json| {
+            serde_json::from_str::<super::DeferredMounts>(json)
+                .map_err(|e| Error::Sandbox(format!("bad mount request: {e}")))
+        })
+        .and_then(|m| {
+            mounts::mount_deferred(deferred, &spec.workspace, &m.workspace_stack, &m.tmp_stack)
+        });
+    let _ = match mounted {
+        Ok(()) => writeln!(out, "mounted"),
+        Err(e) => writeln!(out, "error: {e}"),
+    }
+    .and_then(|()| out.flush());
+    std::process::exit(0);
 }
 
 /// Joins the user and pid namespaces of the parent branch's init (`parent_init`, a host
@@ -215,7 +257,12 @@ fn init(
     if let Err(e) = mounts::mount_proc() {
         eprintln!("forkscope init: {e} (the branch sees the host's /proc)");
     }
-    std::env::set_current_dir(&spec.workspace)?;
+    // Pre-started, the workspace is mounted later: exec requests name their directory.
+    if spec.deferred.is_none() {
+        std::env::set_current_dir(&spec.workspace)?;
+    } else {
+        std::env::set_current_dir("/")?;
+    }
     super::seccomp::install()?;
     let mut ready = ready;
     ready.write_all(b"1")?;

@@ -62,6 +62,11 @@ pub struct SandboxSpec {
     /// [`init`]), so a process of the parent can place a clone of itself in them.
     #[serde(default)]
     pub nest_in: Option<u32>,
+    /// A pre-started sandbox: its overlays are mounted later ([`Warm::mount`]), when the
+    /// fork that takes it knows its layers; the stacks above are then ignored. Holds the state
+    /// directory, under which every layer lies.
+    #[serde(default)]
+    pub deferred: Option<PathBuf>,
 }
 
 /// An overlay stack, serializable.
@@ -102,6 +107,93 @@ pub fn start(
     spec_file: &Path,
     cgroup: &Cgroup,
 ) -> Result<Sandbox> {
+    let mut w = spawn(forkscope_bin, spec, spec_file, cgroup)?;
+    let _ = w.to_setup.write_all(b"done\n");
+    let status = w.setup.wait()?;
+    if !status.success() {
+        return Err(Error::Sandbox(format!("sandbox setup failed ({status})")));
+    }
+    Ok(w.sandbox.clone())
+}
+
+/// A pre-started sandbox waiting for its overlays (see [`SandboxSpec::deferred`]): its init
+/// listens, nothing runs in it. Dropped unmounted, its setup process is killed; the caller
+/// removes its cgroup.
+pub struct Warm {
+    pub sandbox: Sandbox,
+    setup: std::process::Child,
+    to_setup: std::io::PipeWriter,
+    from_setup: BufReader<std::io::PipeReader>,
+}
+
+/// What [`Warm::mount`] sends the waiting setup process.
+#[derive(Serialize, Deserialize)]
+pub struct DeferredMounts {
+    pub workspace_stack: StackSpec,
+    pub tmp_stack: StackSpec,
+}
+
+/// Pre-starts a sandbox for `spec` (which must be [`SandboxSpec::deferred`]).
+pub fn start_warm(
+    forkscope_bin: &Path,
+    spec: &SandboxSpec,
+    spec_file: &Path,
+    cgroup: &Cgroup,
+) -> Result<Warm> {
+    let mut w = spawn(forkscope_bin, spec, spec_file, cgroup)?;
+    w.to_setup.write_all(b"done\n")?;
+    Ok(w)
+}
+
+impl Warm {
+    /// Mounts the overlays (they appear in the sandbox at once); returns the sandbox.
+    pub fn mount(mut self, ws: &StackSpec, tmp: &StackSpec) -> Result<Sandbox> {
+        let msg = DeferredMounts {
+            workspace_stack: ws.clone(),
+            tmp_stack: tmp.clone(),
+        };
+        let text = serde_json::to_string(&msg).map_err(std::io::Error::from)?;
+        // The part of the setup that built the sandbox has exited once the setup process
+        // says `waiting`: it can no longer take the request.
+        let mut line = String::new();
+        self.from_setup.read_line(&mut line)?;
+        if line.trim() != "waiting" {
+            return Err(Error::Sandbox(format!(
+                "a pre-started sandbox failed: {}",
+                line.trim()
+            )));
+        }
+        self.to_setup
+            .write_all(format!("mount {text}\n").as_bytes())?;
+        line.clear();
+        self.from_setup.read_line(&mut line)?;
+        if line.trim() != "mounted" {
+            return Err(Error::Sandbox(format!(
+                "mounting a pre-started sandbox's overlays: {}",
+                line.trim()
+            )));
+        }
+        let _ = self.setup.wait();
+        Ok(self.sandbox.clone())
+    }
+}
+
+impl Drop for Warm {
+    fn drop(&mut self) {
+        // After `mount` the setup process has exited: this only reaps it.
+        let _ = self.setup.kill();
+        let _ = self.setup.wait();
+    }
+}
+
+/// Spawns `forkscope __init SPEC` in `cgroup` and takes it through the user namespace
+/// handshake up to the init's pid; the setup process then waits for `done`.
+fn spawn(
+    forkscope_bin: &Path,
+    spec: &SandboxSpec,
+    spec_file: &Path,
+    cgroup: &Cgroup,
+) -> Result<Warm> {
     let text = serde_json::to_string(spec).map_err(std::io::Error::from)?;
     std::fs::write(spec_file, text).at(spec_file)?;
     let (to_init_r, mut to_init_w) = std::io::pipe()?;
@@ -136,72 +228,79 @@ pub fn start(
             );
         }
     });
+    let fail = |setup: &mut std::process::Child, e: Error| {
+        let _ = setup.kill();
+        let _ = setup.wait();
+        e
+    };
     let mut lines = BufReader::new(from_init_r);
     let mut line = String::new();
-    // 1. The setup process (or, nested, its child in the parent's pid namespace) entered
-    //    its user namespace: map ids 1:1 and let it go on.
+    // 1. A process of the setup entered its new user namespace: map ids 1:1 (nested, the
+    //    setup did: only a process in the parent user namespace may) and let it go on.
     lines.read_line(&mut line)?;
-    if line.trim() != "userns" {
-        let _ = setup.wait();
-        return Err(Error::Sandbox(format!(
+    let Some(in_userns) = line.trim().strip_prefix("userns ") else {
+        let e = Error::Sandbox(format!(
             "sandbox setup failed before the user namespace: {}",
             line.trim()
-        )));
-    }
-    // (Nested, the setup process mapped them: only a process in the parent user namespace
-    // may, and it is the parent branch's.)
-    let mapped = if spec.nest_in.is_some() {
-        only_child(pid)
-    } else {
-        write_id_maps(Path::new("/proc"), pid).map(|()| pid)
+        ));
+        return Err(fail(&mut setup, e));
     };
-    let mapped = match mapped {
-        Ok(m) => m,
-        Err(e) => {
-            let _ = setup.kill();
-            let _ = setup.wait();
-            return Err(e);
+    if spec.nest_in.is_none() {
+        let target: u32 = in_userns.parse().unwrap_or(0);
+        if let Err(e) = write_id_maps(Path::new("/proc"), target) {
+            return Err(fail(&mut setup, e));
         }
-    };
+    }
     to_init_w.write_all(b"mapped\n")?;
-    // 2. It reports the init's pid once the init listens (nested: as the parent's pid
-    //    namespace numbers it, so the host pid is read from /proc), then waits for `done`.
+    // 2. It reports the init's pid once the init is ready, then waits for `done`. The pid
+    //    it knows may be that of a nested pid namespace: the host's is found from /proc.
     line.clear();
     lines.read_line(&mut line)?;
-    let reported: Option<u32> = line
-        .trim()
-        .strip_prefix("init ")
-        .and_then(|p| p.parse().ok());
-    let init_pid = match reported {
-        Some(_) if spec.nest_in.is_some() => only_child(mapped).ok(),
-        other => other,
-    };
-    let _ = to_init_w.write_all(b"done\n");
-    let status = setup.wait()?;
     let _ = done.send(());
-    let init_pid = init_pid.ok_or_else(|| {
-        Error::Sandbox(format!("sandbox setup failed ({status}): {}", line.trim()))
-    })?;
-    Ok(Sandbox {
-        init_pid,
-        control: spec.control.clone(),
+    if !line.starts_with("init ") {
+        let e = Error::Sandbox(format!("sandbox setup failed: {}", line.trim()));
+        return Err(fail(&mut setup, e));
+    }
+    let init_pid = match find_init(pid) {
+        Ok(p) => p,
+        Err(e) => return Err(fail(&mut setup, e)),
+    };
+    Ok(Warm {
+        sandbox: Sandbox {
+            init_pid,
+            control: spec.control.clone(),
+        },
+        setup,
+        to_setup: to_init_w,
+        from_setup: lines,
     })
 }
 
-/// The host pid of `pid`'s one child.
-fn only_child(pid: u32) -> Result<u32> {
-    let f = format!("/proc/{pid}/task/{pid}/children");
-    let text = std::fs::read_to_string(&f).at(&f)?;
-    let kids: Vec<u32> = text
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect();
-    match kids.as_slice() {
-        [one] => Ok(*one),
-        _ => Err(Error::Sandbox(format!(
-            "sandbox setup: expected one child of process {pid}, found {kids:?}"
-        ))),
+/// The host pid of the init below setup process `setup` (the first process down its tree
+/// that is pid 1 of its pid namespace).
+fn find_init(setup: u32) -> Result<u32> {
+    let mut todo = vec![setup];
+    while let Some(p) = todo.pop() {
+        let status = std::fs::read_to_string(format!("/proc/{p}/status")).unwrap_or_default();
+        let nspid: Vec<&str> = status
+            .lines()
+            .find_map(|l| l.strip_prefix("NSpid:"))
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        if nspid.len() > 1 && nspid.last() == Some(&"1") {
+            return Ok(p);
+        }
+        let f = format!("/proc/{p}/task/{p}/children");
+        let kids = std::fs::read_to_string(&f).unwrap_or_default();
+        todo.extend(
+            kids.split_whitespace()
+                .filter_map(|k| k.parse::<u32>().ok()),
+        );
     }
+    Err(Error::Sandbox(format!(
+        "sandbox setup: no init found below process {setup}"
+    )))
 }
 
 /// Maps uids and gids 0..2^32-1 of `pid`'s new user namespace to themselves (`proc`: where

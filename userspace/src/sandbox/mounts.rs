@@ -1,5 +1,11 @@
 //! The sandbox's mount namespace, built as real root before the user namespace is entered:
 //! overlays on `/tmp` and the workspace, a private `/dev/shm`, everything else read-only.
+//!
+//! A pre-started sandbox ([`SandboxSpec::deferred`]) gets its overlays later, when the
+//! fork that takes it has snapshotted the layers: `/tmp` and the workspace are then covered
+//! by empty read-only tmpfs placeholders made shared, the branch's mount namespace (made
+//! later, owned by its user namespace) receives them as slaves, and the overlays mounted on
+//! them afterwards from this namespace ([`mount_deferred`]) propagate into it, locked.
 
 use std::path::Path;
 
@@ -13,6 +19,7 @@ use crate::error::{Error, Result};
 
 const MOUNT_ATTR_RDONLY: u64 = 0x1;
 const AT_RECURSIVE: u32 = 0x8000;
+const AT_EMPTY_PATH: u32 = 0x1000;
 
 /// `struct mount_attr` of mount_setattr(2).
 #[repr(C)]
@@ -25,6 +32,16 @@ struct MountAttr {
 
 /// Sets or clears read-only on the mount at `path` (and those below it with `recursive`).
 fn set_readonly(path: &Path, readonly: bool, recursive: bool) -> Result<()> {
+    set_readonly_at(
+        libc::AT_FDCWD,
+        path,
+        readonly,
+        if recursive { AT_RECURSIVE } else { 0 },
+    )
+}
+
+/// `mount_setattr(dirfd, path, flags)` setting or clearing read-only.
+fn set_readonly_at(dirfd: i32, path: &Path, readonly: bool, flags: u32) -> Result<()> {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|_| Error::Sandbox("NUL in a mount path".into()))?;
     let attr = MountAttr {
@@ -33,12 +50,11 @@ fn set_readonly(path: &Path, readonly: bool, recursive: bool) -> Result<()> {
         propagation: 0,
         userns_fd: 0,
     };
-    let flags = if recursive { AT_RECURSIVE } else { 0 };
     // SAFETY: mount_setattr with a NUL-terminated path and a correctly sized mount_attr.
     let ret = unsafe {
         libc::syscall(
             libc::SYS_mount_setattr,
-            libc::AT_FDCWD,
+            dirfd,
             c.as_ptr(),
             flags,
             &attr as *const MountAttr,
@@ -59,8 +75,85 @@ fn sys(what: String) -> impl FnOnce(nix::Error) -> Error {
     move |e| Error::Sandbox(format!("{what}: {e}"))
 }
 
-/// Builds the mount namespace (the caller is real root, single-threaded).
-pub fn setup(spec: &SandboxSpec) -> Result<()> {
+/// What a deferred set-up keeps for [`mount_deferred`]: the state directory (holding every
+/// layer), by descriptor, as the placeholders and the hidden directories cover it. It is a
+/// bind mount of this namespace kept writable (overlayfs takes its upper directory only from
+/// the mounter's namespace), under the read-only tmpfs that hides the state directory: in the
+/// branch's namespace that tmpfs is locked over it.
+pub struct Deferred {
+    state: std::fs::File,
+    state_path: std::path::PathBuf,
+}
+
+impl Deferred {
+    /// `path` (under the state directory) as reachable through the held descriptor.
+    fn resolve(&self, path: &Path) -> Result<std::path::PathBuf> {
+        let rel = path.strip_prefix(&self.state_path).map_err(|_| {
+            Error::Sandbox(format!(
+                "layer {} is not under the state directory",
+                path.display()
+            ))
+        })?;
+        Ok(Path::new(&format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&self.state)
+        ))
+        .join(rel))
+    }
+}
+
+/// Mounts a deferred sandbox's overlays (`/tmp` first: a workspace under `/tmp` gets its
+/// mount point there).
+pub fn mount_deferred(
+    d: &Deferred,
+    workspace: &Path,
+    ws: &super::StackSpec,
+    tmp: &super::StackSpec,
+) -> Result<()> {
+    let stack = |s: &super::StackSpec| -> Result<crate::layers::overlay::Stack> {
+        Ok(crate::layers::overlay::Stack {
+            lowers: s
+                .lowers
+                .iter()
+                .map(|l| d.resolve(l))
+                .collect::<Result<_>>()?,
+            upper: d.resolve(&s.upper)?,
+            work: d.resolve(&s.work)?,
+        })
+    };
+    stack(tmp)?.mount(Path::new("/tmp"))?;
+    std::fs::create_dir_all(workspace).map_err(|e| {
+        Error::Sandbox(format!(
+            "workspace mount point {}: {e}",
+            workspace.display()
+        ))
+    })?;
+    stack(ws)?.mount(workspace)
+}
+
+/// An empty read-only tmpfs at `path`, shared, for a deferred overlay to land on.
+fn placeholder(path: &Path) -> Result<()> {
+    mount(
+        Some("tmpfs"),
+        path,
+        Some("tmpfs"),
+        MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("size=4k,mode=0555"),
+    )
+    .map_err(sys(format!("placeholder on {}", path.display())))?;
+    mount(
+        None::<&str>,
+        path,
+        None::<&str>,
+        MsFlags::MS_SHARED,
+        None::<&str>,
+    )
+    .map_err(sys(format!("making {} shared", path.display())))
+}
+
+/// Builds the mount namespace (the caller is real root, single-threaded). Deferred, the
+/// overlays are placeholders and what [`mount_deferred`] needs is returned.
+pub fn setup(spec: &SandboxSpec) -> Result<Option<Deferred>> {
     unshare(CloneFlags::CLONE_NEWNS).map_err(sys("unshare(CLONE_NEWNS)".into()))?;
     mount(
         None::<&str>,
@@ -70,6 +163,22 @@ pub fn setup(spec: &SandboxSpec) -> Result<()> {
         None::<&str>,
     )
     .map_err(sys("making / private".into()))?;
+    let state = match &spec.deferred {
+        Some(state) => {
+            mount(
+                Some(state.as_path()),
+                state.as_path(),
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .map_err(sys(format!("binding {}", state.display())))?;
+            let f = std::fs::File::open(state)
+                .map_err(|e| Error::Sandbox(format!("{}: {e}", state.display())))?;
+            Some((f, state.clone()))
+        }
+        None => None,
+    };
     // The workspace (or the state directory holding its layers) may lie under /tmp, which the
     // branch's /tmp overlay is about to cover: hold its layers by descriptor and name them
     // through /proc/self/fd, which still resolves to them afterwards.
@@ -84,21 +193,36 @@ pub fn setup(spec: &SandboxSpec) -> Result<()> {
         held.push(f);
         Ok(path)
     };
-    let ws = spec.workspace_stack.stack();
-    let ws = crate::layers::overlay::Stack {
-        lowers: ws.lowers.iter().map(|l| by_fd(l)).collect::<Result<_>>()?,
-        upper: by_fd(&ws.upper)?,
-        work: by_fd(&ws.work)?,
+    let deferred = match state {
+        Some((f, state_path)) => {
+            placeholder(Path::new("/tmp"))?;
+            if !spec.workspace.starts_with("/tmp") {
+                placeholder(&spec.workspace)?;
+            }
+            Some(Deferred {
+                state: f,
+                state_path,
+            })
+        }
+        None => {
+            let ws = spec.workspace_stack.stack();
+            let ws = crate::layers::overlay::Stack {
+                lowers: ws.lowers.iter().map(|l| by_fd(l)).collect::<Result<_>>()?,
+                upper: by_fd(&ws.upper)?,
+                work: by_fd(&ws.work)?,
+            };
+            spec.tmp_stack.stack().mount(Path::new("/tmp"))?;
+            // A workspace under /tmp gets its mount point in the branch's /tmp.
+            std::fs::create_dir_all(&spec.workspace).map_err(|e| {
+                Error::Sandbox(format!(
+                    "workspace mount point {}: {e}",
+                    spec.workspace.display()
+                ))
+            })?;
+            ws.mount(&spec.workspace)?;
+            None
+        }
     };
-    spec.tmp_stack.stack().mount(Path::new("/tmp"))?;
-    // A workspace under /tmp gets its mount point in the branch's /tmp.
-    std::fs::create_dir_all(&spec.workspace).map_err(|e| {
-        Error::Sandbox(format!(
-            "workspace mount point {}: {e}",
-            spec.workspace.display()
-        ))
-    })?;
-    ws.mount(&spec.workspace)?;
     drop(held);
     mount(
         Some("tmpfs"),
@@ -123,14 +247,23 @@ pub fn setup(spec: &SandboxSpec) -> Result<()> {
         .map_err(sys(format!("hiding {}", dir.display())))?;
     }
     set_readonly(Path::new("/"), true, true)?;
-    for writable in [
-        Path::new("/tmp"),
-        spec.workspace.as_path(),
-        Path::new("/dev/shm"),
-    ] {
-        set_readonly(writable, false, false)?;
+    let writable: &[&Path] = if deferred.is_some() {
+        &[Path::new("/dev/shm")] // the overlays mounted later are writable
+    } else {
+        &[
+            Path::new("/tmp"),
+            spec.workspace.as_path(),
+            Path::new("/dev/shm"),
+        ]
+    };
+    for w in writable {
+        set_readonly(w, false, false)?;
     }
-    Ok(())
+    if let Some(d) = &deferred {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&d.state);
+        set_readonly_at(fd, Path::new(""), false, AT_EMPTY_PATH)?;
+    }
+    Ok(deferred)
 }
 
 /// Inside the new pid namespace: a /proc that shows the branch's processes only.

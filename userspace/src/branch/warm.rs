@@ -1,0 +1,157 @@
+//! Pre-started child sandboxes: after a branch is started or forked, the daemon starts the
+//! sandbox of its next child ahead of time (nested in its namespaces, its overlays still to
+//! come, see [`crate::sandbox::SandboxSpec::deferred`]), so the next fork only mounts the
+//! overlays and clones the processes instead of waiting tens of milliseconds for a sandbox.
+//!
+//! One per branch at most, kept in memory only: a pre-started sandbox is not a branch (no
+//! record); it is discarded when its branch is aborted or the daemon stops, and a daemon
+//! that starts removes whatever a crash left (cgroups and directories without a record).
+
+use std::{path::PathBuf, time::Duration};
+
+use super::{Manager, mkdirs};
+use crate::{
+    cgroup::{Cgroup, cgroup2_root},
+    error::Result,
+    sandbox::{self, SandboxSpec, StackSpec},
+    state::branch_dir,
+};
+
+/// A pre-started child sandbox of one branch.
+pub(super) struct WarmChild {
+    /// The id reserved for the child (its directory and cgroup are named by it).
+    pub id: u64,
+    pub cgroup: Cgroup,
+    pub warm: sandbox::Warm,
+    /// The parent's init it is nested in (a parent restarted since is another).
+    pub parent_init: u32,
+}
+
+impl Manager {
+    /// Pre-starts the sandbox of `name`'s next child, unless there is one already or `name`
+    /// has no processes to clone.
+    pub fn prewarm(&mut self, name: &str) -> Result<()> {
+        let p = self.get(name)?;
+        if p.init_pid == 0 || p.cgroup.as_os_str().is_empty() {
+            return Ok(());
+        }
+        if let Some(w) = self.warm.get(name)
+            && w.parent_init == p.init_pid
+        {
+            return Ok(());
+        }
+        if let Some(old) = self.warm.remove(name) {
+            discard(old, &self.state);
+        }
+        let id = self.registry.next_id()?;
+        let dir = branch_dir(&self.state, id);
+        mkdirs(&dir, &["ws/upper", "ws/work", "tmp/upper", "tmp/work"])?;
+        let unused = StackSpec {
+            lowers: Vec::new(),
+            upper: PathBuf::new(),
+            work: PathBuf::new(),
+        };
+        let spec = SandboxSpec {
+            workspace: p.workspace.clone(),
+            workspace_stack: unused.clone(),
+            tmp_stack: unused,
+            control: dir.join("control.sock"),
+            command: Vec::new(),
+            log: dir.join("command.log"),
+            hidden: self.hidden.clone(),
+            nest_in: Some(p.init_pid),
+            deferred: Some(self.state.clone()),
+        };
+        let cgroup = Cgroup::create(&format!("branch-{}-{id}", self.instance))?;
+        match sandbox::start_warm(&self.bin, &spec, &dir.join("spec.json"), &cgroup) {
+            Ok(warm) => {
+                self.warm.insert(
+                    name.to_string(),
+                    WarmChild {
+                        id,
+                        cgroup,
+                        warm,
+                        parent_init: p.init_pid,
+                    },
+                );
+                Ok(())
+            }
+            Err(e) => {
+                drop(cgroup);
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    /// Takes `name`'s pre-started child sandbox, if it still fits (nested in `init_pid`).
+    pub(super) fn take_warm(&mut self, name: &str, init_pid: u32) -> Option<WarmChild> {
+        match self.warm.remove(name) {
+            Some(w) if w.parent_init == init_pid => Some(w),
+            Some(stale) => {
+                discard(stale, &self.state);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Discards `name`'s pre-started child sandbox (the branch goes away).
+    pub(super) fn drop_warm(&mut self, name: &str) {
+        if let Some(w) = self.warm.remove(name) {
+            discard(w, &self.state);
+        }
+    }
+
+    /// Removes what no record owns: branch directories and cgroups of this state directory
+    /// (pre-started sandboxes of a daemon that stopped, or a fork a crash cut short).
+    pub(super) fn sweep_unowned(&self) -> Result<()> {
+        let owned: Vec<u64> = self.registry.all()?.iter().map(|b| b.id).collect();
+        let prefix = format!("branch-{}-", self.instance);
+        if let Ok(root) = cgroup2_root() {
+            let dir = root.join("forkscope");
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let Some(id) = name
+                    .strip_prefix(&prefix)
+                    .and_then(|i| i.parse::<u64>().ok())
+                else {
+                    continue;
+                };
+                if !owned.contains(&id)
+                    && let Ok(cg) = Cgroup::open(&entry.path())
+                {
+                    log::info!("removing cgroup {name}: no branch owns it");
+                    let _ = cg.remove();
+                }
+            }
+        }
+        let branches = self.state.join("branches");
+        for entry in std::fs::read_dir(&branches).into_iter().flatten().flatten() {
+            let id = entry.file_name().to_string_lossy().parse::<u64>().ok();
+            if let Some(id) = id
+                && !owned.contains(&id)
+            {
+                log::info!("removing {}: no branch owns it", entry.path().display());
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Manager {
+    fn drop(&mut self) {
+        let names: Vec<String> = self.warm.keys().cloned().collect();
+        for n in names {
+            self.drop_warm(&n);
+        }
+    }
+}
+
+fn discard(w: WarmChild, state: &std::path::Path) {
+    drop(w.warm);
+    let _ = w.cgroup.kill_all(Duration::from_secs(5));
+    drop(w.cgroup);
+    let _ = std::fs::remove_dir_all(branch_dir(state, w.id));
+}
