@@ -456,3 +456,106 @@ fn a_process_traced_by_a_debugger_is_refused_and_left_as_it_was() {
     let _ = strace.wait();
     assert_eq!(s.pids("dbg"), vec![pid]);
 }
+
+/// Processes running `agent.py` in workspace `ws` (originals and clones alike).
+fn agents_in(ws: &Path) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap_or_default();
+            String::from_utf8_lossy(&cmd).contains("agent.py") && cwd == ws
+        })
+        .collect()
+}
+
+#[test]
+fn a_daemon_killed_at_any_instant_of_a_fork_leaves_the_original_process_intact() {
+    let mut s = setup(&[]);
+    let cmd = agent(4);
+    let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
+    s.run("root", &cmd);
+    s.wait_out("root", "ready");
+    let original: Vec<u32> = s.pids("root").iter().map(|p| *p as u32).collect();
+    let dir = s.d.state.parent().unwrap().to_path_buf();
+    let socket = s.d.socket.clone();
+    s.d.stop();
+    let mut counter = 0;
+    // The first injected calls run in the original (its safety net, the clone3, the way
+    // back), the later ones in the clone.
+    for n in [1, 2, 5, 6, 7, 9, 12, 16, 22] {
+        let fault = format!("inject-abort:{n}");
+        let mut crashing = Daemon::start_with(&dir, &socket, &[("FORKSCOPE_FAULT", &fault)]);
+        let out = crashing.cli(&["fork", "root", "--name", "kid"]);
+        assert!(
+            !out.status.success() && !crashing.cli(&["status"]).status.success(),
+            "{fault}: the daemon died mid-fork: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let _ = crashing.child.wait();
+        std::mem::forget(crashing); // dead; the next daemon takes over its branches
+        let mut d = Daemon::start_on(&dir, &socket);
+        // No half-forked child: no record, and no clone left anywhere.
+        let list: Value = serde_json::from_str(&d.ok(&["ls", "--json"])).unwrap();
+        let names: Vec<&str> = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["root"], "{fault}");
+        let start = Instant::now();
+        while agents_in(&s.ws) != original {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{fault}: agents {:?}, the original was {original:?}",
+                agents_in(&s.ws)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let status = std::fs::read_to_string(format!("/proc/{}/status", original[0])).unwrap();
+        assert!(
+            status.contains("TracerPid:\t0") && !status.contains("SigBlk:\tffffffff"),
+            "{fault}: {status}"
+        );
+        // The original goes on from where it was, with its state.
+        counter += 1;
+        d.ok(&["exec", "root", "--", "sh", "-c", "rm -f out"]);
+        d.ok(&[
+            "exec",
+            "root",
+            "--",
+            "sh",
+            "-c",
+            "printf 1 > add.tmp && mv add.tmp add",
+        ]);
+        let start = Instant::now();
+        loop {
+            let out = d.ok(&[
+                "exec",
+                "root",
+                "--",
+                "sh",
+                "-c",
+                "cat out 2>/dev/null; true",
+            ]);
+            if out.starts_with(&format!("counter {counter} ")) {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "{fault}: the original answers ({out:?})"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        d.stop();
+        std::mem::forget(d); // stopped; its branches stay for the next round
+    }
+    // After all that, a fork works, and the test's daemon cleans up.
+    // (The first daemon, stopped, must not abort the branches on its way out.)
+    std::mem::forget(std::mem::replace(&mut s.d, Daemon::start_on(&dir, &socket)));
+    s.fork("root", "kid");
+    assert_eq!(s.pids("kid").len(), 1);
+}

@@ -7,6 +7,15 @@
 //! stay pending and arrive after the detach). A system call it was blocked in when it was
 //! stopped restarts when it resumes, as after any ptrace stop: its saved registers carry the
 //! kernel's restart state.
+//!
+//! **If the daemon dies mid-injection**, the kernel detaches the process where it stands.
+//! So where the process has glibc, each call runs at a `syscall; ret` of its libc with the
+//! stack pointer on a signal frame written below its stack (CRIU's parasite does the same):
+//! after the call, `ret` lands on glibc's `__restore_rt`, and `rt_sigreturn` puts back the
+//! process's registers, signal mask and SSE state as they were when it was stopped (a system
+//! call it was blocked in is restarted the way the kernel would). A clone's frame instead
+//! holds an `exit_group`: a clone cut off before it was set up ends itself. Without glibc,
+//! calls run at a `syscall` of the vDSO and that safety net is missing.
 
 use std::{fs::File, io::Read, os::unix::fs::FileExt};
 
@@ -34,6 +43,33 @@ const SUSPEND_SECCOMP: libc::c_int = 1 << 21;
 const AT_SYSINFO_EHDR: u64 = 33;
 /// Bytes below the stack pointer left alone: the x86_64 red zone, with margin.
 const RED_ZONE: u64 = 256;
+/// `PTRACE_GETFPREGS`: the FXSAVE area (512 bytes).
+const GETFPREGS: libc::c_uint = 14;
+/// `struct rt_sigframe` on x86_64: return address (8), `ucontext` (304), `siginfo` (128).
+const FRAME_SIZE: u64 = 440;
+/// Offsets in the frame: `uc.uc_flags`, `uc.uc_stack`, `uc.uc_mcontext`, `uc.uc_sigmask`.
+const UC_FLAGS: u64 = 8;
+const UC_STACK: u64 = 24;
+const UC_MCONTEXT: u64 = 48;
+const UC_SIGMASK: u64 = 304;
+/// `UC_SIGCONTEXT_SS | UC_STRICT_RESTORE_SS`: restore the stack segment exactly.
+const UC_SS_FLAGS: u64 = 0x2 | 0x4;
+/// `SS_DISABLE` for `stack_t.ss_flags`.
+const SS_DISABLE: u32 = 2;
+/// Restart codes a system call interrupted by the stop returns (see `arch_do_signal_or_restart`).
+const ERESTARTSYS: i64 = -512;
+const ERESTARTNOINTR: i64 = -513;
+const ERESTARTNOHAND: i64 = -514;
+const ERESTART_RESTARTBLOCK: i64 = -516;
+
+/// Code of the process's libc that makes injection safe (see the module doc).
+#[derive(Clone, Copy, Debug)]
+pub struct Gadgets {
+    /// `syscall; ret`.
+    syscall_ret: u64,
+    /// `__restore_rt`: `mov $15, %rax; syscall`.
+    restore_rt: u64,
+}
 
 /// A process held in a ptrace stop, into which system calls can be injected.
 pub struct Tracee {
@@ -48,6 +84,15 @@ pub struct Tracee {
     /// A signal that arrived during an injection, delivered at detach.
     pending: Option<Signal>,
     detached: bool,
+    /// The safety net (see the module doc): libc's gadgets and the signal frame's address,
+    /// once [`Tracee::arm`] has written the frame.
+    net: Option<(Gadgets, u64)>,
+    /// libc's gadgets, found at seize time.
+    gadgets: Option<Gadgets>,
+    /// Calls are single-stepped (a clone) rather than stopped at entry and exit.
+    by_steps: bool,
+    /// Whether its signals are blocked for injected calls.
+    blocked: bool,
 }
 
 fn ptrace_err(what: &str, pid: Pid) -> impl Fn(Errno) -> Error + '_ {
@@ -61,7 +106,9 @@ impl Tracee {
     /// Seizes `pid` and stops it (this works on a frozen process too). Clones it makes are
     /// attached too, and seccomp is suspended for it while it is traced.
     pub fn seize(pid: Pid) -> Result<Tracee> {
-        let opts = Options::PTRACE_O_TRACECLONE | Options::from_bits_retain(SUSPEND_SECCOMP);
+        let opts = Options::PTRACE_O_TRACECLONE
+            | Options::PTRACE_O_TRACESYSGOOD
+            | Options::from_bits_retain(SUSPEND_SECCOMP);
         ptrace::seize(pid, opts).map_err(|e| match e {
             Errno::EPERM => Error::Sandbox(format!(
                 "process {pid} cannot be attached (already traced by a debugger?)"
@@ -79,10 +126,23 @@ impl Tracee {
         Self::held(pid).map_err(undo)
     }
 
-    /// Takes hold of a clone that was attached at birth (`PTRACE_O_TRACECLONE`).
-    pub fn adopt_clone(pid: Pid) -> Result<Tracee> {
+    /// Takes hold of a clone of `original` that was attached at birth
+    /// (`PTRACE_O_TRACECLONE`). Its frame (a copy of the original's, at the same address in
+    /// its own memory) is rewritten to end it, should it be cut off before it is set up.
+    pub fn adopt_clone(pid: Pid, original: &Tracee) -> Result<Tracee> {
         Self::wait_event_stop(pid)?;
-        Self::held(pid)
+        let mut t = Self::held_with(pid, false)?;
+        t.syscall_at = original.syscall_at;
+        if let Some((g, frame)) = original.net {
+            t.net = Some((g, frame));
+            let mut exit = t.saved;
+            exit.rip = g.syscall_ret;
+            exit.rax = libc::SYS_exit_group as u64;
+            exit.orig_rax = u64::MAX;
+            exit.rdi = 1;
+            t.write_mcontext(frame, &exit, 0)?;
+        }
+        Ok(t)
     }
 
     fn wait_event_stop(pid: Pid) -> Result<()> {
@@ -106,6 +166,10 @@ impl Tracee {
     }
 
     fn held(pid: Pid) -> Result<Tracee> {
+        Self::held_with(pid, true)
+    }
+
+    fn held_with(pid: Pid, with_net: bool) -> Result<Tracee> {
         let saved = ptrace::getregs(pid).map_err(ptrace_err("PTRACE_GETREGS", pid))?;
         let mut saved_mask = 0u64;
         // SAFETY: PTRACE_GETSIGMASK writes 8 bytes (the sigset size given) into `saved_mask`.
@@ -120,8 +184,6 @@ impl Tracee {
         if r < 0 {
             return Err(ptrace_err("PTRACE_GETSIGMASK", pid)(Errno::last()));
         }
-        // Block everything that can be blocked while it runs injected calls.
-        set_sigmask(pid, !0u64)?;
         let mem_path = format!("/proc/{pid}/mem");
         let mem = std::fs::OpenOptions::new()
             .read(true)
@@ -129,7 +191,7 @@ impl Tracee {
             .open(&mem_path)
             .map_err(|e| Error::Sandbox(format!("{mem_path}: {e}")))?;
         let syscall_at = find_vdso_syscall(pid, &mem)?;
-        Ok(Tracee {
+        let mut t = Tracee {
             pid,
             saved,
             saved_mask,
@@ -137,7 +199,101 @@ impl Tracee {
             mem,
             pending: None,
             detached: false,
-        })
+            net: None,
+            gadgets: None,
+            by_steps: !with_net,
+            blocked: false,
+        };
+        if with_net {
+            t.gadgets = find_gadgets(pid, &t.mem);
+        }
+        Ok(t)
+    }
+
+    /// Writes the safety net's frame (see the module doc), so that from now on a daemon
+    /// crash leaves the process as it was stopped. It takes one injected call: the process
+    /// must not be frozen.
+    pub fn arm(&mut self) -> Result<()> {
+        match (self.gadgets, self.net) {
+            (Some(g), None) => self.spread_net(g),
+            _ => Ok(()),
+        }
+    }
+
+    /// Writes the signal frame that restores the process as it was stopped (see the module
+    /// doc) and makes later calls run at libc's `syscall; ret` with the stack on it.
+    fn spread_net(&mut self, g: Gadgets) -> Result<()> {
+        // The FXSAVE area (64-aligned) just below the red zone, the frame below it.
+        let fx = (self.saved.rsp - RED_ZONE - 512) & !63;
+        let frame = (fx - FRAME_SIZE - 64) & !15;
+        let mut fpregs = [0u8; 512];
+        // SAFETY: PTRACE_GETFPREGS writes a 512-byte user_fxsr_struct into `fpregs`.
+        let got = unsafe {
+            libc::ptrace(
+                GETFPREGS,
+                self.pid.as_raw(),
+                0,
+                fpregs.as_mut_ptr() as *mut libc::c_void,
+            )
+        };
+        let fpstate = if got == 0 {
+            self.write(fx, &fpregs)?;
+            fx
+        } else {
+            0 // the kernel then resets the FPU state
+        };
+        // Its alternate signal stack, which rt_sigreturn sets again from the frame: asked
+        // with one call made the plain way (the frame is not there yet).
+        let mut stack = [0u8; 24];
+        let at = (frame - 64) & !15;
+        let r = self.syscall(libc::SYS_sigaltstack, &[0, at])?;
+        if r == 0 {
+            self.mem
+                .read_exact_at(&mut stack, at)
+                .map_err(|e| Error::Sandbox(format!("reading process {}: {e}", self.pid)))?;
+        } else {
+            stack[8..12].copy_from_slice(&SS_DISABLE.to_ne_bytes());
+        }
+        let mut head = vec![0u8; (UC_MCONTEXT) as usize];
+        head[..8].copy_from_slice(&g.restore_rt.to_ne_bytes());
+        head[UC_FLAGS as usize..UC_FLAGS as usize + 8].copy_from_slice(&UC_SS_FLAGS.to_ne_bytes());
+        head[UC_STACK as usize..UC_STACK as usize + 24].copy_from_slice(&stack);
+        self.write(frame, &head)?;
+        let resume = restarted(self.saved);
+        self.write_mcontext(frame, &resume, fpstate)?;
+        self.write(frame + UC_SIGMASK, &self.saved_mask.to_ne_bytes())?;
+        self.write(frame + UC_SIGMASK + 8, &[0u8; 128])?;
+        self.net = Some((g, frame));
+        Ok(())
+    }
+
+    /// Writes `regs` as the frame's `uc_mcontext` (a `struct sigcontext`).
+    fn write_mcontext(&self, frame: u64, r: &libc::user_regs_struct, fpstate: u64) -> Result<()> {
+        let seg = (r.cs & 0xffff)
+            | ((r.gs & 0xffff) << 16)
+            | ((r.fs & 0xffff) << 32)
+            | ((r.ss & 0xffff) << 48);
+        let words: [u64; 32] = [
+            r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15, r.rdi, r.rsi, r.rbp, r.rbx,
+            r.rdx, r.rax, r.rcx, r.rsp, r.rip, r.eflags, seg, 0, 0, 0, 0, fpstate, 0, 0, 0, 0, 0,
+            0, 0, 0,
+        ];
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        self.write(frame + UC_MCONTEXT, &bytes)
+    }
+
+    fn write(&self, at: u64, bytes: &[u8]) -> Result<()> {
+        self.mem
+            .write_all_at(bytes, at)
+            .map_err(|e| Error::Sandbox(format!("writing into process {}: {e}", self.pid)))
+    }
+
+    /// Where scratch data may go: below the frame, or below the red zone.
+    fn scratch_top(&self) -> u64 {
+        match self.net {
+            Some((_, frame)) => frame - 64,
+            None => self.saved.rsp - RED_ZONE,
+        }
     }
 
     /// Its registers as they were when it was stopped.
@@ -160,7 +316,7 @@ impl Tracee {
     /// Writes `strings` (each NUL-terminated) into unused stack below the red zone and
     /// returns their addresses.
     pub fn scratch_strings(&self, strings: &[&[u8]]) -> Result<Vec<u64>> {
-        let mut at = self.saved.rsp - RED_ZONE;
+        let mut at = self.scratch_top();
         let mut addrs = Vec::new();
         for s in strings {
             at = (at - s.len() as u64 - 1) & !15;
@@ -191,32 +347,63 @@ impl Tracee {
         args: &[u64],
         mut on_clone: impl FnMut(Pid),
     ) -> Result<i64> {
+        fault_point();
+        // Everything that can be blocked is, while it runs an injected call. Without the
+        // safety net the mask is put back after each call; with it, it stays blocked (the
+        // frame restores it, should the daemon die).
+        if !self.blocked {
+            set_sigmask(self.pid, !0u64)?;
+            self.blocked = true;
+        }
         let mut regs = self.saved;
         regs.rip = self.syscall_at;
+        if let Some((g, frame)) = self.net {
+            regs.rip = g.syscall_ret;
+            regs.rsp = frame;
+        }
         regs.rax = nr as u64;
         regs.orig_rax = u64::MAX; // not in a system call: nothing to restart
         let a = |i: usize| args.get(i).copied().unwrap_or(0);
         (regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9) =
             (a(0), a(1), a(2), a(3), a(4), a(5));
         let pid = self.pid;
+        // A clone is single-stepped (fast). An original is taken through the call's entry
+        // and exit stops instead: a single-step leaves the trap flag forced on between calls,
+        // and a process the kernel lets go there (the daemon died) would die of the SIGTRAP.
+        let by_steps = self.by_steps;
+        let resume = move || {
+            if by_steps {
+                ptrace::step(pid, None).map_err(ptrace_err("PTRACE_SINGLESTEP", pid))
+            } else {
+                ptrace::syscall(pid, None).map_err(ptrace_err("PTRACE_SYSCALL", pid))
+            }
+        };
         ptrace::setregs(pid, regs).map_err(ptrace_err("PTRACE_SETREGS", pid))?;
-        ptrace::step(pid, None).map_err(ptrace_err("PTRACE_SINGLESTEP", pid))?;
+        resume()?;
+        let mut entered = false;
         loop {
             match waitpid(pid, Some(WaitPidFlag::__WALL)) {
-                Ok(WaitStatus::Stopped(_, Signal::SIGTRAP)) => break,
+                Ok(WaitStatus::Stopped(_, Signal::SIGTRAP)) if by_steps => break,
+                Ok(WaitStatus::PtraceSyscall(_)) if !by_steps => {
+                    if entered {
+                        break;
+                    }
+                    entered = true;
+                    resume()?;
+                }
                 Ok(WaitStatus::PtraceEvent(_, _, ev)) if ev == libc::PTRACE_EVENT_CLONE => {
                     let child = ptrace::getevent(pid).map_err(ptrace_err("GETEVENTMSG", pid))?;
                     on_clone(Pid::from_raw(child as i32));
-                    ptrace::step(pid, None).map_err(ptrace_err("PTRACE_SINGLESTEP", pid))?;
+                    resume()?;
                 }
                 Ok(WaitStatus::Stopped(_, sig)) => {
                     // SIGSTOP or another signal that cannot be blocked: deliver it later.
                     self.pending = Some(sig);
                     let now = ptrace::getregs(pid).map_err(ptrace_err("PTRACE_GETREGS", pid))?;
-                    if now.rip == self.syscall_at {
+                    if now.rip == regs.rip {
                         ptrace::setregs(pid, regs).map_err(ptrace_err("PTRACE_SETREGS", pid))?;
                     }
-                    ptrace::step(pid, None).map_err(ptrace_err("PTRACE_SINGLESTEP", pid))?;
+                    resume()?;
                 }
                 Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) => {
                     self.detached = true;
@@ -224,14 +411,18 @@ impl Tracee {
                         "process {pid} was killed during the fork"
                     )));
                 }
-                Ok(_) => {
-                    ptrace::step(pid, None).map_err(ptrace_err("PTRACE_SINGLESTEP", pid))?;
-                }
+                Ok(_) => resume()?,
                 Err(Errno::EINTR) => continue,
                 Err(e) => return Err(ptrace_err("waitpid", pid)(e)),
             }
         }
         let after = ptrace::getregs(pid).map_err(ptrace_err("PTRACE_GETREGS", pid))?;
+        if self.net.is_none() {
+            // No safety net: never leave it at an injected instruction between calls.
+            ptrace::setregs(pid, self.saved).map_err(ptrace_err("PTRACE_SETREGS", pid))?;
+            set_sigmask(pid, self.saved_mask)?;
+            self.blocked = false;
+        }
         Ok(after.rax as i64)
     }
 
@@ -276,6 +467,69 @@ impl Drop for Tracee {
     fn drop(&mut self) {
         let _ = self.release();
     }
+}
+
+/// Registers to resume from, with an interrupted system call set up to restart as the
+/// kernel would have on the way back to user space (rt_sigreturn does not).
+fn restarted(mut r: libc::user_regs_struct) -> libc::user_regs_struct {
+    if (r.orig_rax as i64) < 0 {
+        return r;
+    }
+    match r.rax as i64 {
+        ERESTARTSYS | ERESTARTNOINTR | ERESTARTNOHAND => {
+            r.rax = r.orig_rax;
+            r.rip -= 2;
+        }
+        ERESTART_RESTARTBLOCK => {
+            r.rax = libc::SYS_restart_syscall as u64;
+            r.rip -= 2;
+        }
+        _ => {}
+    }
+    r.orig_rax = u64::MAX;
+    r
+}
+
+/// Fault injection for tests: `FORKSCOPE_FAULT=inject-abort:N` aborts the daemon before its
+/// Nth injected system call (counted over the process's life).
+fn fault_point() {
+    static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let Some(n) = std::env::var("FORKSCOPE_FAULT")
+        .ok()
+        .and_then(|f| f.strip_prefix("inject-abort:")?.parse::<usize>().ok())
+    else {
+        return;
+    };
+    if COUNT.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 >= n {
+        std::process::abort();
+    }
+}
+
+/// `syscall; ret` and `__restore_rt` in the process's libc, if it has one.
+fn find_gadgets(pid: Pid, mem: &File) -> Option<Gadgets> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    for line in maps.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 6 || f[1] != "r-xp" || !f[5].contains("libc.so") {
+            continue;
+        }
+        let (a, b) = f[0].split_once('-')?;
+        let (a, b) = (
+            u64::from_str_radix(a, 16).ok()?,
+            u64::from_str_radix(b, 16).ok()?,
+        );
+        let mut code = vec![0u8; (b - a) as usize];
+        let n = mem.read_at(&mut code, a).ok()?;
+        let code = &code[..n];
+        let find = |pat: &[u8]| code.windows(pat.len()).position(|w| w == pat);
+        let syscall_ret = find(&[0x0f, 0x05, 0xc3])?;
+        let restore_rt = find(&[0x48, 0xc7, 0xc0, 0x0f, 0x00, 0x00, 0x00, 0x0f, 0x05])?;
+        return Some(Gadgets {
+            syscall_ret: a + syscall_ret as u64,
+            restore_rt: a + restore_rt as u64,
+        });
+    }
+    None
 }
 
 fn set_sigmask(pid: Pid, mask: u64) -> Result<()> {

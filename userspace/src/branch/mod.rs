@@ -655,8 +655,10 @@ impl Manager {
                 }
                 if opts.frozen {
                     rec.frozen = true;
+                    *made.last_mut().expect("just pushed") = rec.clone();
+                }
+                if cloning {
                     self.registry.put(&rec)?;
-                    *made.last_mut().expect("just pushed") = rec;
                 }
             }
             Ok(())
@@ -673,7 +675,11 @@ impl Manager {
         if let Err(e) = outcome.and(refrozen).and(released) {
             // Never a half-forked branch: the children made so far go.
             for b in made.iter().rev() {
-                let _ = self.abort(&b.name);
+                if matches!(self.registry.get(&b.name), Ok(Some(_))) {
+                    let _ = self.abort(&b.name);
+                } else {
+                    self.discard_unrecorded(b);
+                }
             }
             return Err(e);
         }
@@ -921,7 +927,11 @@ impl Manager {
             fork_ns,
             flattened: None,
         };
-        self.registry.put(&record)?;
+        // A child whose processes are cloned into it is recorded once they are: a crash
+        // before that leaves no half-forked branch (a daemon that starts removes the rest).
+        if how.nest_in.is_none() {
+            self.registry.put(&record)?;
+        }
         Ok(record)
     }
 
@@ -955,6 +965,19 @@ impl Manager {
             self.abort(n)?;
         }
         Ok(order)
+    }
+
+    /// Removes a child a failed fork started but never recorded: its processes, cgroup and
+    /// directory.
+    fn discard_unrecorded(&mut self, b: &BranchRecord) {
+        if let Ok(cg) = Cgroup::open(&b.cgroup) {
+            let _ = cg.kill_all(Duration::from_secs(5));
+            if let Some(t) = &self.tracker {
+                t.untrack(cg.id());
+            }
+            let _ = cg.remove();
+        }
+        let _ = std::fs::remove_dir_all(&b.dir);
     }
 
     /// Kills a branch's processes and removes its cgroup, files and record. A branch with

@@ -36,6 +36,34 @@ fn nr(n: libc::c_long) -> i64 {
     n
 }
 
+/// Puts `original`'s pid namespace for children back to its own if a daemon that died in
+/// the middle of a fork left it pointing at a child's (its forks would fail).
+pub fn repair_pid_ns(original: &mut Tracee) -> Result<()> {
+    let pid = original.pid;
+    let link = |ns: &str| std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).ok();
+    if link("pid_for_children") == link("pid") {
+        return Ok(());
+    }
+    let at = original.scratch_strings(&[b"/proc/self/ns/pid"])?;
+    let fd = original.call(
+        "opening its pid namespace",
+        nr(libc::SYS_openat),
+        &[
+            AT_FDCWD,
+            at[0],
+            (libc::O_RDONLY | libc::O_CLOEXEC) as u64,
+            0,
+        ],
+    )?;
+    let r = original.call(
+        "putting its pid namespace for children back",
+        nr(libc::SYS_setns),
+        &[fd as u64, libc::CLONE_NEWPID as u64],
+    );
+    let _ = original.syscall(nr(libc::SYS_close), &[fd as u64]);
+    r.map(|_| ())
+}
+
 /// Clones the held `original` into `child`; returns the clone's host pid, held.
 pub fn clone_one(original: &mut Tracee, target: &Target, child: &ChildBranch) -> Result<Tracee> {
     let ns = |kind: &str| format!("/proc/{}/ns/{kind}", child.init_in_parent_ns);
@@ -72,6 +100,10 @@ pub fn clone_one(original: &mut Tracee, target: &Target, child: &ChildBranch) ->
         args[10] = cg as u64;
         let bytes: Vec<u8> = args.iter().flat_map(|a| a.to_ne_bytes()).collect();
         let args_at = original.scratch_bytes(&bytes, *at.iter().min().expect("three"))?;
+        // The child's cgroup is frozen around the clone's birth: until its frame is made to
+        // end it (see `Tracee::adopt_clone`), a clone cut off by a daemon crash must not run.
+        let child_cg = crate::cgroup::Cgroup::open(&child.cgroup)?;
+        child_cg.freeze(true, std::time::Duration::from_secs(5))?;
         let mut born = None;
         let r = original.syscall_with(nr(libc::SYS_clone3), &[args_at, 88], |p| born = Some(p));
         // Its own pid namespace back, whatever happened.
@@ -80,9 +112,17 @@ pub fn clone_one(original: &mut Tracee, target: &Target, child: &ChildBranch) ->
             nr(libc::SYS_setns),
             &[own as u64, libc::CLONE_NEWPID as u64],
         );
+        let adopted = match (&r, born) {
+            (Ok(_), Some(p)) => Some(Tracee::adopt_clone(p, original)),
+            _ => None,
+        };
+        let thawed = child_cg.freeze(false, std::time::Duration::from_secs(5));
         let r = r?;
-        let clone = match born {
-            Some(p) => Tracee::adopt_clone(p)?,
+        let clone = match adopted {
+            Some(c) => {
+                thawed?;
+                c?
+            }
             None => {
                 return Err(Error::Sandbox(format!(
                     "clone3 in process {}: {}",

@@ -247,6 +247,16 @@ fn plan_fd(
         ));
         return Ok(Some(FdAction::Close));
     }
+    // A namespace (`mnt:[...]`, `pid:[...]`, ...): the clone has no use for the parent's.
+    if let Some((kind, rest)) = link.split_once(":[")
+        && rest.ends_with(']')
+        && ["mnt", "pid", "user", "net", "uts", "ipc", "cgroup", "time"].contains(&kind)
+    {
+        notes.push(format!(
+            "process {pid} ({comm}): fd {num} is a namespace ({link}), closed in the clone"
+        ));
+        return Ok(Some(FdAction::Close));
+    }
     if is_terminal(link) {
         return Ok(Some(stdio_replacement("a terminal", notes)));
     }

@@ -67,7 +67,9 @@ pub fn hold(
 pub fn plan(held: Vec<(Tracee, String)>, init_pid: u32, ctx: &inspect::Context) -> Result<Held> {
     let procs: Vec<u32> = held.iter().map(|(t, _)| t.pid.as_raw() as u32).collect();
     let mut processes = Vec::new();
-    for (t, comm) in held {
+    for (mut t, comm) in held {
+        t.arm()?;
+        clone::repair_pid_ns(&mut t)?;
         let pid = t.pid.as_raw() as u32;
         inspect::precheck(pid, init_pid, &procs, true)?;
         let target = inspect::inspect(pid, &comm, ctx)?;
