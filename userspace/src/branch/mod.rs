@@ -657,9 +657,6 @@ impl Manager {
                     rec.frozen = true;
                     *made.last_mut().expect("just pushed") = rec.clone();
                 }
-                if cloning {
-                    self.registry.put(&rec)?;
-                }
             }
             Ok(())
         })();
@@ -672,7 +669,27 @@ impl Manager {
         };
         let released = held.map(|h| h.release()).unwrap_or(Ok(()));
         phases.held_us = t_held.elapsed().as_micros() as u64;
-        if let Err(e) = outcome.and(refrozen).and(released) {
+        // The records are written once the parent's processes are let go: the parent's new
+        // layers, then each child whose processes were cloned (recorded only now that they
+        // are, so a crash before leaves no half-forked branch).
+        let recorded = || -> Result<()> {
+            self.registry.put(&p)?;
+            if cloning {
+                for b in &made {
+                    self.registry.put(b)?;
+                }
+            }
+            Ok(())
+        };
+        let outcome = outcome.and(refrozen).and(released);
+        let outcome = match outcome {
+            Ok(()) => recorded(),
+            Err(e) => {
+                let _ = self.registry.put(&p);
+                Err(e)
+            }
+        };
+        if let Err(e) = outcome {
             // Never a half-forked branch: the children made so far go.
             for b in made.iter().rev() {
                 if matches!(self.registry.get(&b.name), Ok(Some(_))) {
@@ -845,7 +862,7 @@ impl Manager {
             p.tmp_deltas.insert(0, prep[1].layer.clone());
         }
         p.last_snapshot_ns = Some(at);
-        self.registry.put(p)?;
+        // (The caller records `p`.)
         Ok(during)
     }
 
