@@ -505,8 +505,11 @@ fn fault_point() {
     }
 }
 
-/// `syscall; ret` and `__restore_rt` in the process's libc, if it has one.
+/// `syscall; ret` and `__restore_rt` in the process's libc, if it has one. Their offsets in
+/// a libc's executable mapping are searched once per libc file (device, inode) and kept.
 fn find_gadgets(pid: Pid, mem: &File) -> Option<Gadgets> {
+    type Offsets = std::collections::HashMap<(String, u64), Option<(u64, u64)>>;
+    static KNOWN: std::sync::Mutex<Option<Offsets>> = std::sync::Mutex::new(None);
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
     for line in maps.lines() {
         let f: Vec<&str> = line.split_whitespace().collect();
@@ -518,15 +521,24 @@ fn find_gadgets(pid: Pid, mem: &File) -> Option<Gadgets> {
             u64::from_str_radix(a, 16).ok()?,
             u64::from_str_radix(b, 16).ok()?,
         );
-        let mut code = vec![0u8; (b - a) as usize];
-        let n = mem.read_at(&mut code, a).ok()?;
-        let code = &code[..n];
-        let find = |pat: &[u8]| code.windows(pat.len()).position(|w| w == pat);
-        let syscall_ret = find(&[0x0f, 0x05, 0xc3])?;
-        let restore_rt = find(&[0x48, 0xc7, 0xc0, 0x0f, 0x00, 0x00, 0x00, 0x0f, 0x05])?;
+        let key = (f[3].to_string(), f[4].parse::<u64>().ok()?);
+        let mut known = KNOWN.lock().unwrap_or_else(|p| p.into_inner());
+        let offsets = known
+            .get_or_insert_with(Default::default)
+            .entry(key)
+            .or_insert_with(|| {
+                let mut code = vec![0u8; (b - a) as usize];
+                let n = mem.read_at(&mut code, a).ok()?;
+                let code = &code[..n];
+                let find = |pat: &[u8]| code.windows(pat.len()).position(|w| w == pat);
+                let syscall_ret = find(&[0x0f, 0x05, 0xc3])?;
+                let restore_rt = find(&[0x48, 0xc7, 0xc0, 0x0f, 0x00, 0x00, 0x00, 0x0f, 0x05])?;
+                Some((syscall_ret as u64, restore_rt as u64))
+            });
+        let (sr, rt) = (*offsets)?;
         return Some(Gadgets {
-            syscall_ret: a + syscall_ret as u64,
-            restore_rt: a + restore_rt as u64,
+            syscall_ret: a + sr,
+            restore_rt: a + rt,
         });
     }
     None
