@@ -8,11 +8,12 @@ pub struct ProcKey {
     pub cgroup: u64,
     /// Thread-group id (the process id).
     pub tgid: u32,
-    pub _pad: u32,
+    /// The cgroup's dirty-page epoch (map `EPOCHS`) the entry belongs to.
+    pub epoch: u32,
 }
 crate::assert_size!(ProcKey, 16);
 
-/// One page dirtied by one process of one cgroup in the current epoch.
+/// One page dirtied by one process of one cgroup in one epoch (in `proc`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct DirtyPageKey {

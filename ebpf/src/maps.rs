@@ -2,7 +2,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
 };
 use forkscope_common::{
     keys::{DirtyPageKey, ProcKey, VERDICT_SLOTS, VerdictSlot},
@@ -24,14 +24,22 @@ pub static TRACKED_CGROUPS: HashMap<u64, u32> = HashMap::with_max_entries(4096, 
 #[map]
 pub static CGROUP_VERDICT: Array<VerdictSlot> = Array::with_max_entries(VERDICT_SLOTS + 1, 0);
 
-/// The set of pages dirtied in the current epoch, per (cgroup, process). Userspace reads it
-/// and starts a new epoch by deleting a cgroup's entries. Resizable at load time.
+/// The pages dirtied per (cgroup, process, epoch). Userspace reads the current epoch's and
+/// starts a new epoch by bumping the cgroup's in EPOCHS: older entries are never matched
+/// again and make way as the map evicts its least recently used. Resizable at load time.
 #[map]
-pub static DIRTY_PAGES: HashMap<DirtyPageKey, u8> = HashMap::with_max_entries(262_144, 0);
+pub static DIRTY_PAGES: LruHashMap<DirtyPageKey, u8> = LruHashMap::with_max_entries(262_144, 0);
 
-/// Number of entries per (cgroup, process) in DIRTY_PAGES, counted per CPU (sum the slots).
+/// Number of entries per (cgroup, process, epoch) in DIRTY_PAGES, counted per CPU (sum the
+/// slots).
 #[map]
-pub static PAGE_COUNTS: PerCpuHashMap<ProcKey, u64> = PerCpuHashMap::with_max_entries(65_536, 0);
+pub static PAGE_COUNTS: LruPerCpuHashMap<ProcKey, u64> =
+    LruPerCpuHashMap::with_max_entries(65_536, 0);
+
+/// The current dirty-page epoch of each cgroup (absent: 0), bumped by userspace after a fork
+/// write-protected the cgroup's pages again.
+#[map]
+pub static EPOCHS: HashMap<u64, u32> = HashMap::with_max_entries(4096, 0);
 
 /// Counters (see forkscope_common::stats).
 #[map]

@@ -1,7 +1,7 @@
 //! Dirtied pages: write faults from `exceptions/page_fault_user` (the process stores) and
 //! `exceptions/page_fault_kernel` (the kernel writing into user memory, as read() does),
-//! recorded once per (cgroup, process, page) per epoch in DIRTY_PAGES, with a count per
-//! process in PAGE_COUNTS. Writes through pinned pages (O_DIRECT, process_vm_writev,
+//! recorded once per (cgroup, process, page) per epoch of the cgroup (EPOCHS) in DIRTY_PAGES,
+//! with a count per process in PAGE_COUNTS. Writes through pinned pages (O_DIRECT, process_vm_writev,
 //! io_uring fixed buffers) do not fault and are not seen.
 
 use aya_ebpf::{
@@ -12,7 +12,7 @@ use forkscope_common::{DirtyPageKey, PAGE_SHIFT, ProcKey, stats::STAT_PAGES_OVER
 
 use crate::{
     cgroup,
-    maps::{DIRTY_PAGES, PAGE_COUNTS, STATS},
+    maps::{DIRTY_PAGES, EPOCHS, PAGE_COUNTS, STATS},
 };
 
 /// Bit 1 of the x86 page-fault error code: the access was a write.
@@ -36,10 +36,13 @@ fn try_page_fault(ctx: &TracePointContext) -> Option<()> {
         return None;
     }
     let cg = cgroup::tracked()?;
+    // SAFETY: the value is copied out at once; a concurrent update only changes which
+    // epoch this fault counts in.
+    let epoch = unsafe { EPOCHS.get(cg) }.copied().unwrap_or(0);
     let proc = ProcKey {
         cgroup: cg,
         tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
-        _pad: 0,
+        epoch,
     };
     let key = DirtyPageKey {
         proc,

@@ -42,6 +42,7 @@ pub const MAPS: &[&str] = &[
     "CGROUP_VERDICT",
     "DIRTY_PAGES",
     "PAGE_COUNTS",
+    "EPOCHS",
     "STATS",
     "SCRATCH",
 ];

@@ -60,12 +60,13 @@ const COMPLETE: &str = "complete";
 type MapKind = fn(MapData) -> Map;
 
 /// The maps userspace uses (see [`super::MAPS`]), and how to rebuild each from a pinned copy.
-const MAPS: [(&str, MapKind); 7] = [
+const MAPS: [(&str, MapKind); 8] = [
     ("EVENTS", Map::RingBuf),
     ("TRACKED_CGROUPS", Map::HashMap),
     ("CGROUP_VERDICT", Map::Array),
-    ("DIRTY_PAGES", Map::HashMap),
-    ("PAGE_COUNTS", Map::PerCpuHashMap),
+    ("DIRTY_PAGES", Map::LruHashMap),
+    ("PAGE_COUNTS", Map::PerCpuLruHashMap),
+    ("EPOCHS", Map::HashMap),
     ("STATS", Map::PerCpuArray),
     ("SCRATCH", Map::PerCpuArray),
 ];
@@ -336,6 +337,7 @@ impl Probe {
     /// Stops tracing cgroup `id`.
     pub fn untrack(&mut self, id: u64) -> Result<()> {
         let _ = self.hash::<u64, u32>("TRACKED_CGROUPS")?.remove(&id);
+        let _ = self.hash::<u64, u32>("EPOCHS")?.remove(&id);
         self.clear_verdicts()
     }
 
@@ -379,48 +381,68 @@ impl Probe {
     ) -> Result<StdHashMap<ProcKey, u64>> {
         let map: PerCpuHashMap<&MapData, ProcKey, u64> =
             PerCpuHashMap::try_from(self.map("PAGE_COUNTS")).map_err(map_err("PAGE_COUNTS"))?;
+        let epochs = self.epochs()?;
         let mut out = StdHashMap::new();
         for item in map.iter() {
             let (k, v) = item.map_err(map_err("PAGE_COUNTS"))?;
-            if cgroup_filter(k.cgroup) {
+            if cgroup_filter(k.cgroup) && current(&epochs, &k) {
                 out.insert(k, v.iter().sum());
             }
         }
         Ok(out)
     }
 
+    /// Each cgroup's current dirty-page epoch (absent: 0).
+    fn epochs(&self) -> Result<StdHashMap<u64, u32>> {
+        let map: HashMap<&MapData, u64, u32> =
+            HashMap::try_from(self.map("EPOCHS")).map_err(map_err("EPOCHS"))?;
+        Ok(map.iter().filter_map(|kv| kv.ok()).collect())
+    }
+
     /// The set of dirtied pages (page numbers) of the current epoch, for processes whose
     /// cgroup satisfies `cgroup_filter`.
     pub fn dirty_pages(&self, cgroup_filter: impl Fn(u64) -> bool) -> Result<Vec<DirtyPageKey>> {
+        let epochs = self.epochs()?;
         let map: HashMap<&MapData, DirtyPageKey, u8> =
             HashMap::try_from(self.map("DIRTY_PAGES")).map_err(map_err("DIRTY_PAGES"))?;
         Ok(map
             .keys()
             .filter_map(|k| k.ok())
-            .filter(|k| cgroup_filter(k.proc.cgroup))
+            .filter(|k| cgroup_filter(k.proc.cgroup) && current(&epochs, &k.proc))
             .collect())
     }
 
-    /// Starts a new epoch for the cgroups matching `cgroup_filter`: forgets their dirtied
-    /// pages, so each page counts again on its next write fault (a fork write-protects them).
+    /// Starts a new epoch for the cgroups matching `cgroup_filter`: their dirtied pages are
+    /// forgotten, so each page counts again on its next write fault (a fork write-protects
+    /// them). The cgroup's epoch is bumped (constant time, whatever the number of pages);
+    /// the old epoch's entries are never matched again and the LRU maps evict them.
     pub fn new_epoch(&mut self, cgroup_filter: impl Fn(u64) -> bool) -> Result<()> {
-        let pages = self.dirty_pages(&cgroup_filter)?;
-        let mut set = self.hash::<DirtyPageKey, u8>("DIRTY_PAGES")?;
-        for k in &pages {
-            let _ = set.remove(k);
-        }
+        let epochs = self.epochs()?;
         let mut counts: PerCpuHashMap<&mut MapData, ProcKey, u64> =
             PerCpuHashMap::try_from(self.map_mut("PAGE_COUNTS")).map_err(map_err("PAGE_COUNTS"))?;
-        let keys: Vec<ProcKey> = counts
+        let stale: Vec<ProcKey> = counts
             .keys()
             .filter_map(|k| k.ok())
             .filter(|k| cgroup_filter(k.cgroup))
             .collect();
-        for k in keys {
-            let _ = counts.remove(&k);
+        for k in &stale {
+            let _ = counts.remove(k);
+        }
+        let mut cgroups: Vec<u64> = stale.iter().map(|k| k.cgroup).collect();
+        cgroups.sort_unstable();
+        cgroups.dedup();
+        let mut map = self.hash::<u64, u32>("EPOCHS")?;
+        for cg in cgroups {
+            let next = epochs.get(&cg).copied().unwrap_or(0).wrapping_add(1);
+            map.insert(cg, next, 0).map_err(map_err("EPOCHS"))?;
         }
         Ok(())
     }
+}
+
+/// Whether `k` belongs to its cgroup's current epoch.
+fn current(epochs: &StdHashMap<u64, u32>, k: &ProcKey) -> bool {
+    k.epoch == epochs.get(&k.cgroup).copied().unwrap_or(0)
 }
 
 impl Drop for Probe {
