@@ -81,15 +81,22 @@ impl Registry {
 
     /// Inserts or replaces a branch's record.
     pub fn put(&self, b: &BranchRecord) -> Result<()> {
-        let text = serde_json::to_string(b).map_err(std::io::Error::from)?;
-        self.db
-            .execute(
+        self.put_all(&[b])
+    }
+
+    /// Writes several records in one transaction (one sync): all of them or none.
+    pub fn put_all(&self, records: &[&BranchRecord]) -> Result<()> {
+        let tx = self.db.unchecked_transaction().map_err(db_err)?;
+        for b in records {
+            let text = serde_json::to_string(b).map_err(std::io::Error::from)?;
+            tx.execute(
                 "INSERT INTO branches(id, name, record) VALUES (?1, ?2, ?3)
                  ON CONFLICT(id) DO UPDATE SET name = ?2, record = ?3",
                 params![b.id as i64, b.name, text],
             )
             .map_err(db_err)?;
-        Ok(())
+        }
+        tx.commit().map_err(db_err)
     }
 
     /// The live branch named `name`.

@@ -673,13 +673,11 @@ impl Manager {
         // layers, then each child whose processes were cloned (recorded only now that they
         // are, so a crash before leaves no half-forked branch).
         let recorded = || -> Result<()> {
-            self.registry.put(&p)?;
+            let mut all = vec![&p];
             if cloning {
-                for b in &made {
-                    self.registry.put(b)?;
-                }
+                all.extend(made.iter());
             }
-            Ok(())
+            self.registry.put_all(&all)
         };
         let outcome = outcome.and(refrozen).and(released);
         let outcome = match outcome {
