@@ -559,3 +559,77 @@ fn a_daemon_killed_at_any_instant_of_a_fork_leaves_the_original_process_intact()
     s.fork("root", "kid");
     assert_eq!(s.pids("kid").len(), 1);
 }
+
+#[test]
+fn a_server_in_an_isolated_network_keeps_listening_in_both_branches() {
+    let s = setup(&[("who.txt", "parent\n")]);
+    let ws = s.ws.to_str().unwrap().to_string();
+    // The branch has a network namespace of its own: loopback only, unreachable from the host.
+    s.d.ok(&[
+        "run",
+        "--name",
+        "web",
+        "--net",
+        "isolated",
+        "--workspace",
+        &ws,
+        "--",
+        "python3",
+        "-m",
+        "http.server",
+        "8000",
+        "--bind",
+        "127.0.0.1",
+    ]);
+    let get = |b: &str| {
+        s.sh(
+            b,
+            "curl -s -m 5 --retry 20 --retry-connrefused --retry-delay 0 127.0.0.1:8000/who.txt",
+        )
+    };
+    assert_eq!(get("web"), "parent\n");
+    let host = std::process::Command::new("curl")
+        .args(["-s", "-m", "2", "127.0.0.1:8000/who.txt"])
+        .output()
+        .unwrap();
+    assert_ne!(
+        String::from_utf8_lossy(&host.stdout),
+        "parent\n",
+        "not the host's network"
+    );
+    // The clone gets a listening socket of its own, on the same port, in the child's network.
+    let stderr = s.fork("web", "web2");
+    assert!(!stderr.contains("listens on port"), "{stderr}");
+    s.sh("web2", "echo child > who.txt");
+    assert_eq!(get("web2"), "child\n");
+    assert_eq!(get("web"), "parent\n");
+    // On the host's network, a listening socket cannot be duplicated: closed and reported.
+    s.d.ok(&[
+        "run",
+        "--name",
+        "hostweb",
+        "--workspace",
+        &ws,
+        "--",
+        "python3",
+        "-m",
+        "http.server",
+        "0",
+        "--bind",
+        "127.0.0.1",
+    ]);
+    let start = Instant::now();
+    let stderr = loop {
+        let out = s.d.cli(&["fork", "hostweb", "--name", "hostweb2"]);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        if out.status.success() && err.contains("listens on port") {
+            break err;
+        }
+        if out.status.success() {
+            s.d.ok(&["abort", "hostweb2"]);
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "{err}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(stderr.contains("--net isolated"), "{stderr}");
+}

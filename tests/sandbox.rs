@@ -56,6 +56,7 @@ fn branch(tag: &str) -> Branch {
         hidden: Vec::new(),
         nest_in: None,
         deferred: None,
+        net_isolated: false,
     };
     let cgroup = Cgroup::create(&format!("sandbox-test-{}-{tag}", std::process::id())).unwrap();
     let sandbox = start(

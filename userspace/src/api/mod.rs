@@ -30,6 +30,10 @@ pub struct RunRequest {
     pub workspace: std::path::PathBuf,
     #[serde(default)]
     pub command: Vec<String>,
+    /// `host` (the default: the host's network, read-only like the rest) or `isolated` (a
+    /// network namespace of its own with loopback only, inherited by its forks).
+    #[serde(default)]
+    pub net: Option<String>,
 }
 
 /// `POST /v1/branches/{name}/fork` takes a [`crate::branch::ForkOptions`].

@@ -129,7 +129,16 @@ async fn run(
 ) -> ApiResult<Response> {
     let req: RunRequest = body(&bytes)?;
     let b = with_manager(&app, &peer, move |m| {
-        m.run(req.name, &req.workspace, req.command)
+        let isolated = match req.net.as_deref() {
+            None | Some("host") => false,
+            Some("isolated") => true,
+            Some(other) => {
+                return Err(Error::Invalid(format!(
+                    "net {other:?}: use \"host\" (the default) or \"isolated\""
+                )));
+            }
+        };
+        m.run_net(req.name, &req.workspace, req.command, isolated)
     })
     .await?;
     prewarm(&app, b.name.clone());

@@ -75,6 +75,9 @@ pub struct BranchRecord {
     /// [`crate::layers::flatten`]).
     #[serde(default)]
     pub flattened: Option<Flattened>,
+    /// A network namespace of its own, loopback only (`run --net isolated`; forks inherit).
+    #[serde(default)]
+    pub net_isolated: bool,
 }
 
 /// A branch's layer chain as merged for its children: `ws` and `tmp` replace its deltas
@@ -125,6 +128,7 @@ struct Start {
     nest_in: Option<u32>,
     /// A pre-started sandbox to use (its overlays are mounted on the branch's stacks).
     warm: Option<warm::WarmChild>,
+    net_isolated: bool,
 }
 
 /// What `fork` makes.
@@ -440,12 +444,23 @@ impl Manager {
             .collect())
     }
 
-    /// Starts a root branch on `workspace` running `command`.
+    /// Starts a root branch on `workspace` running `command`, on the host's network.
     pub fn run(
         &mut self,
         name: Option<String>,
         workspace: &Path,
         command: Vec<String>,
+    ) -> Result<BranchRecord> {
+        self.run_net(name, workspace, command, false)
+    }
+
+    /// Starts a root branch; with `net_isolated`, in a network namespace of its own.
+    pub fn run_net(
+        &mut self,
+        name: Option<String>,
+        workspace: &Path,
+        command: Vec<String>,
+        net_isolated: bool,
     ) -> Result<BranchRecord> {
         let workspace = workspace
             .canonicalize()
@@ -503,6 +518,7 @@ impl Manager {
                 command,
                 nest_in: None,
                 warm: None,
+                net_isolated,
             },
         )
     }
@@ -563,6 +579,7 @@ impl Manager {
                 let ctx = procfork::inspect::Context {
                     workspace: &p.workspace,
                     parent_log: &log,
+                    net_isolated: p.net_isolated,
                 };
                 Some(procfork::plan(h, p.init_pid, &ctx)?)
             }
@@ -620,6 +637,7 @@ impl Manager {
                     },
                     nest_in: cloning.then_some(p.init_pid),
                     warm,
+                    net_isolated: p.net_isolated,
                 };
                 let t_start = Instant::now();
                 let mut rec = self.start(
@@ -643,6 +661,7 @@ impl Manager {
                         cgroup: rec.cgroup.clone(),
                         init_in_parent_ns: procfork::pid_as_seen_by(rec.init_pid, p.init_pid)?,
                         log_fd: procfork::fd_of(rec.init_pid, &rec.dir.join("command.log"))?,
+                        net_isolated: p.net_isolated,
                     };
                     let c = procfork::clone_into(h, &into, freeze)?;
                     phases.processes_us += c.us;
@@ -752,6 +771,7 @@ impl Manager {
             frozen: true,
             fork_ns,
             flattened: None,
+            net_isolated: p.net_isolated,
         };
         self.registry.put(&record)?;
         Ok(record)
@@ -897,6 +917,7 @@ impl Manager {
             hidden: self.hidden.clone(),
             nest_in: how.nest_in,
             deferred: None,
+            net_isolated: how.net_isolated,
         };
         let (cgroup, warm) = match how.warm {
             Some(w) => (w.cgroup, Some(w.warm)),
@@ -941,6 +962,7 @@ impl Manager {
             frozen: false,
             fork_ns,
             flattened: None,
+            net_isolated: how.net_isolated,
         };
         // A child whose processes are cloned into it is recorded once they are: a crash
         // before that leaves no half-forked branch (a daemon that starts removes the rest).

@@ -61,6 +61,7 @@ impl Manager {
             hidden: self.hidden.clone(),
             nest_in: Some(p.init_pid),
             deferred: Some(self.state.clone()),
+            net_isolated: p.net_isolated,
         };
         let cgroup = Cgroup::create(&format!("branch-{}-{id}", self.instance))?;
         match sandbox::start_warm(&self.bin, &spec, &dir.join("spec.json"), &cgroup) {

@@ -1,4 +1,5 @@
-//! `forkscope run [--name N] --workspace DIR -- CMD...`: a new root branch.
+//! `forkscope run [--name N] [--net host|isolated] --workspace DIR -- CMD...`: a new root
+//! branch.
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -17,6 +18,10 @@ pub struct RunArgs {
     /// Print the branch as JSON.
     #[arg(long)]
     json: bool,
+    /// `isolated`: a network namespace of the branch's own, loopback only (its forks get
+    /// theirs, and listening sockets are recreated in clones); `host` (default): the host's.
+    #[arg(long, value_parser = ["host", "isolated"], default_value = "host")]
+    net: String,
     /// The branch's command (optional: a branch can also just wait for `exec`).
     #[arg(
         trailing_var_arg = true,
@@ -28,8 +33,12 @@ pub struct RunArgs {
 
 pub fn run(args: RunArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
     let workspace = std::path::absolute(&args.workspace)?;
-    let body =
-        serde_json::json!({ "name": args.name, "workspace": workspace, "command": args.command });
+    let body = serde_json::json!({
+        "name": args.name,
+        "workspace": workspace,
+        "command": args.command,
+        "net": args.net,
+    });
     let b = super::client::call(&socket, Method::POST, "/v1/branches", Some(body))?;
     if args.json {
         println!("{b}");

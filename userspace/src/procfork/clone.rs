@@ -30,6 +30,8 @@ pub struct ChildBranch {
     pub init_in_parent_ns: u32,
     /// The descriptor of the child's command log in the child's init (pid 1 there).
     pub log_fd: i32,
+    /// The child has a network namespace of its own, which the clone joins.
+    pub net_isolated: bool,
 }
 
 fn nr(n: libc::c_long) -> i64 {
@@ -176,6 +178,7 @@ fn set_up_clone(
         target.cwd.as_os_str().as_bytes().to_vec(),
         format!("/proc/1/fd/{}", child.log_fd).into_bytes(),
         b"/dev/null".to_vec(),
+        format!("/proc/{}/ns/net", child.init_in_parent_ns).into_bytes(),
     ];
     strings.extend(reopened.iter().map(|p| p.as_os_str().as_bytes().to_vec()));
     let refs: Vec<&[u8]> = strings.iter().map(|s| s.as_slice()).collect();
@@ -186,6 +189,16 @@ fn set_up_clone(
     };
     let user = open(clone, "opening the child's user namespace", at[0], ro)?;
     let mnt = open(clone, "opening the child's mount namespace", at[1], ro)?;
+    let net = if child.net_isolated {
+        Some(open(
+            clone,
+            "opening the child's network namespace",
+            at[5],
+            ro,
+        )?)
+    } else {
+        None
+    };
     clone.call(
         "entering the child's user namespace",
         nr(libc::SYS_setns),
@@ -196,9 +209,17 @@ fn set_up_clone(
         nr(libc::SYS_setns),
         &[mnt as u64, libc::CLONE_NEWNS as u64],
     )?;
-    for fd in [user, mnt] {
+    if let Some(net) = net {
+        clone.call(
+            "entering the child's network namespace",
+            nr(libc::SYS_setns),
+            &[net as u64, libc::CLONE_NEWNET as u64],
+        )?;
+    }
+    for fd in [Some(user), Some(mnt), net].into_iter().flatten() {
         let _ = clone.syscall(nr(libc::SYS_close), &[fd as u64]);
     }
+    let mut below = *at.iter().min().expect("strings");
     clone
         .call(
             &format!("changing to {}", target.cwd.display()),
@@ -206,7 +227,7 @@ fn set_up_clone(
             &[at[2]],
         )
         .map_err(|e| Error::CannotClone(format!("process {pid} ({}): {e}", target.comm)))?;
-    let mut next_path = 5;
+    let mut next_path = 6;
     for (num, action) in &target.fds {
         let num = *num as u64;
         let what = |p: String| {
@@ -220,6 +241,54 @@ fn set_up_clone(
             FdAction::Close => {
                 let _ = clone.syscall(nr(libc::SYS_close), &[num]);
                 continue;
+            }
+            FdAction::Listen {
+                v6,
+                addr,
+                port,
+                flags,
+            } => {
+                let (sockaddr, family) = sockaddr(*v6, addr, *port);
+                let addr_at = clone.scratch_bytes(&sockaddr, below)?;
+                let one_at = clone.scratch_bytes(&1i32.to_ne_bytes(), addr_at)?;
+                below = one_at;
+                let fail = what(format!("listening on port {port}"));
+                let nonblock = if flags & libc::O_NONBLOCK != 0 {
+                    libc::SOCK_NONBLOCK
+                } else {
+                    0
+                };
+                let s = clone
+                    .call(
+                        "socket",
+                        nr(libc::SYS_socket),
+                        &[family as u64, (libc::SOCK_STREAM | nonblock) as u64, 0],
+                    )
+                    .map_err(&fail)?;
+                let made = (|| {
+                    clone.call(
+                        "setsockopt(SO_REUSEADDR)",
+                        nr(libc::SYS_setsockopt),
+                        &[
+                            s as u64,
+                            libc::SOL_SOCKET as u64,
+                            libc::SO_REUSEADDR as u64,
+                            one_at,
+                            4,
+                        ],
+                    )?;
+                    clone.call(
+                        "bind",
+                        nr(libc::SYS_bind),
+                        &[s as u64, addr_at, sockaddr.len() as u64],
+                    )?;
+                    clone.call("listen", nr(libc::SYS_listen), &[s as u64, 4096])
+                })();
+                if let Err(e) = made {
+                    let _ = clone.syscall(nr(libc::SYS_close), &[s as u64]);
+                    return Err(fail(e));
+                }
+                (s, (flags & libc::O_CLOEXEC) as u64)
             }
             FdAction::DevNull => (
                 open(clone, "opening /dev/null", at[4], libc::O_RDWR as u64)?,
@@ -269,6 +338,26 @@ fn set_up_clone(
         r?;
     }
     Ok(())
+}
+
+/// A `sockaddr_in` or `sockaddr_in6` for `addr` (network order bytes) and `port`, and its
+/// address family.
+fn sockaddr(v6: bool, addr: &[u8; 16], port: u16) -> (Vec<u8>, i32) {
+    let mut b = Vec::new();
+    if v6 {
+        b.extend_from_slice(&(libc::AF_INET6 as u16).to_ne_bytes());
+        b.extend_from_slice(&port.to_be_bytes());
+        b.extend_from_slice(&[0u8; 4]); // flow info
+        b.extend_from_slice(addr);
+        b.extend_from_slice(&[0u8; 4]); // scope id
+        (b, libc::AF_INET6)
+    } else {
+        b.extend_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+        b.extend_from_slice(&port.to_be_bytes());
+        b.extend_from_slice(&addr[..4]);
+        b.extend_from_slice(&[0u8; 8]);
+        (b, libc::AF_INET)
+    }
 }
 
 /// The pid that the pid namespace of `viewer` gives to `pid` (both host pids).

@@ -19,6 +19,14 @@ pub enum FdAction {
     DevNull,
     /// Closed in the clone (sockets, terminals elsewhere): the parent keeps it.
     Close,
+    /// A listening TCP socket made again in the clone, in the child's own network namespace
+    /// (`run --net isolated`): same family, address and port, non-blocking if it was.
+    Listen {
+        v6: bool,
+        addr: [u8; 16],
+        port: u16,
+        flags: i32,
+    },
 }
 
 /// A process to clone and the plan for its clone.
@@ -38,6 +46,8 @@ pub struct Context<'a> {
     pub workspace: &'a Path,
     /// The parent branch's command log (its processes' stdout and stderr).
     pub parent_log: &'a Path,
+    /// The branches have network namespaces of their own.
+    pub net_isolated: bool,
 }
 
 /// The processes of a branch to clone: every process in its cgroup but its init.
@@ -232,10 +242,28 @@ fn plan_fd(
         ));
         action
     };
-    if link.starts_with("socket:") {
-        notes.push(format!(
-            "process {pid} ({comm}): fd {num} is a socket, closed in the clone (the parent keeps it)"
-        ));
+    if let Some(ino) = link
+        .strip_prefix("socket:[")
+        .and_then(|r| r.strip_suffix(']'))
+    {
+        if let Some((v6, addr, port)) = listening(pid, ino) {
+            if ctx.net_isolated {
+                let (flags, _, _) = fdinfo(pid, num)?;
+                return Ok(Some(FdAction::Listen {
+                    v6,
+                    addr,
+                    port,
+                    flags,
+                }));
+            }
+            notes.push(format!(
+                "process {pid} ({comm}): fd {num} listens on port {port}, closed in the clone: the branches share the host's network (`run --net isolated` gives each its own, and the clone its own listening socket)"
+            ));
+        } else {
+            notes.push(format!(
+                "process {pid} ({comm}): fd {num} is a socket, closed in the clone (the parent keeps it)"
+            ));
+        }
         return Ok(Some(FdAction::Close));
     }
     if link.starts_with("pipe:") {
@@ -313,6 +341,30 @@ fn plan_fd(
         flags,
         pos,
     }))
+}
+
+/// The family, address and port of socket `ino` of process `pid` if it is a listening TCP
+/// socket (from /proc/PID/net/tcp and tcp6: addresses are printed as 32-bit words in host
+/// order, ports in hex).
+fn listening(pid: u32, ino: &str) -> Option<(bool, [u8; 16], u16)> {
+    for (file, v6) in [("tcp", false), ("tcp6", true)] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{file}")).ok()?;
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 10 || f[9] != ino || f[3] != "0A" {
+                continue;
+            }
+            let (addr_hex, port_hex) = f[1].split_once(':')?;
+            let mut addr = [0u8; 16];
+            for (i, word) in addr_hex.as_bytes().chunks(8).enumerate().take(4) {
+                let w = u32::from_str_radix(std::str::from_utf8(word).ok()?, 16).ok()?;
+                addr[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
+            }
+            let port = u16::from_str_radix(port_hex, 16).ok()?;
+            return Some((v6, addr, port));
+        }
+    }
+    None
 }
 
 /// Refuses shared mappings the clone would share with the parent: anonymous shared memory,

@@ -86,8 +86,11 @@ fn setup(spec: &SandboxSpec) -> Result<()> {
     }
     // A new mount namespace owned by the new user namespace: the mounts copied into it are
     // locked, so the branch cannot unmount or remount them.
-    unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID)
-        .map_err(|e| Error::Sandbox(format!("unshare(CLONE_NEWNS | CLONE_NEWPID): {e}")))?;
+    let mut flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID;
+    if spec.net_isolated {
+        flags |= CloneFlags::CLONE_NEWNET;
+    }
+    unshare(flags).map_err(|e| Error::Sandbox(format!("unshare({flags:?}): {e}")))?;
     // The init says when its /proc is mounted and its filter installed: only then may
     // processes be cloned into the branch (they find the init as pid 1 of that /proc).
     let (ready_r, ready_w) = std::io::pipe()?;
@@ -227,6 +230,39 @@ fn join_parent(parent_init: u32, host_proc: &std::fs::File) -> Result<()> {
     }
 }
 
+/// Brings up `lo` in the branch's own network namespace.
+fn loopback_up() -> Result<()> {
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| Error::Sandbox(format!("socket: {e}")))?;
+    // SAFETY: an all-zero ifreq is valid; the name is NUL-terminated within IFNAMSIZ.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS and SIOCSIFFLAGS read and write the ifreq given, on a valid socket.
+    unsafe {
+        if libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) < 0 {
+            return Err(Error::Sandbox(format!(
+                "reading lo's flags: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        if libc::ioctl(fd.as_raw_fd(), libc::SIOCSIFFLAGS, &req) < 0 {
+            return Err(Error::Sandbox(format!(
+                "bringing lo up: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Binds the control socket (before the mounts turn the state directory read-only).
 fn control_socket(path: &Path) -> Result<OwnedFd> {
     let _ = std::fs::remove_file(path);
@@ -256,6 +292,9 @@ fn init(
 ) -> Result<()> {
     if let Err(e) = mounts::mount_proc() {
         eprintln!("forkscope init: {e} (the branch sees the host's /proc)");
+    }
+    if spec.net_isolated {
+        loopback_up()?;
     }
     // Pre-started, the workspace is mounted later: exec requests name their directory.
     if spec.deferred.is_none() {

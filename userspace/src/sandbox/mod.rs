@@ -67,6 +67,9 @@ pub struct SandboxSpec {
     /// directory, under which every layer lies.
     #[serde(default)]
     pub deferred: Option<PathBuf>,
+    /// A network namespace of its own (loopback only), made with its pid namespace.
+    #[serde(default)]
+    pub net_isolated: bool,
 }
 
 /// An overlay stack, serializable.
