@@ -80,13 +80,10 @@ fn a_daemon_killed_with_sigkill_comes_back_with_every_branch() {
     d.ok(&["fork", "survivor", "--name", "kid"]);
     d.kill9();
     // The branch goes on while no daemon runs, and the pinned eBPF programs keep tracing it.
-    let list = d.state.join("branches");
-    let control = std::fs::read_dir(&list)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path().join("control.sock"))
-        .find(|p| p.exists())
-        .unwrap();
+    // The survivor is the first branch (id 1); later ids are its fork and the sandbox the
+    // daemon pre-started for its next fork.
+    let control = d.state.join("branches/1/control.sock");
+    assert!(control.exists());
     let (code, _) = forkscope_tests::exec_sh(&control, "echo meanwhile > meanwhile.txt");
     assert_eq!(code, 0);
     assert_eq!(d.pins().len(), 1, "the programs stay pinned");

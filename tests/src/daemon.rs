@@ -40,20 +40,27 @@ impl Daemon {
             .arg("--socket")
             .arg(&socket)
             .args(args)
-            .stderr(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.join("daemon.log"))
+                    .unwrap(),
+            ))
             .spawn()
             .unwrap();
-        let d = Daemon {
+        let mut d = Daemon {
             child,
             socket,
             state,
         };
         let start = Instant::now();
         while !d.cli(&["status"]).status.success() {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "daemon did not come up"
-            );
+            let exited = d.child.try_wait().ok().flatten();
+            if exited.is_some() || start.elapsed() > Duration::from_secs(30) {
+                let log = std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();
+                panic!("daemon did not come up ({exited:?}); its log:\n{log}");
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
         d
