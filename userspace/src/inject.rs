@@ -12,10 +12,12 @@
 //! So where the process has glibc, each call runs at a `syscall; ret` of its libc with the
 //! stack pointer on a signal frame written below its stack (CRIU's parasite does the same):
 //! after the call, `ret` lands on glibc's `__restore_rt`, and `rt_sigreturn` puts back the
-//! process's registers, signal mask and SSE state as they were when it was stopped (a system
-//! call it was blocked in is restarted the way the kernel would). A clone's frame instead
-//! holds an `exit_group`: a clone cut off before it was set up ends itself. Without glibc,
-//! calls run at a `syscall` of the vDSO and that safety net is missing.
+//! process's registers, signal mask and x87/SSE state as they were when it was stopped (AVX
+//! upper halves are reset; a system call it was blocked in is entered again, except that a
+//! sleep's restart block is lost, so a nanosleep or a poll with a timeout returns EINTR). A
+//! clone's frame instead holds an `exit_group`: a clone cut off before it was set up ends
+//! itself. Without glibc, calls run at a `syscall` of the vDSO and that safety net is
+//! missing. What the calls already did stays done (see `crate::procfork::clone`).
 
 use std::{fs::File, io::Read, os::unix::fs::FileExt};
 

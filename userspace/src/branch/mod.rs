@@ -573,21 +573,42 @@ impl Manager {
                 }
             })?
         };
-        let mut held = match held {
-            Some(h) => {
-                let log = p.dir.join("command.log");
-                let ctx = procfork::inspect::Context {
-                    workspace: &p.workspace,
-                    parent_log: &log,
-                    net_isolated: p.net_isolated,
-                };
-                Some(procfork::plan(h, p.init_pid, &ctx)?)
-            }
-            None => None,
+        // From here on the parent's snapshot is taken: a failure records it all the same
+        // (its manifest already describes the new layer) and puts a checkpoint's processes
+        // back to frozen before letting them go.
+        let mut held = held;
+        let log = p.dir.join("command.log");
+        let ctx = procfork::inspect::Context {
+            workspace: &p.workspace,
+            parent_log: &log,
+            net_isolated: p.net_isolated,
         };
-        if p.children_ws().len() > FLATTEN_AT || p.children_tmp().len() > FLATTEN_AT {
-            self.flatten_layers(&mut p)?;
-        }
+        let planned = match held.as_mut() {
+            Some(h) => procfork::plan(h, p.init_pid, &ctx).map(Some),
+            None => Ok(None),
+        };
+        let planned = planned.and_then(|t| {
+            if p.children_ws().len() > FLATTEN_AT || p.children_tmp().len() > FLATTEN_AT {
+                self.flatten_layers(&mut p)?;
+            }
+            Ok(t)
+        });
+        let targets = match planned {
+            Ok(t) => t,
+            Err(e) => {
+                if p.frozen && held.is_some() {
+                    let _ = Cgroup::open(&p.cgroup)
+                        .and_then(|c| c.freeze(true, Duration::from_secs(5)));
+                }
+                drop(held);
+                let _ = self.registry.put(&p);
+                return Err(e);
+            }
+        };
+        let mut held = match (held, targets) {
+            (Some(h), Some(t)) => Some(procfork::Held::new(h, t)),
+            _ => None,
+        };
         let ws_lowers = p.children_ws();
         let tmp_lowers = p.children_tmp();
         // What the parent's upper directory held at the fork (a checkpoint passes on what its

@@ -87,6 +87,11 @@ pub fn clone_one(original: &mut Tracee, target: &Target, child: &ChildBranch) ->
         ro | libc::O_DIRECTORY as u64,
     )?;
     let mut fds = vec![cg];
+    // The child's cgroup is frozen around the clone's birth: until its frame is made to end
+    // it (see `Tracee::adopt_clone`), a clone cut off by a daemon crash must not run. Frozen
+    // first, so that nothing fails between the two setns below.
+    let child_cg = crate::cgroup::Cgroup::open(&child.cgroup)?;
+    child_cg.freeze(true, std::time::Duration::from_secs(5))?;
     let result = (|| {
         let own = open(original, "opening its pid namespace", at[1], ro)?;
         fds.push(own);
@@ -102,10 +107,6 @@ pub fn clone_one(original: &mut Tracee, target: &Target, child: &ChildBranch) ->
         args[10] = cg as u64;
         let bytes: Vec<u8> = args.iter().flat_map(|a| a.to_ne_bytes()).collect();
         let args_at = original.scratch_bytes(&bytes, *at.iter().min().expect("three"))?;
-        // The child's cgroup is frozen around the clone's birth: until its frame is made to
-        // end it (see `Tracee::adopt_clone`), a clone cut off by a daemon crash must not run.
-        let child_cg = crate::cgroup::Cgroup::open(&child.cgroup)?;
-        child_cg.freeze(true, std::time::Duration::from_secs(5))?;
         let mut born = None;
         let r = original.syscall_with(nr(libc::SYS_clone3), &[args_at, 88], |p| born = Some(p));
         // Its own pid namespace back, whatever happened.
@@ -114,16 +115,13 @@ pub fn clone_one(original: &mut Tracee, target: &Target, child: &ChildBranch) ->
             nr(libc::SYS_setns),
             &[own as u64, libc::CLONE_NEWPID as u64],
         );
-        let adopted = match (&r, born) {
-            (Ok(_), Some(p)) => Some(Tracee::adopt_clone(p, original)),
-            _ => None,
-        };
-        let thawed = child_cg.freeze(false, std::time::Duration::from_secs(5));
+        let adopted = born.map(|p| (p, Tracee::adopt_clone(p, original)));
         let r = r?;
         let clone = match adopted {
-            Some(c) => {
-                thawed?;
-                c?
+            Some((_, Ok(c))) => c,
+            Some((p, Err(e))) => {
+                reap_killed(p);
+                return Err(e);
             }
             None => {
                 return Err(Error::Sandbox(format!(
@@ -133,9 +131,21 @@ pub fn clone_one(original: &mut Tracee, target: &Target, child: &ChildBranch) ->
                 )));
             }
         };
-        back?;
+        if let Err(e) = back {
+            kill(&clone);
+            return Err(e);
+        }
         Ok(clone)
     })();
+    // Thawed whatever happened: a clone that failed was killed and reaped above.
+    let thawed = child_cg.freeze(false, std::time::Duration::from_secs(5));
+    let result = match (result, thawed) {
+        (Ok(c), Err(e)) => {
+            kill(&c);
+            Err(e)
+        }
+        (r, _) => r,
+    };
     for fd in &fds {
         let _ = original.syscall(nr(libc::SYS_close), &[*fd as u64]);
     }
@@ -149,9 +159,23 @@ pub fn clone_one(original: &mut Tracee, target: &Target, child: &ChildBranch) ->
     Ok(clone)
 }
 
-/// Kills a clone that could not be set up (it never ran an instruction of its own).
-fn kill(clone: &Tracee) {
-    let _ = nix::sys::signal::kill(clone.pid, nix::sys::signal::Signal::SIGKILL);
+/// Kills a clone that could not be set up (it never ran an instruction of its own) and
+/// reaps its exit as its tracer, so it is neither left running nor left a zombie.
+pub fn kill(clone: &Tracee) {
+    reap_killed(clone.pid);
+}
+
+/// SIGKILLs traced process `pid` and waits for its exit (the tracer sees it first).
+fn reap_killed(pid: Pid) {
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+    loop {
+        match nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::__WALL)) {
+            Ok(nix::sys::wait::WaitStatus::Exited(..))
+            | Ok(nix::sys::wait::WaitStatus::Signaled(..))
+            | Err(_) => return,
+            Ok(_) => continue,
+        }
+    }
 }
 
 fn set_up_clone(

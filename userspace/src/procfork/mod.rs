@@ -63,19 +63,23 @@ pub fn hold(
 }
 
 /// Plans the clone of each held process (after the thaw: reading /proc is slow-ish), after
-/// checking each again: held, they cannot change any more.
-pub fn plan(held: Vec<(Tracee, String)>, init_pid: u32, ctx: &inspect::Context) -> Result<Held> {
+/// checking each again: held, they cannot change any more. On failure the processes stay
+/// held: the caller decides when they go (a checkpoint's are frozen again first).
+pub fn plan(
+    held: &mut [(Tracee, String)],
+    init_pid: u32,
+    ctx: &inspect::Context,
+) -> Result<Vec<Target>> {
     let procs: Vec<u32> = held.iter().map(|(t, _)| t.pid.as_raw() as u32).collect();
-    let mut processes = Vec::new();
-    for (mut t, comm) in held {
+    let mut targets = Vec::new();
+    for (t, comm) in held.iter_mut() {
         t.arm()?;
-        clone::repair_pid_ns(&mut t)?;
+        clone::repair_pid_ns(t)?;
         let pid = t.pid.as_raw() as u32;
         inspect::precheck(pid, init_pid, &procs, true)?;
-        let target = inspect::inspect(pid, &comm, ctx)?;
-        processes.push((t, target));
+        targets.push(inspect::inspect(pid, comm, ctx)?);
     }
-    Ok(Held { processes })
+    Ok(targets)
 }
 
 /// What cloning into one child did.
@@ -104,7 +108,7 @@ pub fn clone_into(
             Ok(c) => clones.push(c),
             Err(e) => {
                 for c in &clones {
-                    let _ = nix::sys::signal::kill(c.pid, nix::sys::signal::Signal::SIGKILL);
+                    clone::kill(c);
                 }
                 return Err(e);
             }
@@ -115,7 +119,7 @@ pub fn clone_into(
         && let Err(e) = cg.freeze(true, std::time::Duration::from_secs(5))
     {
         for c in &clones {
-            let _ = nix::sys::signal::kill(c.pid, nix::sys::signal::Signal::SIGKILL);
+            clone::kill(c);
         }
         return Err(e);
     }
@@ -129,6 +133,13 @@ pub fn clone_into(
 }
 
 impl Held {
+    /// The held processes with their plans (from [`plan`]).
+    pub fn new(held: Vec<(Tracee, String)>, targets: Vec<Target>) -> Held {
+        Held {
+            processes: held.into_iter().map(|(t, _)| t).zip(targets).collect(),
+        }
+    }
+
     /// Notes about what the clones do not faithfully own.
     pub fn notes(&self) -> Vec<String> {
         self.processes

@@ -67,11 +67,12 @@ fn setup(spec: &SandboxSpec) -> Result<()> {
         // SAFETY: single-threaded (no runtime has started), so the child may run anything.
         match unsafe { fork() }.map_err(|e| Error::Sandbox(format!("fork: {e}")))? {
             ForkResult::Parent { child } => mounter(spec, &deferred, child),
-            ForkResult::Child => {}
+            // The writable state directory must not stay open in the branch's processes.
+            ForkResult::Child => drop(deferred),
         }
     }
     match (spec.nest_in, host_proc) {
-        (Some(parent_init), Some(proc_dir)) => join_parent(parent_init, &proc_dir)?,
+        (Some(parent_init), Some(proc_dir)) => join_parent(parent_init, proc_dir)?,
         _ => unshare(CloneFlags::CLONE_NEWUSER)
             .map_err(|e| Error::Sandbox(format!("unshare(CLONE_NEWUSER): {e}")))?,
     }
@@ -174,7 +175,7 @@ fn mounter(spec: &SandboxSpec, deferred: &mounts::Deferred, line_pid: Pid) -> ! 
 /// pid) and forks. The child (a member of the parent branch's pid namespace) makes its own
 /// user namespace and returns to build the sandbox; the parent maps its ids (only a process
 /// in the parent user namespace may), then waits for it and exits with its status.
-fn join_parent(parent_init: u32, host_proc: &std::fs::File) -> Result<()> {
+fn join_parent(parent_init: u32, host_proc: std::fs::File) -> Result<()> {
     let open = |ns: &str| {
         let p = format!("/proc/{parent_init}/ns/{ns}");
         std::fs::File::open(&p).map_err(|e| Error::Sandbox(format!("{p}: {e}")))
@@ -189,6 +190,9 @@ fn join_parent(parent_init: u32, host_proc: &std::fs::File) -> Result<()> {
     // SAFETY: single-threaded (no runtime has started), so the child may run anything.
     match unsafe { fork() }.map_err(|e| Error::Sandbox(format!("fork: {e}")))? {
         ForkResult::Child => {
+            // The host's /proc must not be reachable from here: this process is visible to
+            // the parent branch's processes (as /proc/PID/fd of a process of their own uid).
+            drop(host_proc);
             drop((ready_r, mapped_w));
             let made = unshare(CloneFlags::CLONE_NEWUSER)
                 .map_err(|e| Error::Sandbox(format!("unshare(CLONE_NEWUSER): {e}")));
