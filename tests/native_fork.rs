@@ -91,6 +91,14 @@ impl Setup {
         self.d.ok(&args);
     }
 
+    /// Starts root branch `name` running the agent with `mib` MiB of state; waits until it
+    /// is ready.
+    fn run_agent(&self, name: &str, mib: u32) {
+        let mib = mib.to_string();
+        self.run(name, &["python3", "agent.py", &mib]);
+        self.wait_out(name, "ready");
+    }
+
     /// Runs `sh -c script` in `branch`; returns its stdout.
     fn sh(&self, branch: &str, script: &str) -> String {
         self.d.ok(&["exec", branch, "--", "sh", "-c", script])
@@ -152,17 +160,10 @@ impl Setup {
     }
 }
 
-fn agent(mib: u32) -> Vec<String> {
-    vec!["python3".into(), "agent.py".into(), mib.to_string()]
-}
-
 #[test]
 fn a_python_process_with_200_mib_is_cloned_and_each_branch_goes_its_own_way() {
     let s = setup(&[]);
-    let cmd = agent(200);
-    let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
-    s.run("root", &cmd);
-    s.wait_out("root", "ready");
+    s.run_agent("root", 200);
     let before = s.tell("root", "add", "3", "counter 3");
     let stderr = s.fork("root", "kid");
     assert!(
@@ -251,10 +252,7 @@ fn an_open_sqlite_database_is_the_childs_own_after_the_fork() {
         .status()
         .unwrap();
     assert!(made.success());
-    let cmd = agent(1);
-    let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
-    s.run("db", &cmd);
-    s.wait_out("db", "ready");
+    s.run_agent("db", 1);
     let stderr = s.fork("db", "db2");
     // The clone's descriptor is re-pointed at the child's copy, and the fork says what
     // SQLite will think of that.
@@ -297,10 +295,7 @@ fn an_open_sqlite_database_is_the_childs_own_after_the_fork() {
 #[test]
 fn fresh_pages_written_after_a_fork_are_charged_to_the_branch_that_wrote_them() {
     let s = setup(&[]);
-    let cmd = agent(8);
-    let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
-    s.run("mem", &cmd);
-    s.wait_out("mem", "ready");
+    s.run_agent("mem", 8);
     s.fork("mem", "writer");
     s.fork("mem", "idle");
     const K: u64 = 2000;
@@ -388,10 +383,7 @@ fn processes_that_cannot_be_cloned_are_refused_and_both_branches_stay_as_they_we
 #[test]
 fn a_checkpoint_with_processes_forked_three_times_gives_three_live_clones_with_the_same_state() {
     let s = setup(&[]);
-    let cmd = agent(16);
-    let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
-    s.run("live", &cmd);
-    s.wait_out("live", "ready");
+    s.run_agent("live", 16);
     let at_checkpoint = s.tell("live", "add", "7", "counter 7");
     let out = s.d.cli(&["fork", "live", "--frozen", "--name", "cp"]);
     assert!(
@@ -474,10 +466,7 @@ fn agents_in(ws: &Path) -> Vec<u32> {
 #[test]
 fn a_daemon_killed_at_any_instant_of_a_fork_leaves_the_original_process_intact() {
     let mut s = setup(&[]);
-    let cmd = agent(4);
-    let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
-    s.run("root", &cmd);
-    s.wait_out("root", "ready");
+    s.run_agent("root", 4);
     let original: Vec<u32> = s.pids("root").iter().map(|p| *p as u32).collect();
     let dir = s.d.state.parent().unwrap().to_path_buf();
     let socket = s.d.socket.clone();

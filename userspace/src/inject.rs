@@ -125,7 +125,7 @@ impl Tracee {
             .map_err(ptrace_err("PTRACE_INTERRUPT", pid))
             .map_err(undo)?;
         Self::wait_event_stop(pid).map_err(undo)?;
-        Self::held(pid).map_err(undo)
+        Self::held_with(pid, None, true).map_err(undo)
     }
 
     /// Takes hold of a clone of `original` that was attached at birth
@@ -133,8 +133,8 @@ impl Tracee {
     /// its own memory) is rewritten to end it, should it be cut off before it is set up.
     pub fn adopt_clone(pid: Pid, original: &Tracee) -> Result<Tracee> {
         Self::wait_event_stop(pid)?;
-        let mut t = Self::held_with(pid, false)?;
-        t.syscall_at = original.syscall_at;
+        // Its memory is the original's: same vDSO, same libc.
+        let mut t = Self::held_with(pid, Some(original.syscall_at), false)?;
         if let Some((g, frame)) = original.net {
             t.net = Some((g, frame));
             let mut exit = t.saved;
@@ -167,11 +167,9 @@ impl Tracee {
         }
     }
 
-    fn held(pid: Pid) -> Result<Tracee> {
-        Self::held_with(pid, true)
-    }
-
-    fn held_with(pid: Pid, with_net: bool) -> Result<Tracee> {
+    /// Reads the stopped process's state. `syscall_at`: its vDSO's `syscall`, if known;
+    /// `with_net`: look for libc's gadgets (an original, not a clone).
+    fn held_with(pid: Pid, syscall_at: Option<u64>, with_net: bool) -> Result<Tracee> {
         let saved = ptrace::getregs(pid).map_err(ptrace_err("PTRACE_GETREGS", pid))?;
         let mut saved_mask = 0u64;
         // SAFETY: PTRACE_GETSIGMASK writes 8 bytes (the sigset size given) into `saved_mask`.
@@ -192,7 +190,10 @@ impl Tracee {
             .write(true)
             .open(&mem_path)
             .map_err(|e| Error::Sandbox(format!("{mem_path}: {e}")))?;
-        let syscall_at = find_vdso_syscall(pid, &mem)?;
+        let syscall_at = match syscall_at {
+            Some(at) => at,
+            None => find_vdso_syscall(pid, &mem)?,
+        };
         let mut t = Tracee {
             pid,
             saved,
@@ -496,10 +497,13 @@ fn restarted(mut r: libc::user_regs_struct) -> libc::user_regs_struct {
 /// Nth injected system call (counted over the process's life).
 fn fault_point() {
     static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let Some(n) = std::env::var("FORKSCOPE_FAULT")
-        .ok()
-        .and_then(|f| f.strip_prefix("inject-abort:")?.parse::<usize>().ok())
-    else {
+    static AT: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let at = AT.get_or_init(|| {
+        std::env::var("FORKSCOPE_FAULT")
+            .ok()
+            .and_then(|f| f.strip_prefix("inject-abort:")?.parse::<usize>().ok())
+    });
+    let Some(n) = *at else {
         return;
     };
     if COUNT.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 >= n {

@@ -1028,14 +1028,20 @@ impl Manager {
     /// Removes a child a failed fork started but never recorded: its processes, cgroup and
     /// directory.
     fn discard_unrecorded(&mut self, b: &BranchRecord) {
-        if let Ok(cg) = Cgroup::open(&b.cgroup) {
+        self.remove_unrecorded(&b.cgroup, &b.dir);
+    }
+
+    /// Kills what runs in `cgroup`, stops tracing it, and removes it and `dir` (a branch, or
+    /// a pre-started sandbox, that no record owns).
+    fn remove_unrecorded(&self, cgroup: &Path, dir: &Path) {
+        if let Ok(cg) = Cgroup::open(cgroup) {
             let _ = cg.kill_all(Duration::from_secs(5));
             if let Some(t) = &self.tracker {
                 t.untrack(cg.id());
             }
             let _ = cg.remove();
         }
-        let _ = std::fs::remove_dir_all(&b.dir);
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     /// Kills a branch's processes and removes its cgroup, files and record. A branch with

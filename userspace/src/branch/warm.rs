@@ -7,7 +7,7 @@
 //! record); it is discarded when its branch is aborted or the daemon stops, and a daemon
 //! that starts removes whatever a crash left (cgroups and directories without a record).
 
-use std::{path::PathBuf, time::Duration};
+use std::path::PathBuf;
 
 use super::{Manager, mkdirs};
 use crate::{
@@ -41,7 +41,7 @@ impl Manager {
             return Ok(());
         }
         if let Some(old) = self.warm.remove(name) {
-            discard(old, &self.state);
+            self.discard(old);
         }
         let id = self.registry.next_id()?;
         let dir = branch_dir(&self.state, id);
@@ -90,7 +90,7 @@ impl Manager {
         match self.warm.remove(name) {
             Some(w) if w.parent_init == init_pid => Some(w),
             Some(stale) => {
-                discard(stale, &self.state);
+                self.discard(stale);
                 None
             }
             None => None,
@@ -100,7 +100,7 @@ impl Manager {
     /// Discards `name`'s pre-started child sandbox (the branch goes away).
     pub(super) fn drop_warm(&mut self, name: &str) {
         if let Some(w) = self.warm.remove(name) {
-            discard(w, &self.state);
+            self.discard(w);
         }
     }
 
@@ -150,9 +150,11 @@ impl Drop for Manager {
     }
 }
 
-fn discard(w: WarmChild, state: &std::path::Path) {
-    drop(w.warm);
-    let _ = w.cgroup.kill_all(Duration::from_secs(5));
-    drop(w.cgroup);
-    let _ = std::fs::remove_dir_all(branch_dir(state, w.id));
+impl Manager {
+    /// Stops a pre-started sandbox's setup process and removes its cgroup and directory.
+    fn discard(&self, w: WarmChild) {
+        drop(w.warm);
+        let cgroup = w.cgroup.keep();
+        self.remove_unrecorded(&cgroup, &branch_dir(&self.state, w.id));
+    }
 }

@@ -386,19 +386,8 @@ fn sockaddr(v6: bool, addr: &[u8; 16], port: u16) -> (Vec<u8>, i32) {
 
 /// The pid that the pid namespace of `viewer` gives to `pid` (both host pids).
 pub fn pid_as_seen_by(pid: u32, viewer: u32) -> Result<u32> {
-    let nspids = |p: u32| -> Result<Vec<u32>> {
-        let f = format!("/proc/{p}/status");
-        let text = std::fs::read_to_string(&f).map_err(|e| Error::Sandbox(format!("{f}: {e}")))?;
-        Ok(text
-            .lines()
-            .find_map(|l| l.strip_prefix("NSpid:"))
-            .unwrap_or("")
-            .split_whitespace()
-            .filter_map(|x| x.parse().ok())
-            .collect())
-    };
-    let level = nspids(viewer)?.len();
-    nspids(pid)?
+    let level = crate::sandbox::ns_pids(viewer)?.len();
+    crate::sandbox::ns_pids(pid)?
         .get(level.saturating_sub(1))
         .copied()
         .ok_or_else(|| {
@@ -423,9 +412,4 @@ pub fn fd_of(pid: u32, path: &std::path::Path) -> Result<i32> {
         "process {pid} has no descriptor on {}",
         path.display()
     )))
-}
-
-/// Pid of a [`Tracee`], as a raw number.
-pub fn raw(p: Pid) -> u32 {
-    p.as_raw() as u32
 }

@@ -331,7 +331,10 @@ fn plan_fd(
         ));
     }
     let private = path.starts_with(ctx.workspace) || path.starts_with("/tmp");
-    if private && flags & libc::O_ACCMODE != libc::O_RDONLY && !path.is_dir() {
+    // (Whether it is a directory is asked through the descriptor: the path means something
+    // else in the daemon's mount namespace.)
+    let is_dir = std::fs::metadata(format!("/proc/{pid}/fd/{num}")).is_ok_and(|m| m.is_dir());
+    if private && flags & libc::O_ACCMODE != libc::O_RDONLY && !is_dir {
         notes.push(format!(
             "process {pid} ({comm}): fd {num} ({link}) is open for writing; the clone gets the child's copy, another inode, which SQLite takes for a moved database (writes fail with SQLITE_READONLY_DBMOVED until it reconnects)"
         ));

@@ -114,7 +114,7 @@ pub fn clone_into(
             }
         }
     }
-    let pids = clones.iter().map(|c| clone::raw(c.pid)).collect();
+    let pids = clones.iter().map(|c| c.pid.as_raw() as u32).collect();
     if let Some(cg) = freeze
         && let Err(e) = cg.freeze(true, std::time::Duration::from_secs(5))
     {

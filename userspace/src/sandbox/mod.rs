@@ -279,19 +279,27 @@ fn spawn(
     })
 }
 
+/// Process `pid`'s pid in each pid namespace it belongs to, the host's first (`NSpid` in
+/// /proc/PID/status).
+pub fn ns_pids(pid: u32) -> Result<Vec<u32>> {
+    let f = format!("/proc/{pid}/status");
+    let text = std::fs::read_to_string(&f).at(&f)?;
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .unwrap_or("")
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect())
+}
+
 /// The host pid of the init below setup process `setup` (the first process down its tree
 /// that is pid 1 of its pid namespace).
 fn find_init(setup: u32) -> Result<u32> {
     let mut todo = vec![setup];
     while let Some(p) = todo.pop() {
-        let status = std::fs::read_to_string(format!("/proc/{p}/status")).unwrap_or_default();
-        let nspid: Vec<&str> = status
-            .lines()
-            .find_map(|l| l.strip_prefix("NSpid:"))
-            .unwrap_or("")
-            .split_whitespace()
-            .collect();
-        if nspid.len() > 1 && nspid.last() == Some(&"1") {
+        let nspid = ns_pids(p).unwrap_or_default();
+        if nspid.len() > 1 && nspid.last() == Some(&1) {
             return Ok(p);
         }
         let f = format!("/proc/{p}/task/{p}/children");
