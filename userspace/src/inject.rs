@@ -128,6 +128,45 @@ impl Tracee {
         Self::held_with(pid, None, true).map_err(undo)
     }
 
+    /// Seizes and stops `tid`, another thread of `leader`'s process (same vDSO). Its only
+    /// injected call is the question of its alternate signal stack
+    /// ([`Tracee::alt_stack`]), made through its system-call stops.
+    pub fn seize_thread(tid: Pid, leader: &Tracee) -> Result<Tracee> {
+        let opts = Options::PTRACE_O_TRACESYSGOOD | Options::from_bits_retain(SUSPEND_SECCOMP);
+        ptrace::seize(tid, opts).map_err(ptrace_err("PTRACE_SEIZE", tid))?;
+        let undo = |e: Error| {
+            let _ = ptrace::detach(tid, None);
+            e
+        };
+        ptrace::interrupt(tid)
+            .map_err(ptrace_err("PTRACE_INTERRUPT", tid))
+            .map_err(undo)?;
+        Self::wait_event_stop(tid).map_err(undo)?;
+        let mut t = Self::held_with(tid, Some(leader.syscall_at), false).map_err(undo)?;
+        t.by_steps = false;
+        Ok(t)
+    }
+
+    /// Its alternate signal stack (a `stack_t`), if it has one, asked with one injected
+    /// call. The process must not be frozen.
+    pub fn alt_stack(&mut self) -> Result<Option<[u8; 24]>> {
+        let at = (self.scratch_top() - 64) & !15;
+        let mut stack = [0u8; 24];
+        if self.syscall(libc::SYS_sigaltstack, &[0, at])? != 0 {
+            return Ok(None);
+        }
+        self.read_at(&mut stack, at)?;
+        let flags = u32::from_ne_bytes(stack[8..12].try_into().expect("4 bytes"));
+        Ok((flags & SS_DISABLE == 0).then_some(stack))
+    }
+
+    /// Reads its memory at `at`.
+    pub fn read_at(&self, buf: &mut [u8], at: u64) -> Result<()> {
+        self.mem
+            .read_exact_at(buf, at)
+            .map_err(|e| Error::Sandbox(format!("reading process {}: {e}", self.pid)))
+    }
+
     /// Takes hold of a clone of `original` that was attached at birth
     /// (`PTRACE_O_TRACECLONE`). Its frame (a copy of the original's, at the same address in
     /// its own memory) is rewritten to end it, should it be cut off before it is set up.

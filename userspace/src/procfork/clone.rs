@@ -13,7 +13,11 @@ use std::os::unix::ffi::OsStrExt;
 
 use nix::unistd::Pid;
 
-use super::inspect::{FdAction, Target};
+use super::{
+    Plan,
+    inspect::{FdAction, Target},
+    threads,
+};
 use crate::{
     error::{Error, Result},
     inject::Tracee,
@@ -66,8 +70,29 @@ pub fn repair_pid_ns(original: &mut Tracee) -> Result<()> {
     r.map(|_| ())
 }
 
-/// Clones the held `original` into `child`; returns the clone's host pid, held.
-pub fn clone_one(original: &mut Tracee, target: &Target, child: &ChildBranch) -> Result<Tracee> {
+/// A held clone of one process: its first thread, and its other threads made again.
+pub struct ProcessCopy {
+    pub leader: Tracee,
+    threads: Vec<Tracee>,
+}
+
+impl ProcessCopy {
+    /// Lets every thread of the clone go.
+    pub fn detach(self) -> Result<()> {
+        let mut first = Ok(());
+        for t in self.threads.into_iter().chain(std::iter::once(self.leader)) {
+            let r = t.detach();
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    }
+}
+
+/// Clones the held `original` into `child` as `plan` says; returns the clone, held.
+pub fn clone_one(original: &mut Tracee, plan: &Plan, child: &ChildBranch) -> Result<ProcessCopy> {
+    let target = &plan.target;
     let ns = |kind: &str| format!("/proc/{}/ns/{kind}", child.init_in_parent_ns);
     let strings = [
         child.cgroup.as_os_str().as_bytes().to_vec(),
@@ -104,6 +129,11 @@ pub fn clone_one(original: &mut Tracee, target: &Target, child: &ChildBranch) ->
         )?;
         let mut args = [0u64; 11];
         args[0] = libc::CLONE_PARENT as u64 | CLONE_INTO_CGROUP;
+        // glibc's thread-id word gets the clone's id, as after a fork().
+        if let Some(word) = plan.words.tid_word {
+            args[0] |= (libc::CLONE_CHILD_SETTID | libc::CLONE_CHILD_CLEARTID) as u64;
+            args[2] = word;
+        }
         args[10] = cg as u64;
         let bytes: Vec<u8> = args.iter().flat_map(|a| a.to_ne_bytes()).collect();
         let args_at = original.scratch_bytes(&bytes, *at.iter().min().expect("three"))?;
@@ -132,7 +162,7 @@ pub fn clone_one(original: &mut Tracee, target: &Target, child: &ChildBranch) ->
             }
         };
         if let Err(e) = back {
-            kill(&clone);
+            reap_killed(clone.pid);
             return Err(e);
         }
         Ok(clone)
@@ -141,7 +171,7 @@ pub fn clone_one(original: &mut Tracee, target: &Target, child: &ChildBranch) ->
     let thawed = child_cg.freeze(false, std::time::Duration::from_secs(5));
     let result = match (result, thawed) {
         (Ok(c), Err(e)) => {
-            kill(&c);
+            reap_killed(c.pid);
             Err(e)
         }
         (r, _) => r,
@@ -151,18 +181,33 @@ pub fn clone_one(original: &mut Tracee, target: &Target, child: &ChildBranch) ->
     }
     let mut clone = result?;
     clone.resume_from(original.saved_regs(), original.saved_mask());
-    let outcome = set_up_clone(&mut clone, target, child, &fds);
+    let mut copy = ProcessCopy {
+        leader: clone,
+        threads: Vec::new(),
+    };
+    let outcome = (|| {
+        set_up_clone(&mut copy.leader, target, child, &fds)?;
+        threads::restore_robust_list(&mut copy.leader, &plan.words)?;
+        for state in &plan.threads {
+            let t = threads::recreate(&mut copy.leader, state)?;
+            copy.threads.push(t);
+        }
+        Ok(())
+    })();
     if let Err(e) = outcome {
-        kill(&clone);
+        kill(&copy);
         return Err(e);
     }
-    Ok(clone)
+    Ok(copy)
 }
 
 /// Kills a clone that could not be set up (it never ran an instruction of its own) and
-/// reaps its exit as its tracer, so it is neither left running nor left a zombie.
-pub fn kill(clone: &Tracee) {
-    reap_killed(clone.pid);
+/// reaps its exits as its tracer, so it is neither left running nor left a zombie: the
+/// other threads first (the kernel reports the leader's exit after theirs).
+pub fn kill(copy: &ProcessCopy) {
+    let _ = nix::sys::signal::kill(copy.leader.pid, nix::sys::signal::Signal::SIGKILL);
+    threads::reap(&copy.threads);
+    reap_killed(copy.leader.pid);
 }
 
 /// SIGKILLs traced process `pid` and waits for its exit (the tracer sees it first).

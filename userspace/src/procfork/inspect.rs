@@ -91,7 +91,7 @@ fn status_field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
         .map(str::trim)
 }
 
-/// Checks what must hold before a process is seized: one thread, no children, not traced by
+/// Checks what must hold before a process is seized: no children, not traced by
 /// someone else (`held`: by us), a top-level process of the branch (its parent is the
 /// branch's init, or outside the branch: a clone's parent is the init of the branch its
 /// line of clones started in). `procs` are the branch's processes. Returns its name.
@@ -110,13 +110,11 @@ pub fn precheck(pid: u32, init_pid: u32, procs: &[u32], held: bool) -> Result<St
         ));
     }
     let threads: u32 = field("Threads").parse().unwrap_or(1);
-    if threads > 1 {
+    if threads > 1 && field("State").starts_with('Z') {
         return Err(refuse(
             pid,
             &comm,
-            format!(
-                "it has {threads} threads (multi-threaded processes are not cloned yet: fork with --fresh to start the command afresh)"
-            ),
+            "its main thread has exited while its other threads run",
         ));
     }
     let tracer = field("TracerPid");
@@ -127,7 +125,13 @@ pub fn precheck(pid: u32, init_pid: u32, procs: &[u32], held: bool) -> Result<St
             format!("it is traced by process {tracer} (a debugger?)"),
         ));
     }
-    let children = read(format!("/proc/{pid}/task/{pid}/children"))?;
+    let mut children = String::new();
+    for tid in std::iter::once(pid).chain(super::threads::other_threads(pid)?) {
+        // A thread that ended meanwhile has no children left.
+        if let Ok(c) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/children")) {
+            children.push_str(&c);
+        }
+    }
     if !children.trim().is_empty() {
         return Err(refuse(
             pid,

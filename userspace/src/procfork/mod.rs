@@ -11,12 +11,13 @@
 //! originals exactly as they were (registers, signal mask, no stray descriptors) and the
 //! child is removed by the caller.
 //!
-//! Scope: processes that are direct children of the branch's init, single-threaded, not
-//! traced, without child processes, without shared memory; see [`inspect`] for what each
-//! descriptor becomes.
+//! Scope: processes that are direct children of the branch's init, not traced, without
+//! child processes, without shared memory; see [`inspect`] for what each descriptor
+//! becomes and [`threads`] for how a multi-threaded process's threads are made again.
 
 mod clone;
 pub mod inspect;
+mod threads;
 
 use std::{path::Path, time::Instant};
 
@@ -27,9 +28,25 @@ use crate::{error::Result, inject::Tracee};
 pub use clone::{ChildBranch, fd_of, pid_as_seen_by};
 pub use inspect::Target;
 
+/// One process of the parent branch, held by ptrace: its leader and its other threads.
+pub struct Seized {
+    leader: Tracee,
+    threads: Vec<Tracee>,
+    comm: String,
+}
+
+/// The plan for the clone of one process.
+pub struct Plan {
+    target: Target,
+    /// Its other threads, made again in the clone.
+    threads: Vec<threads::ThreadState>,
+    /// The leader's glibc words.
+    words: threads::GlibcWords,
+}
+
 /// A parent branch's processes, held by ptrace, with their plans.
 pub struct Held {
-    pub processes: Vec<(Tracee, Target)>,
+    processes: Vec<(Seized, Plan)>,
 }
 
 /// Checks every process of a branch (`cgroup`, `init_pid`) before anything is frozen;
@@ -42,14 +59,10 @@ pub fn precheck(cgroup: &Path, init_pid: u32) -> Result<Vec<(u32, String)>> {
         .collect()
 }
 
-/// Seizes the given processes (their cgroup frozen): they stay stopped until the returned
-/// [`Held`] is dropped or detached. A process that appeared since the precheck is checked
-/// too.
-pub fn hold(
-    cgroup: &Path,
-    init_pid: u32,
-    checked: &[(u32, String)],
-) -> Result<Vec<(Tracee, String)>> {
+/// Seizes the given processes, every thread of each (their cgroup frozen): they stay
+/// stopped until the returned processes are dropped or released. A process that appeared
+/// since the precheck is checked too.
+pub fn hold(cgroup: &Path, init_pid: u32, checked: &[(u32, String)]) -> Result<Vec<Seized>> {
     let now = inspect::targets(cgroup, init_pid)?;
     let mut held = Vec::new();
     for &pid in &now {
@@ -57,29 +70,47 @@ pub fn hold(
             Some((_, c)) => c.clone(),
             None => inspect::precheck(pid, init_pid, &now, false)?,
         };
-        held.push((Tracee::seize(Pid::from_raw(pid as i32))?, comm));
+        let leader = Tracee::seize(Pid::from_raw(pid as i32))?;
+        let threads = threads::other_threads(pid)?
+            .into_iter()
+            .map(|tid| Tracee::seize_thread(Pid::from_raw(tid as i32), &leader))
+            .collect::<Result<Vec<_>>>()?;
+        held.push(Seized {
+            leader,
+            threads,
+            comm,
+        });
     }
     Ok(held)
 }
 
-/// Plans the clone of each held process (after the thaw: reading /proc is slow-ish), after
-/// checking each again: held, they cannot change any more. On failure the processes stay
-/// held: the caller decides when they go (a checkpoint's are frozen again first).
-pub fn plan(
-    held: &mut [(Tracee, String)],
-    init_pid: u32,
-    ctx: &inspect::Context,
-) -> Result<Vec<Target>> {
-    let procs: Vec<u32> = held.iter().map(|(t, _)| t.pid.as_raw() as u32).collect();
-    let mut targets = Vec::new();
-    for (t, comm) in held.iter_mut() {
+/// Plans the clone of each held process (after the thaw: reading /proc is slow-ish, and
+/// reading a thread's signal stack takes an injected call), after checking each again:
+/// held, they cannot change any more. On failure the processes stay held: the caller
+/// decides when they go (a checkpoint's are frozen again first).
+pub fn plan(held: &mut [Seized], init_pid: u32, ctx: &inspect::Context) -> Result<Vec<Plan>> {
+    let procs: Vec<u32> = held.iter().map(|s| s.leader.pid.as_raw() as u32).collect();
+    let mut plans = Vec::new();
+    for s in held.iter_mut() {
+        let t = &mut s.leader;
         t.arm()?;
         clone::repair_pid_ns(t)?;
         let pid = t.pid.as_raw() as u32;
         inspect::precheck(pid, init_pid, &procs, true)?;
-        targets.push(inspect::inspect(pid, comm, ctx)?);
+        let target = inspect::inspect(pid, &s.comm, ctx)?;
+        let words = threads::glibc_words(t);
+        let threads = s
+            .threads
+            .iter_mut()
+            .map(|th| threads::read(th, pid))
+            .collect::<Result<Vec<_>>>()?;
+        plans.push(Plan {
+            target,
+            threads,
+            words,
+        });
     }
-    Ok(targets)
+    Ok(plans)
 }
 
 /// What cloning into one child did.
@@ -103,8 +134,8 @@ pub fn clone_into(
 ) -> Result<Cloned> {
     let t = Instant::now();
     let mut clones = Vec::new();
-    for (original, target) in held.processes.iter_mut() {
-        match clone::clone_one(original, target, child) {
+    for (original, plan) in held.processes.iter_mut() {
+        match clone::clone_one(&mut original.leader, plan, child) {
             Ok(c) => clones.push(c),
             Err(e) => {
                 for c in &clones {
@@ -114,7 +145,10 @@ pub fn clone_into(
             }
         }
     }
-    let pids = clones.iter().map(|c| c.pid.as_raw() as u32).collect();
+    let pids = clones
+        .iter()
+        .map(|c| c.leader.pid.as_raw() as u32)
+        .collect();
     if let Some(cg) = freeze
         && let Err(e) = cg.freeze(true, std::time::Duration::from_secs(5))
     {
@@ -134,9 +168,9 @@ pub fn clone_into(
 
 impl Held {
     /// The held processes with their plans (from [`plan`]).
-    pub fn new(held: Vec<(Tracee, String)>, targets: Vec<Target>) -> Held {
+    pub fn new(held: Vec<Seized>, plans: Vec<Plan>) -> Held {
         Held {
-            processes: held.into_iter().map(|(t, _)| t).zip(targets).collect(),
+            processes: held.into_iter().zip(plans).collect(),
         }
     }
 
@@ -144,17 +178,19 @@ impl Held {
     pub fn notes(&self) -> Vec<String> {
         self.processes
             .iter()
-            .flat_map(|(_, t)| t.notes.clone())
+            .flat_map(|(_, p)| p.target.notes.clone())
             .collect()
     }
 
     /// Lets the originals go on from where they were stopped.
     pub fn release(self) -> Result<()> {
         let mut first = Ok(());
-        for (t, _) in self.processes {
-            let r = t.detach();
-            if first.is_ok() {
-                first = r;
+        for (s, _) in self.processes {
+            for t in std::iter::once(s.leader).chain(s.threads) {
+                let r = t.detach();
+                if first.is_ok() {
+                    first = r;
+                }
             }
         }
         first
