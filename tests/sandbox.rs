@@ -57,6 +57,7 @@ fn branch(tag: &str) -> Branch {
         nest_in: None,
         deferred: None,
         net_isolated: false,
+        file_mounts: Vec::new(),
     };
     let cgroup = Cgroup::create(&format!("sandbox-test-{}-{tag}", std::process::id())).unwrap();
     let sandbox = start(

@@ -48,6 +48,12 @@ pub enum EventKind {
     FileMknod = 17,
     /// FICLONE/FICLONERANGE reflink into a file (FdEvent; `src_*` is the source file).
     FileClone = 18,
+    /// connect() or sendmsg() refused by the branch's policy (FdEvent: family, address and
+    /// port asked for; `fd` is -1).
+    NetDenied = 19,
+    /// connect() redirected to the buffering proxy by the branch's policy (FdEvent: the
+    /// real destination; `fd` is -1).
+    NetBuffered = 20,
 }
 
 impl EventKind {
@@ -73,6 +79,8 @@ impl EventKind {
             16 => FileSymlink,
             17 => FileMknod,
             18 => FileClone,
+            19 => NetDenied,
+            20 => NetBuffered,
             _ => return None,
         })
     }

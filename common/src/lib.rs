@@ -8,6 +8,7 @@
 pub mod config;
 pub mod event;
 pub mod keys;
+pub mod policy;
 pub mod stats;
 pub mod syscalls;
 

@@ -1,6 +1,6 @@
 //! forkscope's eBPF programs.
 //!
-//! Every program first asks [`cgroup::tracked`] whether the current task belongs to a cgroup
+//! Every tracing program first asks [`cgroup::tracked`] whether the current task belongs to a cgroup
 //! the controller registered (or one of its descendants) and returns at once if not. Events go
 //! to userspace through one ring buffer ([`maps::EVENTS`]); losses are counted in
 //! [`maps::STATS`]. One module per hook family:
@@ -9,7 +9,8 @@
 //! - [`path_op`]: operations naming paths (open, rename, unlink, mkdir, chmod, link, ...);
 //! - [`net`]: connect and the send family;
 //! - [`process`]: fork, exec, exit;
-//! - [`pages`]: write page faults, deduplicated per (cgroup, process, page).
+//! - [`pages`]: write page faults, deduplicated per (cgroup, process, page);
+//! - [`sock`]: the branches' network policies (cgroup socket-address hooks: deny, buffer).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -35,6 +36,8 @@ mod pages;
 mod path_op;
 #[cfg(target_arch = "bpf")]
 mod process;
+#[cfg(target_arch = "bpf")]
+mod sock;
 
 #[cfg(all(target_arch = "bpf", not(test)))]
 #[panic_handler]

@@ -6,6 +6,7 @@ use aya_ebpf::{
 };
 use forkscope_common::{
     keys::{DirtyPageKey, ProcKey, VERDICT_SLOTS, VerdictSlot},
+    policy::{NetPolicy, ProxyConfig, REDIRECT_SLOTS, Redirect},
     stats::STAT_COUNT,
 };
 
@@ -48,3 +49,19 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0
 /// Per-CPU scratch buffers for reading kernel structures in one helper call each.
 #[map]
 pub static SCRATCH: PerCpuArray<crate::kernel::Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Each branch's network policy, by the branch's cgroup id (absent: allow everything).
+#[map]
+pub static NET_POLICIES: HashMap<u64, NetPolicy> = HashMap::with_max_entries(4096, 0);
+
+/// The buffering proxy (one entry).
+#[map]
+pub static PROXY: Array<ProxyConfig> = Array::with_max_entries(1, 0);
+
+/// Connections sent to the proxy, by slot (see forkscope_common::policy::ProxyConfig).
+#[map]
+pub static REDIRECTS: Array<Redirect> = Array::with_max_entries(REDIRECT_SLOTS, 0);
+
+/// How many connections each CPU has sent to the proxy (picks the next slot of REDIRECTS).
+#[map]
+pub static NEXT_REDIRECT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);

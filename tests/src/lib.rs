@@ -57,15 +57,19 @@ pub fn require_root() {
     );
 }
 
-/// A fresh directory under /tmp, removed on drop.
+/// A fresh directory (under /tmp unless told), removed on drop.
 pub struct TempDir(pub PathBuf);
 
 impl TempDir {
     pub fn new(tag: &str) -> Self {
+        Self::new_in(&std::env::temp_dir(), tag)
+    }
+
+    /// A fresh directory under `base` (for paths a branch must see outside its own /tmp).
+    pub fn new_in(base: &Path, tag: &str) -> Self {
         static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let p =
-            std::env::temp_dir().join(format!("forkscope-test-{tag}-{}-{n}", std::process::id()));
+        let p = base.join(format!("forkscope-test-{tag}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).expect("create temp dir");
         Self(p.canonicalize().expect("canonical temp dir"))

@@ -28,6 +28,7 @@ pub mod error;
 pub mod events;
 pub mod inject;
 pub mod layers;
+pub mod policy;
 pub mod procfork;
 pub mod sandbox;
 pub mod state;

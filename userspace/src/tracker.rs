@@ -156,7 +156,15 @@ impl Tracker {
         Ok(())
     }
 
-    /// Stops tracing cgroup `id` and closes its trace file (after writing what was read).
+    /// Enforces `policy`'s network rules for the branch whose cgroup is `id` (none: allow
+    /// everything).
+    pub fn set_net_policy(&self, id: u64, policy: Option<&crate::policy::Policy>) -> Result<()> {
+        let compiled = policy.map(|p| p.net());
+        self.probe().set_net_policy(id, compiled.as_ref())
+    }
+
+    /// Stops tracing cgroup `id` (and enforcing its network policy) and closes its trace
+    /// file (after writing what was read).
     pub fn untrack(&self, id: u64) {
         let _ = self.probe().untrack(id);
         if let Some((_, mut out)) = self.sinks().files.remove(&id) {

@@ -5,8 +5,9 @@
 //! |---|---|---|
 //! | `GET /v1/status` | | version, state directory, branch count |
 //! | `GET /v1/branches` | | every live branch |
-//! | `POST /v1/branches` | `{"name"?, "workspace", "command": [..]}` | the new root branch (201) |
-//! | `GET /v1/branches/{name}` | | one branch |
+//! | `POST /v1/branches` | `{"name"?, "workspace", "command": [..], "net"?, "policy"?: "<TOML>"}` | the new root branch (201) |
+//! | `GET /v1/branches/{name}` | | one branch (with its `policy`) |
+//! | `PUT /v1/branches/{name}/policy` | `{"policy": "<TOML>"}` | the branch with its new policy |
 //! | `POST /v1/branches/{name}/fork` | `{"name"?, "count"?, "frozen"?}` | `{"branches": [..], "phases": {..}}` (201) |
 //! | `GET /v1/branches/{name}/diff` | | changed paths since the fork point |
 //! | `POST /v1/branches/{name}/commit` | `{"prefer"?: "branch" \| "target"}` | `{"target", "changes": [..], "conflicts": [..], "phases": {..}}` |
@@ -34,6 +35,16 @@ pub struct RunRequest {
     /// network namespace of its own with loopback only, inherited by its forks).
     #[serde(default)]
     pub net: Option<String>,
+    /// The side-effect policy, in TOML (see [`crate::policy`]); none allows everything.
+    #[serde(default)]
+    pub policy: Option<String>,
+}
+
+/// `PUT /v1/branches/{name}/policy`
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PolicyRequest {
+    /// The new policy, in TOML.
+    pub policy: String,
 }
 
 /// `POST /v1/branches/{name}/fork` takes a [`crate::branch::ForkOptions`].

@@ -11,7 +11,7 @@ use axum::{
     extract::{ConnectInfo, Path as UrlPath, RawQuery, State},
     http::StatusCode,
     response::{IntoResponse, Response},
-    routing::{get, post},
+    routing::{get, post, put},
     serve::IncomingStream,
 };
 use tokio::net::UnixListener;
@@ -138,7 +138,12 @@ async fn run(
                 )));
             }
         };
-        m.run_net(req.name, &req.workspace, req.command, isolated)
+        let policy = req
+            .policy
+            .as_deref()
+            .map(crate::policy::parse)
+            .transpose()?;
+        m.run_net(req.name, &req.workspace, req.command, isolated, policy)
     })
     .await?;
     prewarm(&app, b.name.clone());
@@ -191,6 +196,21 @@ async fn fork(
     let made = with_manager(&app, &peer, move |m| m.fork(&name, &req)).await?;
     prewarm(&app, parent);
     Ok((StatusCode::CREATED, Json(made)).into_response())
+}
+
+async fn set_policy(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    UrlPath(name): UrlPath<String>,
+    bytes: axum::body::Bytes,
+) -> ApiResult<Response> {
+    let req: super::PolicyRequest = body(&bytes)?;
+    let b = with_manager(&app, &peer, move |m| {
+        let policy = crate::policy::parse(&req.policy)?;
+        m.set_policy(&name, policy)
+    })
+    .await?;
+    Ok(Json(b).into_response())
 }
 
 async fn diff(
@@ -399,6 +419,7 @@ pub async fn serve(
         .route("/v1/branches/{name}", get(get_branch).delete(abort))
         .route("/v1/branches/{name}/fork", post(fork))
         .route("/v1/branches/{name}/diff", get(diff))
+        .route("/v1/branches/{name}/policy", put(set_policy))
         .route("/v1/branches/{name}/commit", post(commit))
         .route("/v1/branches/{name}/trace", get(trace_stream))
         .with_state(app);

@@ -33,7 +33,14 @@ pub const PROGRAMS: &[&str] = &[
     "sched_process_exec",
     "sched_process_exit",
     "page_fault",
+    "connect4",
+    "connect6",
+    "sendmsg4",
+    "sendmsg6",
 ];
+
+/// The socket-address hooks (policy), attached to forkscope's parent cgroup.
+pub const SOCK_PROGRAMS: &[&str] = &["connect4", "connect6", "sendmsg4", "sendmsg6"];
 
 /// Map names in the object.
 pub const MAPS: &[&str] = &[
@@ -45,6 +52,10 @@ pub const MAPS: &[&str] = &[
     "EPOCHS",
     "STATS",
     "SCRATCH",
+    "NET_POLICIES",
+    "PROXY",
+    "REDIRECTS",
+    "NEXT_REDIRECT",
 ];
 
 #[cfg(test)]

@@ -6,7 +6,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
-        ProgramError, RawTracePoint, TracePoint,
+        CgroupAttachMode, CgroupSockAddr, ProgramError, RawTracePoint, TracePoint,
+        cgroup_sock_addr::CgroupSockAddrLinkId,
         links::{FdLink, PinnedLink},
         raw_trace_point::RawTracePointLinkId,
         trace_point::TracePointLinkId,
@@ -15,6 +16,7 @@ use aya::{
 use forkscope_common::{
     DirtyPageKey, ProcKey, VerdictSlot,
     keys::VERDICT_SLOTS,
+    policy::{NetPolicy, ProxyConfig, Redirect},
     stats::{STAT_EVENTS, STAT_LOST, STAT_PAGES_OVERFLOW, STAT_READ_ERRORS},
     syscalls::{Family, TRACED},
 };
@@ -60,7 +62,7 @@ const COMPLETE: &str = "complete";
 type MapKind = fn(MapData) -> Map;
 
 /// The maps userspace uses (see [`super::MAPS`]), and how to rebuild each from a pinned copy.
-const MAPS: [(&str, MapKind); 8] = [
+const MAPS: [(&str, MapKind); 12] = [
     ("EVENTS", Map::RingBuf),
     ("TRACKED_CGROUPS", Map::HashMap),
     ("CGROUP_VERDICT", Map::Array),
@@ -69,6 +71,10 @@ const MAPS: [(&str, MapKind); 8] = [
     ("EPOCHS", Map::HashMap),
     ("STATS", Map::PerCpuArray),
     ("SCRATCH", Map::PerCpuArray),
+    ("NET_POLICIES", Map::HashMap),
+    ("PROXY", Map::Array),
+    ("REDIRECTS", Map::Array),
+    ("NEXT_REDIRECT", Map::PerCpuArray),
 ];
 
 /// Loaded eBPF programs and their maps. Dropping it detaches and unloads everything, except
@@ -82,6 +88,7 @@ pub struct Probe {
     /// Attachments, by program name, so they can be detached all at once (see `detach`).
     tracepoint_links: Vec<(&'static str, TracePointLinkId)>,
     raw_links: Vec<(&'static str, RawTracePointLinkId)>,
+    sock_links: Vec<(&'static str, CgroupSockAddrLinkId)>,
 }
 
 fn refused(program: &str, what: &str) -> impl FnOnce(ProgramError) -> Error {
@@ -119,7 +126,8 @@ impl Probe {
             match prog {
                 aya::programs::Program::TracePoint(p) => p.load(),
                 aya::programs::Program::RawTracePoint(p) => p.load(),
-                _ => unreachable!("forkscope only builds tracepoint programs"),
+                aya::programs::Program::CgroupSockAddr(p) => p.load(),
+                _ => unreachable!("forkscope builds tracepoint and socket-address programs"),
             }
             .map_err(refused(name, "load"))?;
         }
@@ -136,6 +144,7 @@ impl Probe {
             missing_tracepoints: Vec::new(),
             tracepoint_links: Vec::new(),
             raw_links: Vec::new(),
+            sock_links: Vec::new(),
         })
     }
 
@@ -176,6 +185,17 @@ impl Probe {
                 .expect("raw tracepoint program");
             links.push(raw.take_link(id).map_err(refused(prog, "pin"))?.into());
         }
+        for (prog, id) in std::mem::take(&mut self.sock_links) {
+            let link = self
+                .sock_program(prog)
+                .take_link(id)
+                .map_err(refused(prog, "pin"))?;
+            links.push(FdLink::try_from(link).map_err(|e| {
+                Error::Btf(format!(
+                    "{prog}: this kernel cannot make a pinnable link: {e}"
+                ))
+            })?);
+        }
         for (n, link) in links.into_iter().enumerate() {
             let pinned: PinnedLink = link
                 .pin(dir.join("links").join(n.to_string()))
@@ -211,6 +231,7 @@ impl Probe {
             missing_tracepoints: Vec::new(),
             tracepoint_links: Vec::new(),
             raw_links: Vec::new(),
+            sock_links: Vec::new(),
         }))
     }
 
@@ -221,6 +242,16 @@ impl Probe {
             .and_then(|e| e.program_mut(name))
             .and_then(|p| p.try_into().ok())
             .expect("tracepoint program");
+        p
+    }
+
+    fn sock_program(&mut self, name: &str) -> &mut CgroupSockAddr {
+        let p: &mut CgroupSockAddr = self
+            .ebpf
+            .as_mut()
+            .and_then(|e| e.program_mut(name))
+            .and_then(|p| p.try_into().ok())
+            .expect("socket-address program");
         p
     }
 
@@ -280,6 +311,26 @@ impl Probe {
             .attach("sched_process_fork")
             .map_err(refused("sched_process_fork", "attach"))?;
         self.raw_links.push(("sched_process_fork", id));
+        // The policy hooks, on forkscope's parent cgroup: they run for every branch (and
+        // look up the policy of the calling task's branch). Other daemons' hooks may be
+        // attached there too.
+        let parent = crate::cgroup::cgroup2_root()?.join("forkscope");
+        std::fs::create_dir_all(&parent).map_err(|e| Error::Io {
+            path: parent.clone(),
+            cause: e,
+        })?;
+        let dir = std::fs::File::open(&parent).map_err(|e| Error::Io {
+            path: parent.clone(),
+            cause: e,
+        })?;
+        for prog in super::SOCK_PROGRAMS {
+            let id = self
+                .sock_program(prog)
+                // A link (flags 0) coexists with other links on the cgroup, other daemons' too.
+                .attach(&dir, CgroupAttachMode::Single)
+                .map_err(refused(prog, "attach to the forkscope cgroup"))?;
+            self.sock_links.push((prog, id));
+        }
         Ok(())
     }
 
@@ -300,6 +351,11 @@ impl Probe {
                 .and_then(|e| e.program_mut(prog))
                 .and_then(|p| p.try_into().ok());
             if let Some(Ok(link)) = raw.map(|p| p.take_link(id)) {
+                owned.push(Box::new(link));
+            }
+        }
+        for (prog, id) in std::mem::take(&mut self.sock_links) {
+            if let Ok(link) = self.sock_program(prog).take_link(id) {
                 owned.push(Box::new(link));
             }
         }
@@ -338,7 +394,34 @@ impl Probe {
     pub fn untrack(&mut self, id: u64) -> Result<()> {
         let _ = self.hash::<u64, u32>("TRACKED_CGROUPS")?.remove(&id);
         let _ = self.hash::<u64, u32>("EPOCHS")?.remove(&id);
+        let _ = self.hash::<u64, NetPolicy>("NET_POLICIES")?.remove(&id);
         self.clear_verdicts()
+    }
+
+    /// Sets the network policy of the branch whose cgroup is `id` (`None`: allow all).
+    pub fn set_net_policy(&mut self, id: u64, policy: Option<&NetPolicy>) -> Result<()> {
+        let mut map = self.hash::<u64, NetPolicy>("NET_POLICIES")?;
+        match policy {
+            Some(p) => map.insert(id, *p, 0).map_err(map_err("NET_POLICIES")),
+            None => {
+                let _ = map.remove(&id);
+                Ok(())
+            }
+        }
+    }
+
+    /// Tells the hooks where the buffering proxy listens.
+    pub fn set_proxy(&mut self, proxy: ProxyConfig) -> Result<()> {
+        let mut map: Array<&mut MapData, ProxyConfig> =
+            Array::try_from(self.map_mut("PROXY")).map_err(map_err("PROXY"))?;
+        map.set(0, proxy, 0).map_err(map_err("PROXY"))
+    }
+
+    /// The connection the hooks recorded in `slot` of REDIRECTS.
+    pub fn redirect(&self, slot: u32) -> Result<Redirect> {
+        let map: Array<&MapData, Redirect> =
+            Array::try_from(self.map("REDIRECTS")).map_err(map_err("REDIRECTS"))?;
+        map.get(&slot, 0).map_err(map_err("REDIRECTS"))
     }
 
     /// Forgets every cached tracked/untracked verdict (after the tracked set changed) by

@@ -32,6 +32,7 @@ use crate::{
         overlay::MAX_LOWERS,
         snapshot::{Manifest, snapshot, snapshot_clock_ns},
     },
+    policy::Policy,
     procfork,
     sandbox::{self, SandboxSpec, StackSpec},
     state::{Registry, branch_dir},
@@ -78,6 +79,9 @@ pub struct BranchRecord {
     /// A network namespace of its own, loopback only (`run --net isolated`; forks inherit).
     #[serde(default)]
     pub net_isolated: bool,
+    /// Its side-effect policy (`run --policy`; forks inherit): none allows everything.
+    #[serde(default)]
+    pub policy: Option<Policy>,
 }
 
 /// A branch's layer chain as merged for its children: `ws` and `tmp` replace its deltas
@@ -129,6 +133,7 @@ struct Start {
     /// A pre-started sandbox to use (its overlays are mounted on the branch's stacks).
     warm: Option<warm::WarmChild>,
     net_isolated: bool,
+    policy: Option<Policy>,
 }
 
 /// What `fork` makes.
@@ -350,6 +355,7 @@ impl Manager {
             }
             if let Ok(cg) = Cgroup::open(&b.cgroup) {
                 tracker.track(cg.id(), &trace_file(&b))?;
+                tracker.set_net_policy(cg.id(), b.policy.as_ref())?;
             }
         }
         self.tracker = Some(tracker);
@@ -451,16 +457,18 @@ impl Manager {
         workspace: &Path,
         command: Vec<String>,
     ) -> Result<BranchRecord> {
-        self.run_net(name, workspace, command, false)
+        self.run_net(name, workspace, command, false, None)
     }
 
-    /// Starts a root branch; with `net_isolated`, in a network namespace of its own.
+    /// Starts a root branch; with `net_isolated`, in a network namespace of its own; with
+    /// `policy`, under that side-effect policy.
     pub fn run_net(
         &mut self,
         name: Option<String>,
         workspace: &Path,
         command: Vec<String>,
         net_isolated: bool,
+        policy: Option<Policy>,
     ) -> Result<BranchRecord> {
         let workspace = workspace
             .canonicalize()
@@ -483,6 +491,9 @@ impl Manager {
                 workspace.display(),
                 self.state.display()
             )));
+        }
+        if let Some(p) = &policy {
+            self.check_policy(p, &workspace, net_isolated)?;
         }
         let id = self.registry.next_id()?;
         let name = self.unused_name(name, id)?;
@@ -519,8 +530,88 @@ impl Manager {
                 nest_in: None,
                 warm: None,
                 net_isolated,
+                policy,
             },
         )
+    }
+
+    /// Replaces branch `name`'s policy. Network rules take effect at once (for the
+    /// branch only: its forks keep the policy they inherited). File rules are mounts made
+    /// when the branch starts, and deferral needs the listener its init installs then:
+    /// neither can change while it runs.
+    pub fn set_policy(&mut self, name: &str, policy: Policy) -> Result<BranchRecord> {
+        let mut b = self.get(name)?;
+        self.check_policy(&policy, &b.workspace, b.net_isolated)?;
+        let old = b.policy.clone().unwrap_or_default();
+        if old
+            .file_rules()
+            .iter()
+            .map(|r| (&r.dest, r.action))
+            .collect::<Vec<_>>()
+            != policy
+                .file_rules()
+                .iter()
+                .map(|r| (&r.dest, r.action))
+                .collect::<Vec<_>>()
+        {
+            return Err(Error::Conflict(format!(
+                "{name}: file rules are mounts made when a branch starts and cannot change while it runs; fork it with --fresh under the new policy, or run a new branch"
+            )));
+        }
+        if policy.defers() && !old.defers() {
+            return Err(Error::Conflict(format!(
+                "{name} was started without defer rules, so it has no listener to hold calls: start a branch with a defer rule in its policy"
+            )));
+        }
+        if !b.frozen
+            && let (Some(t), Ok(cg)) = (&self.tracker, Cgroup::open(&b.cgroup))
+        {
+            t.set_net_policy(cg.id(), Some(&policy))?;
+        }
+        b.policy = Some(policy);
+        self.registry.put(&b)?;
+        Ok(b)
+    }
+
+    /// Checks that `policy` can be enforced for a branch on `workspace`: network rules need
+    /// the eBPF programs, buffering needs the host's network, and no file rule may reach
+    /// the workspace or the daemon's own directories.
+    fn check_policy(&self, policy: &Policy, workspace: &Path, net_isolated: bool) -> Result<()> {
+        if self.tracker.is_none() && policy.net() != Policy::default().net() {
+            return Err(Error::Invalid(
+                "network policies are enforced by the eBPF programs, which this daemon does not load (it was started with --no-trace)".into(),
+            ));
+        }
+        if net_isolated && policy.buffers() {
+            return Err(Error::Invalid(
+                "buffer rules need the host's network (the recording proxy listens there): drop --net isolated or use defer".into(),
+            ));
+        }
+        for r in policy.file_rules() {
+            let crate::policy::Dest::File { path } = &r.dest else {
+                continue;
+            };
+            if path.starts_with(workspace) || workspace.starts_with(path) {
+                return Err(Error::Invalid(format!(
+                    "policy, line {}: {} and the workspace {} contain each other: the workspace is the branch's own already",
+                    r.line,
+                    path.display(),
+                    workspace.display()
+                )));
+            }
+            let guarded = std::iter::once(&self.state).chain(self.hidden.iter());
+            for g in guarded {
+                if path.starts_with(g) || g.starts_with(path) {
+                    return Err(Error::Invalid(format!(
+                        "policy, line {}: {} reaches forkscope's own directory {}, which branches never see",
+                        r.line,
+                        path.display(),
+                        g.display()
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Forks `parent` into `count` new branches (one snapshot for all of them). A name can be
@@ -659,6 +750,7 @@ impl Manager {
                     nest_in: cloning.then_some(p.init_pid),
                     warm,
                     net_isolated: p.net_isolated,
+                    policy: p.policy.clone(),
                 };
                 let t_start = Instant::now();
                 let mut rec = self.start(
@@ -793,6 +885,7 @@ impl Manager {
             fork_ns,
             flattened: None,
             net_isolated: p.net_isolated,
+            policy: p.policy.clone(),
         };
         self.registry.put(&record)?;
         Ok(record)
@@ -939,6 +1032,11 @@ impl Manager {
             nest_in: how.nest_in,
             deferred: None,
             net_isolated: how.net_isolated,
+            file_mounts: how
+                .policy
+                .as_ref()
+                .map(Policy::file_mounts)
+                .unwrap_or_default(),
         };
         let (cgroup, warm) = match how.warm {
             Some(w) => (w.cgroup, Some(w.warm)),
@@ -949,6 +1047,7 @@ impl Manager {
         };
         if let Some(t) = &self.tracker {
             t.track(cgroup.id(), &dir.join("trace.jsonl"))?;
+            t.set_net_policy(cgroup.id(), how.policy.as_ref())?;
         }
         let started = match warm {
             Some(w) => w.mount(&spec.workspace_stack, &spec.tmp_stack),
@@ -984,6 +1083,7 @@ impl Manager {
             fork_ns,
             flattened: None,
             net_isolated: how.net_isolated,
+            policy: how.policy,
         };
         // A child whose processes are cloned into it is recorded once they are: a crash
         // before that leaves no half-forked branch (a daemon that starts removes the rest).

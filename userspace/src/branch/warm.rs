@@ -62,6 +62,11 @@ impl Manager {
             nest_in: Some(p.init_pid),
             deferred: Some(self.state.clone()),
             net_isolated: p.net_isolated,
+            file_mounts: p
+                .policy
+                .as_ref()
+                .map(crate::policy::Policy::file_mounts)
+                .unwrap_or_default(),
         };
         let cgroup = Cgroup::create(&format!("branch-{}-{id}", self.instance))?;
         match sandbox::start_warm(&self.bin, &spec, &dir.join("spec.json"), &cgroup) {

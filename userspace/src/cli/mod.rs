@@ -8,6 +8,7 @@ mod diff;
 mod exec;
 mod fork;
 mod ls;
+mod policy;
 mod run;
 mod status;
 mod trace;
@@ -49,6 +50,7 @@ enum Command {
     Commit(commit::CommitArgs),
     Abort(abort::AbortArgs),
     Status(status::StatusArgs),
+    Policy(policy::PolicyArgs),
     /// Internal: builds a branch's sandbox and becomes its init (started by the daemon).
     #[command(name = "__init", hide = true)]
     Init {
@@ -70,6 +72,7 @@ pub fn main() -> ExitCode {
         Command::Commit(args) => commit::run(args, cli.socket),
         Command::Abort(args) => abort::run(args, cli.socket),
         Command::Status(args) => status::run(args, cli.socket),
+        Command::Policy(args) => policy::run(args, cli.socket),
         Command::Init { spec } => match forkscope::sandbox::init::main(&spec) {
             Ok(()) => Ok(ExitCode::SUCCESS),
             Err(_) => Ok(ExitCode::FAILURE),

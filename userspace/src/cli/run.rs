@@ -1,5 +1,5 @@
-//! `forkscope run [--name N] [--net host|isolated] --workspace DIR -- CMD...`: a new root
-//! branch.
+//! `forkscope run [--name N] [--net host|isolated] [--policy FILE] --workspace DIR -- CMD...`:
+//! a new root branch.
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -22,6 +22,10 @@ pub struct RunArgs {
     /// theirs, and listening sockets are recreated in clones); `host` (default): the host's.
     #[arg(long, value_parser = ["host", "isolated"], default_value = "host")]
     net: String,
+    /// A side-effect policy file (TOML: allow, deny, defer or buffer network destinations,
+    /// share or deny host paths); its forks inherit it. See docs/policy.md.
+    #[arg(long, value_name = "FILE")]
+    policy: Option<PathBuf>,
     /// The branch's command (optional: a branch can also just wait for `exec`).
     #[arg(
         trailing_var_arg = true,
@@ -33,11 +37,17 @@ pub struct RunArgs {
 
 pub fn run(args: RunArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
     let workspace = std::path::absolute(&args.workspace)?;
+    let policy = args
+        .policy
+        .as_deref()
+        .map(super::policy::read_policy)
+        .transpose()?;
     let body = serde_json::json!({
         "name": args.name,
         "workspace": workspace,
         "command": args.command,
         "net": args.net,
+        "policy": policy,
     });
     let b = super::client::call(&socket, Method::POST, "/v1/branches", Some(body))?;
     if args.json {

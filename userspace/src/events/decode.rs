@@ -60,7 +60,16 @@ pub fn decode(bytes: &[u8]) -> Result<RawEvent, DecodeError> {
     use EventKind::*;
     let fd_ok = matches!(
         kind,
-        FileWrite | FileTruncate | FileMeta | FileMmap | NetConnect | NetSend | Chdir | FileClone
+        FileWrite
+            | FileTruncate
+            | FileMeta
+            | FileMmap
+            | NetConnect
+            | NetSend
+            | NetDenied
+            | NetBuffered
+            | Chdir
+            | FileClone
     );
     let path_ok = matches!(
         kind,

@@ -205,11 +205,15 @@ impl Resolver {
         let pid = e.hdr.pid;
         t.fd = Some(e.fd);
         match kind {
-            EventKind::NetConnect | EventKind::NetSend => {
-                t.kind = if kind == EventKind::NetSend {
-                    "net_send"
-                } else {
-                    "net_connect"
+            EventKind::NetConnect
+            | EventKind::NetSend
+            | EventKind::NetDenied
+            | EventKind::NetBuffered => {
+                t.kind = match kind {
+                    EventKind::NetSend => "net_send",
+                    EventKind::NetDenied => "net_denied",
+                    EventKind::NetBuffered => "net_buffered",
+                    _ => "net_connect",
                 }
                 .into();
                 t.family = Some(family_name(e.family));

@@ -70,6 +70,10 @@ pub struct SandboxSpec {
     /// A network namespace of its own (loopback only), made with its pid namespace.
     #[serde(default)]
     pub net_isolated: bool,
+    /// Host paths the policy shares (writable) or keeps read-only inside a shared path, in
+    /// the order to mount them (see [`crate::policy::Policy::file_mounts`]).
+    #[serde(default)]
+    pub file_mounts: Vec<crate::policy::FileMount>,
 }
 
 /// An overlay stack, serializable.

@@ -1,5 +1,6 @@
 //! The sandbox's mount namespace, built as real root before the user namespace is entered:
-//! overlays on `/tmp` and the workspace, a private `/dev/shm`, everything else read-only.
+//! overlays on `/tmp` and the workspace, a private `/dev/shm`, the paths the policy shares
+//! writable, everything else read-only.
 //!
 //! A pre-started sandbox ([`SandboxSpec::deferred`]) gets its overlays later, when the
 //! fork that takes it has snapshotted the layers: `/tmp` and the workspace are then covered
@@ -163,6 +164,18 @@ pub fn setup(spec: &SandboxSpec) -> Result<Option<Deferred>> {
         None::<&str>,
     )
     .map_err(sys("making / private".into()))?;
+    // The policy's file rules: each path its own mount, before the overlays and the hidden
+    // directories go on top of what they cover.
+    for m in &spec.file_mounts {
+        mount(
+            Some(m.path.as_path()),
+            m.path.as_path(),
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(sys(format!("binding {} for the policy", m.path.display())))?;
+    }
     let state = match &spec.deferred {
         Some(state) => {
             mount(
@@ -258,6 +271,9 @@ pub fn setup(spec: &SandboxSpec) -> Result<Option<Deferred>> {
     };
     for w in writable {
         set_readonly(w, false, false)?;
+    }
+    for m in spec.file_mounts.iter().filter(|m| m.writable) {
+        set_readonly(&m.path, false, false)?;
     }
     if let Some(d) = &deferred {
         let fd = std::os::fd::AsRawFd::as_raw_fd(&d.state);

@@ -1,0 +1,284 @@
+//! Side-effect policies end to end: real daemon, real CLI, python clients in branches, real
+//! servers on loopback addresses standing in for the outside world (a TCP echo server and a
+//! UDP receiver, run by the test).
+
+use std::{
+    io::{Read, Write},
+    net::{TcpListener, UdpSocket},
+    path::PathBuf,
+    time::Duration,
+};
+
+use forkscope_tests::{TempDir, daemon::Daemon, parse_jsonl, require_root};
+
+/// A python client: `tcp ADDR PORT MSG` connects, sends MSG and prints the echo;
+/// `udp ADDR PORT MSG` sends one datagram. Prints `errno N` when the call fails.
+const CLIENT: &str = r#"
+import socket, sys
+kind, addr, port, msg = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4].encode()
+try:
+    if kind == "tcp":
+        s = socket.create_connection((addr, port), timeout=10)
+        s.sendall(msg)
+        s.shutdown(socket.SHUT_WR)
+        print("echo", s.recv(1024).decode())
+    else:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.sendto(msg, (addr, port))
+        print("sent")
+except OSError as e:
+    print("errno", e.errno)
+"#;
+
+struct Setup {
+    d: Daemon,
+    ws: PathBuf,
+    dir: TempDir,
+}
+
+fn setup() -> Setup {
+    setup_in(&std::env::temp_dir())
+}
+
+/// A daemon, workspace and client under `base` (/var/tmp for tests of paths outside the
+/// branch's own /tmp).
+fn setup_in(base: &std::path::Path) -> Setup {
+    require_root();
+    let dir = TempDir::new_in(base, "policy");
+    let ws = dir.path().join("ws");
+    std::fs::create_dir_all(&ws).unwrap();
+    std::fs::write(ws.join("client.py"), CLIENT).unwrap();
+    let d = Daemon::start(dir.path());
+    Setup { d, ws, dir }
+}
+
+impl Setup {
+    /// Writes `text` as a policy file; returns its path.
+    fn policy(&self, name: &str, text: &str) -> String {
+        let f = self.dir.path().join(name);
+        std::fs::write(&f, text).unwrap();
+        f.to_str().unwrap().to_string()
+    }
+
+    fn run(&self, name: &str, policy: &str) {
+        let ws = self.ws.to_str().unwrap();
+        self.d.ok(&[
+            "run",
+            "--name",
+            name,
+            "--policy",
+            policy,
+            "--workspace",
+            ws,
+            "--",
+            "sleep",
+            "1000",
+        ]);
+    }
+
+    /// Runs the client in `branch`; returns what it printed.
+    fn client(&self, branch: &str, args: &[&str]) -> String {
+        let mut cmd = vec!["exec", branch, "--", "python3", "client.py"];
+        cmd.extend_from_slice(args);
+        self.d.ok(&cmd).trim().to_string()
+    }
+
+    fn trace(&self, branch: &str) -> Vec<serde_json::Value> {
+        parse_jsonl(&self.d.ok(&["trace", "--branch", branch]))
+    }
+}
+
+/// A TCP echo server on `addr` (port chosen by the kernel), serving in a thread; the
+/// returned receiver yields what each connection sent.
+fn echo_server(addr: &str) -> (u16, std::sync::mpsc::Receiver<Vec<u8>>) {
+    let l = TcpListener::bind((addr, 0)).unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { return };
+            let mut got = Vec::new();
+            let _ = c.read_to_end(&mut got);
+            let _ = c.write_all(&got);
+            if tx.send(got).is_err() {
+                return;
+            }
+        }
+    });
+    (port, rx)
+}
+
+fn nothing_arrives<T>(rx: &std::sync::mpsc::Receiver<T>) -> bool {
+    rx.recv_timeout(Duration::from_millis(300)).is_err()
+}
+
+#[test]
+fn deny_refuses_with_eperm_in_the_kernel_and_the_server_sees_nothing() {
+    let s = setup();
+    let (denied_port, denied_rx) = echo_server("127.0.0.2");
+    let (open_port, open_rx) = echo_server("127.0.0.3");
+    let udp = UdpSocket::bind("127.0.0.2:0").unwrap();
+    udp.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let udp_port = udp.local_addr().unwrap().port().to_string();
+    let policy = s.policy(
+        "deny.toml",
+        "default = \"allow\"\n[[rule]]\nclass = \"net\"\ndest = \"127.0.0.2/32\"\naction = \"deny\"\n",
+    );
+    s.run("b", &policy);
+    let denied = denied_port.to_string();
+    assert_eq!(
+        s.client("b", &["tcp", "127.0.0.2", &denied, "hi"]),
+        "errno 1"
+    );
+    assert!(
+        nothing_arrives(&denied_rx),
+        "the denied server saw a connection"
+    );
+    assert_eq!(
+        s.client("b", &["udp", "127.0.0.2", &udp_port, "hi"]),
+        "errno 1"
+    );
+    let mut buf = [0u8; 16];
+    assert!(
+        udp.recv(&mut buf).is_err(),
+        "the denied receiver got a datagram"
+    );
+    // Another destination is allowed: the program behaves as without a policy.
+    let open = open_port.to_string();
+    assert_eq!(
+        s.client("b", &["tcp", "127.0.0.3", &open, "hello"]),
+        "echo hello"
+    );
+    assert_eq!(
+        open_rx.recv_timeout(Duration::from_secs(5)).unwrap(),
+        b"hello"
+    );
+    // Denials are traced, with the destination asked for.
+    let trace = s.trace("b");
+    let denials: Vec<_> = trace.iter().filter(|e| e["kind"] == "net_denied").collect();
+    assert!(
+        denials
+            .iter()
+            .any(|e| e["addr"] == "127.0.0.2" && e["port"] == denied_port),
+        "{denials:?}"
+    );
+    assert!(
+        denials
+            .iter()
+            .any(|e| e["port"].as_u64() == udp_port.parse().ok())
+    );
+    // A fork inherits the policy (its cloned process, and what it execs).
+    s.d.ok(&["fork", "b", "--name", "kid"]);
+    assert_eq!(
+        s.client("kid", &["tcp", "127.0.0.2", &denied, "hi"]),
+        "errno 1"
+    );
+    assert!(nothing_arrives(&denied_rx));
+    // The policy changes through the API: the branch's own, at once; its fork keeps its own.
+    let allow = s.policy("allow.toml", "default = \"allow\"\n");
+    s.d.ok(&["policy", "b", &allow]);
+    assert_eq!(
+        s.client("b", &["tcp", "127.0.0.2", &denied, "now"]),
+        "echo now"
+    );
+    assert_eq!(
+        denied_rx.recv_timeout(Duration::from_secs(5)).unwrap(),
+        b"now"
+    );
+    assert_eq!(
+        s.client("kid", &["tcp", "127.0.0.2", &denied, "hi"]),
+        "errno 1"
+    );
+}
+
+#[test]
+fn a_bad_policy_is_refused_with_its_line_and_no_branch_is_made() {
+    let s = setup_in(std::path::Path::new("/var/tmp"));
+    let ws = s.ws.to_str().unwrap().to_string();
+    for (text, want) in [
+        (
+            "default = \"allow\"\n[[rule]]\nclass = \"net\"\ndest = \"10.0.0.0/8\"\naction = \"maybe\"\n",
+            "line 5",
+        ),
+        (
+            "[[rule]]\nclass = \"net\"\ndest = \"nowhere.invalid\"\naction = \"deny\"\n",
+            "does not resolve",
+        ),
+        (
+            "[[rule]]\nclass = \"file\"\npath = \"/no/such/dir\"\naction = \"share\"\n",
+            "does not exist",
+        ),
+        ("default = \"allow\"\n[[rule]\n", "line 2"),
+    ] {
+        let f = s.policy("bad.toml", text);
+        let out =
+            s.d.cli(&["run", "--policy", &f, "--workspace", &ws, "--", "true"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{text}");
+        assert!(
+            err.contains(want) && err.contains("bad.toml"),
+            "{want}: {err}"
+        );
+    }
+    // A file rule reaching the daemon's own directories is refused by the daemon.
+    let state = s.d.state.to_str().unwrap().to_string();
+    let f = s.policy(
+        "sneaky.toml",
+        &format!("[[rule]]\nclass = \"file\"\npath = \"{state}\"\naction = \"share\"\n"),
+    );
+    let out =
+        s.d.cli(&["run", "--policy", &f, "--workspace", &ws, "--", "true"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("forkscope's own directory"));
+    assert_eq!(s.d.ok(&["ls", "--json"]).trim(), "[]");
+}
+
+#[test]
+fn files_outside_the_workspace_are_read_only_unless_shared() {
+    let s = setup_in(std::path::Path::new("/var/tmp"));
+    // (Outside the test's directory, which holds the daemon's socket: branches never see
+    // that.)
+    let host = TempDir::new_in(std::path::Path::new("/var/tmp"), "policy-host");
+    let shared = host.path().join("shared");
+    let closed = shared.join("closed");
+    let other = host.path().join("other");
+    for d in [&shared, &closed, &other] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    // First match wins: `closed` is denied although it lies in the shared directory.
+    let policy = s.policy(
+        "files.toml",
+        &format!(
+            "[[rule]]\nclass = \"file\"\npath = \"{}\"\naction = \"deny\"\n[[rule]]\nclass = \"file\"\npath = \"{}\"\naction = \"share\"\n",
+            closed.display(),
+            shared.display()
+        ),
+    );
+    s.run("f", &policy);
+    let write = |path: &std::path::Path| {
+        let script = format!(
+            "echo from-branch > {} 2>/dev/null && echo ok || echo refused",
+            path.display()
+        );
+        s.d.ok(&["exec", "f", "--", "sh", "-c", &script])
+            .trim()
+            .to_string()
+    };
+    assert_eq!(write(&shared.join("note")), "ok");
+    assert_eq!(
+        std::fs::read_to_string(shared.join("note")).unwrap(),
+        "from-branch\n"
+    );
+    assert_eq!(write(&closed.join("note")), "refused");
+    assert_eq!(write(&other.join("note")), "refused");
+    assert!(!closed.join("note").exists() && !other.join("note").exists());
+    // The shared write is traced.
+    let trace = s.trace("f");
+    assert!(
+        trace.iter().any(
+            |e| e["kind"] == "file_write" && e["path"].as_str() == shared.join("note").to_str()
+        ),
+        "no traced write to the shared file"
+    );
+}
