@@ -282,3 +282,133 @@ fn files_outside_the_workspace_are_read_only_unless_shared() {
         "no traced write to the shared file"
     );
 }
+
+/// A recording HTTP server on `addr`: answers 200 to every request and passes on (head,
+/// body) of each.
+fn http_server(addr: &str) -> (u16, std::sync::mpsc::Receiver<(String, Vec<u8>)>) {
+    let l = TcpListener::bind((addr, 0)).unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { return };
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            let head_end = loop {
+                if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break i + 4;
+                }
+                match c.read(&mut buf) {
+                    Ok(0) | Err(_) => break got.len(),
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            };
+            let head = String::from_utf8_lossy(&got[..head_end]).into_owned();
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap_or(0))
+                })
+                .unwrap_or(0);
+            while got.len() < head_end + len {
+                match c.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ =
+                c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+            if tx.send((head, got[head_end..].to_vec())).is_err() {
+                return;
+            }
+        }
+    });
+    (port, rx)
+}
+
+/// A python HTTP client: POSTs its body to the URL, prints the status it got.
+const POST: &str = r#"
+import sys, urllib.request
+req = urllib.request.Request(sys.argv[1], data=sys.argv[2].encode(), method="POST")
+with urllib.request.urlopen(req, timeout=10) as r:
+    print(r.status, r.headers.get("Forkscope-Effect") is not None)
+"#;
+
+#[test]
+fn buffered_requests_are_answered_at_once_and_delivered_exactly_once_on_commit() {
+    let mut s = setup();
+    std::fs::write(s.ws.join("post.py"), POST).unwrap();
+    let (port, rx) = http_server("127.0.0.2");
+    let (tcp_port, tcp_rx) = echo_server("127.0.0.2");
+    let policy = s.policy(
+        "buffer.toml",
+        "[[rule]]\nclass = \"net\"\ndest = \"127.0.0.2/32\"\naction = \"buffer\"\n",
+    );
+    s.run("pay", &policy);
+    s.run("dropped", &policy);
+    let url = format!("http://127.0.0.2:{port}/charge");
+    let post = |branch: &str, body: &str| {
+        s.d.ok(&["exec", branch, "--", "python3", "post.py", &url, body])
+            .trim()
+            .to_string()
+    };
+    // The client gets the synthetic answer at once; the server sees nothing yet.
+    assert_eq!(post("pay", "amount=5"), "202 True");
+    assert_eq!(post("pay", "amount=7"), "202 True");
+    assert_eq!(post("dropped", "amount=100"), "202 True");
+    // Raw TCP bytes are recorded too (the client gets no answer).
+    let tcp = tcp_port.to_string();
+    assert_eq!(
+        s.client("pay", &["tcp", "127.0.0.2", &tcp, "raw-bytes"]),
+        "echo"
+    );
+    assert!(nothing_arrives(&rx) && nothing_arrives(&tcp_rx));
+    let held: serde_json::Value =
+        serde_json::from_str(&s.d.ok(&["effects", "pay", "--json"])).unwrap();
+    let held = held.as_array().unwrap();
+    assert_eq!(held.len(), 3, "{held:?}");
+    assert!(held.iter().all(|e| e["state"] == "held"));
+    assert_eq!(held[0]["summary"], "POST /charge");
+    // The daemon dies between the answers and the commit; a new one delivers each request
+    // once, in order, with an idempotency key and the branch's name.
+    let dir = s.d.state.parent().unwrap().to_path_buf();
+    let socket = s.d.socket.clone();
+    s.d.kill9();
+    std::mem::forget(std::mem::replace(&mut s.d, Daemon::start_on(&dir, &socket)));
+    let committed: serde_json::Value =
+        serde_json::from_str(&s.d.ok(&["commit", "pay", "--json"])).unwrap();
+    let delivered = committed["effects"].as_array().unwrap();
+    assert_eq!(delivered.len(), 3, "{committed}");
+    assert!(
+        delivered.iter().all(|d| d["delivered"] == true),
+        "{committed}"
+    );
+    let (head1, body1) = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    let (head2, body2) = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert_eq!(
+        (body1.as_slice(), body2.as_slice()),
+        (&b"amount=5"[..], &b"amount=7"[..])
+    );
+    assert!(head1.starts_with("POST /charge HTTP/1.1\r\n"), "{head1}");
+    assert!(head1.contains("Forkscope-Branch: pay\r\n"), "{head1}");
+    let key = |h: &str| {
+        h.lines()
+            .find(|l| l.starts_with("Idempotency-Key:"))
+            .map(str::to_string)
+    };
+    assert!(key(&head1).is_some() && key(&head1) != key(&head2));
+    assert_eq!(
+        tcp_rx.recv_timeout(Duration::from_secs(5)).unwrap(),
+        b"raw-bytes"
+    );
+    // Exactly once: a second commit delivers nothing again.
+    let again: serde_json::Value =
+        serde_json::from_str(&s.d.ok(&["commit", "pay", "--json"])).unwrap();
+    assert_eq!(again["effects"].as_array().unwrap().len(), 0);
+    assert!(nothing_arrives(&rx));
+    // The aborted branch's request is never delivered.
+    s.d.ok(&["abort", "dropped"]);
+    assert!(nothing_arrives(&rx));
+}

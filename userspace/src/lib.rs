@@ -24,6 +24,7 @@ pub mod bpf;
 pub mod branch;
 pub mod cgroup;
 pub mod commit;
+pub mod effects;
 pub mod error;
 pub mod events;
 pub mod inject;

@@ -55,6 +55,8 @@ pub struct Tracker {
     pin_dir: std::path::PathBuf,
     /// Whether the programs were adopted from pins rather than loaded.
     pub adopted: bool,
+    /// Each branch's policy, by cgroup id (for the recording proxy's answers).
+    policies: Mutex<HashMap<u64, crate::policy::Policy>>,
 }
 
 impl Tracker {
@@ -109,6 +111,7 @@ impl Tracker {
             reader: Mutex::new(None),
             pin_dir,
             adopted,
+            policies: Mutex::new(HashMap::new()),
         })
     }
 
@@ -160,7 +163,25 @@ impl Tracker {
     /// everything).
     pub fn set_net_policy(&self, id: u64, policy: Option<&crate::policy::Policy>) -> Result<()> {
         let compiled = policy.map(|p| p.net());
-        self.probe().set_net_policy(id, compiled.as_ref())
+        self.probe().set_net_policy(id, compiled.as_ref())?;
+        let mut all = self.policies.lock().unwrap_or_else(|p| p.into_inner());
+        match policy {
+            Some(p) => all.insert(id, p.clone()),
+            None => all.remove(&id),
+        };
+        Ok(())
+    }
+
+    /// Tells the policy hooks where the recording proxy listens.
+    pub fn set_proxy(&self, addr: std::net::SocketAddrV4) -> Result<()> {
+        self.probe()
+            .set_proxy(forkscope_common::policy::ProxyConfig {
+                addr: u32::from_ne_bytes(addr.ip().octets()),
+                port: addr.port(),
+                _pad: 0,
+                source_base: crate::effects::proxy::SOURCE_BASE,
+                _pad2: 0,
+            })
     }
 
     /// Stops tracing cgroup `id` (and enforcing its network policy) and closes its trace
@@ -270,5 +291,28 @@ fn read_loop(mut ring: RingBuf<MapData>, sinks: &Mutex<Sinks>, stop: &AtomicBool
                 break;
             }
         }
+    }
+}
+
+/// The recording proxy's view of the tracer: the hooks' redirect records and the
+/// branches' policies.
+pub struct ProxyDirectory(pub Arc<Tracker>);
+
+impl crate::effects::proxy::Directory for ProxyDirectory {
+    fn redirect(&self, slot: u32) -> Option<(u64, std::net::SocketAddr)> {
+        let r = self.0.probe().redirect(slot).ok()?;
+        (r.cgroup != 0).then(|| {
+            (
+                r.cgroup,
+                crate::effects::proxy::destination(r.addr[0], r.port),
+            )
+        })
+    }
+
+    fn response(&self, cgroup: u64) -> (u16, String) {
+        let all = self.0.policies.lock().unwrap_or_else(|p| p.into_inner());
+        all.get(&cgroup)
+            .map(|p| p.buffer_response())
+            .unwrap_or((202, String::new()))
     }
 }

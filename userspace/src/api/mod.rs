@@ -8,9 +8,10 @@
 //! | `POST /v1/branches` | `{"name"?, "workspace", "command": [..], "net"?, "policy"?: "<TOML>"}` | the new root branch (201) |
 //! | `GET /v1/branches/{name}` | | one branch (with its `policy`) |
 //! | `PUT /v1/branches/{name}/policy` | `{"policy": "<TOML>"}` | the branch with its new policy |
+//! | `GET /v1/branches/{name}/effects` | | its recorded side effects, oldest first, with state and age |
 //! | `POST /v1/branches/{name}/fork` | `{"name"?, "count"?, "frozen"?}` | `{"branches": [..], "phases": {..}}` (201) |
 //! | `GET /v1/branches/{name}/diff` | | changed paths since the fork point |
-//! | `POST /v1/branches/{name}/commit` | `{"prefer"?: "branch" \| "target"}` | `{"target", "changes": [..], "conflicts": [..], "phases": {..}}` |
+//! | `POST /v1/branches/{name}/commit` | `{"prefer"?: "branch" \| "target"}` | `{"target", "changes": [..], "conflicts": [..], "phases": {..}, "effects": [..]}` (effects: each held effect's delivery) |
 //! | `GET /v1/branches/{name}/trace[?follow=true]` | | the branch's events as JSON lines (`application/x-ndjson`); `follow` streams new ones until the branch is aborted |
 //! | `DELETE /v1/branches/{name}[?recursive=true]` | | abort (204); `recursive` aborts the branches forked from it first |
 //!

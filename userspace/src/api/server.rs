@@ -213,6 +213,15 @@ async fn set_policy(
     Ok(Json(b).into_response())
 }
 
+async fn effects(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<Response> {
+    let e = with_manager(&app, &peer, move |m| m.effects(&name)).await?;
+    Ok(Json(e).into_response())
+}
+
 async fn diff(
     State(app): State<App>,
     ConnectInfo(peer): ConnectInfo<Peer>,
@@ -337,6 +346,8 @@ pub struct ServeOptions {
     pub trace: bool,
     /// A group whose members may use the socket too (mode 0660); else root only (0600).
     pub socket_group: Option<String>,
+    /// Where the recording proxy for `buffer` rules listens.
+    pub proxy_addr: std::net::SocketAddrV4,
 }
 
 /// Serves the API for the branches of `opts.state_dir` on `opts.socket` until `shutdown`
@@ -385,6 +396,16 @@ pub async fn serve(
         crate::tracker::Tracker::remove_pins(&manager.instance_tag())?;
         None
     };
+    let journal = crate::effects::Journal::open(state_dir)?;
+    manager.set_effects(journal.clone());
+    if let Some(t) = &tracker {
+        let dir = Arc::new(crate::tracker::ProxyDirectory(t.clone()));
+        let at = crate::effects::proxy::start(opts.proxy_addr.into(), journal, dir).await?;
+        if let std::net::SocketAddr::V4(v4) = at {
+            t.set_proxy(v4)?;
+        }
+        log::info!("recording proxy for buffered effects on {at}");
+    }
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).at(dir)?;
         // Branches do not even see the socket (the peer check below is the second line).
@@ -420,6 +441,7 @@ pub async fn serve(
         .route("/v1/branches/{name}/fork", post(fork))
         .route("/v1/branches/{name}/diff", get(diff))
         .route("/v1/branches/{name}/policy", put(set_policy))
+        .route("/v1/branches/{name}/effects", get(effects))
         .route("/v1/branches/{name}/commit", post(commit))
         .route("/v1/branches/{name}/trace", get(trace_stream))
         .with_state(app);

@@ -41,6 +41,9 @@ pub struct Committed {
     /// Paths changed on both sides, settled by `prefer`.
     pub conflicts: Vec<PathBuf>,
     pub phases: CommitPhases,
+    /// The branch's held side effects, delivered now, in the order they were made.
+    #[serde(default)]
+    pub effects: Vec<crate::effects::replay::Delivery>,
 }
 
 /// Freezes a cgroup until dropped.
@@ -184,12 +187,15 @@ impl Manager {
         drop(frozen_target);
         drop(frozen_branch);
         phases.thaw_us = t.elapsed().as_micros() as u64;
+        // The commit is the decision that the branch's effects happen: now, in order.
+        let effects = self.release_effects(&b)?;
         Ok(Committed {
             branch: b.name.clone(),
             target: target_branch.map_or_else(|| "host".to_string(), |p| p.name),
             changes: plan.changes,
             conflicts: plan.conflicts,
             phases,
+            effects,
         })
     }
 

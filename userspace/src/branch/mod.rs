@@ -250,6 +250,8 @@ pub struct Manager {
     instance: String,
     /// Per-branch traces, when the daemon loaded the eBPF programs.
     tracker: Option<std::sync::Arc<Tracker>>,
+    /// Side effects held for commits (see [`crate::effects`]).
+    effects: Option<crate::effects::Journal>,
     /// Pre-started child sandboxes, by parent name (see [`warm`]).
     warm: std::collections::HashMap<String, warm::WarmChild>,
 }
@@ -339,6 +341,7 @@ impl Manager {
             instance: format!("{ino:x}"),
             hidden: vec![state],
             tracker: None,
+            effects: None,
             warm: Default::default(),
         };
         manager.recover()?;
@@ -360,6 +363,31 @@ impl Manager {
         }
         self.tracker = Some(tracker);
         Ok(())
+    }
+
+    /// Keeps the branches' held side effects in `journal`: commits deliver them, aborts
+    /// drop them.
+    pub fn set_effects(&mut self, journal: crate::effects::Journal) {
+        self.effects = Some(journal);
+    }
+
+    /// The side effects recorded for branch `name`, oldest first.
+    pub fn effects(&self, name: &str) -> Result<Vec<crate::effects::Effect>> {
+        let b = self.get(name)?;
+        match (&self.effects, Cgroup::open(&b.cgroup)) {
+            (Some(j), Ok(cg)) if !b.frozen => j.list(cg.id()),
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// Delivers branch `b`'s held effects (its commit).
+    fn release_effects(&self, b: &BranchRecord) -> Result<Vec<crate::effects::replay::Delivery>> {
+        match (&self.effects, Cgroup::open(&b.cgroup)) {
+            (Some(j), Ok(cg)) => {
+                crate::effects::replay::release(j, cg.id(), &b.name, &self.instance)
+            }
+            _ => Ok(Vec::new()),
+        }
     }
 
     /// Names this state directory among others on the host (its inode), for cgroups and
@@ -1169,6 +1197,13 @@ impl Manager {
         }
         if !b.cgroup.as_os_str().is_empty() && b.cgroup.exists() {
             let cg = Cgroup::open(&b.cgroup)?;
+            // What it held back never happens.
+            if let Some(j) = &self.effects {
+                let dropped = j.drop_branch(cg.id())?;
+                if dropped > 0 {
+                    log::info!("{name}: {dropped} held side effects dropped with the branch");
+                }
+            }
             if let Some(t) = &self.tracker {
                 // Its processes' last events first, then the trace file is closed.
                 cg.kill_all(Duration::from_secs(5))?;

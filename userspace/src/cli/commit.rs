@@ -48,6 +48,20 @@ pub fn run(args: CommitArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
             c.as_str().unwrap_or("?")
         );
     }
+    for e in done["effects"].as_array().into_iter().flatten() {
+        println!(
+            "  side effect {} {} to {} ({}): {}",
+            e["id"],
+            if e["delivered"] == true {
+                "delivered"
+            } else {
+                "NOT delivered (kept for the next commit)"
+            },
+            e["dest"].as_str().unwrap_or("?"),
+            e["summary"].as_str().unwrap_or("?"),
+            e["result"].as_str().unwrap_or("")
+        );
+    }
     let ph = &done["phases"];
     eprintln!(
         "committed in: freeze {} us, plan {} us, stage {} us, apply {} us, thaw {} us",

@@ -19,6 +19,10 @@ pub struct DaemonArgs {
     /// sandboxes as the daemon does: give it to trusted users only.
     #[arg(long, value_name = "GROUP")]
     socket_group: Option<String>,
+    /// Where the recording proxy for `buffer` rules listens (IPv4 loopback; port 0: any
+    /// free port).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+    proxy_addr: std::net::SocketAddrV4,
 }
 
 pub fn run(args: DaemonArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
@@ -40,6 +44,7 @@ pub fn run(args: DaemonArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
             forkscope_bin: bin,
             trace: !args.no_trace,
             socket_group: args.socket_group.clone(),
+            proxy_addr: args.proxy_addr,
         };
         forkscope::api::server::serve(&opts, stop).await?;
         anyhow::Ok(())

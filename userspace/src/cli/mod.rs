@@ -5,6 +5,7 @@ mod client;
 mod commit;
 mod daemon;
 mod diff;
+mod effects;
 mod exec;
 mod fork;
 mod ls;
@@ -51,6 +52,7 @@ enum Command {
     Abort(abort::AbortArgs),
     Status(status::StatusArgs),
     Policy(policy::PolicyArgs),
+    Effects(effects::EffectsArgs),
     /// Internal: builds a branch's sandbox and becomes its init (started by the daemon).
     #[command(name = "__init", hide = true)]
     Init {
@@ -73,6 +75,7 @@ pub fn main() -> ExitCode {
         Command::Abort(args) => abort::run(args, cli.socket),
         Command::Status(args) => status::run(args, cli.socket),
         Command::Policy(args) => policy::run(args, cli.socket),
+        Command::Effects(args) => effects::run(args, cli.socket),
         Command::Init { spec } => match forkscope::sandbox::init::main(&spec) {
             Ok(()) => Ok(ExitCode::SUCCESS),
             Err(_) => Ok(ExitCode::FAILURE),

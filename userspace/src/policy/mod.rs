@@ -74,6 +74,12 @@ pub struct Policy {
     /// For network destinations no rule matches.
     pub default: Action,
     pub rules: Vec<Rule>,
+    /// The answer the recording proxy gives a buffered HTTP request: status and body
+    /// (default 202 Accepted, empty).
+    #[serde(default)]
+    pub buffer_status: Option<u16>,
+    #[serde(default)]
+    pub buffer_body: Option<String>,
 }
 
 impl Default for Policy {
@@ -81,6 +87,8 @@ impl Default for Policy {
         Policy {
             default: Action::Allow,
             rules: Vec::new(),
+            buffer_status: None,
+            buffer_body: None,
         }
     }
 }
@@ -97,6 +105,14 @@ impl Policy {
     /// seccomp listener).
     pub fn defers(&self) -> bool {
         self.default == Action::Defer || self.rules.iter().any(|r| r.action == Action::Defer)
+    }
+
+    /// The synthetic answer to a buffered HTTP request.
+    pub fn buffer_response(&self) -> (u16, String) {
+        (
+            self.buffer_status.unwrap_or(202),
+            self.buffer_body.clone().unwrap_or_default(),
+        )
     }
 
     /// Whether any network rule buffers.

@@ -3,6 +3,8 @@
 //!
 //! ```toml
 //! default = "allow"        # allow | deny | defer | buffer (network destinations no rule matches)
+//! buffer_status = 202      # optional: the answer to a buffered HTTP request, and its body
+//! buffer_body = ""
 //! [[rule]]
 //! class = "net"            # or "file"
 //! dest = "127.0.0.2/32"    # CIDR, address or host name; for files: path = "/srv/shared"
@@ -23,6 +25,8 @@ use crate::error::{Error, Result};
 #[serde(deny_unknown_fields)]
 struct File {
     default: Option<Spanned<String>>,
+    buffer_status: Option<Spanned<i64>>,
+    buffer_body: Option<String>,
     #[serde(default)]
     rule: Vec<Spanned<RawRule>>,
 }
@@ -204,7 +208,29 @@ pub fn parse(text: &str) -> Result<Policy> {
             "policy: {net} network rules (host names count once per address); at most {MAX_RULES}"
         )));
     }
-    Ok(Policy { default, rules })
+    let buffer_status = match &file.buffer_status {
+        Some(st) => Some(
+            u16::try_from(*st.get_ref())
+                .ok()
+                .filter(|c| (200..600).contains(c))
+                .ok_or_else(|| {
+                    err(
+                        st.span().start,
+                        format!(
+                            "buffer_status {} is not an HTTP status (200 to 599)",
+                            st.get_ref()
+                        ),
+                    )
+                })?,
+        ),
+        None => None,
+    };
+    Ok(Policy {
+        default,
+        rules,
+        buffer_status,
+        buffer_body: file.buffer_body,
+    })
 }
 
 fn action(s: &str) -> std::result::Result<Action, String> {

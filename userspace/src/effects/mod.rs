@@ -1,0 +1,230 @@
+//! Side effects held back for a branch's commit: the journal ([`Journal`], SQLite in the
+//! state directory, each effect written durably before the program that made it is
+//! answered), the recording proxy that `buffer` rules send connections to ([`proxy`]), and
+//! their replay on commit ([`replay`]).
+//!
+//! An effect belongs to the branch whose process made it (by cgroup id, which a branch
+//! keeps for its life): that branch's commit releases it, in the order effects were made,
+//! whatever the branch's depth; its abort drops it.
+
+pub mod proxy;
+pub mod replay;
+
+use std::{
+    path::Path,
+    sync::{Arc, Mutex},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Where an effect stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EffectState {
+    /// Recorded, waiting for the branch's commit.
+    Held,
+    /// Delivered to its destination at the commit.
+    Done,
+    /// Its delivery failed; kept, retried at the next commit.
+    Failed,
+}
+
+impl EffectState {
+    fn text(self) -> &'static str {
+        match self {
+            EffectState::Held => "held",
+            EffectState::Done => "done",
+            EffectState::Failed => "failed",
+        }
+    }
+
+    fn parse(s: &str) -> EffectState {
+        match s {
+            "done" => EffectState::Done,
+            "failed" => EffectState::Failed,
+            _ => EffectState::Held,
+        }
+    }
+}
+
+/// One recorded side effect.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Effect {
+    /// Its number, in the order effects were made (also its HTTP idempotency key's).
+    pub id: i64,
+    /// cgroup id of the branch that made it.
+    pub cgroup: u64,
+    /// `http` (one request) or `tcp` (the bytes of one connection).
+    pub kind: String,
+    /// The real destination.
+    pub addr: String,
+    pub port: u16,
+    /// HTTP: method and target of the request.
+    pub summary: String,
+    /// Bytes recorded.
+    pub bytes: u64,
+    pub state: EffectState,
+    /// What the delivery answered (HTTP status line) or why it failed.
+    pub result: Option<String>,
+    /// When it was recorded (Unix time, milliseconds).
+    pub created_ms: u64,
+    /// Seconds since it was recorded.
+    #[serde(default)]
+    pub age_s: f64,
+}
+
+/// The effects journal (`<state>/effects.db`), shared by the proxy and the branch manager.
+#[derive(Clone)]
+pub struct Journal {
+    db: Arc<Mutex<Connection>>,
+}
+
+fn db_err(e: rusqlite::Error) -> Error {
+    Error::State(format!("effects journal: {e}"))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Journal {
+    /// Opens (creating) the journal in state directory `state`.
+    pub fn open(state: &Path) -> Result<Journal> {
+        let path = state.join("effects.db");
+        let db = Connection::open(&path).map_err(db_err)?;
+        db.execute_batch(
+            "PRAGMA journal_mode=WAL;
+             PRAGMA synchronous=FULL;
+             CREATE TABLE IF NOT EXISTS effects (
+                 id INTEGER PRIMARY KEY AUTOINCREMENT,
+                 cgroup INTEGER NOT NULL,
+                 kind TEXT NOT NULL,
+                 addr TEXT NOT NULL,
+                 port INTEGER NOT NULL,
+                 summary TEXT NOT NULL,
+                 payload BLOB NOT NULL,
+                 state TEXT NOT NULL,
+                 result TEXT,
+                 created_ms INTEGER NOT NULL
+             );",
+        )
+        .map_err(db_err)?;
+        Ok(Journal {
+            db: Arc::new(Mutex::new(db)),
+        })
+    }
+
+    fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.db.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records an effect durably (synchronous=FULL: on disk when this returns); returns its
+    /// number.
+    pub fn record(
+        &self,
+        cgroup: u64,
+        kind: &str,
+        addr: &str,
+        port: u16,
+        summary: &str,
+        payload: &[u8],
+    ) -> Result<i64> {
+        let db = self.db();
+        db.execute(
+            "INSERT INTO effects (cgroup, kind, addr, port, summary, payload, state, created_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'held', ?7)",
+            params![
+                cgroup as i64,
+                kind,
+                addr,
+                port,
+                summary,
+                payload,
+                now_ms() as i64
+            ],
+        )
+        .map_err(db_err)?;
+        Ok(db.last_insert_rowid())
+    }
+
+    /// The effects of the branch with cgroup id `cgroup`, oldest first.
+    pub fn list(&self, cgroup: u64) -> Result<Vec<Effect>> {
+        let db = self.db();
+        let mut q = db
+            .prepare(
+                "SELECT id, cgroup, kind, addr, port, summary, length(payload), state, result, created_ms
+                 FROM effects WHERE cgroup = ?1 ORDER BY id",
+            )
+            .map_err(db_err)?;
+        let now = now_ms();
+        let rows = q
+            .query_map(params![cgroup as i64], |r| {
+                let created_ms = r.get::<_, i64>(9)? as u64;
+                Ok(Effect {
+                    id: r.get(0)?,
+                    cgroup: r.get::<_, i64>(1)? as u64,
+                    kind: r.get(2)?,
+                    addr: r.get(3)?,
+                    port: r.get(4)?,
+                    summary: r.get(5)?,
+                    bytes: r.get::<_, i64>(6)? as u64,
+                    state: EffectState::parse(&r.get::<_, String>(7)?),
+                    result: r.get(8)?,
+                    created_ms,
+                    age_s: now.saturating_sub(created_ms) as f64 / 1000.0,
+                })
+            })
+            .map_err(db_err)?;
+        rows.collect::<std::result::Result<_, _>>().map_err(db_err)
+    }
+
+    /// The recorded bytes of effect `id`.
+    pub fn payload(&self, id: i64) -> Result<Vec<u8>> {
+        self.db()
+            .query_row(
+                "SELECT payload FROM effects WHERE id = ?1",
+                params![id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db_err)?
+            .ok_or_else(|| Error::NotFound(format!("effect {id}")))
+    }
+
+    /// Records the outcome of delivering effect `id`.
+    pub fn set_state(&self, id: i64, state: EffectState, result: &str) -> Result<()> {
+        self.db()
+            .execute(
+                "UPDATE effects SET state = ?2, result = ?3 WHERE id = ?1",
+                params![id, state.text(), result],
+            )
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    /// Forgets every effect of the branch with cgroup id `cgroup` (its abort: what was held
+    /// never happens). Returns how many were still held.
+    pub fn drop_branch(&self, cgroup: u64) -> Result<usize> {
+        let db = self.db();
+        let held: i64 = db
+            .query_row(
+                "SELECT count(*) FROM effects WHERE cgroup = ?1 AND state != 'done'",
+                params![cgroup as i64],
+                |r| r.get(0),
+            )
+            .map_err(db_err)?;
+        db.execute(
+            "DELETE FROM effects WHERE cgroup = ?1",
+            params![cgroup as i64],
+        )
+        .map_err(db_err)?;
+        Ok(held as usize)
+    }
+}
