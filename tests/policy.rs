@@ -412,3 +412,195 @@ fn buffered_requests_are_answered_at_once_and_delivered_exactly_once_on_commit()
     s.d.ok(&["abort", "dropped"]);
     assert!(nothing_arrives(&rx));
 }
+
+/// A python client that connects to ADDR:PORT, sends MSG, and prints how long the connect
+/// took and what came back (or the errno).
+const SLOW_CLIENT: &str = r#"
+import socket, sys, time
+addr, port, msg = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode()
+t = time.monotonic()
+try:
+    s = socket.create_connection((addr, port))
+    held = time.monotonic() - t
+    s.sendall(msg)
+    s.shutdown(socket.SHUT_WR)
+    print("echo", s.recv(1024).decode(), "held", round(held, 1))
+except OSError as e:
+    print("errno", e.errno)
+"#;
+
+#[test]
+fn deferred_calls_wait_for_the_commit_and_fail_on_abort() {
+    let mut s = setup();
+    std::fs::write(s.ws.join("slow.py"), SLOW_CLIENT).unwrap();
+    let (port, rx) = echo_server("127.0.0.2");
+    let (open_port, open_rx) = echo_server("127.0.0.3");
+    let policy = s.policy(
+        "defer.toml",
+        "default = \"allow\"\n[[rule]]\nclass = \"net\"\ndest = \"127.0.0.2/32\"\nports = \"1-65535\"\naction = \"defer\"\n",
+    );
+    s.run("d", &policy);
+    s.run("gone", &policy);
+    // An allowed destination goes on at once.
+    let open = open_port.to_string();
+    assert_eq!(
+        s.client("d", &["tcp", "127.0.0.3", &open, "now"]),
+        "echo now"
+    );
+    assert_eq!(
+        open_rx.recv_timeout(Duration::from_secs(5)).unwrap(),
+        b"now"
+    );
+    // A deferred connect is held: the client waits, the server sees nothing.
+    let port_s = port.to_string();
+    let api = s.d.socket.clone();
+    let spawn_client = |branch: &str, msg: &str| {
+        std::process::Command::new(forkscope_tests::forkscope())
+            .env("FORKSCOPE_SOCKET", &api)
+            .args([
+                "exec",
+                branch,
+                "--",
+                "python3",
+                "slow.py",
+                "127.0.0.2",
+                &port_s,
+                msg,
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let waiting = spawn_client("d", "pay");
+    let doomed = spawn_client("gone", "never");
+    let start = std::time::Instant::now();
+    let held = loop {
+        let list: serde_json::Value =
+            serde_json::from_str(&s.d.ok(&["effects", "d", "--json"])).unwrap();
+        if let Some(e) = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["kind"] == "defer")
+        {
+            break e.clone();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no held call listed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        (held["state"].as_str(), held["summary"].as_str()),
+        (Some("held"), Some("connect"))
+    );
+    assert_eq!(held["port"], port);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(nothing_arrives(&rx), "the server saw a held connection");
+    // The daemon restarts: the call stays held (the init keeps the listener), and the new
+    // daemon releases it at the commit.
+    let dir = s.d.state.parent().unwrap().to_path_buf();
+    let socket = s.d.socket.clone();
+    s.d.kill9();
+    std::mem::forget(std::mem::replace(&mut s.d, Daemon::start_on(&dir, &socket)));
+    assert!(nothing_arrives(&rx));
+    let committed: serde_json::Value =
+        serde_json::from_str(&s.d.ok(&["commit", "d", "--json"])).unwrap();
+    assert!(
+        committed["effects"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "defer" && e["delivered"] == true),
+        "{committed}"
+    );
+    let out = waiting.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(out.starts_with("echo pay held "), "{out}");
+    assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), b"pay");
+    // Abort: the other branch's held call fails, and never reaches the server.
+    s.d.ok(&["abort", "gone"]);
+    let _ = doomed.wait_with_output();
+    assert!(nothing_arrives(&rx));
+    // A fork inherits the policy: its calls are held too.
+    s.d.ok(&["fork", "d", "--name", "kid"]);
+    let kid = spawn_client("kid", "from-kid");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(nothing_arrives(&rx));
+    s.d.ok(&["commit", "kid"]);
+    let out = kid.wait_with_output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("echo from-kid"));
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(5)).unwrap(),
+        b"from-kid"
+    );
+}
+
+#[test]
+fn a_deferred_call_past_its_timeout_fails_and_a_killed_caller_leaves_nothing_held() {
+    let s = setup();
+    std::fs::write(s.ws.join("slow.py"), SLOW_CLIENT).unwrap();
+    let (port, rx) = echo_server("127.0.0.2");
+    let policy = s.policy(
+        "timeout.toml",
+        "defer_timeout = 1\n[[rule]]\nclass = \"net\"\ndest = \"127.0.0.2\"\naction = \"defer\"\n",
+    );
+    s.run("t", &policy);
+    let port_s = port.to_string();
+    // ETIMEDOUT (110) after the timeout; the server never hears of it.
+    let out = s.d.ok(&[
+        "exec",
+        "t",
+        "--",
+        "python3",
+        "slow.py",
+        "127.0.0.2",
+        &port_s,
+        "late",
+    ]);
+    assert_eq!(out.trim(), "errno 110");
+    assert!(nothing_arrives(&rx));
+    let list: serde_json::Value =
+        serde_json::from_str(&s.d.ok(&["effects", "t", "--json"])).unwrap();
+    let e = &list.as_array().unwrap()[0];
+    assert_eq!(e["state"], "failed");
+    assert!(
+        e["result"].as_str().unwrap().contains("defer_timeout"),
+        "{e}"
+    );
+    // A caller killed while held: its call is recorded as never sent, and nothing reaches
+    // the server at the commit.
+    let longer = s.policy(
+        "long.toml",
+        "defer_timeout = 600\n[[rule]]\nclass = \"net\"\ndest = \"127.0.0.2\"\naction = \"defer\"\n",
+    );
+    s.d.ok(&["policy", "t", &longer]);
+    s.d.ok(&[
+        "exec",
+        "t",
+        "--",
+        "sh",
+        "-c",
+        &format!("python3 slow.py 127.0.0.2 {port_s} killed & sleep 1; kill -9 $!"),
+    ]);
+    let start = std::time::Instant::now();
+    loop {
+        let list: serde_json::Value =
+            serde_json::from_str(&s.d.ok(&["effects", "t", "--json"])).unwrap();
+        let second = list.as_array().unwrap().get(1).cloned();
+        if second.as_ref().is_some_and(|e| e["state"] == "failed") {
+            assert!(
+                second.unwrap()["result"]
+                    .as_str()
+                    .unwrap()
+                    .contains("ended")
+            );
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{list}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    s.d.ok(&["commit", "t"]);
+    assert!(nothing_arrives(&rx));
+}

@@ -58,6 +58,7 @@ fn branch(tag: &str) -> Branch {
         deferred: None,
         net_isolated: false,
         file_mounts: Vec::new(),
+        defer: false,
     };
     let cgroup = Cgroup::create(&format!("sandbox-test-{}-{tag}", std::process::id())).unwrap();
     let sandbox = start(

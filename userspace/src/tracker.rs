@@ -172,6 +172,12 @@ impl Tracker {
         Ok(())
     }
 
+    /// The policy of the branch whose cgroup is `id`.
+    pub fn policy(&self, id: u64) -> Option<crate::policy::Policy> {
+        let all = self.policies.lock().unwrap_or_else(|p| p.into_inner());
+        all.get(&id).cloned()
+    }
+
     /// Tells the policy hooks where the recording proxy listens.
     pub fn set_proxy(&self, addr: std::net::SocketAddrV4) -> Result<()> {
         self.probe()

@@ -399,6 +399,11 @@ pub async fn serve(
     let journal = crate::effects::Journal::open(state_dir)?;
     manager.set_effects(journal.clone());
     if let Some(t) = &tracker {
+        let policies = t.clone();
+        manager.set_deferrals(crate::effects::defer::Deferrals::new(
+            journal.clone(),
+            Box::new(move |cgroup| policies.policy(cgroup)),
+        ))?;
         let dir = Arc::new(crate::tracker::ProxyDirectory(t.clone()));
         let at = crate::effects::proxy::start(opts.proxy_addr.into(), journal, dir).await?;
         if let std::net::SocketAddr::V4(v4) = at {

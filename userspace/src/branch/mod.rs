@@ -252,6 +252,8 @@ pub struct Manager {
     tracker: Option<std::sync::Arc<Tracker>>,
     /// Side effects held for commits (see [`crate::effects`]).
     effects: Option<crate::effects::Journal>,
+    /// The seccomp listeners of deferring branches.
+    deferrals: Option<crate::effects::defer::Deferrals>,
     /// Pre-started child sandboxes, by parent name (see [`warm`]).
     warm: std::collections::HashMap<String, warm::WarmChild>,
 }
@@ -342,6 +344,7 @@ impl Manager {
             hidden: vec![state],
             tracker: None,
             effects: None,
+            deferrals: None,
             warm: Default::default(),
         };
         manager.recover()?;
@@ -371,6 +374,21 @@ impl Manager {
         self.effects = Some(journal);
     }
 
+    /// Holds deferred calls with `d`: serves the listener of every running branch whose
+    /// policy defers (and every later one).
+    pub fn set_deferrals(&mut self, d: crate::effects::defer::Deferrals) -> Result<()> {
+        for b in self.registry.all()? {
+            if !b.frozen
+                && crate::sandbox::notify::listener_fd(b.init_pid).is_some()
+                && let Err(e) = d.adopt(b.init_pid)
+            {
+                log::warn!("{}: its deferred calls cannot be served: {e}", b.name);
+            }
+        }
+        self.deferrals = Some(d);
+        Ok(())
+    }
+
     /// The side effects recorded for branch `name`, oldest first.
     pub fn effects(&self, name: &str) -> Result<Vec<crate::effects::Effect>> {
         let b = self.get(name)?;
@@ -382,12 +400,22 @@ impl Manager {
 
     /// Delivers branch `b`'s held effects (its commit).
     fn release_effects(&self, b: &BranchRecord) -> Result<Vec<crate::effects::replay::Delivery>> {
-        match (&self.effects, Cgroup::open(&b.cgroup)) {
-            (Some(j), Ok(cg)) => {
-                crate::effects::replay::release(j, cg.id(), &b.name, &self.instance)
-            }
-            _ => Ok(Vec::new()),
+        let Ok(cg) = Cgroup::open(&b.cgroup) else {
+            return Ok(Vec::new());
+        };
+        let mut done = match &self.deferrals {
+            Some(d) => d.release(cg.id()),
+            None => Vec::new(),
+        };
+        if let Some(j) = &self.effects {
+            done.extend(crate::effects::replay::release(
+                j,
+                cg.id(),
+                &b.name,
+                &self.instance,
+            )?);
         }
+        Ok(done)
     }
 
     /// Names this state directory among others on the host (its inode), for cgroups and
@@ -1065,6 +1093,10 @@ impl Manager {
                 .as_ref()
                 .map(Policy::file_mounts)
                 .unwrap_or_default(),
+            defer: how
+                .policy
+                .as_ref()
+                .is_some_and(crate::policy::Policy::defers),
         };
         let (cgroup, warm) = match how.warm {
             Some(w) => (w.cgroup, Some(w.warm)),
@@ -1081,6 +1113,15 @@ impl Manager {
             Some(w) => w.mount(&spec.workspace_stack, &spec.tmp_stack),
             None => sandbox::start(&self.bin, &spec, &dir.join("spec.json"), &cgroup),
         };
+        // A deferring branch's listener is served before anything in it can call out.
+        // (Whether its init holds a listener, rather than what the policy says now: a
+        // pre-started sandbox was made under the policy of its time.)
+        let started = started.and_then(|sb| match &self.deferrals {
+            Some(d) if crate::sandbox::notify::listener_fd(sb.init_pid).is_some() => {
+                d.adopt(sb.init_pid).map(|()| sb)
+            }
+            _ => Ok(sb),
+        });
         let sb = match started {
             Ok(sb) => sb,
             Err(e) => {
@@ -1198,6 +1239,9 @@ impl Manager {
         if !b.cgroup.as_os_str().is_empty() && b.cgroup.exists() {
             let cg = Cgroup::open(&b.cgroup)?;
             // What it held back never happens.
+            if let Some(d) = &self.deferrals {
+                d.cancel(cg.id());
+            }
             if let Some(j) = &self.effects {
                 let dropped = j.drop_branch(cg.id())?;
                 if dropped > 0 {

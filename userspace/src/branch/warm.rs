@@ -67,6 +67,7 @@ impl Manager {
                 .as_ref()
                 .map(crate::policy::Policy::file_mounts)
                 .unwrap_or_default(),
+            defer: p.policy.as_ref().is_some_and(crate::policy::Policy::defers),
         };
         let cgroup = Cgroup::create(&format!("branch-{}-{id}", self.instance))?;
         match sandbox::start_warm(&self.bin, &spec, &dir.join("spec.json"), &cgroup) {

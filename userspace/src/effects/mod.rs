@@ -7,6 +7,7 @@
 //! keeps for its life): that branch's commit releases it, in the order effects were made,
 //! whatever the branch's depth; its abort drops it.
 
+pub mod defer;
 pub mod proxy;
 pub mod replay;
 
@@ -58,7 +59,7 @@ pub struct Effect {
     pub id: i64,
     /// cgroup id of the branch that made it.
     pub cgroup: u64,
-    /// `http` (one request) or `tcp` (the bytes of one connection).
+    /// `http` (one request), `tcp` (the bytes of one connection) or `defer` (a held call).
     pub kind: String,
     /// The real destination.
     pub addr: String,
@@ -99,9 +100,13 @@ impl Journal {
     pub fn open(state: &Path) -> Result<Journal> {
         let path = state.join("effects.db");
         let db = Connection::open(&path).map_err(db_err)?;
+        // Large pages (set before the file is first written): a recorded request is a few
+        // pages, not hundreds of 4 KiB overflow pages each with its own WAL frame.
         db.execute_batch(
-            "PRAGMA journal_mode=WAL;
+            "PRAGMA page_size=65536;
+             PRAGMA journal_mode=WAL;
              PRAGMA synchronous=FULL;
+             PRAGMA wal_autocheckpoint=1024;
              CREATE TABLE IF NOT EXISTS effects (
                  id INTEGER PRIMARY KEY AUTOINCREMENT,
                  cgroup INTEGER NOT NULL,
@@ -198,6 +203,17 @@ impl Journal {
             .ok_or_else(|| Error::NotFound(format!("effect {id}")))
     }
 
+    /// Replaces the recorded bytes of effect `id`.
+    pub fn set_payload(&self, id: i64, payload: &[u8]) -> Result<()> {
+        self.db()
+            .execute(
+                "UPDATE effects SET payload = ?2 WHERE id = ?1",
+                params![id, payload],
+            )
+            .map_err(db_err)?;
+        Ok(())
+    }
+
     /// Records the outcome of delivering effect `id`.
     pub fn set_state(&self, id: i64, state: EffectState, result: &str) -> Result<()> {
         self.db()
@@ -207,6 +223,28 @@ impl Journal {
             )
             .map_err(db_err)?;
         Ok(())
+    }
+
+    /// Every deferred call still held, with its ticket (see [`defer`]).
+    pub fn held_defers(&self) -> Result<Vec<(Effect, Vec<u8>)>> {
+        let ids: Vec<(i64, u64)> = {
+            let db = self.db();
+            let mut q = db
+                .prepare("SELECT id, cgroup FROM effects WHERE kind = 'defer' AND state = 'held' ORDER BY id")
+                .map_err(db_err)?;
+            let rows = q
+                .query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))
+                .map_err(db_err)?;
+            rows.collect::<std::result::Result<_, _>>()
+                .map_err(db_err)?
+        };
+        let mut out = Vec::new();
+        for (id, cgroup) in ids {
+            if let Some(e) = self.list(cgroup)?.into_iter().find(|e| e.id == id) {
+                out.push((e, self.payload(id)?));
+            }
+        }
+        Ok(out)
     }
 
     /// Forgets every effect of the branch with cgroup id `cgroup` (its abort: what was held

@@ -43,7 +43,8 @@ pub fn release(
 ) -> Result<Vec<Delivery>> {
     let mut out = Vec::new();
     for e in journal.list(cgroup)? {
-        if e.state == EffectState::Done {
+        // Held calls are let go by crate::effects::defer, not sent from here.
+        if e.state == EffectState::Done || e.kind == "defer" {
             continue;
         }
         let payload = journal.payload(e.id)?;

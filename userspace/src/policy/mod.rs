@@ -80,6 +80,9 @@ pub struct Policy {
     pub buffer_status: Option<u16>,
     #[serde(default)]
     pub buffer_body: Option<String>,
+    /// How long a deferred call may wait for the commit before it fails (seconds).
+    #[serde(default)]
+    pub defer_timeout_s: Option<u64>,
 }
 
 impl Default for Policy {
@@ -89,6 +92,7 @@ impl Default for Policy {
             rules: Vec::new(),
             buffer_status: None,
             buffer_body: None,
+            defer_timeout_s: None,
         }
     }
 }
@@ -105,6 +109,13 @@ impl Policy {
     /// seccomp listener).
     pub fn defers(&self) -> bool {
         self.default == Action::Defer || self.rules.iter().any(|r| r.action == Action::Defer)
+    }
+
+    /// How long a deferred call may be held (default: one hour).
+    pub fn defer_timeout(&self) -> Option<std::time::Duration> {
+        Some(std::time::Duration::from_secs(
+            self.defer_timeout_s.unwrap_or(3600),
+        ))
     }
 
     /// The synthetic answer to a buffered HTTP request.
@@ -263,7 +274,7 @@ default = "deny"
 class = "net"
 dest = "127.0.0.2/32"
 ports = "8000-8100"
-action = "defer"
+action = "buffer"
 [[rule]]
 class = "net"
 dest = "127.0.0.0/8"
@@ -272,7 +283,7 @@ action = "allow"
         )
         .unwrap();
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        assert_eq!(p.net_action(ip("127.0.0.2"), 8050), Action::Defer);
+        assert_eq!(p.net_action(ip("127.0.0.2"), 8050), Action::Buffer);
         assert_eq!(p.net_action(ip("127.0.0.2"), 9000), Action::Allow);
         assert_eq!(p.net_action(ip("127.0.0.9"), 80), Action::Allow);
         assert_eq!(p.net_action(ip("10.0.0.1"), 80), Action::Deny);

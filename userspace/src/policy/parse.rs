@@ -5,6 +5,7 @@
 //! default = "allow"        # allow | deny | defer | buffer (network destinations no rule matches)
 //! buffer_status = 202      # optional: the answer to a buffered HTTP request, and its body
 //! buffer_body = ""
+//! defer_timeout = 3600     # optional: seconds a deferred call may wait for the commit
 //! [[rule]]
 //! class = "net"            # or "file"
 //! dest = "127.0.0.2/32"    # CIDR, address or host name; for files: path = "/srv/shared"
@@ -27,6 +28,7 @@ struct File {
     default: Option<Spanned<String>>,
     buffer_status: Option<Spanned<i64>>,
     buffer_body: Option<String>,
+    defer_timeout: Option<Spanned<i64>>,
     #[serde(default)]
     rule: Vec<Spanned<RawRule>>,
 }
@@ -225,11 +227,25 @@ pub fn parse(text: &str) -> Result<Policy> {
         ),
         None => None,
     };
+    let defer_timeout_s = match &file.defer_timeout {
+        Some(t) if *t.get_ref() > 0 => Some(*t.get_ref() as u64),
+        Some(t) => {
+            return Err(err(
+                t.span().start,
+                format!(
+                    "defer_timeout {} must be a number of seconds above 0",
+                    t.get_ref()
+                ),
+            ));
+        }
+        None => None,
+    };
     Ok(Policy {
         default,
         rules,
         buffer_status,
         buffer_body: file.buffer_body,
+        defer_timeout_s,
     })
 }
 
@@ -321,13 +337,16 @@ mod tests {
     #[test]
     fn the_documented_shape_is_accepted() {
         let p = parse(
-            "default = \"allow\"\n[[rule]]\nclass = \"net\"\ndest = \"127.0.0.2/32\"\nports = \"8000-8100\"\naction = \"defer\"\n",
+            "default = \"allow\"\n[[rule]]\nclass = \"net\"\ndest = \"127.0.0.2/32\"\nports = \"8000-8100\"\naction = \"buffer\"\n",
         )
         .unwrap();
         assert_eq!(p.default, Action::Allow);
         assert_eq!(p.rules.len(), 1);
         assert_eq!(p.rules[0].line, 2);
+        assert_eq!(p.rules[0].action, Action::Buffer);
+        let p = parse("defer_timeout = 30\n[[rule]]\nclass = \"net\"\ndest = \"127.0.0.2\"\naction = \"defer\"\n").unwrap();
         assert_eq!(p.rules[0].action, Action::Defer);
+        assert_eq!(p.defer_timeout(), Some(std::time::Duration::from_secs(30)));
     }
 
     #[test]

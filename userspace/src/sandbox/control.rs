@@ -52,6 +52,15 @@ fn sock_err(what: &str) -> impl FnOnce(nix::Error) -> Error + '_ {
 
 /// Sends one message with optional descriptors.
 pub fn send(fd: RawFd, msg: &[u8], fds: &[RawFd]) -> Result<()> {
+    if fds.is_empty() {
+        // A plain write: a branch whose policy defers network calls has its init under a
+        // seccomp filter that holds sendmsg (see crate::sandbox::notify); the init's own
+        // replies must never wait for the daemon.
+        // SAFETY: the caller owns `fd` for the duration of the call.
+        let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        nix::unistd::write(borrowed, msg).map_err(sock_err("sending on the control socket"))?;
+        return Ok(());
+    }
     let iov = [IoSlice::new(msg)];
     let cmsg = [ControlMessage::ScmRights(fds)];
     let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };

@@ -307,6 +307,12 @@ fn init(
         std::env::set_current_dir("/")?;
     }
     super::seccomp::install()?;
+    // Kept open for the init's life: the daemon takes copies of it (see sandbox::notify).
+    let _listener = if spec.defer {
+        Some(super::notify::install()?)
+    } else {
+        None
+    };
     let mut ready = ready;
     ready.write_all(b"1")?;
     drop(ready);

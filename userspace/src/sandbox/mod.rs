@@ -21,6 +21,7 @@
 pub mod control;
 pub mod init;
 mod mounts;
+pub mod notify;
 pub mod seccomp;
 
 use std::{
@@ -74,6 +75,10 @@ pub struct SandboxSpec {
     /// the order to mount them (see [`crate::policy::Policy::file_mounts`]).
     #[serde(default)]
     pub file_mounts: Vec<crate::policy::FileMount>,
+    /// The policy defers some network calls: the init installs the seccomp listener
+    /// ([`notify`]) that holds them for the daemon.
+    #[serde(default)]
+    pub defer: bool,
 }
 
 /// An overlay stack, serializable.
