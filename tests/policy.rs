@@ -17,8 +17,13 @@ const CLIENT: &str = r#"
 import socket, sys
 kind, addr, port, msg = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4].encode()
 try:
-    if kind == "tcp":
-        s = socket.create_connection((addr, port), timeout=10)
+    if kind in ("tcp", "tcp6"):
+        if kind == "tcp6":  # an IPv4 destination written as ::ffff:a.b.c.d
+            s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            s.settimeout(10)
+            s.connect(("::ffff:" + addr, port))
+        else:
+            s = socket.create_connection((addr, port), timeout=10)
         s.sendall(msg)
         s.shutdown(socket.SHUT_WR)
         print("echo", s.recv(1024).decode())
@@ -123,7 +128,7 @@ fn deny_refuses_with_eperm_in_the_kernel_and_the_server_sees_nothing() {
     let udp_port = udp.local_addr().unwrap().port().to_string();
     let policy = s.policy(
         "deny.toml",
-        "default = \"allow\"\n[[rule]]\nclass = \"net\"\ndest = \"127.0.0.2/32\"\naction = \"deny\"\n",
+        "default = \"allow\"\n[[rule]]\nclass = \"net\"\ndest = \"127.0.0.2/32\"\naction = \"deny\"\n[[rule]]\nclass = \"net\"\ndest = \"127.0.0.3\"\naction = \"allow\"\n",
     );
     s.run("b", &policy);
     let denied = denied_port.to_string();
@@ -135,6 +140,15 @@ fn deny_refuses_with_eperm_in_the_kernel_and_the_server_sees_nothing() {
         nothing_arrives(&denied_rx),
         "the denied server saw a connection"
     );
+    // The same address through an IPv6 socket, IPv4-mapped, is the same destination.
+    assert_eq!(
+        s.client("b", &["tcp6", "127.0.0.2", &denied, "hi"]),
+        "errno 1"
+    );
+    assert!(
+        nothing_arrives(&denied_rx),
+        "reached through ::ffff:127.0.0.2"
+    );
     assert_eq!(
         s.client("b", &["udp", "127.0.0.2", &udp_port, "hi"]),
         "errno 1"
@@ -144,7 +158,7 @@ fn deny_refuses_with_eperm_in_the_kernel_and_the_server_sees_nothing() {
         udp.recv(&mut buf).is_err(),
         "the denied receiver got a datagram"
     );
-    // Another destination is allowed: the program behaves as without a policy.
+    // An allow rule: the program behaves as without a policy.
     let open = open_port.to_string();
     assert_eq!(
         s.client("b", &["tcp", "127.0.0.3", &open, "hello"]),
@@ -226,6 +240,21 @@ fn a_bad_policy_is_refused_with_its_line_and_no_branch_is_made() {
     let f = s.policy(
         "sneaky.toml",
         &format!("[[rule]]\nclass = \"file\"\npath = \"{state}\"\naction = \"share\"\n"),
+    );
+    let out =
+        s.d.cli(&["run", "--policy", &f, "--workspace", &ws, "--", "true"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("forkscope's own directory"));
+    // Also through a symlink to it: paths are judged as what they resolve to.
+    let host = TempDir::new_in(std::path::Path::new("/var/tmp"), "policy-link");
+    let link = host.path().join("innocent");
+    std::os::unix::fs::symlink(&s.d.state, &link).unwrap();
+    let f = s.policy(
+        "linked.toml",
+        &format!(
+            "[[rule]]\nclass = \"file\"\npath = \"{}\"\naction = \"share\"\n",
+            link.display()
+        ),
     );
     let out =
         s.d.cli(&["run", "--policy", &f, "--workspace", &ws, "--", "true"]);
@@ -602,5 +631,66 @@ fn a_deferred_call_past_its_timeout_fails_and_a_killed_caller_leaves_nothing_hel
         std::thread::sleep(Duration::from_millis(100));
     }
     s.d.ok(&["commit", "t"]);
+    assert!(nothing_arrives(&rx));
+}
+
+#[test]
+fn a_failed_delivery_is_reported_kept_and_delivered_at_the_next_commit() {
+    let s = setup();
+    std::fs::write(s.ws.join("post.py"), POST).unwrap();
+    // A port nothing listens on yet (bound, then released).
+    let port = TcpListener::bind("127.0.0.2:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let policy = s.policy(
+        "buffer.toml",
+        "buffer_status = 200\nbuffer_body = \"queued\"\n[[rule]]\nclass = \"net\"\ndest = \"127.0.0.2/32\"\naction = \"buffer\"\n",
+    );
+    s.run("r", &policy);
+    let url = format!("http://127.0.0.2:{port}/order");
+    // The policy's synthetic answer.
+    let out =
+        s.d.ok(&["exec", "r", "--", "python3", "post.py", &url, "one"]);
+    assert_eq!(out.trim(), "200 True");
+    // The destination is down at the commit: reported, kept.
+    let first: serde_json::Value =
+        serde_json::from_str(&s.d.ok(&["commit", "r", "--json"])).unwrap();
+    let d = &first["effects"][0];
+    assert_eq!(d["delivered"], false, "{first}");
+    assert!(d["result"].as_str().unwrap().contains("failed"), "{first}");
+    let list: serde_json::Value =
+        serde_json::from_str(&s.d.ok(&["effects", "r", "--json"])).unwrap();
+    assert_eq!(list[0]["state"], "failed");
+    // It comes up: the next commit delivers the request, once.
+    let l = TcpListener::bind(("127.0.0.2", port)).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { return };
+            let mut buf = [0u8; 4096];
+            let n = c.read(&mut buf).unwrap_or(0);
+            let _ = c.write_all(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n");
+            let _ = tx.send(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    });
+    let second: serde_json::Value =
+        serde_json::from_str(&s.d.ok(&["commit", "r", "--json"])).unwrap();
+    assert_eq!(second["effects"][0]["delivered"], true, "{second}");
+    assert!(
+        second["effects"][0]["result"]
+            .as_str()
+            .unwrap()
+            .contains("201")
+    );
+    let got = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert!(
+        got.starts_with("POST /order ") && got.ends_with("one"),
+        "{got}"
+    );
+    let third: serde_json::Value =
+        serde_json::from_str(&s.d.ok(&["commit", "r", "--json"])).unwrap();
+    assert_eq!(third["effects"].as_array().unwrap().len(), 0);
     assert!(nothing_arrives(&rx));
 }

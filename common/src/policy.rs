@@ -94,8 +94,26 @@ pub struct Redirect {
 }
 crate::assert_size!(Redirect, 32);
 
+/// A deferred call the daemon let go (map `DEFER_PASSES`, by host thread id): the hooks let
+/// exactly this destination through for that thread once; any other call to a deferred
+/// destination is refused (so a call can never reach one by changing its memory between the
+/// daemon's look and the kernel's, or by answering its own notification).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeferPass {
+    /// Network order words, as in [`NetRule::net`].
+    pub addr: [u32; 4],
+    /// Host order.
+    pub port: u16,
+    pub family: u16,
+    pub _pad: u32,
+}
+crate::assert_size!(DeferPass, 24);
+
 #[cfg(feature = "user")]
 mod pod {
+    // SAFETY: as below.
+    unsafe impl aya::Pod for super::DeferPass {}
     // SAFETY: plain #[repr(C)] integers, no implicit padding (checked by the size
     // assertions): any bit pattern is valid.
     unsafe impl aya::Pod for super::NetPolicy {}

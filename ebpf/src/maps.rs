@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use forkscope_common::{
     keys::{DirtyPageKey, ProcKey, VERDICT_SLOTS, VerdictSlot},
-    policy::{NetPolicy, ProxyConfig, REDIRECT_SLOTS, Redirect},
+    policy::{DeferPass, NetPolicy, ProxyConfig, REDIRECT_SLOTS, Redirect},
     stats::STAT_COUNT,
 };
 
@@ -65,3 +65,7 @@ pub static REDIRECTS: Array<Redirect> = Array::with_max_entries(REDIRECT_SLOTS, 
 /// How many connections each CPU has sent to the proxy (picks the next slot of REDIRECTS).
 #[map]
 pub static NEXT_REDIRECT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Deferred calls the daemon let go, by host thread id (see forkscope_common::policy::DeferPass).
+#[map]
+pub static DEFER_PASSES: HashMap<u32, DeferPass> = HashMap::with_max_entries(16_384, 0);

@@ -8,26 +8,36 @@
 //!   socket bound to a loopback source address naming a slot of REDIRECTS, where the real
 //!   destination is kept for the proxy; a NetBuffered event is sent. Buffering needs the
 //!   host's network (the proxy listens there) and is refused otherwise;
-//! - allow and defer: let through (a deferred call is held by the branch's seccomp
-//!   listener, in userspace).
+//! - defer: held by the branch's seccomp listener in userspace before it gets here; the hook
+//!   lets it through only with the one-time pass the daemon wrote for that thread and
+//!   destination when it let the call go (DEFER_PASSES), and refuses it otherwise (EPERM,
+//!   NetDenied): a call cannot reach a deferred destination by changing its memory after the
+//!   daemon looked, by answering its own notification, or through a call the filter does not
+//!   hold (sendmmsg);
+//! - allow: let through.
+//!
+//! An IPv4-mapped IPv6 destination (`::ffff:a.b.c.d`) is judged as the IPv4 address it is.
 
 use aya_ebpf::{
     bindings::{bpf_sock_addr, sockaddr},
     helpers::{
         bpf_bind, bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id,
-        bpf_get_smp_processor_id,
+        bpf_get_current_pid_tgid, bpf_get_smp_processor_id,
     },
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 use forkscope_common::{
     EventKind, FdEvent,
-    policy::{ACTION_BUFFER, ACTION_DENY, MAX_NET_RULES, NetPolicy, REDIRECT_SLOTS, Redirect},
+    policy::{
+        ACTION_BUFFER, ACTION_DEFER, ACTION_DENY, MAX_NET_RULES, NetPolicy, REDIRECT_SLOTS,
+        Redirect,
+    },
 };
 
 use crate::{
     emit::{header, send},
-    maps::{NET_POLICIES, NEXT_REDIRECT, PROXY, REDIRECTS},
+    maps::{DEFER_PASSES, NET_POLICIES, NEXT_REDIRECT, PROXY, REDIRECTS},
 };
 
 const AF_INET: u16 = 2;
@@ -94,16 +104,24 @@ fn decide(ctx: &SockAddrContext, family: u16, syscall: u32) -> i32 {
     let Some((branch, p)) = policy() else {
         return PASS;
     };
+    let mut mapped = false;
     // SAFETY: the kernel hands the program a valid context pointer for its run.
     let sa: &bpf_sock_addr = match unsafe { ctx.sock_addr.as_ref() } {
         Some(s) => s,
         None => return PASS,
     };
     let mut addr = [0u32; 4];
+    let mut family = family;
     if family == AF_INET {
         addr[0] = sa.user_ip4;
     } else {
         addr = sa.user_ip6;
+        // ::ffff:a.b.c.d is a.b.c.d.
+        if addr[0] == 0 && addr[1] == 0 && addr[2] == 0xffffu32.to_be() {
+            addr = [addr[3], 0, 0, 0];
+            family = AF_INET;
+            mapped = true;
+        }
     }
     // user_port is in network order in its low 16 bits.
     let port = u16::from_be(sa.user_port as u16);
@@ -112,16 +130,39 @@ fn decide(ctx: &SockAddrContext, family: u16, syscall: u32) -> i32 {
         report(EventKind::NetDenied, syscall, branch, family, &addr, port);
         return REFUSE;
     }
+    if action == ACTION_DEFER {
+        if take_pass(family, &addr, port) {
+            return PASS;
+        }
+        report(EventKind::NetDenied, syscall, branch, family, &addr, port);
+        return REFUSE;
+    }
     if action == ACTION_BUFFER {
         // Only IPv4 TCP connections can be buffered; anything else is refused, never let
         // out unbuffered.
-        if family != AF_INET || syscall != SYS_CONNECT || sa.type_ != SOCK_STREAM {
+        if mapped || family != AF_INET || syscall != SYS_CONNECT || sa.type_ != SOCK_STREAM {
             report(EventKind::NetDenied, syscall, branch, family, &addr, port);
             return REFUSE;
         }
         return redirect(ctx, branch, &addr, port);
     }
     PASS
+}
+
+/// Whether the daemon let this thread's deferred call to this destination go (the pass is
+/// used up).
+#[inline(always)]
+fn take_pass(family: u16, addr: &[u32; 4], port: u16) -> bool {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    // SAFETY: plain data in the map; read before the entry is removed below.
+    let matches = match unsafe { DEFER_PASSES.get(tid) } {
+        Some(p) => p.family == family && p.port == port && p.addr == *addr,
+        None => false,
+    };
+    if matches {
+        let _ = DEFER_PASSES.remove(tid);
+    }
+    matches
 }
 
 /// The first matching rule's action, or the default.
@@ -171,7 +212,10 @@ fn redirect(ctx: &SockAddrContext, branch: u64, addr: &[u32; 4], port: u16) -> i
     let Some(next) = NEXT_REDIRECT.get_ptr_mut(0) else {
         return REFUSE;
     };
-    // SAFETY: `next` points at this CPU's slot; the program is not preempted on it.
+    // SAFETY: `next` points at this CPU's slot (the program does not migrate). A program
+    // preempted between the read and the write on a preemptible kernel could share a
+    // number with another: the proxy then finds the later connection's record, which the
+    // slot's sequence number does not tell apart (see docs/policy.md).
     let n = unsafe {
         let n = *next;
         *next = n + 1;

@@ -178,6 +178,32 @@ impl Tracker {
         all.get(&id).cloned()
     }
 
+    /// Lets thread `tid`'s deferred call to `ip`:`port` through the hooks, once (see
+    /// forkscope_common::policy::DeferPass).
+    pub fn grant_defer(&self, tid: u32, ip: std::net::IpAddr, port: u16) -> Result<()> {
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        let (addr, family) = match ip {
+            std::net::IpAddr::V4(a) => ([u32::from_ne_bytes(a.octets()), 0, 0, 0], libc::AF_INET),
+            std::net::IpAddr::V6(a) => {
+                let o = a.octets();
+                let w = |i: usize| u32::from_ne_bytes(o[i * 4..i * 4 + 4].try_into().expect("4"));
+                ([w(0), w(1), w(2), w(3)], libc::AF_INET6)
+            }
+        };
+        self.probe().grant_defer(
+            tid,
+            forkscope_common::policy::DeferPass {
+                addr,
+                port,
+                family: family as u16,
+                _pad: 0,
+            },
+        )
+    }
+
     /// Tells the policy hooks where the recording proxy listens.
     pub fn set_proxy(&self, addr: std::net::SocketAddrV4) -> Result<()> {
         self.probe()

@@ -375,6 +375,19 @@ pub async fn serve(
         None => None,
     };
     let mut manager = Manager::open(state_dir, forkscope_bin)?;
+    if !opts.trace
+        && let Some(b) = manager.list()?.into_iter().find(|b| {
+            b.record
+                .policy
+                .as_ref()
+                .is_some_and(|p| p.net() != crate::policy::Policy::default().net() || p.defers())
+        })
+    {
+        return Err(Error::Invalid(format!(
+            "branch {} has a network policy, which the eBPF programs enforce: start the daemon without --no-trace (or abort the branch first)",
+            b.record.name
+        )));
+    }
     let tracker = if opts.trace {
         let tracker = crate::tracker::Tracker::start(
             &crate::bpf::ProbeOptions::default(),
@@ -397,12 +410,13 @@ pub async fn serve(
         None
     };
     let journal = crate::effects::Journal::open(state_dir)?;
-    manager.set_effects(journal.clone());
+    manager.set_effects(journal.clone())?;
     if let Some(t) = &tracker {
-        let policies = t.clone();
+        let (policies, passes) = (t.clone(), t.clone());
         manager.set_deferrals(crate::effects::defer::Deferrals::new(
             journal.clone(),
             Box::new(move |cgroup| policies.policy(cgroup)),
+            Box::new(move |tid, ip, port| passes.grant_defer(tid, ip, port)),
         ))?;
         let dir = Arc::new(crate::tracker::ProxyDirectory(t.clone()));
         let at = crate::effects::proxy::start(opts.proxy_addr.into(), journal, dir).await?;

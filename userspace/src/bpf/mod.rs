@@ -56,6 +56,7 @@ pub const MAPS: &[&str] = &[
     "PROXY",
     "REDIRECTS",
     "NEXT_REDIRECT",
+    "DEFER_PASSES",
 ];
 
 #[cfg(test)]

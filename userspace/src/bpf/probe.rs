@@ -16,7 +16,7 @@ use aya::{
 use forkscope_common::{
     DirtyPageKey, ProcKey, VerdictSlot,
     keys::VERDICT_SLOTS,
-    policy::{NetPolicy, ProxyConfig, Redirect},
+    policy::{DeferPass, NetPolicy, ProxyConfig, Redirect},
     stats::{STAT_EVENTS, STAT_LOST, STAT_PAGES_OVERFLOW, STAT_READ_ERRORS},
     syscalls::{Family, TRACED},
 };
@@ -62,7 +62,7 @@ const COMPLETE: &str = "complete";
 type MapKind = fn(MapData) -> Map;
 
 /// The maps userspace uses (see [`super::MAPS`]), and how to rebuild each from a pinned copy.
-const MAPS: [(&str, MapKind); 12] = [
+const MAPS: [(&str, MapKind); 13] = [
     ("EVENTS", Map::RingBuf),
     ("TRACKED_CGROUPS", Map::HashMap),
     ("CGROUP_VERDICT", Map::Array),
@@ -75,6 +75,7 @@ const MAPS: [(&str, MapKind); 12] = [
     ("PROXY", Map::Array),
     ("REDIRECTS", Map::Array),
     ("NEXT_REDIRECT", Map::PerCpuArray),
+    ("DEFER_PASSES", Map::HashMap),
 ];
 
 /// Loaded eBPF programs and their maps. Dropping it detaches and unloads everything, except
@@ -415,6 +416,21 @@ impl Probe {
         let mut map: Array<&mut MapData, ProxyConfig> =
             Array::try_from(self.map_mut("PROXY")).map_err(map_err("PROXY"))?;
         map.set(0, proxy, 0).map_err(map_err("PROXY"))
+    }
+
+    /// Lets thread `tid`'s deferred call to `pass`'s destination through the hooks, once.
+    pub fn grant_defer(&mut self, tid: u32, pass: DeferPass) -> Result<()> {
+        self.hash::<u32, DeferPass>("DEFER_PASSES")?
+            .insert(tid, pass, 0)
+            .map_err(map_err("DEFER_PASSES"))
+    }
+
+    /// Forgets the connection the hooks recorded in `slot` of REDIRECTS (each is read once).
+    pub fn clear_redirect(&mut self, slot: u32) -> Result<()> {
+        let mut map: Array<&mut MapData, Redirect> =
+            Array::try_from(self.map_mut("REDIRECTS")).map_err(map_err("REDIRECTS"))?;
+        map.set(slot, Redirect::default(), 0)
+            .map_err(map_err("REDIRECTS"))
     }
 
     /// The connection the hooks recorded in `slot` of REDIRECTS.

@@ -187,8 +187,18 @@ impl Manager {
         drop(frozen_target);
         drop(frozen_branch);
         phases.thaw_us = t.elapsed().as_micros() as u64;
-        // The commit is the decision that the branch's effects happen: now, in order.
-        let effects = self.release_effects(&b)?;
+        // The commit is the decision that the branch's effects happen: now, in order. The
+        // files are committed whatever happens here: a journal error is reported with them.
+        let effects = self.release_effects(&b).unwrap_or_else(|e| {
+            vec![crate::effects::replay::Delivery {
+                id: 0,
+                kind: "journal".into(),
+                dest: String::new(),
+                summary: String::new(),
+                delivered: false,
+                result: format!("the held effects could not be released: {e}"),
+            }]
+        });
         Ok(Committed {
             branch: b.name.clone(),
             target: target_branch.map_or_else(|| "host".to_string(), |p| p.name),

@@ -370,8 +370,19 @@ impl Manager {
 
     /// Keeps the branches' held side effects in `journal`: commits deliver them, aborts
     /// drop them.
-    pub fn set_effects(&mut self, journal: crate::effects::Journal) {
+    pub fn set_effects(&mut self, journal: crate::effects::Journal) -> Result<()> {
+        let live: Vec<u64> = self
+            .registry
+            .all()?
+            .iter()
+            .filter_map(|b| Cgroup::open(&b.cgroup).ok().map(|c| c.id()))
+            .collect();
+        let stale = journal.retain(&live)?;
+        if stale > 0 {
+            log::info!("dropped {stale} recorded effects of branches that no longer exist");
+        }
         self.effects = Some(journal);
+        Ok(())
     }
 
     /// Holds deferred calls with `d`: serves the listener of every running branch whose

@@ -3,8 +3,10 @@
 //! calls (`connect`, `sendto` with an address, `sendmsg`), reads the destination from the
 //! caller's memory, and asks the policy of the caller's branch (by cgroup: a clone still on
 //! its parent branch's filter follows its own branch). Anything but `defer` goes on at once
-//! (`SECCOMP_USER_NOTIF_FLAG_CONTINUE`; the eBPF hooks still judge the call when it runs,
-//! whatever the caller's memory says by then). A deferred call is journaled (with the
+//! (`SECCOMP_USER_NOTIF_FLAG_CONTINUE`; the eBPF hooks judge the call again when it runs,
+//! and refuse a deferred destination unless the daemon wrote a one-time pass for that
+//! thread and destination, which it does only when it lets a deferred call go: what the
+//! caller's memory says by then cannot get anything out unheld). A deferred call is journaled (with the
 //! listener's init and the notification id, so a restarted daemon can still answer it) and
 //! waits:
 //! - the branch commits: the call goes on, for real, now;
@@ -85,6 +87,10 @@ struct HeldCall {
 /// The policy of a branch, by cgroup id.
 pub type PolicyOf = Box<dyn Fn(u64) -> Option<Policy> + Send + Sync>;
 
+/// Writes the hooks' one-time pass for thread `tid`'s call to `ip`:`port` (see the eBPF
+/// `sock` module): without it the kernel refuses the call.
+pub type Grant = Box<dyn Fn(u32, IpAddr, u16) -> Result<()> + Send + Sync>;
+
 /// Every listener the daemon serves and the calls held on them.
 #[derive(Clone)]
 pub struct Deferrals {
@@ -102,17 +108,19 @@ struct Pass {
 struct Inner {
     journal: Journal,
     policy_of: PolicyOf,
+    grant: Grant,
     held: Mutex<Vec<HeldCall>>,
     passes: Mutex<Vec<Pass>>,
     listeners: Mutex<HashMap<u32, Arc<OwnedFd>>>,
 }
 
 impl Deferrals {
-    pub fn new(journal: Journal, policy_of: PolicyOf) -> Deferrals {
+    pub fn new(journal: Journal, policy_of: PolicyOf, grant: Grant) -> Deferrals {
         Deferrals {
             inner: Arc::new(Inner {
                 journal,
                 policy_of,
+                grant,
                 held: Mutex::new(Vec::new()),
                 passes: Mutex::new(Vec::new()),
                 listeners: Mutex::new(HashMap::new()),
@@ -231,45 +239,47 @@ impl Inner {
         self.listeners.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Answers every call held for `cgroup`: goes on (`fail` none) or fails. The held list
+    /// stays locked throughout, so a call made again meanwhile (see the module doc) finds
+    /// either its held entry or its pass.
     fn finish(&self, cgroup: u64, fail: Option<(i32, &str)>) -> Vec<Delivery> {
-        let calls: Vec<HeldCall> = {
-            let mut held = self.held();
-            let (mine, rest): (Vec<_>, Vec<_>) = held.drain(..).partition(|h| h.cgroup == cgroup);
-            *held = rest;
-            mine
-        };
+        let mut held = self.held();
+        let (calls, rest): (Vec<_>, Vec<_>) = held.drain(..).partition(|h| h.cgroup == cgroup);
+        *held = rest;
         let mut out = Vec::new();
         for h in calls {
+            let dest = h
+                .dest
+                .map(|(ip, port)| format!("{ip}:{port}"))
+                .unwrap_or_default();
+            if fail.is_none()
+                && let Some((ip, port)) = h.dest
+                && let Err(e) = (self.grant)(h.pid, ip, port)
+            {
+                log::warn!("letting held call {} go: {e}", h.effect);
+            }
             let answered = respond(&h.listener, h.notif, fail.map(|f| f.0));
             let alive = std::path::Path::new(&format!("/proc/{}", h.pid)).exists();
-            if answered.is_err() && fail.is_none() && alive {
-                // Withdrawn by an interrupted wait (the commit froze the branch): it goes
-                // on when it comes again.
-                self.passes().push(Pass {
-                    pid: h.pid,
-                    dest: h.dest,
-                    until: Instant::now() + Duration::from_secs(10),
-                });
-                let result = "the held call goes on (made again after the commit's freeze)";
-                let _ = self.journal.set_state(h.effect, EffectState::Done, result);
-                out.push(Delivery {
-                    id: h.effect,
-                    kind: "defer".into(),
-                    dest: h
-                        .dest
-                        .map(|(ip, port)| format!("{ip}:{port}"))
-                        .unwrap_or_default(),
-                    summary: String::new(),
-                    delivered: true,
-                    result: result.into(),
-                });
-                continue;
-            }
-            let (state, result) = match (&answered, fail) {
-                (Ok(()), None) => (EffectState::Done, "the held call went on".to_string()),
-                (Ok(()), Some((_, why))) => (EffectState::Failed, format!("failed: {why}")),
+            let (state, delivered, result) = match (&answered, fail) {
+                (Ok(()), None) => (EffectState::Done, true, "the held call went on".to_string()),
+                (Ok(()), Some((_, why))) => (EffectState::Failed, false, format!("failed: {why}")),
+                (Err(_), None) if alive => {
+                    // Withdrawn by an interrupted wait (the commit froze the branch): it
+                    // goes on when it comes again.
+                    self.passes().push(Pass {
+                        pid: h.pid,
+                        dest: h.dest,
+                        until: Instant::now() + Duration::from_secs(10),
+                    });
+                    (
+                        EffectState::Done,
+                        true,
+                        "the held call goes on (made again after the commit's freeze)".to_string(),
+                    )
+                }
                 (Err(_), _) => (
                     EffectState::Failed,
+                    false,
                     "its process ended while the call was held: nothing was sent".to_string(),
                 ),
             };
@@ -277,12 +287,9 @@ impl Inner {
             out.push(Delivery {
                 id: h.effect,
                 kind: "defer".into(),
-                dest: h
-                    .dest
-                    .map(|(ip, port)| format!("{ip}:{port}"))
-                    .unwrap_or_default(),
+                dest,
                 summary: String::new(),
-                delivered: answered.is_ok() && fail.is_none(),
+                delivered,
                 result,
             });
         }
@@ -340,6 +347,7 @@ impl Inner {
         if policy.net_action(ip, port) != Action::Defer {
             return go_on();
         }
+        let mut held = self.held();
         let released = {
             let mut passes = self.passes();
             passes.retain(|p| p.until > Instant::now());
@@ -349,6 +357,10 @@ impl Inner {
             i.map(|i| passes.remove(i))
         };
         if released.is_some() {
+            drop(held);
+            if let Err(e) = (self.grant)(n.pid, ip, port) {
+                log::warn!("letting a released call of process {} go: {e}", n.pid);
+            }
             return go_on();
         }
         let call = match n.nr as i64 {
@@ -364,7 +376,6 @@ impl Inner {
         let payload = serde_json::to_vec(&ticket).unwrap_or_default();
         // The same call made again after its wait was interrupted keeps its effect.
         let again = {
-            let mut held = self.held();
             let i = held.iter().position(|h| {
                 h.pid == n.pid && h.dest == Some((ip, port)) && !valid(&h.listener, h.notif)
             });
@@ -377,7 +388,7 @@ impl Inner {
                 .record(cgroup, "defer", &ip.to_string(), port, call, &payload),
         };
         match recorded {
-            Ok(effect) => self.held().push(HeldCall {
+            Ok(effect) => held.push(HeldCall {
                 effect,
                 cgroup,
                 pid: n.pid,

@@ -247,6 +247,29 @@ impl Journal {
         Ok(out)
     }
 
+    /// Forgets the effects of every branch whose cgroup id is not in `live` (their branches
+    /// are gone, after a reboot for instance, and cgroup ids are used again).
+    pub fn retain(&self, live: &[u64]) -> Result<usize> {
+        let db = self.db();
+        let all: Vec<i64> = {
+            let mut q = db
+                .prepare("SELECT DISTINCT cgroup FROM effects")
+                .map_err(db_err)?;
+            let rows = q.query_map([], |r| r.get(0)).map_err(db_err)?;
+            rows.collect::<std::result::Result<_, _>>()
+                .map_err(db_err)?
+        };
+        let mut dropped = 0;
+        for cg in all {
+            if !live.contains(&(cg as u64)) {
+                dropped += db
+                    .execute("DELETE FROM effects WHERE cgroup = ?1", params![cg])
+                    .map_err(db_err)?;
+            }
+        }
+        Ok(dropped)
+    }
+
     /// Forgets every effect of the branch with cgroup id `cgroup` (its abort: what was held
     /// never happens). Returns how many were still held.
     pub fn drop_branch(&self, cgroup: u64) -> Result<usize> {

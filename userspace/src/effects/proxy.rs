@@ -28,6 +28,10 @@ pub const SOURCE_BASE: u32 = 0x7f4d_0001;
 const MAX_RECORD: usize = 16 << 20;
 /// Largest HTTP head.
 const MAX_HEAD: usize = 64 << 10;
+/// Connections served at once (more wait to be accepted).
+const MAX_CONNECTIONS: usize = 256;
+/// A connection idle this long is closed.
+const IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// What the proxy asks the rest of the daemon.
 pub trait Directory: Send + Sync + 'static {
@@ -49,13 +53,18 @@ pub async fn start(
         ))
     })?;
     let local = listener.local_addr().map_err(Error::Other)?;
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
         loop {
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                return;
+            };
             let Ok((stream, peer)) = listener.accept().await else {
                 continue;
             };
             let (journal, directory) = (journal.clone(), directory.clone());
             tokio::spawn(async move {
+                let _permit = permit;
                 if let Err(e) = serve(stream, peer, journal, directory).await {
                     log::warn!("buffering proxy, connection from {peer}: {e}");
                 }
@@ -66,7 +75,7 @@ pub async fn start(
 }
 
 async fn serve(
-    mut stream: TcpStream,
+    stream: TcpStream,
     peer: SocketAddr,
     journal: Journal,
     directory: Arc<dyn Directory>,
@@ -78,49 +87,33 @@ async fn serve(
     let Some((cgroup, dest)) = directory.redirect(slot) else {
         return Ok(()); // not a redirected connection: nothing to record
     };
-    let mut buf = Vec::new();
-    let mut chunk = vec![0u8; 64 << 10];
+    let mut c = Conn {
+        stream,
+        buf: Vec::new(),
+        chunk: vec![0u8; 64 << 10],
+    };
     // The first bytes say whether it is HTTP.
-    loop {
-        if buf.len() >= 8 || (!buf.is_empty() && !is_method_prefix(&buf)) {
+    while c.buf.len() < 8 && (c.buf.is_empty() || is_method_prefix(&c.buf)) {
+        if c.more().await? == 0 {
             break;
         }
-        let n = stream.read(&mut chunk).await.map_err(Error::Other)?;
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
     }
-    if !is_method_prefix(&buf) {
+    if !is_method_prefix(&c.buf) {
         // Raw bytes: the whole connection, recorded when the client closes its side.
-        loop {
-            let n = stream.read(&mut chunk).await.map_err(Error::Other)?;
-            if n == 0 || buf.len() > MAX_RECORD {
-                break;
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        }
-        if !buf.is_empty() {
-            record(&journal, cgroup, "tcp", dest, "bytes", buf).await?;
+        while c.buf.len() <= MAX_RECORD && c.more().await? > 0 {}
+        if !c.buf.is_empty() {
+            let bytes = std::mem::take(&mut c.buf);
+            record(&journal, cgroup, "tcp", dest, "bytes", bytes).await?;
         }
         return Ok(());
     }
     loop {
         // One request: the head, then the body its headers announce.
-        let head_end = loop {
-            if let Some(i) = find(&buf, b"\r\n\r\n") {
-                break i + 4;
-            }
-            if buf.len() > MAX_HEAD {
-                return Err(Error::Invalid("HTTP head too large".into()));
-            }
-            let n = stream.read(&mut chunk).await.map_err(Error::Other)?;
-            if n == 0 {
-                return Ok(()); // the client went away between requests
-            }
-            buf.extend_from_slice(&chunk[..n]);
+        let Some(head_end) = c.until(0, b"\r\n\r\n", MAX_HEAD).await? else {
+            return Ok(()); // the client went away between requests
         };
-        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        let head_end = head_end + 4;
+        let head = String::from_utf8_lossy(&c.buf[..head_end]).into_owned();
         let request_line = head.lines().next().unwrap_or("").to_string();
         let header = |name: &str| {
             head.lines().skip(1).find_map(|l| {
@@ -133,21 +126,7 @@ async fn serve(
         let chunked =
             header("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
         let end = if chunked {
-            loop {
-                if let Some(i) = find(&buf[head_end..], b"0\r\n\r\n") {
-                    break head_end + i + 5;
-                }
-                if buf.len() > MAX_RECORD {
-                    return Err(Error::Invalid("HTTP body too large".into()));
-                }
-                let n = stream.read(&mut chunk).await.map_err(Error::Other)?;
-                if n == 0 {
-                    return Err(Error::Invalid(
-                        "connection closed inside a chunked body".into(),
-                    ));
-                }
-                buf.extend_from_slice(&chunk[..n]);
-            }
+            c.chunked_body(head_end).await?
         } else {
             let len: usize = header("content-length")
                 .and_then(|v| v.parse().ok())
@@ -155,17 +134,11 @@ async fn serve(
             if len > MAX_RECORD {
                 return Err(Error::Invalid("HTTP body too large".into()));
             }
-            while buf.len() < head_end + len {
-                let n = stream.read(&mut chunk).await.map_err(Error::Other)?;
-                if n == 0 {
-                    return Err(Error::Invalid("connection closed inside a body".into()));
-                }
-                buf.extend_from_slice(&chunk[..n]);
-            }
+            c.fill(head_end + len).await?;
             head_end + len
         };
-        let rest = buf.split_off(end);
-        let request = std::mem::replace(&mut buf, rest);
+        let rest = c.buf.split_off(end);
+        let request = std::mem::replace(&mut c.buf, rest);
         let summary: String = request_line
             .split(' ')
             .take(2)
@@ -182,12 +155,90 @@ async fn serve(
             body.len(),
             if close { "Connection: close\r\n" } else { "" },
         );
-        stream
+        c.stream
             .write_all(answer.as_bytes())
             .await
             .map_err(Error::Other)?;
         if close {
             return Ok(());
+        }
+    }
+}
+
+/// A client connection and what was read from it and not used yet.
+struct Conn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    chunk: Vec<u8>,
+}
+
+impl Conn {
+    /// Reads what comes next (0: the client closed its side); a client idle for [`IDLE`]
+    /// is dropped.
+    async fn more(&mut self) -> Result<usize> {
+        let n = tokio::time::timeout(IDLE, self.stream.read(&mut self.chunk))
+            .await
+            .map_err(|_| Error::Invalid("client idle too long".into()))?
+            .map_err(Error::Other)?;
+        self.buf.extend_from_slice(&self.chunk[..n]);
+        Ok(n)
+    }
+
+    /// Reads until `buf` holds `len` bytes.
+    async fn fill(&mut self, len: usize) -> Result<()> {
+        while self.buf.len() < len {
+            if self.more().await? == 0 {
+                return Err(Error::Invalid("connection closed inside a request".into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Where `needle` first occurs at or after `from`, reading as needed (each byte is
+    /// scanned once); `None` if the client closes first. More than `max` bytes: an error.
+    async fn until(&mut self, from: usize, needle: &[u8], max: usize) -> Result<Option<usize>> {
+        let mut scanned = from;
+        loop {
+            if let Some(i) = find(&self.buf[scanned.min(self.buf.len())..], needle) {
+                return Ok(Some(scanned + i));
+            }
+            scanned = self.buf.len().saturating_sub(needle.len() - 1).max(from);
+            if self.buf.len() - from > max {
+                return Err(Error::Invalid("HTTP request too large".into()));
+            }
+            if self.more().await? == 0 {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// The end of a chunked body starting at `at`: chunks (a hex size line, the bytes,
+    /// CRLF), a zero size, trailer lines up to an empty one.
+    async fn chunked_body(&mut self, mut at: usize) -> Result<usize> {
+        let closed = || Error::Invalid("connection closed inside a chunked body".into());
+        loop {
+            let line_end = self
+                .until(at, b"\r\n", MAX_HEAD)
+                .await?
+                .ok_or_else(closed)?;
+            let line = String::from_utf8_lossy(&self.buf[at..line_end]).into_owned();
+            let size = usize::from_str_radix(line.split(';').next().unwrap_or("").trim(), 16)
+                .map_err(|_| Error::Invalid(format!("bad chunk size {line:?}")))?;
+            if size == 0 {
+                let mut t = line_end + 2;
+                loop {
+                    let e = self.until(t, b"\r\n", MAX_HEAD).await?.ok_or_else(closed)?;
+                    if e == t {
+                        return Ok(t + 2);
+                    }
+                    t = e + 2;
+                }
+            }
+            if at + size > MAX_RECORD {
+                return Err(Error::Invalid("HTTP body too large".into()));
+            }
+            at = line_end + 2 + size + 2;
+            self.fill(at).await?;
         }
     }
 }

@@ -3,8 +3,9 @@
 //! every attempt: a daemon that dies after sending and before writing down the outcome
 //! sends it again with the same key) and `Forkscope-Branch` (the branch's name, for
 //! services that version what they do per branch). Raw TCP bytes go out as recorded.
-//! An answer with a 5xx status, or no answer, is a failure: the effect is kept (`failed`)
-//! and tried again at the branch's next commit.
+//! An answer with a 5xx status, or no answer, is a failure: the effect is kept (`failed`),
+//! the effects after it are not sent (they keep their order), and the branch's next commit
+//! tries again from it.
 
 use std::{
     io::{Read, Write},
@@ -76,6 +77,10 @@ pub fn release(
             delivered,
             result,
         });
+        if !delivered {
+            // In order: the ones after it wait for it (the next commit tries again).
+            break;
+        }
     }
     Ok(out)
 }

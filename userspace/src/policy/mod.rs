@@ -160,8 +160,13 @@ impl Policy {
         p
     }
 
-    /// The action for a connection to `addr`:`port` (the same decision the hooks make).
+    /// The action for a connection to `addr`:`port` (the same decision the hooks make; an
+    /// IPv4-mapped IPv6 address is the IPv4 address it maps).
     pub fn net_action(&self, addr: IpAddr, port: u16) -> Action {
+        let addr = match addr {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr, IpAddr::V4),
+            v4 => v4,
+        };
         for r in &self.rules {
             if let Dest::Net {
                 addr: a,
@@ -287,6 +292,7 @@ action = "allow"
         assert_eq!(p.net_action(ip("127.0.0.2"), 9000), Action::Allow);
         assert_eq!(p.net_action(ip("127.0.0.9"), 80), Action::Allow);
         assert_eq!(p.net_action(ip("10.0.0.1"), 80), Action::Deny);
+        assert_eq!(p.net_action(ip("::ffff:127.0.0.2"), 8050), Action::Buffer);
         let n = p.net();
         assert_eq!(n.count, 2);
         assert_eq!(n.rules[0].net[0], u32::from_ne_bytes([127, 0, 0, 2]));

@@ -187,6 +187,24 @@ pub fn parse(text: &str) -> Result<Policy> {
                         ),
                     ));
                 }
+                // Judged and mounted as what it is: symlinks and `..` resolved now.
+                let path = path
+                    .canonicalize()
+                    .map_err(|e| err(p.span().start, format!("path {:?}: {e}", p.get_ref())))?;
+                if path == std::path::Path::new("/")
+                    || ["/tmp", "/proc", "/sys", "/dev", "/run"]
+                        .iter()
+                        .any(|k| path.starts_with(k))
+                {
+                    return Err(err(
+                        p.span().start,
+                        format!(
+                            "path {:?} is {}: /, /tmp, /proc, /sys, /dev and /run cannot be shared or denied",
+                            p.get_ref(),
+                            path.display()
+                        ),
+                    ));
+                }
                 rules.push(Rule {
                     dest: Dest::File { path },
                     action: a,

@@ -98,7 +98,9 @@ pub fn install() -> Result<OwnedFd> {
 pub fn listener_fd(pid: u32) -> Option<i32> {
     let dir = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
     for e in dir.flatten() {
-        let link = std::fs::read_link(e.path()).ok()?;
+        let Ok(link) = std::fs::read_link(e.path()) else {
+            continue; // closed meanwhile
+        };
         if link.to_string_lossy() == "anon_inode:seccomp notify" {
             return e.file_name().to_str()?.parse().ok();
         }

@@ -48,6 +48,9 @@ const REFUSED: &[libc::c_long] = &[
     libc::SYS_add_key,
     libc::SYS_request_key,
     libc::SYS_keyctl,
+    // Copying another process's descriptors (a deferring branch's init holds its seccomp
+    // listener).
+    libc::SYS_pidfd_getfd,
 ];
 
 /// clone(2) flags that would create namespaces.
