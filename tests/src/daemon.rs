@@ -134,11 +134,26 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         // Abort whatever is left, then stop.
-        if let Ok(out) = Command::new(forkscope())
-            .env("FORKSCOPE_SOCKET", &self.socket)
-            .args(["ls", "--json"])
-            .output()
-        {
+        let ls = || {
+            Command::new(forkscope())
+                .env("FORKSCOPE_SOCKET", &self.socket)
+                .args(["ls", "--json"])
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+        };
+        // (Retried once: a daemon just restarted by the test may still be settling.)
+        let listed = ls().or_else(|| {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            ls()
+        });
+        if listed.is_none() {
+            eprintln!(
+                "cleanup: the daemon at {} did not list its branches",
+                self.socket.display()
+            );
+        }
+        if let Some(out) = listed {
             let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
             let mut names: Vec<(u64, String)> = list
                 .as_array()
@@ -153,10 +168,19 @@ impl Drop for Daemon {
                 .collect();
             names.sort();
             for (_, n) in names.iter().rev() {
-                let _ = Command::new(forkscope())
+                let out = Command::new(forkscope())
                     .env("FORKSCOPE_SOCKET", &self.socket)
-                    .args(["abort", n])
+                    .args(["abort", "--recursive", n])
                     .output();
+                if let Ok(o) = out
+                    && !o.status.success()
+                    && !String::from_utf8_lossy(&o.stderr).contains("no live branch")
+                {
+                    eprintln!(
+                        "cleanup: abort {n}: {}",
+                        String::from_utf8_lossy(&o.stderr).trim()
+                    );
+                }
             }
         }
         self.stop();

@@ -1081,33 +1081,23 @@ impl Manager {
         let dir = branch_dir(&self.state, id);
         mkdirs(&dir, &["ws/upper", "ws/work", "tmp/upper", "tmp/work"])?;
         let spec = SandboxSpec {
-            workspace: workspace.clone(),
             workspace_stack: StackSpec {
                 lowers: ws_lowers.clone(),
-                upper: dir.join("ws/upper"),
-                work: dir.join("ws/work"),
+                ..StackSpec::in_dir(&dir, "ws")
             },
             tmp_stack: StackSpec {
                 lowers: tmp_lowers.clone(),
-                upper: dir.join("tmp/upper"),
-                work: dir.join("tmp/work"),
+                ..StackSpec::in_dir(&dir, "tmp")
             },
-            control: dir.join("control.sock"),
             command: how.command,
-            log: dir.join("command.log"),
-            hidden: self.hidden.clone(),
             nest_in: how.nest_in,
-            deferred: None,
-            net_isolated: how.net_isolated,
-            file_mounts: how
-                .policy
-                .as_ref()
-                .map(Policy::file_mounts)
-                .unwrap_or_default(),
-            defer: how
-                .policy
-                .as_ref()
-                .is_some_and(crate::policy::Policy::defers),
+            ..SandboxSpec::for_branch(
+                &dir,
+                workspace.clone(),
+                self.hidden.clone(),
+                how.net_isolated,
+                how.policy.as_ref(),
+            )
         };
         let (cgroup, warm) = match how.warm {
             Some(w) => (w.cgroup, Some(w.warm)),

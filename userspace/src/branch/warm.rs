@@ -7,13 +7,11 @@
 //! record); it is discarded when its branch is aborted or the daemon stops, and a daemon
 //! that starts removes whatever a crash left (cgroups and directories without a record).
 
-use std::path::PathBuf;
-
 use super::{Manager, mkdirs};
 use crate::{
     cgroup::{Cgroup, cgroup2_root},
     error::Result,
-    sandbox::{self, SandboxSpec, StackSpec},
+    sandbox::{self, SandboxSpec},
     state::branch_dir,
 };
 
@@ -46,28 +44,17 @@ impl Manager {
         let id = self.registry.next_id()?;
         let dir = branch_dir(&self.state, id);
         mkdirs(&dir, &["ws/upper", "ws/work", "tmp/upper", "tmp/work"])?;
-        let unused = StackSpec {
-            lowers: Vec::new(),
-            upper: PathBuf::new(),
-            work: PathBuf::new(),
-        };
+        // Its overlays are mounted when a fork takes it (`deferred`).
         let spec = SandboxSpec {
-            workspace: p.workspace.clone(),
-            workspace_stack: unused.clone(),
-            tmp_stack: unused,
-            control: dir.join("control.sock"),
-            command: Vec::new(),
-            log: dir.join("command.log"),
-            hidden: self.hidden.clone(),
             nest_in: Some(p.init_pid),
             deferred: Some(self.state.clone()),
-            net_isolated: p.net_isolated,
-            file_mounts: p
-                .policy
-                .as_ref()
-                .map(crate::policy::Policy::file_mounts)
-                .unwrap_or_default(),
-            defer: p.policy.as_ref().is_some_and(crate::policy::Policy::defers),
+            ..SandboxSpec::for_branch(
+                &dir,
+                p.workspace.clone(),
+                self.hidden.clone(),
+                p.net_isolated,
+                p.policy.as_ref(),
+            )
         };
         let cgroup = Cgroup::create(&format!("branch-{}-{id}", self.instance))?;
         match sandbox::start_warm(&self.bin, &spec, &dir.join("spec.json"), &cgroup) {

@@ -89,7 +89,47 @@ pub struct StackSpec {
     pub work: PathBuf,
 }
 
+impl SandboxSpec {
+    /// The sandbox of a branch whose directory is `dir`: its command log and control socket
+    /// there, overlays with empty lowers on `dir`'s upper and work directories, no command,
+    /// not nested, not pre-started; what `policy` asks (file mounts, the defer listener).
+    /// Callers set the rest with struct update syntax.
+    pub fn for_branch(
+        dir: &Path,
+        workspace: PathBuf,
+        hidden: Vec<PathBuf>,
+        net_isolated: bool,
+        policy: Option<&crate::policy::Policy>,
+    ) -> SandboxSpec {
+        SandboxSpec {
+            workspace,
+            workspace_stack: StackSpec::in_dir(dir, "ws"),
+            tmp_stack: StackSpec::in_dir(dir, "tmp"),
+            control: dir.join("control.sock"),
+            command: Vec::new(),
+            log: dir.join("command.log"),
+            hidden,
+            nest_in: None,
+            deferred: None,
+            net_isolated,
+            file_mounts: policy
+                .map(crate::policy::Policy::file_mounts)
+                .unwrap_or_default(),
+            defer: policy.is_some_and(crate::policy::Policy::defers),
+        }
+    }
+}
+
 impl StackSpec {
+    /// An overlay with no lowers on `dir/<name>/upper` and `dir/<name>/work`.
+    pub fn in_dir(dir: &Path, name: &str) -> StackSpec {
+        StackSpec {
+            lowers: Vec::new(),
+            upper: dir.join(name).join("upper"),
+            work: dir.join(name).join("work"),
+        }
+    }
+
     pub fn stack(&self) -> Stack {
         Stack {
             lowers: self.lowers.clone(),
