@@ -101,6 +101,18 @@ fn refused(program: &str, what: &str) -> impl FnOnce(ProgramError) -> Error {
     }
 }
 
+/// A link as one that can be pinned, or why this kernel cannot make one.
+fn pinnable(
+    prog: &str,
+    link: std::result::Result<FdLink, aya::programs::links::LinkError>,
+) -> Result<FdLink> {
+    link.map_err(|e| {
+        Error::Btf(format!(
+            "{prog}: this kernel cannot make a pinnable link: {e}"
+        ))
+    })
+}
+
 fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> Error {
     move |source| Error::Map {
         name,
@@ -171,11 +183,7 @@ impl Probe {
                 .tracepoint(prog)
                 .take_link(id)
                 .map_err(refused(prog, "pin"))?;
-            links.push(FdLink::try_from(link).map_err(|e| {
-                Error::Btf(format!(
-                    "{prog}: this kernel cannot make a pinnable link: {e}"
-                ))
-            })?);
+            links.push(pinnable(prog, FdLink::try_from(link))?);
         }
         for (prog, id) in std::mem::take(&mut self.raw_links) {
             let raw: &mut RawTracePoint = self
@@ -191,11 +199,7 @@ impl Probe {
                 .sock_program(prog)
                 .take_link(id)
                 .map_err(refused(prog, "pin"))?;
-            links.push(FdLink::try_from(link).map_err(|e| {
-                Error::Btf(format!(
-                    "{prog}: this kernel cannot make a pinnable link: {e}"
-                ))
-            })?);
+            links.push(pinnable(prog, FdLink::try_from(link))?);
         }
         for (n, link) in links.into_iter().enumerate() {
             let pinned: PinnedLink = link
