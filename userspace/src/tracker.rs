@@ -332,7 +332,11 @@ pub struct ProxyDirectory(pub Arc<Tracker>);
 
 impl crate::effects::proxy::Directory for ProxyDirectory {
     fn redirect(&self, slot: u32) -> Option<(u64, std::net::SocketAddr)> {
-        let r = self.0.probe().redirect(slot).ok()?;
+        let mut probe = self.0.probe();
+        let r = probe.redirect(slot).ok()?;
+        // Read once: a later connection from that source address (a process binding it on
+        // purpose) finds nothing.
+        let _ = probe.clear_redirect(slot);
         (r.cgroup != 0).then(|| {
             (
                 r.cgroup,
