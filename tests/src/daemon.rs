@@ -39,6 +39,12 @@ impl Daemon {
             .arg(&state)
             .arg("--socket")
             .arg(&socket)
+            // Many test daemons run at once: each its own metrics port unless told.
+            .args(if args.contains(&"--metrics-addr") {
+                &[][..]
+            } else {
+                &["--metrics-addr", "127.0.0.1:0"][..]
+            })
             .args(args)
             .stderr(Stdio::from(
                 std::fs::OpenOptions::new()
@@ -64,6 +70,13 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(20));
         }
         d
+    }
+
+    /// Where this daemon serves `/metrics` (from `forkscope status --json`).
+    pub fn metrics_addr(&self) -> Option<String> {
+        let out = self.cli(&["status", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        v["metrics_addr"].as_str().map(str::to_string)
     }
 
     pub fn cli(&self, args: &[&str]) -> Output {

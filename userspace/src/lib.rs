@@ -29,6 +29,7 @@ pub mod error;
 pub mod events;
 pub mod inject;
 pub mod layers;
+pub mod metrics;
 pub mod policy;
 pub mod procfork;
 pub mod sandbox;

@@ -38,6 +38,8 @@ struct Sinks {
     resolver: Resolver,
     /// Events from cgroups no branch owns any more (a branch aborted with events in flight).
     unattributed: u64,
+    /// Events written to traces, by kind (for the metrics).
+    kinds: HashMap<std::borrow::Cow<'static, str>, u64>,
 }
 
 /// Events written per hold of the sinks' lock, so tracking a new branch never waits long.
@@ -104,6 +106,7 @@ impl Tracker {
             sinks: Arc::new(Mutex::new(Sinks {
                 files: HashMap::new(),
                 resolver: Resolver::new(),
+                kinds: HashMap::new(),
                 unattributed: 0,
             })),
             stop: Arc::new(AtomicBool::new(false)),
@@ -176,6 +179,15 @@ impl Tracker {
     pub fn policy(&self, id: u64) -> Option<crate::policy::Policy> {
         let all = self.policies.lock().unwrap_or_else(|p| p.into_inner());
         all.get(&id).cloned()
+    }
+
+    /// Events written to traces since the tracer started, by kind.
+    pub fn event_counts(&self) -> HashMap<String, u64> {
+        self.sinks()
+            .kinds
+            .iter()
+            .map(|(k, n)| (k.to_string(), *n))
+            .collect()
     }
 
     /// Lets thread `tid`'s deferred call to `ip`:`port` through the hooks, once (see
@@ -307,6 +319,12 @@ fn read_loop(mut ring: RingBuf<MapData>, sinks: &Mutex<Sinks>, stop: &AtomicBool
                 };
                 match s.files.get_mut(&cgroup) {
                     Some((_, out)) => {
+                        match s.kinds.get_mut(&ev.kind) {
+                            Some(n) => *n += 1,
+                            None => {
+                                s.kinds.insert(ev.kind.clone(), 1);
+                            }
+                        }
                         let ok = serde_json::to_writer(&mut *out, &ev).is_ok()
                             && out.write_all(b"\n").is_ok();
                         if !ok {

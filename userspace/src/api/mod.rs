@@ -60,6 +60,9 @@ pub struct Status {
     /// The per-branch tracer's counters (absent with `--no-trace`).
     #[serde(default)]
     pub trace: Option<TraceStatus>,
+    /// Where Prometheus scrapes `/metrics` (absent: not served).
+    #[serde(default)]
+    pub metrics_addr: Option<String>,
 }
 
 /// The daemon tracer's counters since it started.

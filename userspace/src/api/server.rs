@@ -26,6 +26,9 @@ use crate::{
 struct App {
     manager: Arc<Mutex<Manager>>,
     state_dir: PathBuf,
+    metrics: Arc<crate::metrics::Metrics>,
+    /// Where `/metrics` is served, if it is.
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// Who is on the other end of a connection (SO_PEERCRED).
@@ -108,6 +111,7 @@ async fn status(
         state_dir: dir,
         branches: n,
         trace,
+        metrics_addr: app.metrics_addr.map(|a| a.to_string()),
     }))
 }
 
@@ -193,7 +197,10 @@ async fn fork(
         body(&bytes)?
     };
     let parent = name.clone();
+    let t = std::time::Instant::now();
     let made = with_manager(&app, &peer, move |m| m.fork(&name, &req)).await?;
+    app.metrics.fork_seconds.observe(t.elapsed().as_secs_f64());
+    app.metrics.fork_phases(&made.phases);
     prewarm(&app, parent);
     Ok((StatusCode::CREATED, Json(made)).into_response())
 }
@@ -242,7 +249,11 @@ async fn commit(
     } else {
         body(&bytes)?
     };
+    let t = std::time::Instant::now();
     let done = with_manager(&app, &peer, move |m| m.commit(&name, &req)).await?;
+    app.metrics
+        .commit_seconds
+        .observe(t.elapsed().as_secs_f64());
     Ok(Json(done).into_response())
 }
 
@@ -324,6 +335,8 @@ async fn abort(
     RawQuery(query): RawQuery,
 ) -> ApiResult<StatusCode> {
     let recursive = query_flag(query.as_deref(), "recursive");
+    let t = std::time::Instant::now();
+    let metrics = app.metrics.clone();
     with_manager(&app, &peer, move |m| {
         if recursive {
             m.abort_tree(&name).map(|_| ())
@@ -332,6 +345,7 @@ async fn abort(
         }
     })
     .await?;
+    metrics.abort_seconds.observe(t.elapsed().as_secs_f64());
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -348,6 +362,36 @@ pub struct ServeOptions {
     pub socket_group: Option<String>,
     /// Where the recording proxy for `buffer` rules listens.
     pub proxy_addr: std::net::SocketAddrV4,
+    /// Where Prometheus scrapes `/metrics` (none: not served).
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Per-branch metric series allowed (0: none).
+    pub metrics_branch_labels: usize,
+}
+
+/// `GET /metrics`: the figures read now (see [`crate::metrics`]).
+async fn serve_metrics(State(app): State<App>) -> Response {
+    let (manager, m) = (app.manager.clone(), app.metrics.clone());
+    let rendered = tokio::task::spawn_blocking(move || {
+        let snap = manager
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .metrics_snapshot();
+        m.refresh(&snap);
+        m.render()
+    })
+    .await;
+    match rendered {
+        Ok(Ok(text)) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
 }
 
 /// Serves the API for the branches of `opts.state_dir` on `opts.socket` until `shutdown`
@@ -374,6 +418,16 @@ pub async fn serve(
         ),
         None => None,
     };
+    // Bound first: an address in use fails before anything else is made.
+    let metrics_listener = match opts.metrics_addr {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            Error::Invalid(format!(
+                "the metrics address {addr} cannot be used: {e} (another daemon there? choose another with --metrics-addr, or --metrics-addr off)"
+            ))
+        })?),
+        None => None,
+    };
+    let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
     let mut manager = Manager::open(state_dir, forkscope_bin)?;
     if !opts.trace
         && let Some(b) = manager.list()?.into_iter().find(|b| {
@@ -448,10 +502,26 @@ pub async fn serve(
     };
     std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(mode))
         .at(socket)?;
+    let metrics = Arc::new(crate::metrics::Metrics::new(opts.metrics_branch_labels)?);
+    // The kernel counts the eBPF programs' run time while this is open.
+    let _bpf_stats = tracker.as_ref().and_then(|_| crate::bpf::enable_stats());
     let app = App {
         manager: Arc::new(Mutex::new(manager)),
         state_dir: state_dir.to_path_buf(),
+        metrics,
+        metrics_addr,
     };
+    if let Some(l) = metrics_listener {
+        let router = Router::new()
+            .route("/metrics", get(serve_metrics))
+            .with_state(app.clone());
+        log::info!("metrics on http://{}/metrics", metrics_addr.expect("bound"));
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(l, router).await {
+                log::warn!("the metrics server stopped: {e}");
+            }
+        });
+    }
     let app_for_shutdown = app.clone();
     let router = Router::new()
         .route("/v1/status", get(status))

@@ -59,6 +59,32 @@ pub const MAPS: &[&str] = &[
     "DEFER_PASSES",
 ];
 
+/// Run time (ns) and run count of every loaded program named like one of forkscope's (the
+/// kernel keeps 15 characters of a name), summed per name: the kernel counts only while
+/// BPF stats are on (see [`enable_stats`]). Programs of every forkscope daemon on the host
+/// are counted together.
+pub fn program_stats() -> Vec<(String, u64, u64)> {
+    let mut out: Vec<(String, u64, u64)> = PROGRAMS.iter().map(|p| (p.to_string(), 0, 0)).collect();
+    for info in aya::programs::loaded_programs().flatten() {
+        let Some(name) = info.name_as_str() else {
+            continue;
+        };
+        if let Some(e) = out.iter_mut().find(|(p, _, _)| {
+            !name.is_empty() && p.starts_with(name) && name.len() >= p.len().min(15)
+        }) {
+            e.1 += info.run_time().as_nanos() as u64;
+            e.2 += info.run_count();
+        }
+    }
+    out
+}
+
+/// Switches the kernel's BPF run-time statistics on for as long as the returned descriptor
+/// is open.
+pub fn enable_stats() -> Option<std::os::fd::OwnedFd> {
+    aya::sys::enable_stats(aya::sys::Stats::RunTime).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -400,6 +400,36 @@ impl Manager {
         Ok(())
     }
 
+    /// What a metrics scrape reads (see [`crate::metrics`]).
+    pub fn metrics_snapshot(&self) -> crate::metrics::Snapshot {
+        let mut snap = crate::metrics::Snapshot::default();
+        if let Ok(list) = self.list() {
+            snap.branches = list
+                .into_iter()
+                .map(|b| {
+                    let state = if b.record.frozen {
+                        "frozen".to_string()
+                    } else {
+                        b.status.clone()
+                    };
+                    (b.record.name, state, b.private_bytes.unwrap_or(0))
+                })
+                .collect();
+        }
+        if let Some(t) = &self.tracker {
+            snap.events = t.event_counts();
+            snap.lost_events = t.stats().map(|(s, _)| s.lost).unwrap_or(0);
+            snap.programs = crate::bpf::program_stats();
+        }
+        if let Some(j) = &self.effects {
+            snap.effects = j.counts().unwrap_or_default();
+        }
+        if let Some(d) = &self.deferrals {
+            snap.deferred = d.deferred_total();
+        }
+        snap
+    }
+
     /// The side effects recorded for branch `name`, oldest first.
     pub fn effects(&self, name: &str) -> Result<Vec<crate::effects::Effect>> {
         let b = self.get(name)?;

@@ -23,6 +23,25 @@ pub struct DaemonArgs {
     /// free port).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
     proxy_addr: std::net::SocketAddrV4,
+    /// Where Prometheus scrapes `/metrics` (`off`: not served).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9633", value_parser = metrics_addr)]
+    metrics_addr: MetricsAddr,
+    /// Export per-branch series (labelled `branch`), for at most N branches.
+    #[arg(long, value_name = "N", default_value_t = 0, num_args = 0..=1, default_missing_value = "100")]
+    metrics_branch_labels: usize,
+}
+
+/// `--metrics-addr`: an address, or off.
+#[derive(Clone, Copy, Debug)]
+struct MetricsAddr(Option<std::net::SocketAddr>);
+
+fn metrics_addr(s: &str) -> Result<MetricsAddr, String> {
+    if s == "off" {
+        return Ok(MetricsAddr(None));
+    }
+    s.parse()
+        .map(|a| MetricsAddr(Some(a)))
+        .map_err(|e| format!("{s:?}: {e} (give HOST:PORT such as 127.0.0.1:9633, or off)"))
 }
 
 pub fn run(args: DaemonArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
@@ -45,6 +64,8 @@ pub fn run(args: DaemonArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
             trace: !args.no_trace,
             socket_group: args.socket_group.clone(),
             proxy_addr: args.proxy_addr,
+            metrics_addr: args.metrics_addr.0,
+            metrics_branch_labels: args.metrics_branch_labels,
         };
         forkscope::api::server::serve(&opts, stop).await?;
         anyhow::Ok(())

@@ -7,10 +7,18 @@ use hyper::Method;
 
 /// Show the daemon's status.
 #[derive(Args)]
-pub struct StatusArgs {}
+pub struct StatusArgs {
+    /// Print the status as JSON.
+    #[arg(long)]
+    json: bool,
+}
 
-pub fn run(_args: StatusArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
+pub fn run(args: StatusArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
     let s = super::client::call(&socket, Method::GET, "/v1/status", None)?;
+    if args.json {
+        println!("{s}");
+        return Ok(ExitCode::SUCCESS);
+    }
     println!(
         "forkscope daemon {} on {}: {} live branches, state in {}",
         s["version"].as_str().unwrap_or("?"),
@@ -24,6 +32,10 @@ pub fn run(_args: StatusArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
             t["events"], t["lost"], t["unattributed"]
         ),
         None => println!("not tracing branches (daemon started with --no-trace)"),
+    }
+    match s["metrics_addr"].as_str() {
+        Some(a) => println!("metrics on http://{a}/metrics"),
+        None => println!("no metrics (daemon started with --metrics-addr off)"),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -111,6 +111,8 @@ struct Inner {
     grant: Grant,
     held: Mutex<Vec<HeldCall>>,
     passes: Mutex<Vec<Pass>>,
+    /// Calls held since the daemon started.
+    deferred: std::sync::atomic::AtomicU64,
     listeners: Mutex<HashMap<u32, Arc<OwnedFd>>>,
 }
 
@@ -123,6 +125,7 @@ impl Deferrals {
                 grant,
                 held: Mutex::new(Vec::new()),
                 passes: Mutex::new(Vec::new()),
+                deferred: std::sync::atomic::AtomicU64::new(0),
                 listeners: Mutex::new(HashMap::new()),
             }),
         }
@@ -167,6 +170,13 @@ impl Deferrals {
             .spawn(move || inner.serve(init, listener))
             .map_err(Error::Other)?;
         Ok(())
+    }
+
+    /// Calls held since the daemon started.
+    pub fn deferred_total(&self) -> u64 {
+        self.inner
+            .deferred
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Lets every call held for the branch with cgroup id `cgroup` go on (its commit).
@@ -383,9 +393,12 @@ impl Inner {
         };
         let recorded = match again {
             Some(effect) => self.journal.set_payload(effect, &payload).map(|()| effect),
-            None => self
-                .journal
-                .record(cgroup, "defer", &ip.to_string(), port, call, &payload),
+            None => {
+                self.deferred
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.journal
+                    .record(cgroup, "defer", &ip.to_string(), port, call, &payload)
+            }
         };
         match recorded {
             Ok(effect) => held.push(HeldCall {

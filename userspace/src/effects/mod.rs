@@ -247,6 +247,20 @@ impl Journal {
         Ok(out)
     }
 
+    /// How many effects there are of each (kind, state).
+    pub fn counts(&self) -> Result<std::collections::HashMap<(String, String), u64>> {
+        let db = self.db();
+        let mut q = db
+            .prepare("SELECT kind, state, count(*) FROM effects GROUP BY kind, state")
+            .map_err(db_err)?;
+        let rows = q
+            .query_map([], |r| {
+                Ok(((r.get(0)?, r.get(1)?), r.get::<_, i64>(2)? as u64))
+            })
+            .map_err(db_err)?;
+        rows.collect::<std::result::Result<_, _>>().map_err(db_err)
+    }
+
     /// Forgets the effects of every branch whose cgroup id is not in `live` (their branches
     /// are gone, after a reboot for instance, and cgroup ids are used again).
     pub fn retain(&self, live: &[u64]) -> Result<usize> {
