@@ -169,3 +169,214 @@ fn a_metrics_address_in_use_is_a_clear_error() {
     );
     assert!(!dir.path().join("api.sock").exists());
 }
+
+/// GET http://ADDR{path}; returns (status line, body).
+fn get(addr: &str, path: &str) -> (String, String) {
+    let mut c = TcpStream::connect(addr).expect("the server answers");
+    write!(
+        c,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = Vec::new();
+    c.read_to_end(&mut text).unwrap();
+    let text = String::from_utf8_lossy(&text).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    // Prometheus answers small bodies in one piece, larger ones chunked.
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        let mut out = String::new();
+        let mut rest = body;
+        while let Some((size, after)) = rest.split_once("\r\n") {
+            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            out.push_str(&after[..n]);
+            rest = &after[n + 2..];
+        }
+        out
+    } else {
+        body.to_string()
+    };
+    (head.lines().next().unwrap_or("").to_string(), body)
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Every `"expr"` of the dashboards, with Grafana's variables substituted.
+fn dashboard_queries() -> Vec<(String, String)> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../dashboards/grafana");
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(&dir).unwrap().flatten() {
+        let d: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(e.path()).unwrap()).unwrap();
+        for p in d["panels"].as_array().unwrap() {
+            for t in p["targets"].as_array().unwrap() {
+                let expr = t["expr"]
+                    .as_str()
+                    .unwrap()
+                    .replace("$__rate_interval", "1m")
+                    .replace("$__range", "1h")
+                    .replace("$instance", ".*")
+                    .replace("$branch", ".*");
+                out.push((format!("{} / {}", d["title"], p["title"]), expr));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_real_prometheus_scrapes_the_daemon_and_every_dashboard_and_alert_query_reads_data() {
+    require_root();
+    let dir = TempDir::new("metrics-prom");
+    let ws = dir.path().join("ws");
+    std::fs::create_dir_all(&ws).unwrap();
+    let d = Daemon::start_full(
+        dir.path(),
+        &dir.path().join("api.sock"),
+        &[],
+        &["--metrics-branch-labels", "10"],
+    );
+    let target = d.metrics_addr().unwrap();
+    let alerts = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../dashboards/alerts.yml");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let web = format!("127.0.0.1:{port}");
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: forkscope\n    static_configs:\n      - targets: [\"{target}\"]\n",
+            alerts.display()
+        ),
+    )
+    .unwrap();
+    let mut prom = Command::new("prometheus")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("tsdb").display()
+        ))
+        .arg(format!("--web.listen-address={web}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("prometheus is installed by scripts/setup");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let start = std::time::Instant::now();
+    while !std::net::TcpStream::connect(&web).is_ok_and(|_| get(&web, "/-/ready").0.contains("200"))
+    {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "prometheus starts"
+        );
+        assert!(prom.try_wait().unwrap().is_none(), "prometheus exited");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _prom = Kill(prom);
+    // Its first scrape comes once service discovery settles (a few seconds).
+    let start = std::time::Instant::now();
+    while !get(&web, "/api/v1/query?query=up").1.contains("\"1\"]") {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "prometheus scrapes the daemon"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // Work for it to see: files, a connection, processes, forks, a commit, an abort.
+    let ws_s = ws.to_str().unwrap();
+    d.ok(&[
+        "run",
+        "--name",
+        "root",
+        "--workspace",
+        ws_s,
+        "--",
+        "sleep",
+        "1000",
+    ]);
+    d.ok(&[
+        "exec",
+        "root",
+        "--",
+        "python3",
+        "-c",
+        "import socket\nopen('f', 'w').write('x')\ns = socket.socket()\ntry:\n    s.connect(('127.0.0.1', 9))\nexcept OSError:\n    pass",
+    ]);
+    for i in 0..3 {
+        d.ok(&["fork", "root", "--name", &format!("k{i}")]);
+    }
+    d.ok(&["exec", "k0", "--", "sh", "-c", "echo y > f"]);
+    d.ok(&["commit", "k0"]);
+    d.ok(&["abort", "k2"]);
+    // Several scrapes after the work, so that rates over a minute have two samples.
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    let mut empty = Vec::new();
+    for (what, expr) in dashboard_queries() {
+        let (status, body) = get(&web, &format!("/api/v1/query?query={}", urlencode(&expr)));
+        assert!(status.contains("200"), "{what}: {expr}: {status} {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["status"], "success", "{what}: {expr}: {body}");
+        if v["data"]["result"].as_array().is_none_or(|r| r.is_empty()) {
+            empty.push(format!("{what}: {expr}"));
+        }
+    }
+    assert!(
+        empty.is_empty(),
+        "queries with no data:\n{}\nprometheus's targets: {}",
+        empty.join("\n"),
+        get(&web, "/api/v1/targets").1
+    );
+    // Every alert expression parses, and every series it reads exists.
+    let rules = std::fs::read_to_string(&alerts).unwrap();
+    for line in rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("expr: "))
+    {
+        let (status, body) = get(&web, &format!("/api/v1/query?query={}", urlencode(line)));
+        assert!(status.contains("200"), "alert {line}: {body}");
+        for name in line
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("forkscope_"))
+        {
+            let (_, body) = get(&web, &format!("/api/v1/series?match[]={name}"));
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert!(
+                v["data"].as_array().is_some_and(|s| !s.is_empty()),
+                "alert {line}: no series {name}"
+            );
+        }
+    }
+    let out = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&alerts)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

@@ -40,6 +40,8 @@ pub struct Snapshot {
     pub effects: HashMap<(String, String), u64>,
     /// Calls held by `defer` rules since the daemon started.
     pub deferred: u64,
+    /// Age of the oldest effect still held (seconds), if any.
+    pub oldest_held_s: Option<f64>,
     /// (program, run time in ns, runs) of forkscope's eBPF programs.
     pub programs: Vec<(String, u64, u64)>,
 }
@@ -61,6 +63,7 @@ pub struct Metrics {
     events: IntCounterVec,
     lost_events: IntCounter,
     effects: IntGaugeVec,
+    oldest_held: prometheus::Gauge,
     decisions: IntCounterVec,
     bpf_run_time: CounterVec,
     bpf_runs: IntCounterVec,
@@ -132,6 +135,11 @@ impl Metrics {
             &["kind", "state"],
         )
         .map_err(err)?;
+        let oldest_held = prometheus::Gauge::new(
+            "forkscope_side_effect_oldest_held_age_seconds",
+            "Age of the oldest side effect still waiting for its branch's commit (0: none).",
+        )
+        .map_err(err)?;
         let decisions = IntCounterVec::new(
             Opts::new(
                 "forkscope_policy_decisions_total",
@@ -184,6 +192,7 @@ impl Metrics {
             Box::new(events.clone()),
             Box::new(lost_events.clone()),
             Box::new(effects.clone()),
+            Box::new(oldest_held.clone()),
             Box::new(decisions.clone()),
             Box::new(bpf_run_time.clone()),
             Box::new(bpf_runs.clone()),
@@ -211,6 +220,7 @@ impl Metrics {
             events,
             lost_events,
             effects,
+            oldest_held,
             decisions,
             bpf_run_time,
             bpf_runs,
@@ -287,6 +297,7 @@ impl Metrics {
                 .with_label_values(&[kind.as_str(), state.as_str()])
                 .set(*n as i64);
         }
+        self.oldest_held.set(s.oldest_held_s.unwrap_or(0.0));
         for (prog, ns, runs) in &s.programs {
             let d = self.delta(format!("bpf_ns/{prog}"), *ns);
             self.bpf_run_time

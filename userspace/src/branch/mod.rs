@@ -423,6 +423,7 @@ impl Manager {
         }
         if let Some(j) = &self.effects {
             snap.effects = j.counts().unwrap_or_default();
+            snap.oldest_held_s = j.oldest_held_s().unwrap_or(None);
         }
         if let Some(d) = &self.deferrals {
             snap.deferred = d.deferred_total();

@@ -247,6 +247,19 @@ impl Journal {
         Ok(out)
     }
 
+    /// Age in seconds of the oldest effect still held, if any.
+    pub fn oldest_held_s(&self) -> Result<Option<f64>> {
+        let oldest: Option<i64> = self
+            .db()
+            .query_row(
+                "SELECT min(created_ms) FROM effects WHERE state = 'held'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(db_err)?;
+        Ok(oldest.map(|ms| now_ms().saturating_sub(ms as u64) as f64 / 1000.0))
+    }
+
     /// How many effects there are of each (kind, state).
     pub fn counts(&self) -> Result<std::collections::HashMap<(String, String), u64>> {
         let db = self.db();
