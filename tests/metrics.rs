@@ -148,6 +148,75 @@ fn the_exporter_counts_every_operation_and_passes_promtool() {
 }
 
 #[test]
+fn scrapes_during_a_fork_storm_see_correct_figures_and_never_stall_the_daemon() {
+    require_root();
+    let dir = TempDir::new("metrics-storm");
+    let ws = dir.path().join("ws");
+    std::fs::create_dir_all(&ws).unwrap();
+    let d = Daemon::start(dir.path());
+    let addr = d.metrics_addr().unwrap();
+    d.ok(&[
+        "run",
+        "--name",
+        "root",
+        "--workspace",
+        ws.to_str().unwrap(),
+        "--",
+        "sleep",
+        "1000",
+    ]);
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let scraper = {
+        let (done, addr) = (done.clone(), addr.clone());
+        std::thread::spawn(move || {
+            let mut counts = Vec::new();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let m = scrape(&addr);
+                counts.push(value(&m, "forkscope_fork_duration_seconds_count").unwrap_or(0.0));
+            }
+            counts
+        })
+    };
+    for i in 0..10 {
+        d.ok(&["fork", "root", "--name", &format!("s{i}")]);
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let counts = scraper.join().unwrap();
+    assert!(!counts.is_empty());
+    // Never backwards, never beyond what happened; after the storm, exactly 10.
+    assert!(counts.windows(2).all(|w| w[0] <= w[1]), "{counts:?}");
+    assert!(counts.iter().all(|c| *c <= 10.0), "{counts:?}");
+    assert_eq!(
+        value(&scrape(&addr), "forkscope_fork_duration_seconds_count"),
+        Some(10.0)
+    );
+    assert_eq!(
+        value(&scrape(&addr), "forkscope_branches{state=\"running\"}"),
+        Some(11.0)
+    );
+}
+
+#[test]
+fn an_unwritable_state_directory_is_a_clear_error() {
+    require_root();
+    let dir = TempDir::new("metrics-rostate");
+    let out = Command::new(forkscope_tests::forkscope())
+        .args(["daemon", "--state-dir", "/proc/forkscope-state"])
+        .arg("--socket")
+        .arg(dir.path().join("api.sock"))
+        .args(["--metrics-addr", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("/proc/forkscope-state") && err.contains("writable --state-dir"),
+        "{err}"
+    );
+    assert!(!dir.path().join("api.sock").exists());
+}
+
+#[test]
 fn a_metrics_address_in_use_is_a_clear_error() {
     require_root();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -12,7 +12,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::{
     branch::BranchRecord,
-    error::{Error, IoContext, Result},
+    error::{Error, Result},
 };
 
 /// The registry of live branches.
@@ -28,14 +28,20 @@ fn db_err(e: rusqlite::Error) -> Error {
 impl Registry {
     /// Opens (creating if needed) the registry in `dir`, taking its lock.
     pub fn open(dir: &Path) -> Result<Self> {
-        fs::create_dir_all(dir).at(dir)?;
+        let unusable = |e: std::io::Error| {
+            Error::Invalid(format!(
+                "the state directory {} cannot be used: {e} (give a writable --state-dir)",
+                dir.display()
+            ))
+        };
+        fs::create_dir_all(dir).map_err(unusable)?;
         let lock_path = dir.join("lock");
         let lock = fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&lock_path)
-            .at(&lock_path)?;
+            .map_err(unusable)?;
         // SAFETY: flock on a descriptor we own.
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             return Err(Error::State(format!(
