@@ -105,6 +105,12 @@ effects = dash("forkscope-side-effects", "forkscope: side effects", [
           [f"sum(rate({q('forkscope_events_total', 'kind=~' + chr(34) + c + chr(34))}{RATE}))"
            for c in ("file_.*", "net_.*", "proc_.*")],
           6, 8, w=18, unit="ops", legend=["files", "network", "processes"]),
+    panel(6, "Side effects held per branch", "timeseries",
+          [f"sum by (branch) ({q('forkscope_branch_side_effects', 'branch=~' + chr(34) + '$branch' + chr(34) + ', state=' + chr(34) + 'held' + chr(34))})"],
+          0, 24, unit="short", legend=["{{branch}}"]),
+    panel(7, "Traced events per branch", "timeseries",
+          [f"sum by (branch) ({q('forkscope_branch_events', 'branch=~' + chr(34) + '$branch' + chr(34))})"],
+          12, 24, unit="short", legend=["{{branch}}"]),
     panel(5, "Private memory by branch", "timeseries",
           [f"sum by (branch) ({q('forkscope_branch_private_memory_bytes', 'branch=~' + chr(34) + '$branch' + chr(34))})"],
           0, 16, w=24, unit="bytes", legend=["{{branch}}"]),

@@ -125,6 +125,11 @@ fn the_exporter_counts_every_operation_and_passes_promtool() {
         m.contains("forkscope_branch_private_memory_bytes{branch=\"k1\"}"),
         "{m}"
     );
+    assert!(
+        value(&m, "forkscope_branch_events{branch=\"root\"}").is_some_and(|n| n > 0.0),
+        "{m}"
+    );
+    assert!(m.contains("forkscope_branch_side_effects{branch=\"k1\",state=\"held\"} 0"));
     // The format is valid for Prometheus.
     let f = dir.path().join("metrics.txt");
     std::fs::write(&f, &m).unwrap();

@@ -32,6 +32,10 @@ const LATENCY_BUCKETS: &[f64] = &[
 pub struct Snapshot {
     /// (name, state, private bytes) of every live branch.
     pub branches: Vec<(String, String, u64)>,
+    /// Per live branch (by name): events written to its trace, and its recorded side effects
+    /// by state.
+    pub branch_events: HashMap<String, u64>,
+    pub branch_effects: HashMap<(String, String), u64>,
     /// Events written to traces, by kind, since the tracer started.
     pub events: HashMap<String, u64>,
     /// Events the ring buffer dropped.
@@ -68,6 +72,8 @@ pub struct Metrics {
     bpf_run_time: CounterVec,
     bpf_runs: IntCounterVec,
     branch_private_bytes: IntGaugeVec,
+    branch_events: IntGaugeVec,
+    branch_effects: IntGaugeVec,
     /// Per-branch series allowed (0: none).
     branch_cap: usize,
     /// What counters last read from their sources, to add only the difference.
@@ -172,6 +178,22 @@ impl Metrics {
             &["branch"],
         )
         .map_err(err)?;
+        let branch_events = IntGaugeVec::new(
+            Opts::new(
+                "forkscope_branch_events",
+                "Events written to each branch's trace since the daemon started (only with --metrics-branch-labels; a gauge: branches come and go).",
+            ),
+            &["branch"],
+        )
+        .map_err(err)?;
+        let branch_effects = IntGaugeVec::new(
+            Opts::new(
+                "forkscope_branch_side_effects",
+                "Recorded side effects per branch and state (only with --metrics-branch-labels).",
+            ),
+            &["branch", "state"],
+        )
+        .map_err(err)?;
         let build = IntGaugeVec::new(
             Opts::new(
                 "forkscope_build_info",
@@ -197,6 +219,8 @@ impl Metrics {
             Box::new(bpf_run_time.clone()),
             Box::new(bpf_runs.clone()),
             Box::new(branch_private_bytes.clone()),
+            Box::new(branch_events.clone()),
+            Box::new(branch_effects.clone()),
             Box::new(build),
         ] {
             registry.register(c).map_err(err)?;
@@ -225,6 +249,8 @@ impl Metrics {
             bpf_run_time,
             bpf_runs,
             branch_private_bytes,
+            branch_events,
+            branch_effects,
             branch_cap,
             seen: Mutex::new(HashMap::new()),
         })
@@ -267,10 +293,26 @@ impl Metrics {
         self.private_bytes.set(private as i64);
         self.private_pages.set((private / page) as i64);
         self.branch_private_bytes.reset();
+        self.branch_events.reset();
+        self.branch_effects.reset();
         for (name, _, bytes) in s.branches.iter().take(self.branch_cap) {
             self.branch_private_bytes
                 .with_label_values(&[name.as_str()])
                 .set(*bytes as i64);
+            let events = s.branch_events.get(name).copied().unwrap_or(0);
+            self.branch_events
+                .with_label_values(&[name.as_str()])
+                .set(events as i64);
+            for state in ["held", "done", "failed"] {
+                let n = s
+                    .branch_effects
+                    .get(&(name.clone(), state.to_string()))
+                    .copied()
+                    .unwrap_or(0);
+                self.branch_effects
+                    .with_label_values(&[name.as_str(), state])
+                    .set(n as i64);
+            }
         }
         for (kind, n) in &s.events {
             let d = self.delta(format!("events/{kind}"), *n);

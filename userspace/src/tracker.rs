@@ -40,6 +40,8 @@ struct Sinks {
     unattributed: u64,
     /// Events written to traces, by kind (for the metrics).
     kinds: HashMap<std::borrow::Cow<'static, str>, u64>,
+    /// Events written to traces, by cgroup (for the per-branch metrics).
+    per_cgroup: HashMap<u64, u64>,
 }
 
 /// Events written per hold of the sinks' lock, so tracking a new branch never waits long.
@@ -107,6 +109,7 @@ impl Tracker {
                 files: HashMap::new(),
                 resolver: Resolver::new(),
                 kinds: HashMap::new(),
+                per_cgroup: HashMap::new(),
                 unattributed: 0,
             })),
             stop: Arc::new(AtomicBool::new(false)),
@@ -190,6 +193,11 @@ impl Tracker {
             .collect()
     }
 
+    /// Events written to each cgroup's trace since the tracer started.
+    pub fn events_per_cgroup(&self) -> HashMap<u64, u64> {
+        self.sinks().per_cgroup.clone()
+    }
+
     /// Lets thread `tid`'s deferred call to `ip`:`port` through the hooks, once (see
     /// forkscope_common::policy::DeferPass).
     pub fn grant_defer(&self, tid: u32, ip: std::net::IpAddr, port: u16) -> Result<()> {
@@ -232,6 +240,7 @@ impl Tracker {
     /// file (after writing what was read).
     pub fn untrack(&self, id: u64) {
         let _ = self.probe().untrack(id);
+        self.sinks().per_cgroup.remove(&id);
         if let Some((_, mut out)) = self.sinks().files.remove(&id) {
             let _ = out.flush();
         }
@@ -319,6 +328,7 @@ fn read_loop(mut ring: RingBuf<MapData>, sinks: &Mutex<Sinks>, stop: &AtomicBool
                 };
                 match s.files.get_mut(&cgroup) {
                     Some((_, out)) => {
+                        *s.per_cgroup.entry(cgroup).or_insert(0) += 1;
                         match s.kinds.get_mut(&ev.kind) {
                             Some(n) => *n += 1,
                             None => {

@@ -403,7 +403,31 @@ impl Manager {
     /// What a metrics scrape reads (see [`crate::metrics`]).
     pub fn metrics_snapshot(&self) -> crate::metrics::Snapshot {
         let mut snap = crate::metrics::Snapshot::default();
-        if let Ok(list) = self.list() {
+        let list = self.list().unwrap_or_default();
+        // Branch names by cgroup id, for the per-branch series.
+        let names: std::collections::HashMap<u64, String> = list
+            .iter()
+            .filter_map(|b| {
+                Cgroup::open(&b.record.cgroup)
+                    .ok()
+                    .map(|c| (c.id(), b.record.name.clone()))
+            })
+            .collect();
+        if let Some(t) = &self.tracker {
+            for (cg, n) in t.events_per_cgroup() {
+                if let Some(name) = names.get(&cg) {
+                    snap.branch_events.insert(name.clone(), n);
+                }
+            }
+        }
+        if let Some(j) = &self.effects {
+            for ((cg, state), n) in j.counts_per_cgroup().unwrap_or_default() {
+                if let Some(name) = names.get(&cg) {
+                    snap.branch_effects.insert((name.clone(), state), n);
+                }
+            }
+        }
+        {
             snap.branches = list
                 .into_iter()
                 .map(|b| {

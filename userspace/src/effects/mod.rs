@@ -260,6 +260,23 @@ impl Journal {
         Ok(oldest.map(|ms| now_ms().saturating_sub(ms as u64) as f64 / 1000.0))
     }
 
+    /// How many effects there are of each (cgroup, state).
+    pub fn counts_per_cgroup(&self) -> Result<std::collections::HashMap<(u64, String), u64>> {
+        let db = self.db();
+        let mut q = db
+            .prepare("SELECT cgroup, state, count(*) FROM effects GROUP BY cgroup, state")
+            .map_err(db_err)?;
+        let rows = q
+            .query_map([], |r| {
+                Ok((
+                    (r.get::<_, i64>(0)? as u64, r.get(1)?),
+                    r.get::<_, i64>(2)? as u64,
+                ))
+            })
+            .map_err(db_err)?;
+        rows.collect::<std::result::Result<_, _>>().map_err(db_err)
+    }
+
     /// How many effects there are of each (kind, state).
     pub fn counts(&self) -> Result<std::collections::HashMap<(String, String), u64>> {
         let db = self.db();
