@@ -39,7 +39,7 @@ fn emit(hdr: EventHeader, child_pid: u32, exit_code: u32, filename: impl FnOnce(
 
 /// raw_tracepoint/sched_process_fork: args (struct task_struct *parent, *child).
 #[raw_tracepoint]
-pub fn sched_process_fork(ctx: RawTracePointContext) -> i32 {
+pub fn process_fork(ctx: RawTracePointContext) -> i32 {
     let _ = try_fork(&ctx);
     0
 }
@@ -64,7 +64,7 @@ fn try_fork(ctx: &RawTracePointContext) -> Option<()> {
 
 /// tracepoint/sched/sched_process_exec: `__data_loc char[] filename` at offset 8.
 #[tracepoint]
-pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
+pub fn process_exec(ctx: TracePointContext) -> u32 {
     let _ = try_exec(&ctx);
     0
 }
@@ -90,7 +90,7 @@ fn try_exec(ctx: &TracePointContext) -> Option<()> {
 
 /// tracepoint/sched/sched_process_exit: fires for every exiting thread.
 #[tracepoint]
-pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
+pub fn process_exit(ctx: TracePointContext) -> u32 {
     let _ = try_exit(&ctx);
     0
 }

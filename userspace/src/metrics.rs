@@ -2,7 +2,7 @@
 //!
 //! Operations record into histograms (atomic updates: recording never waits on anything a
 //! fork holds). Figures that live elsewhere are read when Prometheus scrapes ([`Metrics::
-//! refresh`]): branches by state and their private memory (the branch list), events by kind
+//! scrape`], outside the branch manager's lock but for one registry read): branches by state and their private memory (the branch list), events by kind
 //! and lost events (the tracer), held and recorded side effects by kind and state (the
 //! effects journal), the eBPF programs' run time and run count (the kernel's BPF stats,
 //! switched on while the daemon runs). Names follow Prometheus conventions: base units,
@@ -27,11 +27,14 @@ const LATENCY_BUCKETS: &[f64] = &[
     5.0, 10.0,
 ];
 
+/// How long a rendered scrape is served again to other scrapes.
+const FRESH: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// What a scrape reads from the rest of the daemon.
 #[derive(Default)]
 pub struct Snapshot {
-    /// (name, state, private bytes) of every live branch.
-    pub branches: Vec<(String, String, u64)>,
+    /// (name, state, private bytes, private pages) of every live branch.
+    pub branches: Vec<(String, String, u64, u64)>,
     /// Per live branch (by name): events written to its trace, and its recorded side effects
     /// by state.
     pub branch_events: HashMap<String, u64>,
@@ -72,8 +75,12 @@ pub struct Metrics {
     bpf_run_time: CounterVec,
     bpf_runs: IntCounterVec,
     branch_private_bytes: IntGaugeVec,
-    branch_events: IntGaugeVec,
+    branch_events: IntCounterVec,
     branch_effects: IntGaugeVec,
+    /// The branches with per-branch series at the last scrape.
+    branch_listed: Mutex<Vec<String>>,
+    /// The last scrape's text and when it was made.
+    last: Mutex<Option<(std::time::Instant, String)>>,
     /// Per-branch series allowed (0: none).
     branch_cap: usize,
     /// What counters last read from their sources, to add only the difference.
@@ -178,10 +185,10 @@ impl Metrics {
             &["branch"],
         )
         .map_err(err)?;
-        let branch_events = IntGaugeVec::new(
+        let branch_events = IntCounterVec::new(
             Opts::new(
-                "forkscope_branch_events",
-                "Events written to each branch's trace since the daemon started (only with --metrics-branch-labels; a gauge: branches come and go).",
+                "forkscope_branch_events_total",
+                "Events written to each branch's trace (only with --metrics-branch-labels; a branch's series goes with it).",
             ),
             &["branch"],
         )
@@ -251,6 +258,8 @@ impl Metrics {
             branch_private_bytes,
             branch_events,
             branch_effects,
+            branch_listed: Mutex::new(Vec::new()),
+            last: Mutex::new(None),
             branch_cap,
             seen: Mutex::new(HashMap::new()),
         })
@@ -271,38 +280,55 @@ impl Metrics {
         }
     }
 
-    /// Adds to counter `key` what its source counts beyond what was seen last.
+    /// What to add to counter `key` now that its source counts `now`: the increase since
+    /// last seen, or all of `now` if the source started again from zero (a daemon restart
+    /// of the tracer, say). Callers hold the scrape lock ([`Metrics::scrape`]).
     fn delta(&self, key: String, now: u64) -> u64 {
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         let last = seen.insert(key, now).unwrap_or(0);
-        now.saturating_sub(last)
+        if now >= last { now - last } else { now }
     }
 
     /// Brings the scraped figures up to date with `s`.
-    pub fn refresh(&self, s: &Snapshot) {
+    fn refresh(&self, s: &Snapshot) {
         self.branches.reset();
         for state in ["running", "frozen", "dead"] {
             self.branches.with_label_values(&[state]).set(0);
         }
-        let page = 4096;
-        let mut private = 0u64;
-        for (_, state, bytes) in &s.branches {
+        let (mut bytes, mut pages) = (0u64, 0u64);
+        for (_, state, b, p) in &s.branches {
             self.branches.with_label_values(&[state.as_str()]).inc();
-            private += bytes;
+            bytes += b;
+            pages += p;
         }
-        self.private_bytes.set(private as i64);
-        self.private_pages.set((private / page) as i64);
+        self.private_bytes.set(bytes as i64);
+        self.private_pages.set(pages as i64);
+        // Per-branch series: only the branches shown now (capped); a branch that went away
+        // takes its series with it.
         self.branch_private_bytes.reset();
-        self.branch_events.reset();
         self.branch_effects.reset();
-        for (name, _, bytes) in s.branches.iter().take(self.branch_cap) {
+        let shown: Vec<&String> = s
+            .branches
+            .iter()
+            .take(self.branch_cap)
+            .map(|b| &b.0)
+            .collect();
+        {
+            let mut listed = self.branch_listed.lock().unwrap_or_else(|p| p.into_inner());
+            for gone in listed.iter().filter(|n| !shown.contains(n)) {
+                let _ = self.branch_events.remove_label_values(&[gone.as_str()]);
+            }
+            *listed = shown.iter().map(|n| n.to_string()).collect();
+        }
+        for (name, _, bytes, _) in s.branches.iter().take(self.branch_cap) {
             self.branch_private_bytes
                 .with_label_values(&[name.as_str()])
                 .set(*bytes as i64);
             let events = s.branch_events.get(name).copied().unwrap_or(0);
+            let d = self.delta(format!("branch_events/{name}"), events);
             self.branch_events
                 .with_label_values(&[name.as_str()])
-                .set(events as i64);
+                .inc_by(d);
             for state in ["held", "done", "failed"] {
                 let n = s
                     .branch_effects
@@ -350,8 +376,25 @@ impl Metrics {
         }
     }
 
+    /// One scrape: `read` gathers the figures, which update the metrics, which are
+    /// rendered; all under one lock, so concurrent scrapes never interleave (a counter
+    /// moves forward once per increase). A scrape within [`FRESH`] of the last one gets
+    /// the same text without reading anything again.
+    pub fn scrape(&self, read: impl FnOnce() -> Snapshot) -> Result<String> {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, text)) = &*last
+            && at.elapsed() < FRESH
+        {
+            return Ok(text.clone());
+        }
+        self.refresh(&read());
+        let text = self.render()?;
+        *last = Some((std::time::Instant::now(), text.clone()));
+        Ok(text)
+    }
+
     /// The metrics in Prometheus's text format.
-    pub fn render(&self) -> Result<String> {
+    fn render(&self) -> Result<String> {
         let mut out = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut out)

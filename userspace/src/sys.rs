@@ -59,3 +59,28 @@ pub fn ensure_tracefs() -> Result<()> {
     )
     .map_err(|e| Error::NoTracefs(e.into()))
 }
+
+/// In a container with a cgroup namespace of its own (Kubernetes on cgroup v2) but the
+/// host's pid namespace, joins the host's cgroup namespace (pid 1's): the cgroups the daemon
+/// makes, and the processes it moves into them, must be the host's. Elsewhere (the same
+/// namespace as pid 1) it does nothing. Call it before any other thread starts.
+pub fn join_host_cgroup_namespace() {
+    let own = std::fs::read_link("/proc/self/ns/cgroup");
+    let host = std::fs::read_link("/proc/1/ns/cgroup");
+    let (Ok(own), Ok(host)) = (own, host) else {
+        return;
+    };
+    if own == host {
+        return;
+    }
+    let joined = std::fs::File::open("/proc/1/ns/cgroup").and_then(|f| {
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWCGROUP).map_err(std::io::Error::from)
+    });
+    match joined {
+        Ok(()) => log::info!("joined the host's cgroup namespace ({})", host.display()),
+        Err(e) => log::warn!(
+            "running in a cgroup namespace of its own ({}), and joining the host's failed: {e}; branches may fail to start",
+            own.display()
+        ),
+    }
+}

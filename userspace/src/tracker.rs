@@ -194,7 +194,7 @@ impl Tracker {
     }
 
     /// Events written to each cgroup's trace since the tracer started.
-    pub fn events_per_cgroup(&self) -> HashMap<u64, u64> {
+    pub fn event_counts_per_cgroup(&self) -> HashMap<u64, u64> {
         self.sinks().per_cgroup.clone()
     }
 
@@ -240,8 +240,9 @@ impl Tracker {
     /// file (after writing what was read).
     pub fn untrack(&self, id: u64) {
         let _ = self.probe().untrack(id);
-        self.sinks().per_cgroup.remove(&id);
-        if let Some((_, mut out)) = self.sinks().files.remove(&id) {
+        let mut sinks = self.sinks();
+        sinks.per_cgroup.remove(&id);
+        if let Some((_, mut out)) = sinks.files.remove(&id) {
             let _ = out.flush();
         }
     }

@@ -29,6 +29,8 @@ struct App {
     metrics: Arc<crate::metrics::Metrics>,
     /// Where `/metrics` is served, if it is.
     metrics_addr: Option<std::net::SocketAddr>,
+    /// One scrape at a time.
+    scraping: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Who is on the other end of a connection (SO_PEERCRED).
@@ -197,10 +199,17 @@ async fn fork(
         body(&bytes)?
     };
     let parent = name.clone();
-    let t = std::time::Instant::now();
-    let made = with_manager(&app, &peer, move |m| m.fork(&name, &req)).await?;
-    app.metrics.fork_seconds.observe(t.elapsed().as_secs_f64());
-    app.metrics.fork_phases(&made.phases);
+    // Timed where it runs (not waiting for the manager), and recorded there: a client that
+    // goes away does not lose the observation of a fork that happened.
+    let metrics = app.metrics.clone();
+    let made = with_manager(&app, &peer, move |m| {
+        let t = std::time::Instant::now();
+        let made = m.fork(&name, &req)?;
+        metrics.fork_seconds.observe(t.elapsed().as_secs_f64());
+        metrics.fork_phases(&made.phases);
+        Ok(made)
+    })
+    .await?;
     prewarm(&app, parent);
     Ok((StatusCode::CREATED, Json(made)).into_response())
 }
@@ -249,11 +258,14 @@ async fn commit(
     } else {
         body(&bytes)?
     };
-    let t = std::time::Instant::now();
-    let done = with_manager(&app, &peer, move |m| m.commit(&name, &req)).await?;
-    app.metrics
-        .commit_seconds
-        .observe(t.elapsed().as_secs_f64());
+    let metrics = app.metrics.clone();
+    let done = with_manager(&app, &peer, move |m| {
+        let t = std::time::Instant::now();
+        let done = m.commit(&name, &req)?;
+        metrics.commit_seconds.observe(t.elapsed().as_secs_f64());
+        Ok(done)
+    })
+    .await?;
     Ok(Json(done).into_response())
 }
 
@@ -335,17 +347,18 @@ async fn abort(
     RawQuery(query): RawQuery,
 ) -> ApiResult<StatusCode> {
     let recursive = query_flag(query.as_deref(), "recursive");
-    let t = std::time::Instant::now();
     let metrics = app.metrics.clone();
     with_manager(&app, &peer, move |m| {
+        let t = std::time::Instant::now();
         if recursive {
-            m.abort_tree(&name).map(|_| ())
+            m.abort_tree(&name).map(|_| ())?;
         } else {
-            m.abort(&name)
+            m.abort(&name)?;
         }
+        metrics.abort_seconds.observe(t.elapsed().as_secs_f64());
+        Ok(())
     })
     .await?;
-    metrics.abort_seconds.observe(t.elapsed().as_secs_f64());
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -368,16 +381,19 @@ pub struct ServeOptions {
     pub metrics_branch_labels: usize,
 }
 
-/// `GET /metrics`: the figures read now (see [`crate::metrics`]).
+/// `GET /metrics`: the figures read now (see [`crate::metrics`]). One scrape runs at a
+/// time (the others wait without taking a thread, then get its text).
 async fn serve_metrics(State(app): State<App>) -> Response {
+    let _one = app.scraping.lock().await;
     let (manager, m) = (app.manager.clone(), app.metrics.clone());
     let rendered = tokio::task::spawn_blocking(move || {
-        let snap = manager
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .metrics_snapshot();
-        m.refresh(&snap);
-        m.render()
+        m.scrape(|| {
+            let sources = manager
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .metrics_sources();
+            crate::branch::metrics_snapshot(sources)
+        })
     })
     .await;
     match rendered {
@@ -510,6 +526,7 @@ pub async fn serve(
         state_dir: state_dir.to_path_buf(),
         metrics,
         metrics_addr,
+        scraping: Arc::new(tokio::sync::Mutex::new(())),
     };
     if let Some(l) = metrics_listener {
         let router = Router::new()

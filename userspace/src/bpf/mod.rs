@@ -29,9 +29,10 @@ pub const PROGRAMS: &[&str] = &[
     "sys_exit_fd_op",
     "sys_exit_path_op",
     "sys_exit_net",
-    "sched_process_fork",
-    "sched_process_exec",
-    "sched_process_exit",
+    // (Names the kernel keeps apart: it keeps 15 characters of a program's name.)
+    "process_fork",
+    "process_exec",
+    "process_exit",
     "page_fault",
     "connect4",
     "connect6",
@@ -60,9 +61,10 @@ pub const MAPS: &[&str] = &[
 ];
 
 /// Run time (ns) and run count of every loaded program named like one of forkscope's (the
-/// kernel keeps 15 characters of a name), summed per name: the kernel counts only while
-/// BPF stats are on (see [`enable_stats`]). Programs of every forkscope daemon on the host
-/// are counted together.
+/// kernel keeps 15 characters of a name; forkscope's are distinct within them), summed per
+/// name: the kernel counts only while BPF stats are on (see [`enable_stats`]). Programs of
+/// every forkscope daemon on the host are counted together, and so would be another tool's
+/// programs of the same names.
 pub fn program_stats() -> Vec<(String, u64, u64)> {
     let mut out: Vec<(String, u64, u64)> = PROGRAMS.iter().map(|p| (p.to_string(), 0, 0)).collect();
     for info in aya::programs::loaded_programs().flatten() {

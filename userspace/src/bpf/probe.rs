@@ -295,8 +295,8 @@ impl Probe {
             self.tracepoint_links.push((prog, id));
         }
         for (prog, category, event) in [
-            ("sched_process_exec", "sched", "sched_process_exec"),
-            ("sched_process_exit", "sched", "sched_process_exit"),
+            ("process_exec", "sched", "sched_process_exec"),
+            ("process_exit", "sched", "sched_process_exit"),
             ("page_fault", "exceptions", "page_fault_user"),
             ("page_fault", "exceptions", "page_fault_kernel"),
         ] {
@@ -309,13 +309,13 @@ impl Probe {
         let fork: &mut RawTracePoint = self
             .ebpf
             .as_mut()
-            .and_then(|e| e.program_mut("sched_process_fork"))
+            .and_then(|e| e.program_mut("process_fork"))
             .and_then(|p| p.try_into().ok())
             .expect("raw tracepoint program");
         let id = fork
             .attach("sched_process_fork")
-            .map_err(refused("sched_process_fork", "attach"))?;
-        self.raw_links.push(("sched_process_fork", id));
+            .map_err(refused("process_fork", "attach"))?;
+        self.raw_links.push(("process_fork", id));
         // The policy hooks, on forkscope's parent cgroup: they run for every branch (and
         // look up the policy of the calling task's branch). Other daemons' hooks may be
         // attached there too.

@@ -207,6 +207,101 @@ pub struct BranchInfo {
     pub private_bytes: Option<u64>,
 }
 
+/// A branch's record with what is live about it: whether its init runs, its processes,
+/// its private pages.
+fn branch_info(record: BranchRecord, tracker: Option<&Tracker>) -> BranchInfo {
+    let alive = Path::new(&format!("/proc/{}", record.init_pid)).exists()
+        && Cgroup::open(&record.cgroup)
+            .and_then(|c| c.populated())
+            .unwrap_or(false);
+    let status = if record.frozen {
+        "frozen"
+    } else if alive {
+        "running"
+    } else {
+        "dead"
+    };
+    let processes = if alive {
+        procfork::inspect::targets(&record.cgroup, record.init_pid).unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let private_pages = tracker.and_then(|t| {
+        let id = Cgroup::open(&record.cgroup).ok()?.id();
+        t.private_pages(id, &processes).ok()
+    });
+    BranchInfo {
+        record,
+        status: status.into(),
+        processes,
+        private_pages,
+        private_bytes: private_pages.map(|p| p * page_size()),
+    }
+}
+
+/// What [`Manager::metrics_sources`] hands to a scrape.
+pub struct MetricsSources {
+    records: Vec<BranchRecord>,
+    tracker: Option<std::sync::Arc<Tracker>>,
+    effects: Option<crate::effects::Journal>,
+    deferrals: Option<crate::effects::defer::Deferrals>,
+}
+
+/// The figures a metrics scrape reports (see [`crate::metrics`]), computed without the
+/// manager's lock.
+pub fn metrics_snapshot(src: MetricsSources) -> crate::metrics::Snapshot {
+    let mut snap = crate::metrics::Snapshot::default();
+    let tracker = src.tracker.as_deref();
+    let list: Vec<BranchInfo> = src
+        .records
+        .into_iter()
+        .map(|r| branch_info(r, tracker))
+        .collect();
+    // Branch names by cgroup id, for the per-branch series.
+    let names: std::collections::HashMap<u64, String> = list
+        .iter()
+        .filter_map(|b| {
+            Cgroup::open(&b.record.cgroup)
+                .ok()
+                .map(|c| (c.id(), b.record.name.clone()))
+        })
+        .collect();
+    if let Some(t) = tracker {
+        for (cg, n) in t.event_counts_per_cgroup() {
+            if let Some(name) = names.get(&cg) {
+                snap.branch_events.insert(name.clone(), n);
+            }
+        }
+        snap.events = t.event_counts();
+        snap.lost_events = t.stats().map(|(s, _)| s.lost).unwrap_or(0);
+        snap.programs = crate::bpf::program_stats();
+    }
+    if let Some(j) = &src.effects {
+        for ((cg, state), n) in j.counts_per_cgroup().unwrap_or_default() {
+            if let Some(name) = names.get(&cg) {
+                snap.branch_effects.insert((name.clone(), state), n);
+            }
+        }
+        snap.effects = j.counts().unwrap_or_default();
+        snap.oldest_held_s = j.oldest_held_s().unwrap_or(None);
+    }
+    if let Some(d) = &src.deferrals {
+        snap.deferred = d.deferred_total();
+    }
+    snap.branches = list
+        .into_iter()
+        .map(|b| {
+            (
+                b.record.name,
+                b.status,
+                b.private_bytes.unwrap_or(0),
+                b.private_pages.unwrap_or(0),
+            )
+        })
+        .collect();
+    snap
+}
+
 /// The memory page size.
 fn page_size() -> u64 {
     nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
@@ -400,59 +495,16 @@ impl Manager {
         Ok(())
     }
 
-    /// What a metrics scrape reads (see [`crate::metrics`]).
-    pub fn metrics_snapshot(&self) -> crate::metrics::Snapshot {
-        let mut snap = crate::metrics::Snapshot::default();
-        let list = self.list().unwrap_or_default();
-        // Branch names by cgroup id, for the per-branch series.
-        let names: std::collections::HashMap<u64, String> = list
-            .iter()
-            .filter_map(|b| {
-                Cgroup::open(&b.record.cgroup)
-                    .ok()
-                    .map(|c| (c.id(), b.record.name.clone()))
-            })
-            .collect();
-        if let Some(t) = &self.tracker {
-            for (cg, n) in t.events_per_cgroup() {
-                if let Some(name) = names.get(&cg) {
-                    snap.branch_events.insert(name.clone(), n);
-                }
-            }
+    /// What a metrics scrape reads, taken quickly under the manager's lock; the figures
+    /// are computed from it afterwards ([`metrics_snapshot`]), so a scrape holds up a fork
+    /// no longer than a registry read.
+    pub fn metrics_sources(&self) -> MetricsSources {
+        MetricsSources {
+            records: self.registry.all().unwrap_or_default(),
+            tracker: self.tracker.clone(),
+            effects: self.effects.clone(),
+            deferrals: self.deferrals.clone(),
         }
-        if let Some(j) = &self.effects {
-            for ((cg, state), n) in j.counts_per_cgroup().unwrap_or_default() {
-                if let Some(name) = names.get(&cg) {
-                    snap.branch_effects.insert((name.clone(), state), n);
-                }
-            }
-        }
-        {
-            snap.branches = list
-                .into_iter()
-                .map(|b| {
-                    let state = if b.record.frozen {
-                        "frozen".to_string()
-                    } else {
-                        b.status.clone()
-                    };
-                    (b.record.name, state, b.private_bytes.unwrap_or(0))
-                })
-                .collect();
-        }
-        if let Some(t) = &self.tracker {
-            snap.events = t.event_counts();
-            snap.lost_events = t.stats().map(|(s, _)| s.lost).unwrap_or(0);
-            snap.programs = crate::bpf::program_stats();
-        }
-        if let Some(j) = &self.effects {
-            snap.effects = j.counts().unwrap_or_default();
-            snap.oldest_held_s = j.oldest_held_s().unwrap_or(None);
-        }
-        if let Some(d) = &self.deferrals {
-            snap.deferred = d.deferred_total();
-        }
-        snap
     }
 
     /// The side effects recorded for branch `name`, oldest first.
@@ -540,35 +592,7 @@ impl Manager {
             .registry
             .all()?
             .into_iter()
-            .map(|record| {
-                let alive = Path::new(&format!("/proc/{}", record.init_pid)).exists()
-                    && Cgroup::open(&record.cgroup)
-                        .and_then(|c| c.populated())
-                        .unwrap_or(false);
-                let status = if record.frozen {
-                    "frozen"
-                } else if alive {
-                    "running"
-                } else {
-                    "dead"
-                };
-                let processes = if alive {
-                    procfork::inspect::targets(&record.cgroup, record.init_pid).unwrap_or_default()
-                } else {
-                    Vec::new()
-                };
-                let private_pages = self.tracker.as_ref().and_then(|t| {
-                    let id = Cgroup::open(&record.cgroup).ok()?.id();
-                    t.private_pages(id, &processes).ok()
-                });
-                BranchInfo {
-                    record,
-                    status: status.into(),
-                    processes,
-                    private_pages,
-                    private_bytes: private_pages.map(|p| p * page_size()),
-                }
-            })
+            .map(|record| branch_info(record, self.tracker.as_deref()))
             .collect())
     }
 

@@ -45,6 +45,8 @@ fn metrics_addr(s: &str) -> Result<MetricsAddr, String> {
 }
 
 pub fn run(args: DaemonArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
+    // Before any thread starts: setns moves only the calling thread.
+    forkscope::sys::join_host_cgroup_namespace();
     let bin = std::env::current_exe().context("finding the forkscope binary")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -118,7 +118,9 @@ impl Journal {
                  state TEXT NOT NULL,
                  result TEXT,
                  created_ms INTEGER NOT NULL
-             );",
+             );
+             CREATE INDEX IF NOT EXISTS effects_by_state ON effects (state, kind, created_ms);
+             CREATE INDEX IF NOT EXISTS effects_by_cgroup ON effects (cgroup, state);",
         )
         .map_err(db_err)?;
         Ok(Journal {
