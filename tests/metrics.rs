@@ -457,3 +457,46 @@ fn a_real_prometheus_scrapes_the_daemon_and_every_dashboard_and_alert_query_read
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+#[test]
+fn the_systemd_unit_verifies_with_the_built_binary() {
+    // (Not started: the test machines do not run systemd as their init.)
+    let unit = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/systemd/forkscope.service");
+    let text = std::fs::read_to_string(&unit).unwrap();
+    let dir = TempDir::new("metrics-unit");
+    let copy = dir.path().join("forkscope.service");
+    let bin = forkscope_tests::forkscope();
+    std::fs::write(
+        &copy,
+        text.replace("/usr/local/bin/forkscope", bin.to_str().unwrap()),
+    )
+    .unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&copy)
+        .output()
+        .expect("systemd-analyze (systemd) is installed");
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Its command line is one the daemon accepts (checked without starting it: --help
+    // comes after every option it gives).
+    let exec = text
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .unwrap();
+    let args: Vec<&str> = exec.split_whitespace().skip(1).collect();
+    let out = Command::new(&bin)
+        .args(&args)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
