@@ -500,3 +500,37 @@ fn the_systemd_unit_verifies_with_the_built_binary() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_start_that_fails_late_leaves_no_programs_pinned() {
+    require_root();
+    let dir = TempDir::new("metrics-late");
+    let d = Daemon::start(dir.path());
+    let pins_before = d.pins();
+    // A second daemon, another state directory, the same socket: refused once its eBPF
+    // programs are loaded and pinned; they must go with it.
+    let other = dir.path().join("other-state");
+    let out = Command::new(forkscope_tests::forkscope())
+        .args(["daemon", "--metrics-addr", "127.0.0.1:0", "--state-dir"])
+        .arg(&other)
+        .arg("--socket")
+        .arg(&d.socket)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("another daemon is listening"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(d.pins(), pins_before);
+    use std::os::unix::fs::MetadataExt;
+    let tag = format!("{:x}-", std::fs::metadata(&other).unwrap().ino());
+    let left: Vec<_> = std::fs::read_dir("/sys/fs/bpf/forkscope")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&tag))
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "the failed daemon left its pins: {left:?}");
+}

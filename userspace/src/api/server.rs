@@ -362,6 +362,19 @@ async fn abort(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Removes the tracer's pins when dropped holding it (a start that failed).
+struct UnpinOnFailure(Option<Arc<crate::tracker::Tracker>>);
+
+impl Drop for UnpinOnFailure {
+    fn drop(&mut self) {
+        if let Some(t) = self.0.take()
+            && let Err(e) = t.unpin()
+        {
+            log::warn!("removing the eBPF pins after a failed start: {e}");
+        }
+    }
+}
+
 /// How the daemon serves.
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
@@ -479,6 +492,13 @@ pub async fn serve(
         crate::tracker::Tracker::remove_pins(&manager.instance_tag())?;
         None
     };
+    // Should the start fail from here on, with no branch to trace the programs go, as at a
+    // normal stop (a failed start leaves nothing attached).
+    let mut unpin_on_failure = UnpinOnFailure(
+        tracker
+            .clone()
+            .filter(|_| manager.list().map(|l| l.is_empty()).unwrap_or(false)),
+    );
     let journal = crate::effects::Journal::open(state_dir)?;
     manager.set_effects(journal.clone())?;
     if let Some(t) = &tracker {
@@ -539,6 +559,7 @@ pub async fn serve(
             }
         });
     }
+    unpin_on_failure.0 = None; // started
     let app_for_shutdown = app.clone();
     let router = Router::new()
         .route("/v1/status", get(status))
