@@ -446,15 +446,24 @@ fn a_real_prometheus_scrapes_the_daemon_and_every_dashboard_and_alert_query_read
             );
         }
     }
+    promtool_check("rules", &alerts);
+    // The shipped scrape configuration is valid too (it loads the rules).
+    promtool_check("config", &alerts.with_file_name("prometheus.yml"));
+}
+
+/// `promtool check WHAT FILE` must pass.
+fn promtool_check(what: &str, file: &std::path::Path) {
     let out = Command::new("promtool")
-        .args(["check", "rules"])
-        .arg(&alerts)
+        .args(["check", what])
+        .arg(file)
         .output()
-        .unwrap();
+        .expect("promtool is installed by scripts/setup");
     assert!(
         out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
+        "promtool check {what} {}: {}{}",
+        file.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
 }
 
