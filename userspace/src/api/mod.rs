@@ -9,6 +9,7 @@
 //! | `GET /v1/branches/{name}` | | one branch (with its `policy`) |
 //! | `PUT /v1/branches/{name}/policy` | `{"policy": "<TOML>"}` | the branch with its new policy |
 //! | `GET /v1/branches/{name}/effects` | | its recorded side effects, oldest first, with state and age |
+//! | `POST /v1/branches/{name}/exec` | `{"argv": [..], "cwd"?, "env"?: [[k, v]], "stdin"?}` | once it exits: `{"exit_code", "signal", "stdout", "stderr", "truncated"}` |
 //! | `POST /v1/branches/{name}/fork` | `{"name"?, "count"?, "frozen"?}` | `{"branches": [..], "phases": {..}}` (201) |
 //! | `GET /v1/branches/{name}/diff` | | changed paths since the fork point |
 //! | `POST /v1/branches/{name}/commit` | `{"prefer"?: "branch" \| "target"}` | `{"target", "changes": [..], "conflicts": [..], "phases": {..}, "effects": [..]}` (effects: each held effect's delivery) |

@@ -229,6 +229,23 @@ async fn set_policy(
     Ok(Json(b).into_response())
 }
 
+/// Runs a command in the branch and answers with its exit code and output once it exits
+/// (the manager is not held meanwhile: many at once).
+async fn exec_in(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    UrlPath(name): UrlPath<String>,
+    bytes: axum::body::Bytes,
+) -> ApiResult<Response> {
+    let input: crate::branch::run_in::ExecInput = body(&bytes)?;
+    let control = with_manager(&app, &peer, move |m| m.control_of(&name)).await?;
+    let out = tokio::task::spawn_blocking(move || crate::branch::run_in::run_in(&control, input))
+        .await
+        .map_err(|e| ApiError(Error::State(format!("worker failed: {e}"))))?
+        .map_err(ApiError)?;
+    Ok(Json(out).into_response())
+}
+
 async fn effects(
     State(app): State<App>,
     ConnectInfo(peer): ConnectInfo<Peer>,
@@ -569,6 +586,7 @@ pub async fn serve(
         .route("/v1/branches/{name}/diff", get(diff))
         .route("/v1/branches/{name}/policy", put(set_policy))
         .route("/v1/branches/{name}/effects", get(effects))
+        .route("/v1/branches/{name}/exec", post(exec_in))
         .route("/v1/branches/{name}/commit", post(commit))
         .route("/v1/branches/{name}/trace", get(trace_stream))
         .with_state(app);

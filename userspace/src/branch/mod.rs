@@ -11,6 +11,7 @@
 //! Committing ([`commit`]) applies a branch's changes to its parent's view.
 
 mod commit;
+pub mod run_in;
 mod warm;
 
 pub use commit::{CommitOptions, Committed};
@@ -505,6 +506,22 @@ impl Manager {
             effects: self.effects.clone(),
             deferrals: self.deferrals.clone(),
         }
+    }
+
+    /// Where branch `name`'s init takes commands, if it is running.
+    pub fn control_of(&self, name: &str) -> Result<std::path::PathBuf> {
+        let b = self.get(name)?;
+        if b.frozen {
+            return Err(Error::Conflict(format!(
+                "branch {name} is a frozen checkpoint: fork it to get a running branch"
+            )));
+        }
+        if !Path::new(&format!("/proc/{}", b.init_pid)).exists() {
+            return Err(Error::Conflict(format!(
+                "branch {name} is not running (its init is gone): abort it"
+            )));
+        }
+        Ok(b.control)
     }
 
     /// The side effects recorded for branch `name`, oldest first.

@@ -1,0 +1,59 @@
+"""JSON over HTTP/1.1 on the daemon's Unix socket."""
+
+import http.client
+import json
+import os
+import socket
+
+from .errors import DaemonNotRunning, from_status
+
+DEFAULT_SOCKET = "/run/forkscope/forkscope.sock"
+
+
+def socket_path(given=None):
+    return given or os.environ.get("FORKSCOPE_SOCKET") or DEFAULT_SOCKET
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path, timeout):
+        super().__init__("forkscope", timeout=timeout)
+        self._path = path
+
+    def connect(self):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        s.connect(self._path)
+        self.sock = s
+
+
+def call(path, method, url, body=None, timeout=None, raw=False):
+    """Sends one request; returns the decoded JSON answer (or the text with ``raw``)."""
+    conn = _UnixConnection(path, timeout)
+    try:
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        try:
+            conn.request(method, url, body=data, headers=headers)
+            resp = conn.getresponse()
+        except (FileNotFoundError, ConnectionRefusedError) as e:
+            raise DaemonNotRunning(
+                f"no forkscope daemon answers on {path} ({e.strerror}): start one with "
+                "`forkscope daemon` (as root), or point FORKSCOPE_SOCKET at its socket"
+            ) from None
+        except PermissionError:
+            raise DaemonNotRunning(
+                f"{path} is not open to this user: run as root, or start the daemon with "
+                "--socket-group GROUP and join that group"
+            ) from None
+        text = resp.read().decode("utf-8", "replace")
+        if resp.status >= 400:
+            try:
+                payload = json.loads(text)
+            except ValueError:
+                payload = {"error": text.strip()}
+            raise from_status(resp.status, payload)
+        if raw:
+            return text
+        return json.loads(text) if text.strip() else None
+    finally:
+        conn.close()

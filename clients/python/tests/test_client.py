@@ -1,0 +1,120 @@
+"""The Python client against a real daemon. Run by tests/python_client.rs, which starts the
+daemon and sets FORKSCOPE_SOCKET and FORKSCOPE_TEST_DIR (a fresh directory)."""
+
+import os
+import socket
+import threading
+import time
+import unittest
+
+import forkscope
+from forkscope import BadRequest, BranchNotFound, Conflict, DaemonNotRunning, Sandbox
+
+TEST_DIR = os.environ.get("FORKSCOPE_TEST_DIR", "")
+
+
+def workspace(name, files):
+    ws = os.path.join(TEST_DIR, name)
+    os.makedirs(ws)
+    for path, text in files.items():
+        with open(os.path.join(ws, path), "w") as f:
+            f.write(text)
+    return ws
+
+
+@unittest.skipUnless(TEST_DIR, "run by tests/python_client.rs against a real daemon")
+class ClientTest(unittest.TestCase):
+    def test_run_fork_exec_diff_commit_abort(self):
+        ws = workspace("proj", {"app.py": "print('v1')\n"})
+        root = Sandbox.run(workspace=ws, cmd=["sleep", "1000"], name="py-root")
+        self.assertEqual(root.name, "py-root")
+        kids = root.fork(2)
+        self.assertEqual(len(kids), 2)
+        a, b = kids
+        r = a.exec(["sh", "-c", "echo fixed > app.py; cat app.py; echo oops >&2; exit 3"])
+        self.assertEqual((r.exit_code, r.stdout, r.stderr), (3, "fixed\n", "oops\n"))
+        # stdin reaches the command; each branch sees only its own files.
+        self.assertEqual(b.exec(["cat"], stdin="hello").stdout, "hello")
+        self.assertEqual(b.exec(["cat", "app.py"]).stdout, "print('v1')\n")
+        self.assertEqual([(c["kind"], c["path"]) for c in a.diff()], [("modified", "app.py")])
+        done = a.commit()
+        self.assertEqual(done["target"], "py-root")
+        self.assertEqual(root.exec(["cat", "app.py"]).stdout, "fixed\n")
+        b.abort()
+        with self.assertRaises(BranchNotFound):
+            b.refresh()
+        names = {x.name for x in Sandbox().branches()}
+        self.assertIn("py-root", names)
+        self.assertNotIn(b.name, names)
+        # A command that does not exist: like a shell, 127 and a message.
+        r = a.exec(["no-such-command-here"])
+        self.assertEqual(r.exit_code, 127)
+        self.assertIn("no-such-command-here", r.stderr)
+        root.abort(recursive=True)
+
+    def test_trace_and_effects(self):
+        ws = workspace("traced", {})
+        hits = []
+        server = socket.socket()
+        self.addCleanup(server.close)
+        server.bind(("127.0.0.2", 0))
+        server.listen(8)
+        port = server.getsockname()[1]
+
+        def accept():
+            c, _ = server.accept()
+            hits.append(c.recv(100))
+            c.close()
+
+        t = threading.Thread(target=accept, daemon=True)
+        t.start()
+        policy = '[[rule]]\nclass = "net"\ndest = "127.0.0.2"\naction = "defer"\n'
+        br = Sandbox.run(workspace=ws, cmd=["sleep", "1000"], policy=policy)
+        br.exec(["sh", "-c", "echo data > out.txt"])
+        kinds = {e["kind"] for e in br.trace()}
+        self.assertIn("file_write", kinds)
+        # A deferred connection: held, listed, let go by the commit.
+        script = (f"import socket; s = socket.create_connection(('127.0.0.2', {port}));"
+                  " s.sendall(b'ping'); s.close()")
+        out = {}
+        runner = threading.Thread(target=lambda: out.update(r=br.exec(["python3", "-c", script])))
+        runner.start()
+        for _ in range(100):
+            held = [e for e in br.effects() if e["kind"] == "defer"]
+            if held:
+                break
+            time.sleep(0.05)
+        self.assertEqual(held[0]["state"], "held")
+        self.assertEqual(hits, [])
+        br.commit()
+        runner.join(10)
+        t.join(10)
+        self.assertEqual(out["r"].exit_code, 0)
+        self.assertEqual(hits, [b"ping"])
+        br.abort()
+
+    def test_errors_carry_the_daemons_message(self):
+        with self.assertRaises(BranchNotFound) as e:
+            Sandbox().branch("no-such-branch")
+        self.assertIn("no-such-branch", e.exception.message)
+        self.assertEqual(e.exception.status, 404)
+        with self.assertRaises(BadRequest) as e:
+            Sandbox.run(workspace=os.path.join(TEST_DIR, "missing"), cmd=["true"])
+        self.assertIn("workspace", e.exception.message)
+        ws = workspace("named", {})
+        first = Sandbox.run(workspace=ws, cmd=["sleep", "1000"], name="dup")
+        with self.assertRaises(Conflict):
+            Sandbox.run(workspace=ws, cmd=["sleep", "1000"], name="dup")
+        with self.assertRaises(TypeError):
+            first.exec("echo not a list")
+        first.abort()
+        self.assertTrue(issubclass(Conflict, forkscope.ForkscopeError))
+
+    def test_no_daemon_says_how_to_start_one(self):
+        with self.assertRaises(DaemonNotRunning) as e:
+            Sandbox(socket=os.path.join(TEST_DIR, "nothing-here.sock")).status()
+        self.assertIn("forkscope daemon", e.exception.message)
+
+
+if __name__ == "__main__":
+    unittest.main()
