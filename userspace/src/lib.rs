@@ -30,6 +30,7 @@ pub mod events;
 pub mod inject;
 pub mod layers;
 pub mod metrics;
+pub mod perfetto;
 pub mod policy;
 pub mod procfork;
 pub mod sandbox;

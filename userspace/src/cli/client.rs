@@ -31,3 +31,29 @@ pub fn call(
     }
     Ok(value)
 }
+
+/// Sends a GET for a streamed text answer (a branch's trace) and returns all of it.
+pub fn call_text(socket: &Path, method: Method, path: &str) -> anyhow::Result<String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut text = Vec::new();
+    let (status, err) = runtime
+        .block_on(forkscope::api::client::request_stream(
+            socket,
+            method,
+            path,
+            |chunk| {
+                text.extend_from_slice(chunk);
+                Ok(())
+            },
+        ))
+        .with_context(|| format!("request {path}"))?;
+    if !(200..300).contains(&status) {
+        bail!(
+            "{} (HTTP {status})",
+            err["error"].as_str().unwrap_or("no message")
+        );
+    }
+    Ok(String::from_utf8_lossy(&text).into_owned())
+}

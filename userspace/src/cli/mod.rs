@@ -7,6 +7,7 @@ mod daemon;
 mod diff;
 mod effects;
 mod exec;
+mod export;
 mod fork;
 mod ls;
 mod policy;
@@ -53,6 +54,7 @@ enum Command {
     Status(status::StatusArgs),
     Policy(policy::PolicyArgs),
     Effects(effects::EffectsArgs),
+    Export(export::ExportArgs),
     /// Internal: builds a branch's sandbox and becomes its init (started by the daemon).
     #[command(name = "__init", hide = true)]
     Init {
@@ -76,6 +78,7 @@ pub fn main() -> ExitCode {
         Command::Status(args) => status::run(args, cli.socket),
         Command::Policy(args) => policy::run(args, cli.socket),
         Command::Effects(args) => effects::run(args, cli.socket),
+        Command::Export(args) => export::run(args, cli.socket),
         Command::Init { spec } => match forkscope::sandbox::init::main(&spec) {
             Ok(()) => Ok(ExitCode::SUCCESS),
             Err(_) => Ok(ExitCode::FAILURE),
