@@ -20,6 +20,16 @@ class ExecResult:
         return f"ExecResult(exit_code={self.exit_code}, stdout={self.stdout!r}, stderr={self.stderr!r})"
 
 
+class Forked(list):
+    """The branches a fork made; ``phases`` (microseconds) and ``notes`` from the daemon."""
+
+    def __init__(self, branches, reply):
+        super().__init__(branches)
+        self.phases = reply.get("phases", {})
+        self.notes = reply.get("notes", [])
+        self.processes = reply.get("processes", "")
+
+
 class Branch:
     """A live branch (``name``); ``info`` is the daemon's last description of it."""
 
@@ -45,7 +55,7 @@ class Branch:
         if name is not None:
             body["name"] = name
         made = call(self._socket, "POST", self._url("/fork"), body)
-        return [Branch(self._socket, b) for b in made["branches"]]
+        return Forked([Branch(self._socket, b) for b in made["branches"]], made)
 
     def exec(self, cmd, stdin="", cwd=None, env=None, timeout=None):
         """Runs ``cmd`` (a list) in the branch; returns when it exits."""

@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""The exploration demo: an agent-style search over candidate fixes, one branch each.
+
+A small project has a failing test. The demo runs a sandbox on it, forks one branch per
+candidate fix, applies and tests every candidate in parallel, commits the branch whose
+tests pass (into the root branch, then the root into the host directory), aborts the
+others, and prints the branch tree with each fork's latency, each branch's changed files,
+side effects and private memory pages, and where the metrics are.
+
+Usage: FORKSCOPE_SOCKET=... scripts/explore.py WORKDIR   (scripts/demo starts the daemon)
+"""
+import collections, os, sys, threading, time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "clients", "python"))
+from forkscope import ForkscopeError, Sandbox  # noqa: E402
+
+CALC = "def add(a, b):\n    return a - b\n"
+TEST = """import unittest
+from calc import add
+
+class T(unittest.TestCase):
+    def test_add(self):
+        self.assertEqual(add(2, 3), 5)
+        self.assertEqual(add(-1, 1), 0)
+
+if __name__ == "__main__":
+    unittest.main()
+"""
+# The tests leave no bytecode behind: the project gets exactly the fix.
+NO_PYC = {"PYTHONDONTWRITEBYTECODE": "1"}
+CANDIDATES = {
+    "swap-operands": "def add(a, b):\n    return b - a\n",
+    "multiply": "def add(a, b):\n    return a * b\n",
+    "plus": "def add(a, b):\n    return a + b\n",
+    "abs-diff": "def add(a, b):\n    return abs(a - b)\n",
+}
+
+
+def main():
+    work = sys.argv[1]
+    proj = os.path.join(work, "proj")
+    os.makedirs(proj, exist_ok=True)
+    for name, text in (("calc.py", CALC), ("test_calc.py", TEST)):
+        with open(os.path.join(proj, name), "w") as f:
+            f.write(text)
+    sb = Sandbox()
+    root = Sandbox.run(workspace=proj, cmd=["sleep", "infinity"], name="explore")
+    branches = []
+    try:
+        first = root.exec(["python3", "test_calc.py"], env=NO_PYC)
+        print(f"project {proj}: its test fails (exit {first.exit_code})\n")
+        forks = []
+        for cand in CANDIDATES:
+            t = time.perf_counter()
+            made = root.fork(name=f"fix-{cand}")
+            forks.append((cand, made[0], (time.perf_counter() - t) * 1000, made.phases))
+        branches = [b for _, b, _, _ in forks]
+        results = {}
+
+        def attempt(cand, branch):
+            code = CANDIDATES[cand].replace("\n", "\\n")
+            branch.exec(["sh", "-c", f"printf '{code}' > calc.py"])
+            results[cand] = branch.exec(["python3", "test_calc.py"], env=NO_PYC)
+
+        threads = [threading.Thread(target=attempt, args=(c, b)) for c, b, _, _ in forks]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        winners = [c for c in CANDIDATES if results[c].exit_code == 0]
+        if len(winners) != 1:
+            print(f"expected exactly one passing candidate, got {winners}")
+            return 1
+        win = winners[0]
+        print("branch tree (fork latency through the API, its phases in the daemon):")
+        print(f"  {root.name}  (root on {proj})")
+        for cand, b, ms, ph in forks:
+            info = b.refresh()
+            diff = [c["path"] for c in b.diff()]
+            kinds = collections.Counter(e["kind"] for e in b.trace())
+            effects = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())) or "none"
+            verdict = "PASS" if results[cand].exit_code == 0 else f"fail (exit {results[cand].exit_code})"
+            print(f"  └─ {b.name:<20} tests {verdict:<13} fork {ms:6.1f} ms "
+                  f"(freeze {ph.get('freeze_us', 0)} us, files {ph.get('files_us', 0)} us, "
+                  f"processes {ph.get('processes_us', 0)} us)")
+            print(f"       changed: {', '.join(diff) or 'nothing'}; private pages: {info.get('private_pages')}; "
+                  f"side effects: {effects}")
+        winner = next(b for c, b, _, _ in forks if c == win)
+        winner.commit()
+        root.commit()
+        for b in branches:
+            if b is not winner:
+                b.abort()
+        winner.abort()
+        with open(os.path.join(proj, "calc.py")) as f:
+            landed = f.read()
+        ok = landed == CANDIDATES[win]
+        print(f"\ncommitted {winner.name} into {root.name}, then {root.name} into {proj}: "
+              f"calc.py is the winning fix: {ok}")
+        status = sb.status()
+        if status.get("metrics_addr"):
+            print(f"metrics: http://{status['metrics_addr']}/metrics (dashboards in dashboards/grafana)")
+        return 0 if ok else 1
+    except ForkscopeError as e:
+        print(f"the demo failed: {e.message}", file=sys.stderr)
+        return 1
+    finally:
+        try:
+            root.abort(recursive=True)
+        except ForkscopeError:
+            pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
