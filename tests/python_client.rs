@@ -11,12 +11,21 @@ fn the_python_clients_tests_pass_against_a_real_daemon() {
     let dir = TempDir::new("python-client");
     let d = Daemon::start(dir.path());
     let client = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../clients/python");
+    // Installed from a copy: pip writes build files next to the sources it builds.
+    let source = dir.path().join("client-src");
+    let copied = Command::new("cp")
+        .arg("-r")
+        .arg(&client)
+        .arg(&source)
+        .status()
+        .unwrap();
+    assert!(copied.success());
     // Installable with pip from its folder (no dependencies; pip fetches its build tools).
     let site = dir.path().join("site");
     let out = Command::new("python3")
         .args(["-m", "pip", "install", "--quiet", "--no-deps", "--target"])
         .arg(&site)
-        .arg(&client)
+        .arg(&source)
         .output()
         .expect("python3 runs");
     assert!(
