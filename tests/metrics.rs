@@ -11,17 +11,9 @@ use forkscope_tests::{TempDir, daemon::Daemon, require_root};
 
 /// GET http://ADDR/metrics; returns the body.
 fn scrape(addr: &str) -> String {
-    let mut c = TcpStream::connect(addr).expect("the metrics port answers");
-    write!(
-        c,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    c.read_to_string(&mut text).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP answer");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_string()
+    let (status, body) = get(addr, "/metrics");
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    body
 }
 
 /// The value of the series `name` (exact text before the value), if present.

@@ -545,17 +545,24 @@ fn a_process_traced_by_a_debugger_is_refused_and_left_as_it_was() {
     assert_eq!(s.pids("dbg"), vec![pid]);
 }
 
-/// Processes running `agent.py` in workspace `ws` (originals and clones alike).
-fn agents_in(ws: &Path) -> Vec<u32> {
+/// Processes whose command line mentions `script` (originals and clones alike).
+fn running(script: &str) -> Vec<u32> {
     std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
             let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap_or_default();
-            String::from_utf8_lossy(&cmd).contains("agent.py") && cwd == ws
+            String::from_utf8_lossy(&cmd).contains(script)
         })
+        .collect()
+}
+
+/// Processes running `agent.py` in workspace `ws`.
+fn agents_in(ws: &Path) -> Vec<u32> {
+    running("agent.py")
+        .into_iter()
+        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == ws))
         .collect()
 }
 
@@ -670,14 +677,9 @@ fn a_daemon_killed_mid_fork_of_a_multi_threaded_process_leaves_every_thread_inta
         // Only the original is left, with all its threads, untraced, signals unblocked.
         let start = Instant::now();
         let clones = || {
-            std::fs::read_dir("/proc")
-                .unwrap()
-                .flatten()
-                .filter_map(|e| e.file_name().to_str()?.parse::<u64>().ok())
-                .filter(|p| {
-                    let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
-                    *p != pid && String::from_utf8_lossy(&cmd).contains("threaded.py")
-                })
+            running("threaded.py")
+                .into_iter()
+                .filter(|p| *p as u64 != pid)
                 .count()
         };
         while clones() != 0 {

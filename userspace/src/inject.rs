@@ -265,6 +265,14 @@ impl Tracee {
     /// Writes the signal frame that restores the process as it was stopped (see the module
     /// doc) and makes later calls run at libc's `syscall; ret` with the stack on it.
     fn spread_net(&mut self, g: Gadgets) -> Result<()> {
+        // Its alternate signal stack, which rt_sigreturn sets again from the frame: asked
+        // with one call made the plain way (the frame is not there yet), before the scratch
+        // space that call uses holds the FXSAVE area.
+        let stack = self.alt_stack()?.unwrap_or_else(|| {
+            let mut disabled = [0u8; 24];
+            disabled[8..12].copy_from_slice(&SS_DISABLE.to_ne_bytes());
+            disabled
+        });
         // The FXSAVE area (64-aligned) just below the red zone, the frame below it.
         let fx = (self.saved.rsp - RED_ZONE - 512) & !63;
         let frame = (fx - FRAME_SIZE - 64) & !15;
@@ -284,18 +292,6 @@ impl Tracee {
         } else {
             0 // the kernel then resets the FPU state
         };
-        // Its alternate signal stack, which rt_sigreturn sets again from the frame: asked
-        // with one call made the plain way (the frame is not there yet).
-        let mut stack = [0u8; 24];
-        let at = (frame - 64) & !15;
-        let r = self.syscall(libc::SYS_sigaltstack, &[0, at])?;
-        if r == 0 {
-            self.mem
-                .read_exact_at(&mut stack, at)
-                .map_err(|e| Error::Sandbox(format!("reading process {}: {e}", self.pid)))?;
-        } else {
-            stack[8..12].copy_from_slice(&SS_DISABLE.to_ne_bytes());
-        }
         let mut head = vec![0u8; (UC_MCONTEXT) as usize];
         head[..8].copy_from_slice(&g.restore_rt.to_ne_bytes());
         head[UC_FLAGS as usize..UC_FLAGS as usize + 8].copy_from_slice(&UC_SS_FLAGS.to_ne_bytes());

@@ -213,11 +213,15 @@ pub fn kill(copy: &ProcessCopy) {
 /// SIGKILLs traced process `pid` and waits for its exit (the tracer sees it first).
 fn reap_killed(pid: Pid) {
     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+    reap_exit(pid);
+}
+
+/// Waits, as its tracer, for traced task `pid` to exit (or to be gone already).
+pub(super) fn reap_exit(pid: Pid) {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
     loop {
-        match nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::__WALL)) {
-            Ok(nix::sys::wait::WaitStatus::Exited(..))
-            | Ok(nix::sys::wait::WaitStatus::Signaled(..))
-            | Err(_) => return,
+        match waitpid(pid, Some(WaitPidFlag::__WALL)) {
+            Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) | Err(_) => return,
             Ok(_) => continue,
         }
     }

@@ -10,7 +10,7 @@
 //! there holds the thread's id; otherwise the clone's threads run without it (as a
 //! process without glibc would).
 
-use nix::{errno::Errno, unistd::Pid};
+use nix::errno::Errno;
 
 use crate::{
     error::{Error, Result},
@@ -218,7 +218,7 @@ pub fn recreate(clone: &mut Tracee, state: &ThreadState) -> Result<Tracee> {
             // The whole clone is killed by the caller; this thread's exit, reported to us,
             // is reaped here (the leader's comes only after it).
             let _ = nix::sys::signal::kill(clone.pid, nix::sys::signal::Signal::SIGKILL);
-            reap_one(new);
+            super::clone::reap_exit(new);
             Err(what(e))
         }
     }
@@ -272,16 +272,6 @@ fn set_up(thread: &mut Tracee, state: &ThreadState) -> Result<()> {
 /// reported to us, their tracer, one by one).
 pub fn reap(threads: &[Tracee]) {
     for t in threads {
-        reap_one(t.pid);
-    }
-}
-
-fn reap_one(pid: Pid) {
-    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
-    loop {
-        match waitpid(pid, Some(WaitPidFlag::__WALL)) {
-            Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) | Err(_) => return,
-            Ok(_) => continue,
-        }
+        super::clone::reap_exit(t.pid);
     }
 }
