@@ -480,7 +480,7 @@ pub async fn serve(
             b.record
                 .policy
                 .as_ref()
-                .is_some_and(|p| p.net() != crate::policy::Policy::default().net() || p.defers())
+                .is_some_and(crate::policy::Policy::needs_hooks)
         })
     {
         return Err(Error::Invalid(format!(

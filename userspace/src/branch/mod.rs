@@ -740,7 +740,7 @@ impl Manager {
     /// the eBPF programs, buffering needs the host's network, and no file rule may reach
     /// the workspace or the daemon's own directories.
     fn check_policy(&self, policy: &Policy, workspace: &Path, net_isolated: bool) -> Result<()> {
-        if self.tracker.is_none() && policy.net() != Policy::default().net() {
+        if self.tracker.is_none() && policy.needs_hooks() {
             return Err(Error::Invalid(
                 "network policies are enforced by the eBPF programs, which this daemon does not load (it was started with --no-trace)".into(),
             ));

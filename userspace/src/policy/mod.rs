@@ -105,6 +105,12 @@ pub struct FileMount {
 }
 
 impl Policy {
+    /// Whether it has network rules (or a default) that are not plain allow: what the eBPF
+    /// hooks enforce (defer included: they let a deferred call through only with its pass).
+    pub fn needs_hooks(&self) -> bool {
+        self.net() != Policy::default().net()
+    }
+
     /// Whether anything is held for the branch's commit (its init then installs the
     /// seccomp listener).
     pub fn defers(&self) -> bool {
