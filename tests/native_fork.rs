@@ -566,16 +566,30 @@ fn agents_in(ws: &Path) -> Vec<u32> {
         .collect()
 }
 
-/// Forks `root` with a daemon that aborts before its `n`th injected call, and starts the
-/// daemon again; checks that no half-forked child is left. Returns the fault's name and the
-/// new daemon.
-fn crash_in_fork(dir: &Path, socket: &Path, n: u32) -> (String, Daemon) {
-    let fault = format!("inject-abort:{n}");
-    let mut crashing = Daemon::start_with(dir, socket, &[("FORKSCOPE_FAULT", &fault)]);
+/// A fault point: before the `n`th injected call of system call `nr` (see the daemon's
+/// `FORKSCOPE_FAULT`), named for messages.
+struct Fault {
+    what: &'static str,
+    nr: i64,
+    n: u32,
+}
+
+const fn at(what: &'static str, nr: i64, n: u32) -> Fault {
+    Fault { what, nr, n }
+}
+
+/// Forks `root` with a daemon that aborts at `fault`, and starts the daemon again; checks
+/// that no half-forked child is left, and that nothing of it is left in the `original`
+/// process either (no descriptor of the child's cgroup or of a pid namespace, its pid
+/// namespace for children its own). Returns the fault's name and the new daemon.
+fn crash_in_fork(dir: &Path, socket: &Path, fault: &Fault, original: u32) -> (String, Daemon) {
+    let env = format!("inject-abort:{}@{}", fault.nr, fault.n);
+    let name = format!("{} ({env})", fault.what);
+    let mut crashing = Daemon::start_with(dir, socket, &[("FORKSCOPE_FAULT", &env)]);
     let out = crashing.cli(&["fork", "root", "--name", "kid"]);
     assert!(
         !out.status.success() && !crashing.cli(&["status"]).status.success(),
-        "{fault}: the daemon died mid-fork: {}",
+        "{name}: the daemon died mid-fork: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     let _ = crashing.child.wait();
@@ -589,8 +603,22 @@ fn crash_in_fork(dir: &Path, socket: &Path, n: u32) -> (String, Daemon) {
         .iter()
         .map(|b| b["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["root"], "{fault}");
-    (fault, d)
+    assert_eq!(names, ["root"], "{name}");
+    let ns = |kind: &str| std::fs::read_link(format!("/proc/{original}/ns/{kind}")).unwrap();
+    assert_eq!(ns("pid_for_children"), ns("pid"), "{name}");
+    for fd in std::fs::read_dir(format!("/proc/{original}/fd"))
+        .unwrap()
+        .flatten()
+    {
+        let link = std::fs::read_link(fd.path()).unwrap_or_default();
+        let link = link.to_string_lossy();
+        assert!(
+            !link.starts_with("pid:[") && !link.contains("/forkscope/branch-"),
+            "{name}: the original still holds fd {:?} -> {link}",
+            fd.file_name()
+        );
+    }
+    (name, d)
 }
 
 #[test]
@@ -603,9 +631,20 @@ fn a_daemon_killed_at_any_instant_of_a_fork_leaves_the_original_process_intact()
     s.d.stop();
     let mut counter = 0;
     // The first injected calls run in the original (its safety net, the clone3, the way
-    // back), the later ones in the clone.
-    for n in [1, 2, 5, 6, 7, 9, 12, 16, 22] {
-        let (fault, mut d) = crash_in_fork(&dir, &socket, n);
+    // back, closing what it opened), the later ones in the clone.
+    let faults = [
+        at("asking for its signal stack", libc::SYS_sigaltstack, 1),
+        at("opening the child's cgroup", libc::SYS_openat, 1),
+        at("entering the child's pid namespace", libc::SYS_setns, 1),
+        at("the clone3", libc::SYS_clone3, 1),
+        at("leaving the child's pid namespace", libc::SYS_setns, 2),
+        at("closing what the original opened", libc::SYS_close, 2),
+        at("the clone closing what it inherited", libc::SYS_close, 4),
+        at("the clone changing directory", libc::SYS_chdir, 1),
+        at("the clone's last call", libc::SYS_set_robust_list, 1),
+    ];
+    for fault in &faults {
+        let (fault, mut d) = crash_in_fork(&dir, &socket, fault, original[0]);
         let start = Instant::now();
         while agents_in(&s.ws) != original {
             assert!(
@@ -670,10 +709,29 @@ fn a_daemon_killed_mid_fork_of_a_multi_threaded_process_leaves_every_thread_inta
     let dir = s.d.state.parent().unwrap().to_path_buf();
     let socket = s.d.socket.clone();
     s.d.stop();
-    // Calls 2-5 ask the original's other threads for their signal stacks; the last 16 (of
-    // 56) make the four threads again in the clone.
-    for n in [2, 4, 5, 9, 30, 41, 44, 50, 55] {
-        let (fault, mut d) = crash_in_fork(&dir, &socket, n);
+    // The original's other threads are asked for their signal stacks; the clone makes the
+    // four threads again (clone, robust list, rseq, name, registers each).
+    let faults = [
+        at(
+            "asking a thread for its signal stack",
+            libc::SYS_sigaltstack,
+            2,
+        ),
+        at("asking the last thread", libc::SYS_sigaltstack, 5),
+        at("entering the child's pid namespace", libc::SYS_setns, 1),
+        at("the clone3", libc::SYS_clone3, 1),
+        at("the clone's descriptors", libc::SYS_dup3, 1),
+        at("making the first thread again", libc::SYS_clone, 1),
+        at(
+            "the first thread's robust list",
+            libc::SYS_set_robust_list,
+            2,
+        ),
+        at("making the last thread again", libc::SYS_clone, 4),
+        at("naming the last thread", libc::SYS_prctl, 4),
+    ];
+    for fault in &faults {
+        let (fault, mut d) = crash_in_fork(&dir, &socket, fault, pid as u32);
         // Only the original is left, with all its threads, untraced, signals unblocked.
         let start = Instant::now();
         let clones = || {

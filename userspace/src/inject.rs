@@ -385,7 +385,7 @@ impl Tracee {
         args: &[u64],
         mut on_clone: impl FnMut(Pid),
     ) -> Result<i64> {
-        fault_point();
+        fault_point(nr);
         // Everything that can be blocked is, while it runs an injected call. Without the
         // safety net the mask is put back after each call; with it, it stays blocked (the
         // frame restores it, should the daemon die).
@@ -529,19 +529,28 @@ fn restarted(mut r: libc::user_regs_struct) -> libc::user_regs_struct {
 }
 
 /// Fault injection for tests: `FORKSCOPE_FAULT=inject-abort:N` aborts the daemon before its
-/// Nth injected system call (counted over the process's life).
-fn fault_point() {
-    static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    static AT: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+/// Nth injected system call (counted over the process's life), and
+/// `FORKSCOPE_FAULT=inject-abort:NR@N` before its Nth injected call of system call number
+/// NR (a point that does not move when a process has a descriptor more or less).
+fn fault_point(nr: i64) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static COUNT: AtomicUsize = AtomicUsize::new(0);
+    static AT: std::sync::OnceLock<Option<(Option<i64>, usize)>> = std::sync::OnceLock::new();
     let at = AT.get_or_init(|| {
-        std::env::var("FORKSCOPE_FAULT")
-            .ok()
-            .and_then(|f| f.strip_prefix("inject-abort:")?.parse::<usize>().ok())
+        let point = std::env::var("FORKSCOPE_FAULT").ok()?;
+        let point = point.strip_prefix("inject-abort:")?;
+        match point.split_once('@') {
+            Some((nr, n)) => Some((Some(nr.parse().ok()?), n.parse().ok()?)),
+            None => Some((None, point.parse().ok()?)),
+        }
     });
-    let Some(n) = *at else {
+    let Some((only, n)) = *at else {
         return;
     };
-    if COUNT.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 >= n {
+    if only.is_some_and(|only| only != nr) {
+        return;
+    }
+    if COUNT.fetch_add(1, Ordering::SeqCst) + 1 >= n {
         std::process::abort();
     }
 }

@@ -98,7 +98,8 @@ impl Manager {
     }
 
     /// Removes what no record owns: branch directories and cgroups of this state directory
-    /// (pre-started sandboxes of a daemon that stopped, or a fork a crash cut short).
+    /// (pre-started sandboxes of a daemon that stopped, or a fork a crash cut short), and
+    /// closes what such a fork left in the parent branch's processes.
     pub(super) fn sweep_unowned(&self) -> Result<()> {
         let owned: Vec<u64> = self.registry.all()?.iter().map(|b| b.id).collect();
         let prefix = format!("branch-{}-", self.instance);
@@ -118,6 +119,20 @@ impl Manager {
                     log::info!("removing cgroup {name}: no branch owns it");
                     let _ = cg.remove();
                 }
+            }
+        }
+        // The processes a fork cut short left something of the child in.
+        for b in self.registry.all()? {
+            if b.frozen {
+                continue;
+            }
+            match crate::procfork::repair_after_crash(&b.cgroup, b.init_pid) {
+                Ok(pids) if !pids.is_empty() => log::info!(
+                    "{}: closed what a fork cut short left in processes {pids:?}",
+                    b.name
+                ),
+                Ok(_) => {}
+                Err(e) => log::warn!("{}: repairing after a fork cut short: {e}", b.name),
             }
         }
         let branches = self.state.join("branches");

@@ -8,6 +8,11 @@
 //! to the same working directory there, and redo each descriptor as planned
 //! ([`super::inspect::FdAction`]). It then resumes from the original's registers, so a
 //! system call the original was blocked in restarts in both.
+//!
+//! A daemon that dies between those calls leaves the original with the descriptors opened
+//! so far (and maybe its pid namespace for children moved); the next daemon removes the
+//! half-forked child and then closes them ([`repair`], from
+//! [`super::repair_after_crash`]).
 
 use std::os::unix::ffi::OsStrExt;
 
@@ -42,32 +47,95 @@ fn nr(n: libc::c_long) -> i64 {
     n
 }
 
-/// Puts `original`'s pid namespace for children back to its own if a daemon that died in
-/// the middle of a fork left it pointing at a child's (its forks would fail).
-pub fn repair_pid_ns(original: &mut Tracee) -> Result<()> {
+/// Undoes what a daemon that died in the middle of a fork left in `original`: its pid
+/// namespace for children pointing at a child's (its forks would fail), and the descriptors
+/// the fork had opened in it (see [`clone_one`]). Those are recognised by the child's
+/// cgroup directory, deleted since (the restarted daemon removed the half-forked child),
+/// which the fork opens first and closes last: only a process holding one of those also has
+/// the fork's pid-namespace descriptors, which are closed with it.
+pub fn repair(original: &mut Tracee) -> Result<()> {
     let pid = original.pid;
-    let link = |ns: &str| std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).ok();
-    if link("pid_for_children") == link("pid") {
-        return Ok(());
+    if pid_ns_for_children_moved(pid.as_raw() as u32) {
+        let at = original.scratch_strings(&[b"/proc/self/ns/pid"])?;
+        let fd = original.call(
+            "opening its pid namespace",
+            nr(libc::SYS_openat),
+            &[
+                AT_FDCWD,
+                at[0],
+                (libc::O_RDONLY | libc::O_CLOEXEC) as u64,
+                0,
+            ],
+        )?;
+        let r = original.call(
+            "putting its pid namespace for children back",
+            nr(libc::SYS_setns),
+            &[fd as u64, libc::CLONE_NEWPID as u64],
+        );
+        let _ = original.syscall(nr(libc::SYS_close), &[fd as u64]);
+        r?;
     }
-    let at = original.scratch_strings(&[b"/proc/self/ns/pid"])?;
-    let fd = original.call(
-        "opening its pid namespace",
-        nr(libc::SYS_openat),
-        &[
-            AT_FDCWD,
-            at[0],
-            (libc::O_RDONLY | libc::O_CLOEXEC) as u64,
-            0,
-        ],
-    )?;
-    let r = original.call(
-        "putting its pid namespace for children back",
-        nr(libc::SYS_setns),
-        &[fd as u64, libc::CLONE_NEWPID as u64],
-    );
-    let _ = original.syscall(nr(libc::SYS_close), &[fd as u64]);
-    r.map(|_| ())
+    for fd in left_by_a_crashed_fork(pid.as_raw() as u32) {
+        original.call(
+            &format!("closing fd {fd}, left by a fork cut short"),
+            nr(libc::SYS_close),
+            &[fd as u64],
+        )?;
+    }
+    Ok(())
+}
+
+/// Whether `pid`'s pid namespace for children is not its own (a fork cut short left it so).
+pub fn pid_ns_for_children_moved(pid: u32) -> bool {
+    let link = |ns: &str| std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).ok();
+    link("pid_for_children") != link("pid")
+}
+
+/// The descriptors of `pid` that a fork cut short by a daemon crash opened (see [`repair`]).
+pub fn left_by_a_crashed_fork(pid: u32) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    let fds: Vec<(i32, String)> = dir
+        .flatten()
+        .filter_map(|e| {
+            let num = e.file_name().to_str()?.parse().ok()?;
+            let link = std::fs::read_link(e.path()).ok()?;
+            Some((num, link.to_string_lossy().into_owned()))
+        })
+        .collect();
+    let is_dead_child_cgroup = |link: &str| {
+        link.strip_suffix(" (deleted)").is_some_and(|p| {
+            let p = std::path::Path::new(p);
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("branch-"))
+                && p.parent()
+                    .is_some_and(|parent| parent.join("cgroup.procs").exists())
+        })
+    };
+    if !fds.iter().any(|(_, l)| is_dead_child_cgroup(l)) {
+        return Vec::new();
+    }
+    // The fork's own: opened read-only and close-on-exec. (The kernel shows O_LARGEFILE,
+    // 0o100000, which libc calls 0 on x86_64.)
+    const O_LARGEFILE: i32 = 0o100000;
+    let opened_by_the_fork = |num: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{num}"))
+            .ok()
+            .and_then(|t| {
+                let f = t.lines().find_map(|l| l.strip_prefix("flags:"))?;
+                i32::from_str_radix(f.trim(), 8).ok()
+            })
+            .is_some_and(|f| {
+                f & !(O_LARGEFILE | libc::O_DIRECTORY) == libc::O_RDONLY | libc::O_CLOEXEC
+            })
+    };
+    fds.iter()
+        .filter(|(num, l)| {
+            (is_dead_child_cgroup(l) || l.starts_with("pid:[")) && opened_by_the_fork(*num)
+        })
+        .map(|(num, _)| *num)
+        .collect()
 }
 
 /// A held clone of one process: its first thread, and its other threads made again.
@@ -176,7 +244,8 @@ pub fn clone_one(original: &mut Tracee, plan: &Plan, child: &ChildBranch) -> Res
         }
         (r, _) => r,
     };
-    for fd in &fds {
+    // The cgroup's last (see `repair`).
+    for fd in fds.iter().rev() {
         let _ = original.syscall(nr(libc::SYS_close), &[*fd as u64]);
     }
     let mut clone = result?;

@@ -94,7 +94,7 @@ pub fn plan(held: &mut [Seized], init_pid: u32, ctx: &inspect::Context) -> Resul
     for s in held.iter_mut() {
         let t = &mut s.leader;
         t.arm()?;
-        clone::repair_pid_ns(t)?;
+        clone::repair(t)?;
         let pid = t.pid.as_raw() as u32;
         inspect::precheck(pid, init_pid, &procs, true)?;
         let target = inspect::inspect(pid, &s.comm, ctx)?;
@@ -111,6 +111,24 @@ pub fn plan(held: &mut [Seized], init_pid: u32, ctx: &inspect::Context) -> Resul
         });
     }
     Ok(plans)
+}
+
+/// Repairs the processes of a branch (`cgroup`, `init_pid`; not frozen) that a fork cut
+/// short by a daemon crash left with a descriptor or a pid namespace of the half-forked
+/// child (see [`clone::repair`]); run by a daemon that starts. Returns the pids repaired.
+pub fn repair_after_crash(cgroup: &Path, init_pid: u32) -> Result<Vec<u32>> {
+    let mut repaired = Vec::new();
+    for pid in inspect::targets(cgroup, init_pid)? {
+        if !clone::pid_ns_for_children_moved(pid) && clone::left_by_a_crashed_fork(pid).is_empty() {
+            continue;
+        }
+        let mut t = Tracee::seize(Pid::from_raw(pid as i32))?;
+        t.arm()?;
+        clone::repair(&mut t)?;
+        t.detach()?;
+        repaired.push(pid);
+    }
+    Ok(repaired)
 }
 
 /// What cloning into one child did.
