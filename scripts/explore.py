@@ -9,7 +9,7 @@ side effects and private memory pages, and where the metrics are.
 
 Usage: FORKSCOPE_SOCKET=... scripts/explore.py WORKDIR   (scripts/demo starts the daemon)
 """
-import collections, os, sys, threading, time
+import collections, os, subprocess, sys, threading, time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "clients", "python"))
 from forkscope import ForkscopeError, Sandbox  # noqa: E402
@@ -34,6 +34,25 @@ CANDIDATES = {
     "plus": "def add(a, b):\n    return a + b\n",
     "abs-diff": "def add(a, b):\n    return abs(a - b)\n",
 }
+
+
+def write_report(root_name):
+    """Exports the tree's traces (Perfetto JSON), its report (text) and its chart (SVG) to
+    $FORKSCOPE_DEMO_OUT with the `forkscope` CLI at $FORKSCOPE_BIN (scripts/demo sets both)."""
+    out, cli = os.environ.get("FORKSCOPE_DEMO_OUT"), os.environ.get("FORKSCOPE_BIN")
+    if not out or not cli:
+        return
+    os.makedirs(out, exist_ok=True)
+    trace, report, chart = (os.path.join(out, f) for f in ("exploration.json", "report.txt", "tree.svg"))
+    subprocess.run([cli, "export", root_name, "--tree", "-o", trace], check=True)
+    with open(report, "w") as f:
+        subprocess.run([cli, "report", "--input", trace, "--svg", chart], stdout=f, check=True)
+    with open(report) as f:
+        first = f.readline().strip()
+    print(f"\n{first}")
+    print(f"  trace (open in ui.perfetto.dev): {trace}")
+    print(f"  report per branch (events, top files, fork and commit latencies): {report}")
+    print(f"  branch tree over time: {chart}")
 
 
 def main():
@@ -77,7 +96,7 @@ def main():
         for cand, b, ms, ph in forks:
             info = b.refresh()
             diff = [c["path"] for c in b.diff()]
-            kinds = collections.Counter(e["kind"] for e in b.trace())
+            kinds = collections.Counter(e["kind"] for e in b.trace() if not e["kind"].startswith("branch_"))
             effects = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())) or "none"
             verdict = "PASS" if results[cand].exit_code == 0 else f"fail (exit {results[cand].exit_code})"
             print(f"  └─ {b.name:<20} tests {verdict:<13} fork {ms:6.1f} ms "
@@ -88,6 +107,7 @@ def main():
         winner = next(b for c, b, _, _ in forks if c == win)
         winner.commit()
         root.commit()
+        write_report(root.name)
         for b in branches:
             if b is not winner:
                 b.abort()

@@ -17,6 +17,8 @@ fn the_demo_commits_exactly_the_winning_fix_to_the_host_project() {
         .arg(&script)
         .arg(&work)
         .env("FORKSCOPE_SOCKET", &d.socket)
+        .env("FORKSCOPE_BIN", forkscope_tests::forkscope())
+        .env("FORKSCOPE_DEMO_OUT", dir.path().join("out"))
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -43,4 +45,24 @@ fn the_demo_commits_exactly_the_winning_fix_to_the_host_project() {
     names.sort();
     assert_eq!(names, ["calc.py", "test_calc.py"]);
     assert_eq!(d.ok(&["ls", "--json"]).trim(), "[]");
+    // The tree's trace, report and chart, written before the losers were aborted: the root
+    // and its four candidates, its four forks and the two commits.
+    let out = dir.path().join("out");
+    let report = std::fs::read_to_string(out.join("report.txt")).unwrap();
+    assert!(
+        report.starts_with("forkscope report: 5 branches"),
+        "{report}"
+    );
+    assert_eq!(report.matches("forks (4)").count(), 1, "{report}");
+    assert_eq!(report.matches("commits (1)").count(), 2, "{report}");
+    let svg = std::fs::read_to_string(out.join("tree.svg")).unwrap();
+    assert_eq!(svg.matches(r#"class="branch""#).count(), 5);
+    assert_eq!(svg.matches(r#"class="fork""#).count(), 4);
+    let trace = std::fs::read_to_string(out.join("exploration.json")).unwrap();
+    let doc: serde_json::Value = serde_json::from_str(&trace).unwrap();
+    assert!(doc["traceEvents"].as_array().is_some_and(|e| !e.is_empty()));
+    assert!(
+        stdout.contains("branch tree over time") && stdout.contains("tree.svg"),
+        "{stdout}"
+    );
 }

@@ -52,7 +52,7 @@ fn a_tree_exports_one_event_per_recorded_event_on_a_track_per_branch() {
     for (branch, pid) in [("main", track("main")), ("kid", track("kid"))] {
         let exported: Vec<&Value> = events
             .iter()
-            .filter(|e| e["ph"] == "i" && e["pid"].as_u64() == Some(pid))
+            .filter(|e| (e["ph"] == "i" || e["ph"] == "X") && e["pid"].as_u64() == Some(pid))
             .collect();
         // Every event has what the trace-event format needs.
         for e in &exported {
@@ -82,6 +82,24 @@ fn a_tree_exports_one_event_per_recorded_event_on_a_track_per_branch() {
             "file_unlink"
         };
         assert!(kinds.contains(&want), "{branch}: {kinds:?}");
+        // The branch's own operations: its start, and main's fork, a slice as long as the
+        // fork took, on the branch-operations track.
+        assert!(kinds.contains(&"branch_start"), "{branch}: {kinds:?}");
+        if branch == "main" {
+            let fork = exported
+                .iter()
+                .find(|e| e["name"] == "branch_fork")
+                .expect("main's fork");
+            assert_eq!(
+                (fork["ph"].as_str(), fork["tid"].as_u64()),
+                (Some("X"), Some(0))
+            );
+            assert_eq!(
+                fork["dur"].as_f64().unwrap(),
+                fork["args"]["duration_ns"].as_u64().unwrap() as f64 / 1000.0
+            );
+            assert_eq!(fork["args"]["children"], serde_json::json!(["kid"]));
+        }
         // Processes are named.
         assert!(
             events

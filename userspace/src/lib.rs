@@ -33,6 +33,7 @@ pub mod metrics;
 pub mod perfetto;
 pub mod policy;
 pub mod procfork;
+pub mod report;
 pub mod sandbox;
 pub mod state;
 pub mod sys;

@@ -1,7 +1,9 @@
 //! Branch traces in the Chrome/Perfetto trace-event JSON format (opens in ui.perfetto.dev
 //! and chrome://tracing): one process track per branch (named after it), one thread track
 //! per process of the branch (named after its command), one instant event per recorded
-//! event, named by its kind, with every field of the record in `args`.
+//! event, named by its kind, with every field of the record in `args`. The branch's own
+//! operations (`branch_fork`, `branch_commit`, with a duration) are slices on a track of
+//! their own, "branch operations" (thread 0).
 
 use serde_json::{Value, json};
 
@@ -19,22 +21,33 @@ pub fn export(branches: &[(String, Vec<Value>)]) -> Value {
         for e in recorded {
             let pid = e["pid"].as_u64().unwrap_or(0);
             if named.insert(pid) {
+                let thread = match pid {
+                    0 => "branch operations".to_string(),
+                    _ => format!("{} ({pid})", e["comm"].as_str().unwrap_or("?")),
+                };
                 events.push(json!({
                     "ph": "M", "name": "thread_name", "pid": track, "tid": pid,
-                    "args": {"name": format!("{} ({pid})", e["comm"].as_str().unwrap_or("?"))},
+                    "args": {"name": thread},
                 }));
             }
             let ts_ns = e["ts_ns"].as_u64().unwrap_or(0);
-            events.push(json!({
+            let kind = e["kind"].as_str().unwrap_or("event");
+            let mut event = json!({
                 "ph": "i",
                 "s": "t",
-                "name": e["kind"].as_str().unwrap_or("event"),
-                "cat": e["kind"].as_str().unwrap_or("event").split('_').next().unwrap_or("event"),
+                "name": kind,
+                "cat": kind.split('_').next().unwrap_or("event"),
                 "ts": ts_ns as f64 / 1000.0,
                 "pid": track,
                 "tid": pid,
                 "args": e,
-            }));
+            });
+            if let Some(ns) = e["duration_ns"].as_u64().filter(|_| kind != "branch_start") {
+                event["ph"] = "X".into();
+                event["dur"] = (ns as f64 / 1000.0).into();
+                event.as_object_mut().expect("an object").remove("s");
+            }
+            events.push(event);
         }
     }
     json!({ "traceEvents": events, "displayTimeUnit": "ns" })
@@ -50,7 +63,11 @@ mod tests {
             json!({"ts_ns": 1_500, "pid": 7, "comm": "sh", "kind": "proc_exec"}),
             json!({"ts_ns": 2_000, "pid": 8, "comm": "git", "kind": "file_write"}),
         ];
-        let b = vec![json!({"ts_ns": 3_000, "pid": 9, "comm": "curl", "kind": "net_connect"})];
+        let b = vec![
+            json!({"ts_ns": 3_000, "pid": 9, "comm": "curl", "kind": "net_connect"}),
+            json!({"ts_ns": 4_000, "pid": 0, "comm": "forkscope", "kind": "branch_fork",
+                   "duration_ns": 2_500, "children": ["c"]}),
+        ];
         let doc = export(&[("main".into(), a), ("b1".into(), b)]);
         let ev = doc["traceEvents"].as_array().unwrap();
         let instants: Vec<&Value> = ev.iter().filter(|e| e["ph"] == "i").collect();
@@ -69,5 +86,13 @@ mod tests {
             ev.iter()
                 .any(|e| e["name"] == "thread_name" && e["args"]["name"] == "git (8)")
         );
+        let fork = ev.iter().find(|e| e["name"] == "branch_fork").unwrap();
+        assert_eq!(
+            (fork["ph"].as_str(), fork["dur"].as_f64()),
+            (Some("X"), Some(2.5))
+        );
+        assert!(ev.iter().any(|e| e["name"] == "thread_name"
+            && e["tid"] == 0
+            && e["args"]["name"] == "branch operations"));
     }
 }

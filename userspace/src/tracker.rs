@@ -25,7 +25,7 @@ use aya::maps::{MapData, RingBuf};
 use crate::{
     bpf::{Probe, ProbeOptions, Stats},
     error::{IoContext, Result},
-    events::{decode::decode, resolve::Resolver},
+    events::{TraceEvent, decode::decode, resolve::Resolver},
 };
 
 /// How often the reader drains the ring buffer.
@@ -244,6 +244,20 @@ impl Tracker {
         sinks.per_cgroup.remove(&id);
         if let Some((_, mut out)) = sinks.files.remove(&id) {
             let _ = out.flush();
+        }
+    }
+
+    /// Appends `ev`, written by the daemon (a branch operation), to the trace of cgroup `id`,
+    /// between the kernel's events; nothing when it is not traced.
+    pub fn note(&self, id: u64, ev: &TraceEvent) {
+        let mut sinks = self.sinks();
+        if let Some((file, out)) = sinks.files.get_mut(&id) {
+            let ok = serde_json::to_writer(&mut *out, ev).is_ok()
+                && out.write_all(b"\n").is_ok()
+                && out.flush().is_ok();
+            if !ok {
+                log::warn!("writing {} to {} failed", ev.kind, file.display());
+            }
         }
     }
 

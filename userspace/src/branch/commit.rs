@@ -79,6 +79,7 @@ impl Manager {
                 "{name} is a checkpoint: it has no changes of its own to commit (fork it and commit the fork)"
             )));
         }
+        let started = super::trace_notes::now_ns();
         let (target, target_branch) = self.target_of(&b)?;
         let mut phases = CommitPhases::default();
 
@@ -199,9 +200,11 @@ impl Manager {
                 result: format!("the held effects could not be released: {e}"),
             }]
         });
+        let target_name = target_branch.map_or_else(|| "host".to_string(), |p| p.name);
+        self.note_commit(&b, &target_name, started, &phases);
         Ok(Committed {
             branch: b.name.clone(),
-            target: target_branch.map_or_else(|| "host".to_string(), |p| p.name),
+            target: target_name,
             changes: plan.changes,
             conflicts: plan.conflicts,
             phases,

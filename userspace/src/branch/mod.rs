@@ -12,6 +12,7 @@
 
 mod commit;
 pub mod run_in;
+mod trace_notes;
 mod warm;
 
 pub use commit::{CommitOptions, Committed};
@@ -633,6 +634,7 @@ impl Manager {
         net_isolated: bool,
         policy: Option<Policy>,
     ) -> Result<BranchRecord> {
+        let started = trace_notes::now_ns();
         let workspace = workspace
             .canonicalize()
             .map_err(|e| Error::Invalid(format!("workspace {}: {e}", workspace.display())))?;
@@ -679,7 +681,7 @@ impl Manager {
                 return Err(e);
             }
         };
-        self.start(
+        let b = self.start(
             id,
             name,
             None,
@@ -695,7 +697,9 @@ impl Manager {
                 net_isolated,
                 policy,
             },
-        )
+        )?;
+        self.note_start(&b, started);
+        Ok(b)
     }
 
     /// Replaces branch `name`'s policy. Network rules take effect at once (for the
@@ -787,6 +791,7 @@ impl Manager {
                     .into(),
             ));
         }
+        let started = trace_notes::now_ns();
         let mut p = self.get(parent)?;
         self.no_commit_pending("forking")?;
         if let Some(n) = &name {
@@ -1001,6 +1006,7 @@ impl Manager {
             }
             t.new_epoch(&ids);
         }
+        self.note_fork(&p, &made, started, &phases);
         Ok(Forked {
             branches: made,
             phases,

@@ -2,7 +2,11 @@
 //! branch's and every branch forked from it, directly or not) in the Chrome/Perfetto
 //! trace-event JSON format, for ui.perfetto.dev.
 
-use std::{io::Write, path::PathBuf, process::ExitCode};
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
 use clap::Args;
 use hyper::Method;
@@ -20,9 +24,26 @@ pub struct ExportArgs {
 }
 
 pub fn run(args: ExportArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
-    let mut names = vec![args.branch.clone()];
-    if args.tree {
-        let all = super::client::call(&socket, Method::GET, "/v1/branches", None)?;
+    let branches = fetch(&socket, &args.branch, args.tree)?;
+    let doc = forkscope::perfetto::export(&branches);
+    let text = serde_json::to_string(&doc)?;
+    match &args.output {
+        Some(f) => std::fs::write(f, text)?,
+        None => std::io::stdout().write_all(text.as_bytes())?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The recorded traces of `branch` (with `tree`, and of every branch forked from it,
+/// directly or not, parents before children): (name, its records).
+pub fn fetch(
+    socket: &Path,
+    branch: &str,
+    tree: bool,
+) -> anyhow::Result<Vec<(String, Vec<serde_json::Value>)>> {
+    let mut names = vec![branch.to_string()];
+    if tree {
+        let all = super::client::call(socket, Method::GET, "/v1/branches", None)?;
         let all: Vec<(String, Option<String>)> = all
             .as_array()
             .into_iter()
@@ -48,7 +69,7 @@ pub fn run(args: ExportArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
     let mut branches = Vec::new();
     for name in names {
         let text =
-            super::client::call_text(&socket, Method::GET, &format!("/v1/branches/{name}/trace"))?;
+            super::client::call_text(socket, Method::GET, &format!("/v1/branches/{name}/trace"))?;
         let events = text
             .lines()
             .filter(|l| !l.trim().is_empty())
@@ -56,11 +77,5 @@ pub fn run(args: ExportArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
             .collect::<Result<Vec<serde_json::Value>, _>>()?;
         branches.push((name, events));
     }
-    let doc = forkscope::perfetto::export(&branches);
-    let text = serde_json::to_string(&doc)?;
-    match &args.output {
-        Some(f) => std::fs::write(f, text)?,
-        None => std::io::stdout().write_all(text.as_bytes())?,
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(branches)
 }

@@ -11,6 +11,7 @@ mod export;
 mod fork;
 mod ls;
 mod policy;
+mod report;
 mod run;
 mod status;
 mod trace;
@@ -55,6 +56,7 @@ enum Command {
     Policy(policy::PolicyArgs),
     Effects(effects::EffectsArgs),
     Export(export::ExportArgs),
+    Report(report::ReportArgs),
     /// Internal: builds a branch's sandbox and becomes its init (started by the daemon).
     #[command(name = "__init", hide = true)]
     Init {
@@ -79,6 +81,7 @@ pub fn main() -> ExitCode {
         Command::Policy(args) => policy::run(args, cli.socket),
         Command::Effects(args) => effects::run(args, cli.socket),
         Command::Export(args) => export::run(args, cli.socket),
+        Command::Report(args) => report::run(args, cli.socket),
         Command::Init { spec } => match forkscope::sandbox::init::main(&spec) {
             Ok(()) => Ok(ExitCode::SUCCESS),
             Err(_) => Ok(ExitCode::FAILURE),

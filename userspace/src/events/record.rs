@@ -20,7 +20,8 @@ pub struct TraceEvent {
     pub comm: String,
     /// file_open, file_write, file_truncate, file_rename, file_unlink, file_mkdir, file_meta,
     /// file_mmap, file_link, file_symlink, file_mknod, file_clone, net_connect, net_send,
-    /// proc_fork, proc_exec, proc_exit, page_dirty_summary.
+    /// proc_fork, proc_exec, proc_exit, page_dirty_summary; and the branch's own operations,
+    /// written by the daemon: branch_start, branch_fork, branch_commit.
     pub kind: Cow<'static, str>,
     /// The syscall that caused it.
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -82,4 +83,19 @@ pub struct TraceEvent {
     /// Set when a path was longer than the kernel side keeps and was cut.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub truncated: Option<bool>,
+    /// branch_start: the branch it was forked from (none for a root branch).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub parent: Option<String>,
+    /// branch_fork: the branches it made.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub children: Option<Vec<String>>,
+    /// branch_commit: what the commit wrote into (a branch, or the host directory).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub target: Option<String>,
+    /// branch_fork, branch_commit: how long the operation took, from `ts_ns`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub duration_ns: Option<u64>,
+    /// branch_fork, branch_commit: where that time went, microseconds per phase.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub phases_us: Option<std::collections::BTreeMap<String, u64>>,
 }
