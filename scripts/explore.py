@@ -44,15 +44,28 @@ def write_report(root_name):
         return
     os.makedirs(out, exist_ok=True)
     trace, report, chart = (os.path.join(out, f) for f in ("exploration.json", "report.txt", "tree.svg"))
-    subprocess.run([cli, "export", root_name, "--tree", "-o", trace], check=True)
-    with open(report, "w") as f:
-        subprocess.run([cli, "report", "--input", trace, "--svg", chart], stdout=f, check=True)
-    with open(report) as f:
-        first = f.readline().strip()
+    try:
+        subprocess.run([cli, "export", root_name, "--tree", "-o", trace], check=True)
+        with open(report, "w") as f:
+            subprocess.run([cli, "report", "--input", trace, "--svg", chart], stdout=f, check=True)
+        with open(report) as f:
+            first = f.readline().strip()
+    except (OSError, subprocess.CalledProcessError) as e:
+        # The exploration itself is done: a report that could not be written is only said.
+        print(f"\nthe trace report could not be written: {e}")
+        return
     print(f"\n{first}")
     print(f"  trace (open in ui.perfetto.dev): {trace}")
     print(f"  report per branch (events, top files, fork and commit latencies): {report}")
     print(f"  branch tree over time: {chart}")
+
+
+def crash_if_asked(cand, branch):
+    """FORKSCOPE_DEMO_CRASH=CANDIDATE kills that candidate's branch (its init and every
+    process, through its cgroup) as it starts: how the demo copes with a branch that dies."""
+    if os.environ.get("FORKSCOPE_DEMO_CRASH") == cand:
+        with open(os.path.join(branch.refresh()["cgroup"], "cgroup.kill"), "w") as f:
+            f.write("1")
 
 
 def main():
@@ -63,8 +76,11 @@ def main():
         with open(os.path.join(proj, name), "w") as f:
             f.write(text)
     sb = Sandbox()
-    root = Sandbox.run(workspace=proj, cmd=["sleep", "infinity"], name="explore")
-    branches = []
+    try:
+        root = Sandbox.run(workspace=proj, cmd=["sleep", "infinity"], name="explore")
+    except ForkscopeError as e:
+        print(f"the demo could not start its sandbox: {e.message}", file=sys.stderr)
+        return 1
     try:
         first = root.exec(["python3", "test_calc.py"], env=NO_PYC)
         print(f"project {proj}: its test fails (exit {first.exit_code})\n")
@@ -73,45 +89,50 @@ def main():
             t = time.perf_counter()
             made = root.fork(name=f"fix-{cand}")
             forks.append((cand, made[0], (time.perf_counter() - t) * 1000, made.phases))
-        branches = [b for _, b, _, _ in forks]
-        results = {}
+        results, failed = {}, {}
 
         def attempt(cand, branch):
-            code = CANDIDATES[cand].replace("\n", "\\n")
-            branch.exec(["sh", "-c", f"printf '{code}' > calc.py"])
-            results[cand] = branch.exec(["python3", "test_calc.py"], env=NO_PYC)
+            # A branch that fails is one candidate less: reported, and the others go on.
+            try:
+                crash_if_asked(cand, branch)
+                code = CANDIDATES[cand].replace("\n", "\\n")
+                branch.exec(["sh", "-c", f"printf '{code}' > calc.py"])
+                results[cand] = branch.exec(["python3", "test_calc.py"], env=NO_PYC)
+            except ForkscopeError as e:
+                failed[cand] = e.message
 
         threads = [threading.Thread(target=attempt, args=(c, b)) for c, b, _, _ in forks]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        winners = [c for c in CANDIDATES if results[c].exit_code == 0]
-        if len(winners) != 1:
-            print(f"expected exactly one passing candidate, got {winners}")
-            return 1
-        win = winners[0]
         print("branch tree (fork latency through the API, its phases in the daemon):")
         print(f"  {root.name}  (root on {proj})")
         for cand, b, ms, ph in forks:
+            timing = (f"fork {ms:6.1f} ms (freeze {ph.get('freeze_us', 0)} us, "
+                      f"files {ph.get('files_us', 0)} us, processes {ph.get('processes_us', 0)} us)")
+            if cand in failed:
+                print(f"  └─ {b.name:<20} FAILED: {failed[cand]}")
+                print(f"       {timing}; left out")
+                continue
             info = b.refresh()
             diff = [c["path"] for c in b.diff()]
             kinds = collections.Counter(e["kind"] for e in b.trace() if not e["kind"].startswith("branch_"))
             effects = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())) or "none"
-            verdict = "PASS" if results[cand].exit_code == 0 else f"fail (exit {results[cand].exit_code})"
-            print(f"  └─ {b.name:<20} tests {verdict:<13} fork {ms:6.1f} ms "
-                  f"(freeze {ph.get('freeze_us', 0)} us, files {ph.get('files_us', 0)} us, "
-                  f"processes {ph.get('processes_us', 0)} us)")
+            code = results[cand].exit_code
+            verdict = "PASS" if code == 0 else f"fail (exit {code})"
+            print(f"  └─ {b.name:<20} tests {verdict:<13} {timing}")
             print(f"       changed: {', '.join(diff) or 'nothing'}; private pages: {info.get('private_pages')}; "
                   f"side effects: {effects}")
+        winners = [c for c in CANDIDATES if c in results and results[c].exit_code == 0]
+        if len(winners) != 1:
+            print(f"\nexpected exactly one passing candidate, got {winners or 'none'}: nothing committed")
+            return 1
+        win = winners[0]
         winner = next(b for c, b, _, _ in forks if c == win)
         winner.commit()
         root.commit()
         write_report(root.name)
-        for b in branches:
-            if b is not winner:
-                b.abort()
-        winner.abort()
         with open(os.path.join(proj, "calc.py")) as f:
             landed = f.read()
         ok = landed == CANDIDATES[win]
@@ -125,10 +146,11 @@ def main():
         print(f"the demo failed: {e.message}", file=sys.stderr)
         return 1
     finally:
+        # The candidates, then the root: whatever happened, no branch is left.
         try:
             root.abort(recursive=True)
-        except ForkscopeError:
-            pass
+        except ForkscopeError as e:
+            print(f"cleaning up: {e.message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 //! The exploration demo (scripts/explore.py, which the README's first command runs through
 //! scripts/demo) against a real daemon: it exits 0 and the host project then holds exactly
-//! the winning fix.
+//! the winning fix; a candidate's branch that dies mid-demo is reported, and nothing is left.
 
 use std::process::Command;
 
@@ -64,5 +64,61 @@ fn the_demo_commits_exactly_the_winning_fix_to_the_host_project() {
     assert!(
         stdout.contains("branch tree over time") && stdout.contains("tree.svg"),
         "{stdout}"
+    );
+}
+
+/// Runs the demo with candidate `crash`'s branch killed (its cgroup's `cgroup.kill`) as it
+/// starts; returns (exit code, stdout, the project's calc.py), after checking that no branch
+/// is left behind.
+fn demo_with_a_crash(crash: &str) -> (i32, String, String) {
+    let dir = TempDir::new_in(std::path::Path::new("/var/tmp"), "demo-crash");
+    let d = Daemon::start(dir.path());
+    let work = dir.path().join("work");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/explore.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .arg(&work)
+        .env("FORKSCOPE_SOCKET", &d.socket)
+        .env("FORKSCOPE_DEMO_CRASH", crash)
+        .output()
+        .unwrap();
+    assert_eq!(d.ok(&["ls", "--json"]).trim(), "[]", "no branch is left");
+    let calc = std::fs::read_to_string(work.join("proj/calc.py")).unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        calc,
+    )
+}
+
+#[test]
+fn a_branch_that_dies_mid_demo_is_reported_and_the_others_go_on() {
+    require_root();
+    let (code, stdout, calc) = demo_with_a_crash("multiply");
+    assert_eq!(code, 0, "{stdout}");
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("fix-multiply"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(
+        line.contains("FAILED") && line.contains("the branch's init is gone"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("fix-plus") && stdout.contains("PASS"),
+        "{stdout}"
+    );
+    assert_eq!(calc, "def add(a, b):\n    return a + b\n");
+}
+
+#[test]
+fn when_the_winning_branch_dies_nothing_is_committed() {
+    require_root();
+    let (code, stdout, calc) = demo_with_a_crash("plus");
+    assert_eq!(code, 1, "{stdout}");
+    assert!(stdout.contains("nothing committed"), "{stdout}");
+    assert_eq!(
+        calc, "def add(a, b):\n    return a - b\n",
+        "the project as it was"
     );
 }

@@ -386,6 +386,8 @@ fn processes_that_cannot_be_cloned_are_refused_and_both_branches_stay_as_they_we
 /// by its current id, wakes and joins every thread, and reports.
 const THREADED: &str = r#"
 import os, signal, threading, time
+# A descriptor of its own pid namespace, the kind a fork opens too: forks never take it.
+own_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
 counts = [0, 0, 0]
 stop, gate, lock = threading.Event(), threading.Event(), threading.Lock()
 def work(i):
@@ -578,11 +580,33 @@ const fn at(what: &'static str, nr: i64, n: u32) -> Fault {
     Fault { what, nr, n }
 }
 
+/// The descriptors of process `pid`: number -> what it points at.
+fn fds_of(pid: u32) -> std::collections::BTreeMap<String, String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .map(|fd| {
+            let link = std::fs::read_link(fd.path()).unwrap_or_default();
+            (
+                fd.file_name().to_string_lossy().into_owned(),
+                link.to_string_lossy().into_owned(),
+            )
+        })
+        .collect()
+}
+
 /// Forks `root` with a daemon that aborts at `fault`, and starts the daemon again; checks
 /// that no half-forked child is left, and that nothing of it is left in the `original`
-/// process either (no descriptor of the child's cgroup or of a pid namespace, its pid
-/// namespace for children its own). Returns the fault's name and the new daemon.
-fn crash_in_fork(dir: &Path, socket: &Path, fault: &Fault, original: u32) -> (String, Daemon) {
+/// process either (no descriptor of the child's cgroup, no pid namespace but the ones in
+/// `own_ns`, its pid namespace for children its own). Returns the fault's name and the new
+/// daemon.
+fn crash_in_fork(
+    dir: &Path,
+    socket: &Path,
+    fault: &Fault,
+    original: u32,
+    own_ns: &[&str],
+) -> (String, Daemon) {
     let env = format!("inject-abort:{}@{}", fault.nr, fault.n);
     let name = format!("{} ({env})", fault.what);
     let mut crashing = Daemon::start_with(dir, socket, &[("FORKSCOPE_FAULT", &env)]);
@@ -606,16 +630,20 @@ fn crash_in_fork(dir: &Path, socket: &Path, fault: &Fault, original: u32) -> (St
     assert_eq!(names, ["root"], "{name}");
     let ns = |kind: &str| std::fs::read_link(format!("/proc/{original}/ns/{kind}")).unwrap();
     assert_eq!(ns("pid_for_children"), ns("pid"), "{name}");
-    for fd in std::fs::read_dir(format!("/proc/{original}/fd"))
+    // The fork's marks went with what they marked.
+    let marks: Vec<_> = std::fs::read_dir(d.state.join("branches"))
         .unwrap()
         .flatten()
-    {
-        let link = std::fs::read_link(fd.path()).unwrap_or_default();
-        let link = link.to_string_lossy();
+        .flat_map(|b| std::fs::read_dir(b.path()).unwrap().flatten())
+        .filter(|f| f.file_name().to_string_lossy().starts_with("forking-"))
+        .map(|f| f.path())
+        .collect();
+    assert!(marks.is_empty(), "{name}: {marks:?}");
+    for (fd, link) in fds_of(original) {
         assert!(
-            !link.starts_with("pid:[") && !link.contains("/forkscope/branch-"),
-            "{name}: the original still holds fd {:?} -> {link}",
-            fd.file_name()
+            !(link.starts_with("pid:[") && !own_ns.contains(&fd.as_str()))
+                && !link.contains("/forkscope/branch-"),
+            "{name}: the original still holds fd {fd} -> {link}"
         );
     }
     (name, d)
@@ -644,7 +672,7 @@ fn a_daemon_killed_at_any_instant_of_a_fork_leaves_the_original_process_intact()
         at("the clone's last call", libc::SYS_set_robust_list, 1),
     ];
     for fault in &faults {
-        let (fault, mut d) = crash_in_fork(&dir, &socket, fault, original[0]);
+        let (fault, mut d) = crash_in_fork(&dir, &socket, fault, original[0], &[]);
         let start = Instant::now();
         while agents_in(&s.ws) != original {
             assert!(
@@ -706,6 +734,17 @@ fn a_daemon_killed_mid_fork_of_a_multi_threaded_process_leaves_every_thread_inta
     s.wait_out("root", "ready");
     let pid = s.pids("root")[0];
     let threads = threads_of(pid);
+    let fds_before = fds_of(pid as u32);
+    let own_ns: Vec<&str> = fds_before
+        .iter()
+        .filter(|(_, l)| l.starts_with("pid:["))
+        .map(|(fd, _)| fd.as_str())
+        .collect();
+    assert_eq!(
+        own_ns.len(),
+        1,
+        "the script's own namespace: {fds_before:?}"
+    );
     let dir = s.d.state.parent().unwrap().to_path_buf();
     let socket = s.d.socket.clone();
     s.d.stop();
@@ -731,7 +770,9 @@ fn a_daemon_killed_mid_fork_of_a_multi_threaded_process_leaves_every_thread_inta
         at("naming the last thread", libc::SYS_prctl, 4),
     ];
     for fault in &faults {
-        let (fault, mut d) = crash_in_fork(&dir, &socket, fault, pid as u32);
+        let (fault, mut d) = crash_in_fork(&dir, &socket, fault, pid as u32, &own_ns);
+        // Its descriptors are exactly the ones it had, its own namespace's among them.
+        assert_eq!(fds_of(pid as u32), fds_before, "{fault}");
         // Only the original is left, with all its threads, untraced, signals unblocked.
         let start = Instant::now();
         let clones = || {

@@ -83,6 +83,8 @@ class Branch:
     def trace(self):
         """The branch's side-effect events so far."""
         text = call(self._socket, "GET", self._url("/trace"), raw=True)
+        # The tracer may be writing a line: one not ended yet is not part of the trace.
+        text = text[: text.rfind("\n") + 1]
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
     def effects(self):

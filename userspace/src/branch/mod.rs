@@ -841,6 +841,7 @@ impl Manager {
             workspace: &p.workspace,
             parent_log: &log,
             net_isolated: p.net_isolated,
+            marks: &p.dir,
         };
         let planned = match held.as_mut() {
             Some(h) => procfork::plan(h, p.init_pid, &ctx).map(Some),
@@ -943,6 +944,7 @@ impl Manager {
                         init_in_parent_ns: procfork::pid_as_seen_by(rec.init_pid, p.init_pid)?,
                         log_fd: procfork::fd_of(rec.init_pid, &rec.dir.join("command.log"))?,
                         net_isolated: p.net_isolated,
+                        marks: p.dir.clone(),
                     };
                     let c = procfork::clone_into(h, &into, freeze)?;
                     phases.processes_us += c.us;

@@ -82,11 +82,12 @@ impl Manager {
             ..Default::default()
         };
         self.note(parent, "branch_fork", since, fill);
+        // A child's life starts with the fork (its clones run before the fork returns).
         for c in children {
             self.note(
                 c,
                 "branch_start",
-                end,
+                since,
                 TraceEvent {
                     parent: Some(parent.name.clone()),
                     ..Default::default()

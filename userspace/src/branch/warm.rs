@@ -126,7 +126,7 @@ impl Manager {
             if b.frozen {
                 continue;
             }
-            match crate::procfork::repair_after_crash(&b.cgroup, b.init_pid) {
+            match crate::procfork::repair_after_crash(&b.cgroup, b.init_pid, &b.dir) {
                 Ok(pids) if !pids.is_empty() => log::info!(
                     "{}: closed what a fork cut short left in processes {pids:?}",
                     b.name

@@ -70,7 +70,12 @@ pub fn fetch(
     for name in names {
         let text =
             super::client::call_text(socket, Method::GET, &format!("/v1/branches/{name}/trace"))?;
-        let events = text
+        // The tracer may be writing a line: one not ended yet is not part of the trace.
+        let whole = match text.rfind('\n') {
+            Some(end) => &text[..=end],
+            None => "",
+        };
+        let events = whole
             .lines()
             .filter(|l| !l.trim().is_empty())
             .map(serde_json::from_str)

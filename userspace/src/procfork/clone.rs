@@ -10,17 +10,21 @@
 //! system call the original was blocked in restarts in both.
 //!
 //! A daemon that dies between those calls leaves the original with the descriptors opened
-//! so far (and maybe its pid namespace for children moved); the next daemon removes the
-//! half-forked child and then closes them ([`repair`], from
-//! [`super::repair_after_crash`]).
+//! so far (and maybe its pid namespace for children moved), and the fork's mark
+//! ([`ForkMark`]) saying which; the next daemon removes the half-forked child and then
+//! closes exactly those ([`repair`], from [`super::repair_after_crash`]).
 
-use std::os::unix::ffi::OsStrExt;
+use std::{
+    os::unix::ffi::OsStrExt,
+    path::{Path, PathBuf},
+};
 
 use nix::unistd::Pid;
 
 use super::{
     Plan,
     inspect::{FdAction, Target},
+    mark::ForkMark,
     threads,
 };
 use crate::{
@@ -34,28 +38,63 @@ const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 /// Where the clones go.
 pub struct ChildBranch {
     /// The child's cgroup directory (a host path, also visible in the parent's sandbox).
-    pub cgroup: std::path::PathBuf,
+    pub cgroup: PathBuf,
     /// The child's init pid as the parent branch's pid namespace numbers it.
     pub init_in_parent_ns: u32,
     /// The descriptor of the child's command log in the child's init (pid 1 there).
     pub log_fd: i32,
     /// The child has a network namespace of its own, which the clone joins.
     pub net_isolated: bool,
+    /// Where the fork marks the processes it injects into (the parent branch's directory).
+    pub marks: PathBuf,
 }
 
 fn nr(n: libc::c_long) -> i64 {
     n
 }
 
-/// Undoes what a daemon that died in the middle of a fork left in `original`: its pid
-/// namespace for children pointing at a child's (its forks would fail), and the descriptors
-/// the fork had opened in it (see [`clone_one`]). Those are recognised by the child's
-/// cgroup directory, deleted since (the restarted daemon removed the half-forked child),
-/// which the fork opens first and closes last: only a process holding one of those also has
-/// the fork's pid-namespace descriptors, which are closed with it.
-pub fn repair(original: &mut Tracee) -> Result<()> {
-    let pid = original.pid;
-    if pid_ns_for_children_moved(pid.as_raw() as u32) {
+/// Undoes what a fork cut short by a daemon crash left in `original`, as the fork's mark in
+/// `dir` says ([`ForkMark`]): closes the descriptors the fork opened there that still are
+/// what it opened (a `branch-*` cgroup directory, pid namespaces), puts its pid namespace for
+/// children back, and removes the mark. Without a mark, nothing.
+pub fn repair(original: &mut Tracee, dir: &Path) -> Result<()> {
+    let pid = original.pid.as_raw() as u32;
+    let Some((mark, file)) = ForkMark::read(dir, pid) else {
+        return Ok(());
+    };
+    let link = |fd: i32| {
+        std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+            .map(|l| l.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let is_branch_cgroup = |l: &str| {
+        let p = Path::new(l.strip_suffix(" (deleted)").unwrap_or(l));
+        p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("branch-"))
+            && p.parent()
+                .is_some_and(|parent| parent.join("cgroup.procs").exists())
+    };
+    let [cg, own, theirs] = mark.opened();
+    let left: Vec<i32> = [(theirs, false), (own, false), (cg, true)]
+        .into_iter()
+        .filter(|(fd, cgroup)| {
+            let l = link(*fd);
+            if *cgroup {
+                is_branch_cgroup(&l)
+            } else {
+                l.starts_with("pid:[")
+            }
+        })
+        .map(|(fd, _)| fd)
+        .collect();
+    for fd in left {
+        original.call(
+            &format!("closing fd {fd}, left by a fork cut short"),
+            nr(libc::SYS_close),
+            &[fd as u64],
+        )?;
+    }
+    if pid_ns_for_children_moved(pid) {
         let at = original.scratch_strings(&[b"/proc/self/ns/pid"])?;
         let fd = original.call(
             "opening its pid namespace",
@@ -75,67 +114,14 @@ pub fn repair(original: &mut Tracee) -> Result<()> {
         let _ = original.syscall(nr(libc::SYS_close), &[fd as u64]);
         r?;
     }
-    for fd in left_by_a_crashed_fork(pid.as_raw() as u32) {
-        original.call(
-            &format!("closing fd {fd}, left by a fork cut short"),
-            nr(libc::SYS_close),
-            &[fd as u64],
-        )?;
-    }
+    let _ = std::fs::remove_file(file);
     Ok(())
 }
 
-/// Whether `pid`'s pid namespace for children is not its own (a fork cut short left it so).
-pub fn pid_ns_for_children_moved(pid: u32) -> bool {
+/// Whether `pid`'s pid namespace for children is not its own.
+fn pid_ns_for_children_moved(pid: u32) -> bool {
     let link = |ns: &str| std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).ok();
     link("pid_for_children") != link("pid")
-}
-
-/// The descriptors of `pid` that a fork cut short by a daemon crash opened (see [`repair`]).
-pub fn left_by_a_crashed_fork(pid: u32) -> Vec<i32> {
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return Vec::new();
-    };
-    let fds: Vec<(i32, String)> = dir
-        .flatten()
-        .filter_map(|e| {
-            let num = e.file_name().to_str()?.parse().ok()?;
-            let link = std::fs::read_link(e.path()).ok()?;
-            Some((num, link.to_string_lossy().into_owned()))
-        })
-        .collect();
-    let is_dead_child_cgroup = |link: &str| {
-        link.strip_suffix(" (deleted)").is_some_and(|p| {
-            let p = std::path::Path::new(p);
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("branch-"))
-                && p.parent()
-                    .is_some_and(|parent| parent.join("cgroup.procs").exists())
-        })
-    };
-    if !fds.iter().any(|(_, l)| is_dead_child_cgroup(l)) {
-        return Vec::new();
-    }
-    // The fork's own: opened read-only and close-on-exec. (The kernel shows O_LARGEFILE,
-    // 0o100000, which libc calls 0 on x86_64.)
-    const O_LARGEFILE: i32 = 0o100000;
-    let opened_by_the_fork = |num: i32| {
-        std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{num}"))
-            .ok()
-            .and_then(|t| {
-                let f = t.lines().find_map(|l| l.strip_prefix("flags:"))?;
-                i32::from_str_radix(f.trim(), 8).ok()
-            })
-            .is_some_and(|f| {
-                f & !(O_LARGEFILE | libc::O_DIRECTORY) == libc::O_RDONLY | libc::O_CLOEXEC
-            })
-    };
-    fds.iter()
-        .filter(|(num, l)| {
-            (is_dead_child_cgroup(l) || l.starts_with("pid:[")) && opened_by_the_fork(*num)
-        })
-        .map(|(num, _)| *num)
-        .collect()
 }
 
 /// A held clone of one process: its first thread, and its other threads made again.
@@ -173,19 +159,28 @@ pub fn clone_one(original: &mut Tracee, plan: &Plan, child: &ChildBranch) -> Res
     let open = |t: &mut Tracee, what: &str, path: u64, flags: u64| {
         t.call(what, nr(libc::SYS_openat), &[AT_FDCWD, path, flags, 0])
     };
-    let cg = open(
-        original,
-        "opening the child's cgroup",
-        at[0],
-        ro | libc::O_DIRECTORY as u64,
-    )?;
-    let mut fds = vec![cg];
     // The child's cgroup is frozen around the clone's birth: until its frame is made to end
     // it (see `Tracee::adopt_clone`), a clone cut off by a daemon crash must not run. Frozen
-    // first, so that nothing fails between the two setns below.
+    // first, so that nothing fails between the two setns below, and marked before anything
+    // is opened in the original (see `ForkMark`).
     let child_cg = crate::cgroup::Cgroup::open(&child.cgroup)?;
     child_cg.freeze(true, std::time::Duration::from_secs(5))?;
+    let mark = match ForkMark::write(&child.marks, original.pid.as_raw() as u32) {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = child_cg.freeze(false, std::time::Duration::from_secs(5));
+            return Err(e);
+        }
+    };
+    let mut fds = Vec::new();
     let result = (|| {
+        let cg = open(
+            original,
+            "opening the child's cgroup",
+            at[0],
+            ro | libc::O_DIRECTORY as u64,
+        )?;
+        fds.push(cg);
         let own = open(original, "opening its pid namespace", at[1], ro)?;
         fds.push(own);
         let theirs = open(original, "opening the child's pid namespace", at[2], ro)?;
@@ -244,10 +239,10 @@ pub fn clone_one(original: &mut Tracee, plan: &Plan, child: &ChildBranch) -> Res
         }
         (r, _) => r,
     };
-    // The cgroup's last (see `repair`).
     for fd in fds.iter().rev() {
         let _ = original.syscall(nr(libc::SYS_close), &[*fd as u64]);
     }
+    let _ = std::fs::remove_file(&mark);
     let mut clone = result?;
     clone.resume_from(original.saved_regs(), original.saved_mask());
     let mut copy = ProcessCopy {

@@ -48,6 +48,8 @@ pub struct Context<'a> {
     pub parent_log: &'a Path,
     /// The branches have network namespaces of their own.
     pub net_isolated: bool,
+    /// The parent branch's directory, where forks mark the processes they inject into.
+    pub marks: &'a Path,
 }
 
 /// The processes of a branch to clone: every process in its cgroup but its init.

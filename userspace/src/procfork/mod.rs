@@ -17,6 +17,7 @@
 
 mod clone;
 pub mod inspect;
+mod mark;
 mod threads;
 
 use std::{path::Path, time::Instant};
@@ -94,7 +95,7 @@ pub fn plan(held: &mut [Seized], init_pid: u32, ctx: &inspect::Context) -> Resul
     for s in held.iter_mut() {
         let t = &mut s.leader;
         t.arm()?;
-        clone::repair(t)?;
+        clone::repair(t, ctx.marks)?;
         let pid = t.pid.as_raw() as u32;
         inspect::precheck(pid, init_pid, &procs, true)?;
         let target = inspect::inspect(pid, &s.comm, ctx)?;
@@ -113,20 +114,37 @@ pub fn plan(held: &mut [Seized], init_pid: u32, ctx: &inspect::Context) -> Resul
     Ok(plans)
 }
 
-/// Repairs the processes of a branch (`cgroup`, `init_pid`; not frozen) that a fork cut
-/// short by a daemon crash left with a descriptor or a pid namespace of the half-forked
-/// child (see [`clone::repair`]); run by a daemon that starts. Returns the pids repaired.
-pub fn repair_after_crash(cgroup: &Path, init_pid: u32) -> Result<Vec<u32>> {
+/// Repairs the processes of a branch (`cgroup`, `init_pid`, its directory `dir`) that a
+/// fork cut short by a daemon crash left marked (see [`mark`] and [`clone::repair`]); run
+/// by a daemon that starts. A frozen branch keeps its marks for its next fork (a frozen
+/// process runs no injected call). Returns the pids repaired; a process that cannot be
+/// repaired is logged and the others go on.
+pub fn repair_after_crash(cgroup: &Path, init_pid: u32, dir: &Path) -> Result<Vec<u32>> {
+    let marks = mark::ForkMark::all(dir);
+    if marks.is_empty() {
+        return Ok(Vec::new());
+    }
+    let events = std::fs::read_to_string(cgroup.join("cgroup.events")).unwrap_or_default();
+    if events.lines().any(|l| l == "frozen 1") {
+        return Ok(Vec::new());
+    }
+    let procs = inspect::targets(cgroup, init_pid)?;
     let mut repaired = Vec::new();
-    for pid in inspect::targets(cgroup, init_pid)? {
-        if !clone::pid_ns_for_children_moved(pid) && clone::left_by_a_crashed_fork(pid).is_empty() {
+    for (pid, file) in marks {
+        if !procs.contains(&pid) {
+            let _ = std::fs::remove_file(&file);
             continue;
         }
-        let mut t = Tracee::seize(Pid::from_raw(pid as i32))?;
-        t.arm()?;
-        clone::repair(&mut t)?;
-        t.detach()?;
-        repaired.push(pid);
+        let r = (|| {
+            let mut t = Tracee::seize(Pid::from_raw(pid as i32))?;
+            t.arm()?;
+            clone::repair(&mut t, dir)?;
+            t.detach()
+        })();
+        match r {
+            Ok(()) => repaired.push(pid),
+            Err(e) => log::warn!("process {pid}: undoing a fork cut short: {e}"),
+        }
     }
     Ok(repaired)
 }

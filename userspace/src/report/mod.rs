@@ -54,10 +54,10 @@ pub struct BranchReport {
     pub name: String,
     /// The branch it was forked from, as its `branch_start` record says.
     pub parent: Option<String>,
-    /// When it started (its `branch_start`), else its first record.
-    pub start_ns: u64,
-    /// Its last record.
-    pub end_ns: u64,
+    /// When it started (its `branch_start`), else its first record; none without records.
+    pub start_ns: Option<u64>,
+    /// The end of its last record (an operation ends after its duration).
+    pub end_ns: Option<u64>,
     /// Events of its processes (the branch's own operations not counted).
     pub events: u64,
     pub kinds: BTreeMap<String, u64>,
@@ -101,8 +101,8 @@ fn branch(name: &str, records: &[Value]) -> BranchReport {
     let mut r = BranchReport {
         name: name.to_string(),
         parent: None,
-        start_ns: u64::MAX,
-        end_ns: 0,
+        start_ns: None,
+        end_ns: None,
         events: 0,
         kinds: BTreeMap::new(),
         files_written: 0,
@@ -120,8 +120,9 @@ fn branch(name: &str, records: &[Value]) -> BranchReport {
             r.unreadable += 1;
             continue;
         };
-        r.start_ns = r.start_ns.min(e.ts_ns);
-        r.end_ns = r.end_ns.max(e.ts_ns + e.duration_ns.unwrap_or(0));
+        let end = e.ts_ns.saturating_add(e.duration_ns.unwrap_or(0));
+        r.start_ns = Some(r.start_ns.map_or(e.ts_ns, |s| s.min(e.ts_ns)));
+        r.end_ns = Some(r.end_ns.map_or(end, |x| x.max(end)));
         match e.kind.as_ref() {
             "branch_start" => {
                 started = Some(e.ts_ns);
@@ -140,11 +141,8 @@ fn branch(name: &str, records: &[Value]) -> BranchReport {
             }
         }
     }
-    if let Some(t) = started {
-        r.start_ns = t;
-    }
-    if r.start_ns == u64::MAX {
-        r.start_ns = 0;
+    if started.is_some() {
+        r.start_ns = started;
     }
     r.end_ns = r.end_ns.max(r.start_ns);
     r.kinds = summary
@@ -186,8 +184,18 @@ fn branch(name: &str, records: &[Value]) -> BranchReport {
 /// The report of `branches`: (name, its records as recorded), in the order given.
 pub fn report(branches: &[(String, Vec<Value>)]) -> Report {
     let branches: Vec<BranchReport> = branches.iter().map(|(n, r)| branch(n, r)).collect();
-    let start_ns = branches.iter().map(|b| b.start_ns).min().unwrap_or(0);
-    let end_ns = branches.iter().map(|b| b.end_ns).max().unwrap_or(0);
+    // Branches without records have no place in time.
+    let start_ns = branches
+        .iter()
+        .filter_map(|b| b.start_ns)
+        .min()
+        .unwrap_or(0);
+    let end_ns = branches
+        .iter()
+        .filter_map(|b| b.end_ns)
+        .max()
+        .unwrap_or(0)
+        .max(start_ns);
     Report {
         branches,
         start_ns,
@@ -293,13 +301,14 @@ impl Report {
                 Some(p) => format!("forked from {p}"),
                 None => "root".into(),
             };
+            let when = match (b.start_ns, b.end_ns) {
+                (Some(a), Some(z)) => format!("{} to {}", self.at(a), self.at(z)),
+                _ => "no records".into(),
+            };
             let _ = writeln!(
                 s,
-                "\nbranch {} ({origin}), {} to {}: {} events",
-                b.name,
-                self.at(b.start_ns),
-                self.at(b.end_ns),
-                b.events
+                "\nbranch {} ({origin}), {when}: {} events",
+                b.name, b.events
             );
             let kinds: Vec<String> = b.kinds.iter().map(|(k, n)| format!("{k} {n}")).collect();
             if !kinds.is_empty() {
@@ -390,7 +399,7 @@ mod tests {
         assert_eq!(main.top_destinations[0].dest, "127.0.0.1:80");
         assert_eq!(main.forks.len(), 1);
         assert_eq!(main.forks[0].into, ["kid"]);
-        assert_eq!((main.start_ns, main.end_ns), (1_000, 3_004_000));
+        assert_eq!((main.start_ns, main.end_ns), (Some(1_000), Some(3_004_000)));
         let kid = &r.branches[1];
         assert_eq!(kid.parent.as_deref(), Some("main"));
         assert_eq!(kid.commits[0].duration_ns, 1_000_000);
@@ -406,6 +415,25 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("branch kid (forked from main)"), "{text}");
+    }
+
+    #[test]
+    fn a_branch_without_records_keeps_the_others_in_place() {
+        let mut t = traces();
+        t.push(("empty".into(), Vec::new()));
+        t.push((
+            "huge".into(),
+            vec![json!({"ts_ns": u64::MAX, "cgroup": 3, "pid": 0, "tid": 0, "comm": "forkscope", "kind": "branch_commit", "duration_ns": u64::MAX})],
+        ));
+        let r = report(&t);
+        assert_eq!(r.branches[2].start_ns, None);
+        assert_eq!(r.start_ns, 1_000);
+        assert!(
+            r.render()
+                .contains("branch empty (root), no records: 0 events")
+        );
+        let svg = svg::chart(&r, &svg::event_times(&t));
+        assert_eq!(svg.matches(r#"class="branch""#).count(), 4);
     }
 
     #[test]

@@ -15,8 +15,12 @@ const TOP: f64 = 40.0;
 const ROW: f64 = 30.0;
 const BAR: f64 = 14.0;
 
+/// Text for XML: markup escaped, characters XML does not allow dropped.
 fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
+    s.chars()
+        .filter(|c| !c.is_control() || matches!(c, '\t' | '\n'))
+        .collect::<String>()
+        .replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('"', "&quot;")
@@ -68,6 +72,10 @@ fn rows(report: &Report) -> Vec<(&BranchReport, usize)> {
     for r in roots {
         visit(r, 0, &report.branches, &mut out);
     }
+    // Parents that point at each other (a hand-made file): shown as roots all the same.
+    for b in &report.branches {
+        visit(b, 0, &report.branches, &mut out);
+    }
     out
 }
 
@@ -99,7 +107,8 @@ pub fn chart(report: &Report, times: &[Vec<(u64, String)>]) -> String {
     let rows = rows(report);
     let span = report.end_ns.saturating_sub(report.start_ns).max(1);
     let plot = WIDTH - LABEL - RIGHT;
-    let x = |ns: u64| LABEL + ns.saturating_sub(report.start_ns) as f64 / span as f64 * plot;
+    let x =
+        |ns: u64| LABEL + (ns.saturating_sub(report.start_ns) as f64 / span as f64).min(1.0) * plot;
     let height = TOP + ROW * rows.len() as f64 + 20.0;
     let row_y = |name: &str| {
         rows.iter()
@@ -119,10 +128,10 @@ pub fn chart(report: &Report, times: &[Vec<(u64, String)>]) -> String {
     );
     let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
     // The time axis.
-    let step = tick_step(span);
-    let mut t = 0;
+    let step = tick_step(span).max(span / 20).max(1);
+    let mut t: u64 = 0;
     while t <= span {
-        let tx = x(report.start_ns + t);
+        let tx = x(report.start_ns.saturating_add(t));
         let _ = writeln!(
             s,
             r##"<line x1="{tx:.1}" y1="{}" x2="{tx:.1}" y2="{:.1}" stroke="#e4e4e4"/><text x="{tx:.1}" y="{}" text-anchor="middle" fill="#555">{}</text>"##,
@@ -131,11 +140,13 @@ pub fn chart(report: &Report, times: &[Vec<(u64, String)>]) -> String {
             TOP - 14.0,
             label_time(t, step)
         );
-        t += step;
+        let Some(next) = t.checked_add(step) else {
+            break;
+        };
+        t = next;
     }
     for (i, (b, depth)) in rows.iter().enumerate() {
         let y = TOP + ROW * i as f64 + ROW / 2.0;
-        let (x0, x1) = (x(b.start_ns), x(b.end_ns).max(x(b.start_ns) + 2.0));
         let _ = writeln!(s, r#"<g class="branch" data-branch="{}">"#, escape(&b.name));
         let _ = writeln!(
             s,
@@ -144,6 +155,12 @@ pub fn chart(report: &Report, times: &[Vec<(u64, String)>]) -> String {
             y + 4.0,
             escape(&b.name)
         );
+        let (Some(start), Some(end)) = (b.start_ns, b.end_ns) else {
+            // No records: its name only.
+            let _ = writeln!(s, "</g>");
+            continue;
+        };
+        let (x0, x1) = (x(start), x(end).max(x(start) + 2.0));
         let _ = writeln!(
             s,
             r##"<rect class="life" x="{x0:.1}" y="{:.1}" width="{:.1}" height="{BAR}" fill="#eef2f7" stroke="#9fb3c8"><title>{}: {} events</title></rect>"##,
@@ -175,11 +192,12 @@ pub fn chart(report: &Report, times: &[Vec<(u64, String)>]) -> String {
             let fx = x(f.ts_ns);
             for child in &f.into {
                 if let Some(cy) = row_y(child) {
-                    let cx = x(f.ts_ns + f.duration_ns);
+                    let cx = x(f.ts_ns.saturating_add(f.duration_ns));
                     let _ = writeln!(
                         s,
-                        r##"<path class="fork" d="M{fx:.1},{y:.1} L{fx:.1},{cy:.1} L{cx:.1},{cy:.1}" fill="none" stroke="#555" stroke-dasharray="3,2"><title>fork {} -> {child}: {:.2} ms</title></path>"##,
+                        r##"<path class="fork" d="M{fx:.1},{y:.1} L{fx:.1},{cy:.1} L{cx:.1},{cy:.1}" fill="none" stroke="#555" stroke-dasharray="3,2"><title>fork {} -> {}: {:.2} ms</title></path>"##,
                         escape(&b.name),
+                        escape(child),
                         f.duration_ns as f64 / 1e6
                     );
                 }
@@ -277,6 +295,7 @@ mod tests {
         let kid = svg.find(r#"data-branch="b&lt;1&gt;""#).unwrap();
         assert!(root < kid, "the parent's row comes first");
         assert_eq!(svg.matches(r#"class="fork""#).count(), 1);
+        assert!(!svg.contains("b<1>"), "names are escaped everywhere");
         assert_eq!(svg.matches(r#"class="tick""#).count(), 1);
     }
 }

@@ -70,14 +70,17 @@ pub fn send(fd: RawFd, msg: &[u8], fds: &[RawFd]) -> Result<()> {
 }
 
 /// Receives one message and the descriptors attached to it; an empty message means the
-/// peer closed the connection.
+/// peer closed the connection (or died with a message of ours unread: a reset).
 pub fn recv(fd: RawFd) -> Result<(Vec<u8>, Vec<OwnedFd>)> {
     let mut buf = vec![0u8; MAX_MESSAGE];
     let mut cmsg = nix::cmsg_space!([RawFd; 3]);
     let (len, fds) = {
         let mut iov = [IoSliceMut::new(&mut buf)];
-        let msg = recvmsg::<UnixAddr>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
-            .map_err(sock_err("receiving on the control socket"))?;
+        let msg =
+            match recvmsg::<UnixAddr>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
+                Err(nix::errno::Errno::ECONNRESET) => return Ok((Vec::new(), Vec::new())),
+                r => r.map_err(sock_err("receiving on the control socket"))?,
+            };
         let mut fds = Vec::new();
         for c in msg.cmsgs().map_err(sock_err("reading control messages"))? {
             if let ControlMessageOwned::ScmRights(raw) = c {
@@ -107,11 +110,18 @@ pub fn exec(
     )
     .map_err(sock_err("creating a socket"))?;
     let addr = UnixAddr::new(control).map_err(sock_err("control socket path"))?;
-    connect(sock.as_raw_fd(), &addr).map_err(|e| {
-        Error::Sandbox(format!(
+    let gone = || {
+        Error::Sandbox(
+            "the branch's init is gone (its processes were killed, or the branch was aborted): nothing can run in it any more; abort it"
+                .into(),
+        )
+    };
+    connect(sock.as_raw_fd(), &addr).map_err(|e| match e {
+        nix::errno::Errno::ECONNREFUSED | nix::errno::Errno::ENOENT => gone(),
+        e => Error::Sandbox(format!(
             "connecting to the branch's init at {}: {e}",
             control.display()
-        ))
+        )),
     })?;
     let msg = serde_json::to_vec(req).map_err(std::io::Error::from)?;
     send(sock.as_raw_fd(), &msg, &stdio)?;
@@ -119,9 +129,7 @@ pub fn exec(
     loop {
         let (msg, _) = recv(sock.as_raw_fd())?;
         if msg.is_empty() {
-            return Err(Error::Sandbox(
-                "the branch's init closed the connection (branch aborted?)".into(),
-            ));
+            return Err(gone());
         }
         let reply: ExecReply = serde_json::from_slice(&msg).map_err(std::io::Error::from)?;
         match reply {
