@@ -357,10 +357,14 @@ fn http_server(addr: &str) -> (u16, std::sync::mpsc::Receiver<(String, Vec<u8>)>
     (port, rx)
 }
 
-/// A python HTTP client: POSTs its body to the URL, prints the status it got.
+/// A python HTTP client: POSTs its body to the URL, prints the status it got. A body
+/// `@N` is N bytes of a counting pattern.
 const POST: &str = r#"
 import sys, urllib.request
-req = urllib.request.Request(sys.argv[1], data=sys.argv[2].encode(), method="POST")
+body = sys.argv[2].encode()
+if body.startswith(b"@"):
+    body = bytes(i % 251 for i in range(int(body[1:])))
+req = urllib.request.Request(sys.argv[1], data=body, method="POST")
 with urllib.request.urlopen(req, timeout=10) as r:
     print(r.status, r.headers.get("Forkscope-Effect") is not None)
 "#;
@@ -386,6 +390,14 @@ fn buffered_requests_are_answered_at_once_and_delivered_exactly_once_on_commit()
     // The client gets the synthetic answer at once; the server sees nothing yet.
     assert_eq!(post("pay", "amount=5"), "202 True");
     assert_eq!(post("pay", "amount=7"), "202 True");
+    // A large body is kept in a file of its own next to the journal.
+    assert_eq!(post("pay", "@300000"), "202 True");
+    let payload_files = |s: &Setup| {
+        std::fs::read_dir(s.d.state.join("effects"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    assert_eq!(payload_files(&s), 1);
     assert_eq!(post("dropped", "amount=100"), "202 True");
     // Raw TCP bytes are recorded too (the client gets no answer).
     let tcp = tcp_port.to_string();
@@ -397,19 +409,27 @@ fn buffered_requests_are_answered_at_once_and_delivered_exactly_once_on_commit()
     let held: serde_json::Value =
         serde_json::from_str(&s.d.ok(&["effects", "pay", "--json"])).unwrap();
     let held = held.as_array().unwrap();
-    assert_eq!(held.len(), 3, "{held:?}");
+    assert_eq!(held.len(), 4, "{held:?}");
     assert!(held.iter().all(|e| e["state"] == "held"));
     assert_eq!(held[0]["summary"], "POST /charge");
+    assert!(held[2]["bytes"].as_u64().unwrap() > 300_000, "{held:?}");
     // The daemon dies between the answers and the commit; a new one delivers each request
     // once, in order, with an idempotency key and the branch's name.
     let dir = s.d.state.parent().unwrap().to_path_buf();
     let socket = s.d.socket.clone();
     s.d.kill9();
+    // What a daemon killed between a payload file and its record leaves: swept at start.
+    std::fs::write(s.d.state.join("effects/stray.bin"), "half").unwrap();
     std::mem::forget(std::mem::replace(&mut s.d, Daemon::start_on(&dir, &socket)));
+    assert_eq!(
+        payload_files(&s),
+        1,
+        "the stray file is gone, the recorded one kept"
+    );
     let committed: serde_json::Value =
         serde_json::from_str(&s.d.ok(&["commit", "pay", "--json"])).unwrap();
     let delivered = committed["effects"].as_array().unwrap();
-    assert_eq!(delivered.len(), 3, "{committed}");
+    assert_eq!(delivered.len(), 4, "{committed}");
     assert!(
         delivered.iter().all(|d| d["delivered"] == true),
         "{committed}"
@@ -428,6 +448,13 @@ fn buffered_requests_are_answered_at_once_and_delivered_exactly_once_on_commit()
             .map(str::to_string)
     };
     assert!(key(&head1).is_some() && key(&head1) != key(&head2));
+    let (_, big) = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    let pattern: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    assert!(
+        big == pattern,
+        "the large body, byte for byte ({} bytes)",
+        big.len()
+    );
     assert_eq!(
         tcp_rx.recv_timeout(Duration::from_secs(5)).unwrap(),
         b"raw-bytes"
@@ -440,6 +467,9 @@ fn buffered_requests_are_answered_at_once_and_delivered_exactly_once_on_commit()
     // The aborted branch's request is never delivered.
     s.d.ok(&["abort", "dropped"]);
     assert!(nothing_arrives(&rx));
+    // The delivered requests' records (and the large one's file) go with their branch.
+    s.d.ok(&["abort", "pay"]);
+    assert_eq!(payload_files(&s), 0);
 }
 
 /// A python client that connects to ADDR:PORT, sends MSG, and prints how long the connect

@@ -8,6 +8,7 @@
 //! whatever the branch's depth; its abort drops it.
 
 pub mod defer;
+pub mod payloads;
 pub mod proxy;
 pub mod replay;
 
@@ -78,10 +79,12 @@ pub struct Effect {
     pub age_s: f64,
 }
 
-/// The effects journal (`<state>/effects.db`), shared by the proxy and the branch manager.
+/// The effects journal (`<state>/effects.db`, large payloads in `<state>/effects/`), shared
+/// by the proxy and the branch manager.
 #[derive(Clone)]
 pub struct Journal {
     db: Arc<Mutex<Connection>>,
+    payloads: Arc<payloads::PayloadDir>,
 }
 
 fn db_err(e: rusqlite::Error) -> Error {
@@ -95,17 +98,49 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// How far a recorded effect has gone when [`Journal::record`] returns.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum JournalSync {
+    /// In the kernel (SQLite WAL, synchronous=NORMAL): a daemon killed at any moment loses
+    /// nothing; a power loss may lose the last ones (the branches' processes are lost with
+    /// the machine anyway).
+    #[default]
+    Process,
+    /// On disk (synchronous=FULL, an fsync per record): power losses too; bound by the
+    /// disk's synced write bandwidth.
+    Disk,
+}
+
+impl std::str::FromStr for JournalSync {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "process" => Ok(JournalSync::Process),
+            "disk" => Ok(JournalSync::Disk),
+            _ => Err(format!(
+                "{s:?}: `process` (survives the daemon being killed) or `disk` (survives a power loss too)"
+            )),
+        }
+    }
+}
+
 impl Journal {
-    /// Opens (creating) the journal in state directory `state`.
-    pub fn open(state: &Path) -> Result<Journal> {
+    /// Opens (creating) the journal in state directory `state`, syncing records as `sync`
+    /// says.
+    pub fn open(state: &Path, sync: JournalSync) -> Result<Journal> {
         let path = state.join("effects.db");
         let db = Connection::open(&path).map_err(db_err)?;
-        // Large pages (set before the file is first written): a recorded request is a few
-        // pages, not hundreds of 4 KiB overflow pages each with its own WAL frame.
-        db.execute_batch(
-            "PRAGMA page_size=65536;
+        let synchronous = match sync {
+            JournalSync::Process => "NORMAL",
+            JournalSync::Disk => "FULL",
+        };
+        // Pages of 16 KiB (set before the file is first written): a row with an inline
+        // payload (at most 64 KiB, larger ones are files) is a few pages, and a commit does
+        // not write 64 KiB per page it touches.
+        db.execute_batch(&format!(
+            "PRAGMA page_size=16384;
              PRAGMA journal_mode=WAL;
-             PRAGMA synchronous=FULL;
+             PRAGMA synchronous={synchronous};
              PRAGMA wal_autocheckpoint=1024;
              CREATE TABLE IF NOT EXISTS effects (
                  id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -120,20 +155,60 @@ impl Journal {
                  created_ms INTEGER NOT NULL
              );
              CREATE INDEX IF NOT EXISTS effects_by_state ON effects (state, kind, created_ms);
-             CREATE INDEX IF NOT EXISTS effects_by_cgroup ON effects (cgroup, state);",
-        )
+             CREATE INDEX IF NOT EXISTS effects_by_cgroup ON effects (cgroup, state);"
+        ))
         .map_err(db_err)?;
+        // Payloads kept in files (see `payloads`): the file's name and the length. Added to
+        // journals made before.
+        let has_file_column = db
+            .prepare("SELECT 1 FROM pragma_table_info('effects') WHERE name = 'payload_file'")
+            .and_then(|mut q| q.exists([]))
+            .map_err(db_err)?;
+        if !has_file_column {
+            db.execute_batch(
+                "ALTER TABLE effects ADD COLUMN payload_file TEXT;
+                 ALTER TABLE effects ADD COLUMN payload_len INTEGER;",
+            )
+            .map_err(db_err)?;
+        }
+        let payloads = payloads::PayloadDir::open(state, sync)?;
+        let named: std::collections::HashSet<String> = {
+            let mut q = db
+                .prepare("SELECT payload_file FROM effects WHERE payload_file IS NOT NULL")
+                .map_err(db_err)?;
+            let rows = q.query_map([], |r| r.get(0)).map_err(db_err)?;
+            rows.collect::<std::result::Result<_, _>>()
+                .map_err(db_err)?
+        };
+        let swept = payloads.sweep(&named);
+        if swept > 0 {
+            log::info!(
+                "removed {swept} payload files no recorded effect names (a daemon killed while recording)"
+            );
+        }
         Ok(Journal {
             db: Arc::new(Mutex::new(db)),
+            payloads: Arc::new(payloads),
         })
+    }
+
+    /// The payload files of the effects of branch `cgroup`.
+    fn payload_files(db: &Connection, cgroup: i64) -> Result<Vec<String>> {
+        let mut q = db
+            .prepare(
+                "SELECT payload_file FROM effects WHERE cgroup = ?1 AND payload_file IS NOT NULL",
+            )
+            .map_err(db_err)?;
+        let rows = q.query_map(params![cgroup], |r| r.get(0)).map_err(db_err)?;
+        rows.collect::<std::result::Result<_, _>>().map_err(db_err)
     }
 
     fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.db.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records an effect durably (synchronous=FULL: on disk when this returns); returns its
-    /// number.
+    /// Records an effect durably (as the journal's [`JournalSync`] says) before it returns;
+    /// returns its number.
     pub fn record(
         &self,
         cgroup: u64,
@@ -143,21 +218,68 @@ impl Journal {
         summary: &str,
         payload: &[u8],
     ) -> Result<i64> {
+        if payload.len() > payloads::INLINE_MAX {
+            let mut f = self.payload_file()?;
+            f.write(payload)?;
+            return self.record_file(f, cgroup, kind, addr, port, summary);
+        }
+        self.insert(cgroup, kind, addr, port, summary, payload, None)
+    }
+
+    /// A payload file to write a large effect into as it comes, recorded with
+    /// [`Journal::record_file`].
+    pub fn payload_file(&self) -> Result<payloads::PayloadFile> {
+        self.payloads.create()
+    }
+
+    /// Records an effect whose payload is `file` (durable as [`Journal::record`] says).
+    pub fn record_file(
+        &self,
+        file: payloads::PayloadFile,
+        cgroup: u64,
+        kind: &str,
+        addr: &str,
+        port: u16,
+        summary: &str,
+    ) -> Result<i64> {
+        let (name, len) = file.finish()?;
+        let r = self.insert(cgroup, kind, addr, port, summary, &[], Some((&name, len)));
+        if r.is_err() {
+            self.payloads.remove(&name);
+        }
+        r
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn insert(
+        &self,
+        cgroup: u64,
+        kind: &str,
+        addr: &str,
+        port: u16,
+        summary: &str,
+        inline: &[u8],
+        file: Option<(&str, u64)>,
+    ) -> Result<i64> {
+        let len = file.map_or(inline.len() as u64, |(_, l)| l);
+        let file = file.map(|(n, _)| n);
         let db = self.db();
-        db.execute(
-            "INSERT INTO effects (cgroup, kind, addr, port, summary, payload, state, created_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'held', ?7)",
+        let inserted = db.execute(
+            "INSERT INTO effects (cgroup, kind, addr, port, summary, payload, payload_file, payload_len, state, created_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'held', ?9)",
             params![
                 cgroup as i64,
                 kind,
                 addr,
                 port,
                 summary,
-                payload,
+                inline,
+                file,
+                len as i64,
                 now_ms() as i64
             ],
-        )
-        .map_err(db_err)?;
+        );
+        inserted.map_err(db_err)?;
         Ok(db.last_insert_rowid())
     }
 
@@ -166,7 +288,7 @@ impl Journal {
         let db = self.db();
         let mut q = db
             .prepare(
-                "SELECT id, cgroup, kind, addr, port, summary, length(payload), state, result, created_ms
+                "SELECT id, cgroup, kind, addr, port, summary, coalesce(payload_len, length(payload)), state, result, created_ms
                  FROM effects WHERE cgroup = ?1 ORDER BY id",
             )
             .map_err(db_err)?;
@@ -194,25 +316,42 @@ impl Journal {
 
     /// The recorded bytes of effect `id`.
     pub fn payload(&self, id: i64) -> Result<Vec<u8>> {
-        self.db()
+        let (inline, file): (Vec<u8>, Option<String>) = self
+            .db()
             .query_row(
-                "SELECT payload FROM effects WHERE id = ?1",
+                "SELECT payload, payload_file FROM effects WHERE id = ?1",
+                params![id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(db_err)?
+            .ok_or_else(|| Error::NotFound(format!("effect {id}")))?;
+        match file {
+            Some(f) => self.payloads.read(&f),
+            None => Ok(inline),
+        }
+    }
+
+    /// Replaces the recorded bytes of effect `id` (kept in its row).
+    pub fn set_payload(&self, id: i64, payload: &[u8]) -> Result<()> {
+        let db = self.db();
+        let old: Option<String> = db
+            .query_row(
+                "SELECT payload_file FROM effects WHERE id = ?1",
                 params![id],
                 |r| r.get(0),
             )
             .optional()
             .map_err(db_err)?
-            .ok_or_else(|| Error::NotFound(format!("effect {id}")))
-    }
-
-    /// Replaces the recorded bytes of effect `id`.
-    pub fn set_payload(&self, id: i64, payload: &[u8]) -> Result<()> {
-        self.db()
-            .execute(
-                "UPDATE effects SET payload = ?2 WHERE id = ?1",
-                params![id, payload],
-            )
-            .map_err(db_err)?;
+            .flatten();
+        db.execute(
+            "UPDATE effects SET payload = ?2, payload_file = NULL, payload_len = ?3 WHERE id = ?1",
+            params![id, payload, payload.len() as i64],
+        )
+        .map_err(db_err)?;
+        if let Some(f) = old {
+            self.payloads.remove(&f);
+        }
         Ok(())
     }
 
@@ -308,9 +447,13 @@ impl Journal {
         let mut dropped = 0;
         for cg in all {
             if !live.contains(&(cg as u64)) {
+                let files = Self::payload_files(&db, cg)?;
                 dropped += db
                     .execute("DELETE FROM effects WHERE cgroup = ?1", params![cg])
                     .map_err(db_err)?;
+                for f in files {
+                    self.payloads.remove(&f);
+                }
             }
         }
         Ok(dropped)
@@ -327,11 +470,15 @@ impl Journal {
                 |r| r.get(0),
             )
             .map_err(db_err)?;
+        let files = Self::payload_files(&db, cgroup as i64)?;
         db.execute(
             "DELETE FROM effects WHERE cgroup = ?1",
             params![cgroup as i64],
         )
         .map_err(db_err)?;
+        for f in files {
+            self.payloads.remove(&f);
+        }
         Ok(held as usize)
     }
 }

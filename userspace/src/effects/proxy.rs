@@ -18,7 +18,10 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use super::Journal;
+use super::{
+    Journal,
+    payloads::{self, PayloadFile},
+};
 use crate::error::{Error, Result};
 
 /// First loopback source address of the slot block (127.77.0.1), host order; must match
@@ -90,7 +93,6 @@ async fn serve(
     let mut c = Conn {
         stream,
         buf: Vec::new(),
-        chunk: vec![0u8; 64 << 10],
     };
     // The first bytes say whether it is HTTP.
     while c.buf.len() < 8 && (c.buf.is_empty() || is_method_prefix(&c.buf)) {
@@ -125,8 +127,13 @@ async fn serve(
         };
         let chunked =
             header("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
-        let end = if chunked {
-            c.chunked_body(head_end).await?
+        let summary: String = request_line
+            .split(' ')
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ");
+        let announced: Option<usize> = if chunked {
+            None
         } else {
             let len: usize = header("content-length")
                 .and_then(|v| v.parse().ok())
@@ -134,18 +141,34 @@ async fn serve(
             if len > MAX_RECORD {
                 return Err(Error::Invalid("HTTP body too large".into()));
             }
-            c.fill(head_end + len).await?;
-            head_end + len
+            Some(head_end + len)
         };
-        let rest = c.buf.split_off(end);
-        let request = std::mem::replace(&mut c.buf, rest);
-        let summary: String = request_line
-            .split(' ')
-            .take(2)
-            .collect::<Vec<_>>()
-            .join(" ");
-        // Journaled (on disk) before the client hears anything.
-        let id = record(&journal, cgroup, "http", dest, &summary, request).await?;
+        // Journaled before the client hears anything.
+        let id = match announced {
+            // A large request goes to its payload file as it arrives.
+            Some(end) if end > payloads::INLINE_MAX => {
+                let file = c.stream_to_file(&journal, end).await?;
+                let (journal, summary) = (journal.clone(), summary.clone());
+                let ip = dest.ip().to_string();
+                tokio::task::spawn_blocking(move || {
+                    journal.record_file(file, cgroup, "http", &ip, dest.port(), &summary)
+                })
+                .await
+                .map_err(|e| Error::State(format!("journal worker: {e}")))??
+            }
+            _ => {
+                let end = match announced {
+                    Some(end) => {
+                        c.fill(end).await?;
+                        end
+                    }
+                    None => c.chunked_body(head_end).await?,
+                };
+                let rest = c.buf.split_off(end);
+                let request = std::mem::replace(&mut c.buf, rest);
+                record(&journal, cgroup, "http", dest, &summary, request).await?
+            }
+        };
         let close = header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"))
             || request_line.ends_with("HTTP/1.0");
         let (status, body) = directory.response(cgroup);
@@ -169,23 +192,50 @@ async fn serve(
 struct Conn {
     stream: TcpStream,
     buf: Vec<u8>,
-    chunk: Vec<u8>,
 }
+
+/// What one read asks for at least.
+const READ: usize = 256 << 10;
 
 impl Conn {
     /// Reads what comes next (0: the client closed its side); a client idle for [`IDLE`]
     /// is dropped.
     async fn more(&mut self) -> Result<usize> {
-        let n = tokio::time::timeout(IDLE, self.stream.read(&mut self.chunk))
+        // Read straight into the buffer: a request body is copied once, from the socket.
+        self.buf.reserve(READ);
+        let n = tokio::time::timeout(IDLE, self.stream.read_buf(&mut self.buf))
             .await
             .map_err(|_| Error::Invalid("client idle too long".into()))?
             .map_err(Error::Other)?;
-        self.buf.extend_from_slice(&self.chunk[..n]);
         Ok(n)
+    }
+
+    /// Writes the next `len` bytes (`buf`'s, then what comes) to a new payload file of
+    /// `journal`, keeping only what follows them.
+    async fn stream_to_file(&mut self, journal: &Journal, len: usize) -> Result<PayloadFile> {
+        let mut file = journal.payload_file()?;
+        let mut left = len;
+        loop {
+            let take = self.buf.len().min(left);
+            if take > 0 {
+                let part = &self.buf[..take];
+                tokio::task::block_in_place(|| file.write(part))?;
+                self.buf.drain(..take);
+                left -= take;
+            }
+            if left == 0 {
+                return Ok(file);
+            }
+            if self.more().await? == 0 {
+                return Err(Error::Invalid("connection closed inside a request".into()));
+            }
+        }
     }
 
     /// Reads until `buf` holds `len` bytes.
     async fn fill(&mut self, len: usize) -> Result<()> {
+        // Room for all of it at once, rather than growing (and copying) as it comes.
+        self.buf.reserve(len.saturating_sub(self.buf.len()));
         while self.buf.len() < len {
             if self.more().await? == 0 {
                 return Err(Error::Invalid("connection closed inside a request".into()));
