@@ -6,21 +6,33 @@ use std::process::Command;
 
 use forkscope_tests::{TempDir, daemon::Daemon, require_root};
 
+/// Runs scripts/explore.py in `dir/work` against a new daemon, with `env` added.
+fn run_demo(dir: &TempDir, env: &[(&str, &std::ffi::OsStr)]) -> (Daemon, std::process::Output) {
+    let d = Daemon::start(dir.path());
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/explore.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .arg(dir.path().join("work"))
+        .env("FORKSCOPE_SOCKET", &d.socket)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (d, out)
+}
+
 #[test]
 fn the_demo_commits_exactly_the_winning_fix_to_the_host_project() {
     require_root();
     let dir = TempDir::new_in(std::path::Path::new("/var/tmp"), "demo");
-    let d = Daemon::start(dir.path());
     let work = dir.path().join("work");
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/explore.py");
-    let out = Command::new("python3")
-        .arg(&script)
-        .arg(&work)
-        .env("FORKSCOPE_SOCKET", &d.socket)
-        .env("FORKSCOPE_BIN", forkscope_tests::forkscope())
-        .env("FORKSCOPE_DEMO_OUT", dir.path().join("out"))
-        .output()
-        .unwrap();
+    let (bin, out_dir) = (forkscope_tests::forkscope(), dir.path().join("out"));
+    let (d, out) = run_demo(
+        &dir,
+        &[
+            ("FORKSCOPE_BIN", bin.as_os_str()),
+            ("FORKSCOPE_DEMO_OUT", out_dir.as_os_str()),
+        ],
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -47,7 +59,7 @@ fn the_demo_commits_exactly_the_winning_fix_to_the_host_project() {
     assert_eq!(d.ok(&["ls", "--json"]).trim(), "[]");
     // The tree's trace, report and chart, written before the losers were aborted: the root
     // and its four candidates, its four forks and the two commits.
-    let out = dir.path().join("out");
+    let out = &out_dir;
     let report = std::fs::read_to_string(out.join("report.txt")).unwrap();
     assert!(
         report.starts_with("forkscope report: 5 branches"),
@@ -72,16 +84,8 @@ fn the_demo_commits_exactly_the_winning_fix_to_the_host_project() {
 /// is left behind.
 fn demo_with_a_crash(crash: &str) -> (i32, String, String) {
     let dir = TempDir::new_in(std::path::Path::new("/var/tmp"), "demo-crash");
-    let d = Daemon::start(dir.path());
     let work = dir.path().join("work");
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/explore.py");
-    let out = Command::new("python3")
-        .arg(&script)
-        .arg(&work)
-        .env("FORKSCOPE_SOCKET", &d.socket)
-        .env("FORKSCOPE_DEMO_CRASH", crash)
-        .output()
-        .unwrap();
+    let (d, out) = run_demo(&dir, &[("FORKSCOPE_DEMO_CRASH", crash.as_ref())]);
     assert_eq!(d.ok(&["ls", "--json"]).trim(), "[]", "no branch is left");
     let calc = std::fs::read_to_string(work.join("proj/calc.py")).unwrap();
     (
