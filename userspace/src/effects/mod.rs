@@ -285,16 +285,21 @@ impl Journal {
 
     /// The effects of the branch with cgroup id `cgroup`, oldest first.
     pub fn list(&self, cgroup: u64) -> Result<Vec<Effect>> {
+        self.select("WHERE cgroup = ?1 ORDER BY id", params![cgroup as i64])
+    }
+
+    /// The effects a `WHERE ... ORDER BY ...` clause picks.
+    fn select(&self, clause: &str, args: impl rusqlite::Params) -> Result<Vec<Effect>> {
         let db = self.db();
         let mut q = db
-            .prepare(
+            .prepare(&format!(
                 "SELECT id, cgroup, kind, addr, port, summary, coalesce(payload_len, length(payload)), state, result, created_ms
-                 FROM effects WHERE cgroup = ?1 ORDER BY id",
-            )
+                 FROM effects {clause}"
+            ))
             .map_err(db_err)?;
         let now = now_ms();
         let rows = q
-            .query_map(params![cgroup as i64], |r| {
+            .query_map(args, |r| {
                 let created_ms = r.get::<_, i64>(9)? as u64;
                 Ok(Effect {
                     id: r.get(0)?,
@@ -368,24 +373,13 @@ impl Journal {
 
     /// Every deferred call still held, with its ticket (see [`defer`]).
     pub fn held_defers(&self) -> Result<Vec<(Effect, Vec<u8>)>> {
-        let ids: Vec<(i64, u64)> = {
-            let db = self.db();
-            let mut q = db
-                .prepare("SELECT id, cgroup FROM effects WHERE kind = 'defer' AND state = 'held' ORDER BY id")
-                .map_err(db_err)?;
-            let rows = q
-                .query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))
-                .map_err(db_err)?;
-            rows.collect::<std::result::Result<_, _>>()
-                .map_err(db_err)?
-        };
-        let mut out = Vec::new();
-        for (id, cgroup) in ids {
-            if let Some(e) = self.list(cgroup)?.into_iter().find(|e| e.id == id) {
-                out.push((e, self.payload(id)?));
-            }
-        }
-        Ok(out)
+        self.select("WHERE kind = 'defer' AND state = 'held' ORDER BY id", [])?
+            .into_iter()
+            .map(|e| {
+                let ticket = self.payload(e.id)?;
+                Ok((e, ticket))
+            })
+            .collect()
     }
 
     /// Age in seconds of the oldest effect still held, if any.

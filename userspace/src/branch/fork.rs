@@ -1,0 +1,473 @@
+//! `Manager::fork`: freeze the parent, snapshot what its upper directories changed into new
+//! layers, seize its processes, thaw it, start the children on those layers and clone the
+//! processes into them; checkpoints (`--frozen`), and flattening a deep chain of layers.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use super::{
+    BranchRecord, Flattened, ForkOptions, ForkPhases, Forked, Manager, Start, trace_notes,
+    validate_name,
+};
+use crate::{
+    cgroup::Cgroup,
+    error::{Error, IoContext, Result},
+    layers::{
+        flatten::flatten,
+        overlay::MAX_LOWERS,
+        snapshot::{Manifest, snapshot, snapshot_clock_ns},
+    },
+    procfork,
+    state::branch_dir,
+};
+
+/// One upper directory of a branch about to be snapshotted: where its new layer goes (made
+/// ready before the freeze) and what its previous snapshot saw.
+struct SnapshotPart {
+    upper: PathBuf,
+    layer: PathBuf,
+    manifest_file: PathBuf,
+    previous: Manifest,
+}
+
+/// Creates the empty layer directories of `p`'s next snapshot (workspace, then /tmp) and
+/// reads its previous manifests.
+fn prepare_snapshot(p: &BranchRecord) -> Result<Vec<SnapshotPart>> {
+    let n = next_layer_number(&p.dir)?;
+    let mut parts = Vec::new();
+    for what in ["ws", "tmp"] {
+        let manifest_file = p.dir.join(format!("{what}-manifest.json"));
+        let previous: Manifest = std::fs::read_to_string(&manifest_file)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        let layer = p.dir.join(format!("{what}-layer-{n}"));
+        if let Err(e) = std::fs::create_dir(&layer) {
+            for part in &parts {
+                let part: &SnapshotPart = part;
+                let _ = std::fs::remove_dir(&part.layer);
+            }
+            return Err(e).at(&layer);
+        }
+        parts.push(SnapshotPart {
+            upper: p.dir.join(format!("{what}/upper")),
+            layer,
+            manifest_file,
+            previous,
+        });
+    }
+    Ok(parts)
+}
+
+/// A fork whose parent stands on more layers than this merges them first (see
+/// [`crate::layers::flatten`]); well below [`MAX_LOWERS`], as each layer costs every lookup.
+pub const FLATTEN_AT: usize = MAX_LOWERS / 2;
+
+/// The number for a branch's next layer directory (`ws-layer-N`, `ws-flat-N`, ...): one more
+/// than any it has, so a layer name is never reused while an overlay may use it.
+fn next_layer_number(dir: &Path) -> Result<u64> {
+    let mut max = 0;
+    for e in std::fs::read_dir(dir).at(dir)? {
+        let name = e.at(dir)?.file_name();
+        if let Some(n) = name
+            .to_str()
+            .and_then(|n| n.rsplit_once('-'))
+            .and_then(|(_, n)| n.parse::<u64>().ok())
+        {
+            max = max.max(n);
+        }
+    }
+    Ok(max + 1)
+}
+
+impl Manager {
+    /// Forks `parent` into `count` new branches (one snapshot for all of them). A name can be
+    /// given for a single child.
+    pub fn fork(&mut self, parent: &str, opts: &ForkOptions) -> Result<Forked> {
+        let (name, count) = (opts.name.clone(), opts.count.unwrap_or(1));
+        if count == 0 || count > 64 || (count > 1 && name.is_some()) {
+            return Err(Error::Invalid(
+                "fork: count must be 1 to 64, and a name can only be given for a single child"
+                    .into(),
+            ));
+        }
+        let started = trace_notes::now_ns();
+        let mut p = self.get(parent)?;
+        self.no_commit_pending("forking")?;
+        if let Some(n) = &name {
+            validate_name(n)?;
+            if self.registry.get(n)?.is_some() {
+                return Err(Error::Conflict(format!(
+                    "a live branch is already named {n:?}: pick another name or abort that branch"
+                )));
+            }
+        }
+        let mut phases = ForkPhases::default();
+        // A running branch, or a checkpoint holding stopped clones, has processes to clone.
+        let has_processes = p.init_pid != 0 && !p.cgroup.as_os_str().is_empty();
+        let cloning = has_processes && !opts.fresh;
+        let checked = if cloning {
+            procfork::precheck(&p.cgroup, p.init_pid)?
+        } else {
+            Vec::new()
+        };
+        let t_held = Instant::now();
+        let held = if p.frozen {
+            if checked.is_empty() {
+                None
+            } else {
+                // A checkpoint's clones are seized frozen, then thawed: they stay held by
+                // ptrace, and are frozen again before they are let go.
+                let h = procfork::hold(&p.cgroup, p.init_pid, &checked)?;
+                Cgroup::open(&p.cgroup)?.freeze(false, Duration::from_secs(5))?;
+                Some(h)
+            }
+        } else {
+            let (cg, init) = (p.cgroup.clone(), p.init_pid);
+            self.snapshot_running(&mut p, &mut phases, || {
+                if checked.is_empty() {
+                    Ok(None)
+                } else {
+                    procfork::hold(&cg, init, &checked).map(Some)
+                }
+            })?
+        };
+        // From here on the parent's snapshot is taken: a failure records it all the same
+        // (its manifest already describes the new layer) and puts a checkpoint's processes
+        // back to frozen before letting them go.
+        let mut held = held;
+        let log = p.dir.join("command.log");
+        let ctx = procfork::inspect::Context {
+            workspace: &p.workspace,
+            parent_log: &log,
+            net_isolated: p.net_isolated,
+            marks: &p.dir,
+        };
+        let planned = match held.as_mut() {
+            Some(h) => procfork::plan(h, p.init_pid, &ctx).map(Some),
+            None => Ok(None),
+        };
+        let planned = planned.and_then(|t| {
+            if p.children_ws().len() > FLATTEN_AT || p.children_tmp().len() > FLATTEN_AT {
+                self.flatten_layers(&mut p)?;
+            }
+            Ok(t)
+        });
+        let targets = match planned {
+            Ok(t) => t,
+            Err(e) => {
+                if p.frozen && held.is_some() {
+                    let _ = Cgroup::open(&p.cgroup)
+                        .and_then(|c| c.freeze(true, Duration::from_secs(5)));
+                }
+                drop(held);
+                let _ = self.registry.put(&p);
+                return Err(e);
+            }
+        };
+        let mut held = match (held, targets) {
+            (Some(h), Some(t)) => Some(procfork::Held::new(h, t)),
+            _ => None,
+        };
+        let ws_lowers = p.children_ws();
+        let tmp_lowers = p.children_tmp();
+        // What the parent's upper directory held at the fork (a checkpoint passes on what its
+        // own parent's held): a commit of the child needs it to see what the parent changed
+        // since.
+        let fork_manifest = if p.frozen {
+            p.dir.join("fork-manifest.json")
+        } else {
+            p.dir.join("ws-manifest.json")
+        };
+        let fork_ns = if p.frozen {
+            p.fork_ns
+        } else {
+            p.last_snapshot_ns
+        };
+        let mut made = Vec::new();
+        let mut cloned = Vec::new();
+        let outcome = (|| -> Result<()> {
+            for i in 0..count {
+                // The first child takes the parent's pre-started sandbox, if there is one.
+                let warm = if cloning && i == 0 {
+                    self.take_warm(&p.name, p.init_pid)
+                } else {
+                    None
+                };
+                let id = match &warm {
+                    Some(w) => w.id,
+                    None => self.registry.next_id()?,
+                };
+                let child = self.unused_name(name.clone(), id)?;
+                let dir = branch_dir(&self.state, id);
+                std::fs::create_dir_all(&dir).at(&dir)?;
+                if fork_manifest.exists() {
+                    let to = dir.join("fork-manifest.json");
+                    std::fs::copy(&fork_manifest, &to).at(&to)?;
+                }
+                let (ws, tmp) = (ws_lowers.clone(), tmp_lowers.clone());
+                if opts.frozen && !cloning {
+                    made.push(self.checkpoint(id, child, &p, ws, tmp, fork_ns)?);
+                    continue;
+                }
+                let how = Start {
+                    command: if cloning {
+                        Vec::new()
+                    } else {
+                        p.command.clone()
+                    },
+                    nest_in: cloning.then_some(p.init_pid),
+                    warm,
+                    net_isolated: p.net_isolated,
+                    policy: p.policy.clone(),
+                };
+                let t_start = Instant::now();
+                let mut rec = self.start(
+                    id,
+                    child,
+                    Some(p.name.clone()),
+                    p.workspace.clone(),
+                    p.command.clone(),
+                    ws,
+                    tmp,
+                    fork_ns,
+                    how,
+                )?;
+                phases.start_us += t_start.elapsed().as_micros() as u64;
+                made.push(rec.clone());
+                // A checkpoint's cgroup is frozen before its clones are let go: they never run.
+                let child_cg = Cgroup::open(&rec.cgroup)?;
+                let freeze = opts.frozen.then_some(&child_cg);
+                if let Some(h) = held.as_mut() {
+                    let into = procfork::ChildBranch {
+                        cgroup: rec.cgroup.clone(),
+                        init_in_parent_ns: procfork::pid_as_seen_by(rec.init_pid, p.init_pid)?,
+                        log_fd: procfork::fd_of(rec.init_pid, &rec.dir.join("command.log"))?,
+                        net_isolated: p.net_isolated,
+                        marks: p.dir.clone(),
+                    };
+                    let c = procfork::clone_into(h, &into, freeze)?;
+                    phases.processes_us += c.us;
+                    cloned.push(c.pids);
+                } else {
+                    if let Some(cg) = freeze {
+                        cg.freeze(true, Duration::from_secs(5))?;
+                    }
+                    cloned.push(Vec::new());
+                }
+                if opts.frozen {
+                    rec.frozen = true;
+                    *made.last_mut().expect("just pushed") = rec.clone();
+                }
+            }
+            Ok(())
+        })();
+        let notes = held.as_ref().map(|h| h.notes()).unwrap_or_default();
+        let refrozen = match (&held, p.frozen) {
+            (Some(_), true) => {
+                Cgroup::open(&p.cgroup).and_then(|c| c.freeze(true, Duration::from_secs(5)))
+            }
+            _ => Ok(()),
+        };
+        let released = held.map(|h| h.release()).unwrap_or(Ok(()));
+        phases.held_us = t_held.elapsed().as_micros() as u64;
+        // The records are written once the parent's processes are let go: the parent's new
+        // layers, then each child whose processes were cloned (recorded only now that they
+        // are, so a crash before leaves no half-forked branch).
+        let recorded = || -> Result<()> {
+            let mut all = vec![&p];
+            if cloning {
+                all.extend(made.iter());
+            }
+            self.registry.put_all(&all)
+        };
+        let outcome = outcome.and(refrozen).and(released);
+        let outcome = match outcome {
+            Ok(()) => recorded(),
+            Err(e) => {
+                let _ = self.registry.put(&p);
+                Err(e)
+            }
+        };
+        if let Err(e) = outcome {
+            // Never a half-forked branch: the children made so far go.
+            for b in made.iter().rev() {
+                if matches!(self.registry.get(&b.name), Ok(Some(_))) {
+                    let _ = self.abort(&b.name);
+                } else {
+                    self.discard_unrecorded(b);
+                }
+            }
+            return Err(e);
+        }
+        if cloning && let Some(t) = &self.tracker {
+            // The clone write-protected the parent's pages again: each counts anew.
+            let mut ids = vec![Cgroup::open(&p.cgroup)?.id()];
+            for b in &made {
+                ids.push(Cgroup::open(&b.cgroup)?.id());
+            }
+            t.new_epoch(&ids);
+        }
+        self.note_fork(&p, &made, started, &phases);
+        Ok(Forked {
+            branches: made,
+            phases,
+            cloned,
+            processes: if cloning {
+                "cloned"
+            } else if opts.frozen {
+                "none"
+            } else {
+                "fresh"
+            }
+            .into(),
+            notes,
+        })
+    }
+
+    /// Records a checkpoint of `p` standing on the given layers.
+    fn checkpoint(
+        &mut self,
+        id: u64,
+        name: String,
+        p: &BranchRecord,
+        ws_lowers: Vec<PathBuf>,
+        tmp_lowers: Vec<PathBuf>,
+        fork_ns: Option<i128>,
+    ) -> Result<BranchRecord> {
+        let dir = branch_dir(&self.state, id);
+        std::fs::create_dir_all(&dir).at(&dir)?;
+        let record = BranchRecord {
+            id,
+            name,
+            parent: Some(p.name.clone()),
+            workspace: p.workspace.clone(),
+            command: p.command.clone(),
+            cgroup: PathBuf::new(),
+            init_pid: 0,
+            control: PathBuf::new(),
+            dir,
+            ws_lowers,
+            tmp_lowers,
+            ws_deltas: Vec::new(),
+            tmp_deltas: Vec::new(),
+            last_snapshot_ns: None,
+            frozen: true,
+            fork_ns,
+            flattened: None,
+            net_isolated: p.net_isolated,
+            policy: p.policy.clone(),
+        };
+        self.registry.put(&record)?;
+        Ok(record)
+    }
+
+    /// Merges the layers `p`'s children would stand on (all but the bottom one: the
+    /// workspace's base, or the empty /tmp base) into one layer in `p`'s directory, so they
+    /// get a short stack. `p`'s own record (its mounted stack) is unchanged; the merged
+    /// chain is kept apart in [`BranchRecord::flattened`].
+    fn flatten_layers(&mut self, p: &mut BranchRecord) -> Result<()> {
+        let n = next_layer_number(&p.dir)?;
+        let mut merged = Vec::new();
+        for (what, chain) in [("ws", p.children_ws()), ("tmp", p.children_tmp())] {
+            let mut chain = chain;
+            let bottom = chain.pop().expect("a branch stands on at least one layer");
+            if chain.len() < 2 {
+                merged.push([chain, vec![bottom]].concat());
+                continue;
+            }
+            let flat = p.dir.join(format!("{what}-flat-{n}"));
+            if let Err(e) = flatten(&chain, &flat) {
+                let _ = std::fs::remove_dir_all(&flat);
+                return Err(e);
+            }
+            merged.push(vec![flat, bottom]);
+        }
+        let tmp = merged.pop().expect("two chains");
+        let ws = merged.pop().expect("two chains");
+        p.flattened = Some(Flattened {
+            ws,
+            tmp,
+            ws_deltas: p.ws_deltas.len(),
+            tmp_deltas: p.tmp_deltas.len(),
+        });
+        self.registry.put(p)
+    }
+
+    /// Freezes a running branch, snapshots what it changed since its previous fork into new
+    /// layers (recorded as its newest deltas) and thaws it. What can be done before the
+    /// freeze is (creating the layer directories costs up to milliseconds on ext4), and the
+    /// manifests are written after the thaw: the branch is paused for the copy only.
+    ///
+    /// `while_frozen` runs while the branch is frozen, after the snapshot: what it returns is
+    /// returned (on a failure after it ran, its result is dropped).
+    fn snapshot_running<T>(
+        &mut self,
+        p: &mut BranchRecord,
+        phases: &mut ForkPhases,
+        while_frozen: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        let cg = Cgroup::open(&p.cgroup)?;
+        let prep = prepare_snapshot(p)?;
+        let discard = |prep: &[SnapshotPart]| {
+            for part in prep {
+                let _ = std::fs::remove_dir_all(&part.layer);
+            }
+        };
+        let t = Instant::now();
+        if let Err(e) = cg.freeze(true, Duration::from_secs(5)) {
+            discard(&prep);
+            return Err(e);
+        }
+        phases.freeze_us = t.elapsed().as_micros() as u64;
+        let t = Instant::now();
+        let at = snapshot_clock_ns();
+        let taken: Result<Vec<(Manifest, u64)>> = prep
+            .iter()
+            .map(|part| {
+                snapshot(&part.upper, p.last_snapshot_ns, &part.previous, &part.layer)
+                    .map(|(m, stats)| (m, stats.entries))
+            })
+            .collect();
+        phases.files_us = t.elapsed().as_micros() as u64;
+        let during = match &taken {
+            Ok(_) => while_frozen(),
+            Err(_) => Err(Error::Sandbox("not reached".into())),
+        };
+        let t = Instant::now();
+        let thawed = cg.freeze(false, Duration::from_secs(5));
+        phases.thaw_us = t.elapsed().as_micros() as u64;
+        let taken = match taken {
+            Ok(t) => t,
+            Err(e) => {
+                discard(&prep);
+                return Err(e);
+            }
+        };
+        thawed?;
+        let during = match during {
+            Ok(d) => d,
+            Err(e) => {
+                discard(&prep);
+                return Err(e);
+            }
+        };
+        let copied: u64 = taken.iter().map(|(_, n)| n).sum();
+        for (part, (manifest, _)) in prep.iter().zip(&taken) {
+            let text = serde_json::to_string(manifest).map_err(std::io::Error::from)?;
+            std::fs::write(&part.manifest_file, text).at(&part.manifest_file)?;
+        }
+        if copied == 0 {
+            // Nothing changed since the previous fork: the children share its layers.
+            discard(&prep);
+        } else {
+            p.ws_deltas.insert(0, prep[0].layer.clone());
+            p.tmp_deltas.insert(0, prep[1].layer.clone());
+        }
+        p.last_snapshot_ns = Some(at);
+        // (The caller records `p`.)
+        Ok(during)
+    }
+}
