@@ -381,10 +381,6 @@ fn bad_input_gets_clear_errors_and_changes_nothing() {
     assert!(err(&["abort", "nope"]).contains("no live branch"));
     assert!(err(&["commit", "nope"]).contains("no live branch"));
     assert!(err(&["commit", "one", "--prefer", "mine"]).contains("expected `branch` or `target`"));
-    assert!(
-        err(&["daemon", "--effects-sync", "sometimes"])
-            .contains("`process` (survives the daemon being killed) or `disk`")
-    );
     // A conflicting commit through the CLI: refused, every path named, nothing applied.
     d.ok(&[
         "exec",

@@ -409,8 +409,6 @@ pub struct ServeOptions {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Per-branch metric series allowed (0: none).
     pub metrics_branch_labels: usize,
-    /// How durable a recorded side effect is before its client is answered.
-    pub effects_sync: crate::effects::JournalSync,
 }
 
 /// `GET /metrics`: the figures read now (see [`crate::metrics`]). One scrape runs at a
@@ -518,7 +516,7 @@ pub async fn serve(
             .clone()
             .filter(|_| manager.list().map(|l| l.is_empty()).unwrap_or(false)),
     );
-    let journal = crate::effects::Journal::open(state_dir, opts.effects_sync)?;
+    let journal = crate::effects::Journal::open(state_dir)?;
     manager.set_effects(journal.clone())?;
     if let Some(t) = &tracker {
         let (policies, passes) = (t.clone(), t.clone());

@@ -29,11 +29,6 @@ pub struct DaemonArgs {
     /// Export per-branch series (labelled `branch`), for at most N branches.
     #[arg(long, value_name = "N", default_value_t = 0, num_args = 0..=1, default_missing_value = "100")]
     metrics_branch_labels: usize,
-    /// How durable a side effect recorded for a branch (`buffer`) is before its client is
-    /// answered: `process` (in the kernel: a daemon killed at any moment loses nothing) or
-    /// `disk` (fsync'ed: a power loss loses nothing either, at the disk's synced speed).
-    #[arg(long, value_name = "process|disk", default_value = "process")]
-    effects_sync: forkscope::effects::JournalSync,
 }
 
 /// `--metrics-addr`: an address, or off.
@@ -73,7 +68,6 @@ pub fn run(args: DaemonArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
             proxy_addr: args.proxy_addr,
             metrics_addr: args.metrics_addr.0,
             metrics_branch_labels: args.metrics_branch_labels,
-            effects_sync: args.effects_sync,
         };
         forkscope::api::server::serve(&opts, stop).await?;
         anyhow::Ok(())

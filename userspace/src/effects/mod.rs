@@ -1,6 +1,6 @@
 //! Side effects held back for a branch's commit: the journal ([`Journal`], SQLite in the
-//! state directory, each effect written durably before the program that made it is
-//! answered), the recording proxy that `buffer` rules send connections to ([`proxy`]), and
+//! state directory, each effect recorded before the program that made it is answered, so a
+//! daemon killed at any moment loses none), the recording proxy that `buffer` rules send connections to ([`proxy`]), and
 //! their replay on commit ([`replay`]).
 //!
 //! An effect belongs to the branch whose process made it (by cgroup id, which a branch
@@ -98,49 +98,24 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// How far a recorded effect has gone when [`Journal::record`] returns.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum JournalSync {
-    /// In the kernel (SQLite WAL, synchronous=NORMAL): a daemon killed at any moment loses
-    /// nothing; a power loss may lose the last ones (the branches' processes are lost with
-    /// the machine anyway).
-    #[default]
-    Process,
-    /// On disk (synchronous=FULL, an fsync per record): power losses too; bound by the
-    /// disk's synced write bandwidth.
-    Disk,
-}
-
-impl std::str::FromStr for JournalSync {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "process" => Ok(JournalSync::Process),
-            "disk" => Ok(JournalSync::Disk),
-            _ => Err(format!(
-                "{s:?}: `process` (survives the daemon being killed) or `disk` (survives a power loss too)"
-            )),
-        }
-    }
-}
-
 impl Journal {
-    /// Opens (creating) the journal in state directory `state`, syncing records as `sync`
-    /// says.
-    pub fn open(state: &Path, sync: JournalSync) -> Result<Journal> {
+    /// Opens (creating) the journal in state directory `state`.
+    ///
+    /// Durability: a record is in the kernel (WAL, synchronous=NORMAL: no fsync) when
+    /// [`Journal::record`] returns, so a daemon killed at any moment loses nothing. A power
+    /// loss may lose the last records, but an effect never outlives its branch, and no
+    /// branch outlives the machine (its processes): after a reboot [`Journal::retain`] drops
+    /// every record, so syncing them to disk would protect nothing.
+    pub fn open(state: &Path) -> Result<Journal> {
         let path = state.join("effects.db");
         let db = Connection::open(&path).map_err(db_err)?;
-        let synchronous = match sync {
-            JournalSync::Process => "NORMAL",
-            JournalSync::Disk => "FULL",
-        };
         // Pages of 16 KiB (set before the file is first written): a row with an inline
         // payload (at most 64 KiB, larger ones are files) is a few pages, and a commit does
         // not write 64 KiB per page it touches.
-        db.execute_batch(&format!(
+        db.execute_batch(
             "PRAGMA page_size=16384;
              PRAGMA journal_mode=WAL;
-             PRAGMA synchronous={synchronous};
+             PRAGMA synchronous=NORMAL;
              PRAGMA wal_autocheckpoint=1024;
              CREATE TABLE IF NOT EXISTS effects (
                  id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -155,8 +130,8 @@ impl Journal {
                  created_ms INTEGER NOT NULL
              );
              CREATE INDEX IF NOT EXISTS effects_by_state ON effects (state, kind, created_ms);
-             CREATE INDEX IF NOT EXISTS effects_by_cgroup ON effects (cgroup, state);"
-        ))
+             CREATE INDEX IF NOT EXISTS effects_by_cgroup ON effects (cgroup, state);",
+        )
         .map_err(db_err)?;
         // Payloads kept in files (see `payloads`): the file's name and the length. Added to
         // journals made before.
@@ -165,13 +140,16 @@ impl Journal {
             .and_then(|mut q| q.exists([]))
             .map_err(db_err)?;
         if !has_file_column {
+            // Both or neither: a daemon killed in between must not leave half a schema.
             db.execute_batch(
-                "ALTER TABLE effects ADD COLUMN payload_file TEXT;
-                 ALTER TABLE effects ADD COLUMN payload_len INTEGER;",
+                "BEGIN;
+                 ALTER TABLE effects ADD COLUMN payload_file TEXT;
+                 ALTER TABLE effects ADD COLUMN payload_len INTEGER;
+                 COMMIT;",
             )
             .map_err(db_err)?;
         }
-        let payloads = payloads::PayloadDir::open(state, sync)?;
+        let payloads = payloads::PayloadDir::open(state)?;
         let named: std::collections::HashSet<String> = {
             let mut q = db
                 .prepare("SELECT payload_file FROM effects WHERE payload_file IS NOT NULL")
@@ -207,8 +185,8 @@ impl Journal {
         self.db.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records an effect durably (as the journal's [`JournalSync`] says) before it returns;
-    /// returns its number.
+    /// Records an effect (in the kernel when this returns: see [`Journal::open`]); returns
+    /// its number.
     pub fn record(
         &self,
         cgroup: u64,
@@ -232,7 +210,7 @@ impl Journal {
         self.payloads.create()
     }
 
-    /// Records an effect whose payload is `file` (durable as [`Journal::record`] says).
+    /// Records an effect whose payload is `file` (as [`Journal::record`] does).
     pub fn record_file(
         &self,
         file: payloads::PayloadFile,

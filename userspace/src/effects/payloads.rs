@@ -17,7 +17,6 @@ use std::{
     },
 };
 
-use super::JournalSync;
 use crate::error::{IoContext, Result};
 
 /// Payloads larger than this go to files.
@@ -26,7 +25,6 @@ pub const INLINE_MAX: usize = 64 * 1024;
 /// The directory of payload files.
 pub struct PayloadDir {
     dir: PathBuf,
-    sync: JournalSync,
     next: AtomicU64,
 }
 
@@ -48,17 +46,9 @@ impl PayloadFile {
         Ok(())
     }
 
-    /// Closes the file (with [`JournalSync::Disk`], once it and its name are on disk); the
-    /// caller records its name next.
+    /// Closes the file; the caller records its name next.
     pub fn finish(mut self) -> Result<(String, u64)> {
-        let path = self.dir.path(&self.name);
-        let f = self.file.take().expect("open until finished");
-        if self.dir.sync == JournalSync::Disk {
-            f.sync_data().at(&path)?;
-            std::fs::File::open(&self.dir.dir)
-                .and_then(|d| d.sync_all())
-                .at(&self.dir.dir)?;
-        }
+        drop(self.file.take());
         Ok((std::mem::take(&mut self.name), self.len))
     }
 }
@@ -73,12 +63,11 @@ impl Drop for PayloadFile {
 
 impl PayloadDir {
     /// Opens (creating) `<state>/effects`.
-    pub fn open(state: &Path, sync: JournalSync) -> Result<PayloadDir> {
+    pub fn open(state: &Path) -> Result<PayloadDir> {
         let dir = state.join("effects");
         std::fs::create_dir_all(&dir).at(&dir)?;
         Ok(PayloadDir {
             dir,
-            sync,
             next: AtomicU64::new(0),
         })
     }

@@ -2,8 +2,8 @@
 //! here (see the eBPF `sock` module). Each is identified by its loopback source address,
 //! which names the slot where the hook kept its real destination and branch.
 //!
-//! HTTP/1.x requests are recorded one by one (head and body), each journaled durably
-//! before the client gets its synthetic answer (by default `202 Accepted`, set per policy);
+//! HTTP/1.x requests are recorded one by one (head and body), each journaled (see
+//! [`super::Journal::open`]) before the client gets its synthetic answer (by default `202 Accepted`, set per policy);
 //! keep-alive works. Anything else is recorded as the bytes of the whole connection, when
 //! the client closes its side (it gets no answer). TLS is bytes the proxy cannot read:
 //! use `defer` for it.
@@ -218,8 +218,8 @@ impl Conn {
         loop {
             let take = self.buf.len().min(left);
             if take > 0 {
-                let part = &self.buf[..take];
-                tokio::task::block_in_place(|| file.write(part))?;
+                // Into the page cache, at most a read's worth: short enough to do in place.
+                file.write(&self.buf[..take])?;
                 self.buf.drain(..take);
                 left -= take;
             }
