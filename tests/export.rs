@@ -11,16 +11,7 @@ fn a_tree_exports_one_event_per_recorded_event_on_a_track_per_branch() {
     let ws = dir.path().join("ws");
     std::fs::create_dir_all(&ws).unwrap();
     let d = Daemon::start(dir.path());
-    d.ok(&[
-        "run",
-        "--name",
-        "main",
-        "--workspace",
-        ws.to_str().unwrap(),
-        "--",
-        "sleep",
-        "1000",
-    ]);
+    d.run_sleeping("main", &ws);
     d.ok(&[
         "exec",
         "main",

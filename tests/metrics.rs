@@ -152,16 +152,7 @@ fn scrapes_during_a_fork_storm_see_correct_figures_and_never_stall_the_daemon() 
     std::fs::create_dir_all(&ws).unwrap();
     let d = Daemon::start(dir.path());
     let addr = d.metrics_addr().unwrap();
-    d.ok(&[
-        "run",
-        "--name",
-        "root",
-        "--workspace",
-        ws.to_str().unwrap(),
-        "--",
-        "sleep",
-        "1000",
-    ]);
+    d.run_sleeping("root", &ws);
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let scraper = {
         let (done, addr) = (done.clone(), addr.clone());
@@ -375,17 +366,7 @@ fn a_real_prometheus_scrapes_the_daemon_and_every_dashboard_and_alert_query_read
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
     // Work for it to see: files, a connection, processes, forks, a commit, an abort.
-    let ws_s = ws.to_str().unwrap();
-    d.ok(&[
-        "run",
-        "--name",
-        "root",
-        "--workspace",
-        ws_s,
-        "--",
-        "sleep",
-        "1000",
-    ]);
+    d.run_sleeping("root", &ws);
     d.ok(&[
         "exec",
         "root",

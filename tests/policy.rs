@@ -9,7 +9,9 @@ use std::{
     time::Duration,
 };
 
-use forkscope_tests::{TempDir, daemon::Daemon, parse_jsonl, require_root};
+use forkscope_tests::{
+    TempDir, daemon::Daemon, http::recording_http_server, parse_jsonl, require_root,
+};
 
 /// A python client: `tcp ADDR PORT MSG` connects, sends MSG and prints the echo;
 /// `udp ADDR PORT MSG` sends one datagram. Prints `errno N` when the call fails.
@@ -312,51 +314,6 @@ fn files_outside_the_workspace_are_read_only_unless_shared() {
     );
 }
 
-/// A recording HTTP server on `addr`: answers 200 to every request and passes on (head,
-/// body) of each.
-fn http_server(addr: &str) -> (u16, std::sync::mpsc::Receiver<(String, Vec<u8>)>) {
-    let l = TcpListener::bind((addr, 0)).unwrap();
-    let port = l.local_addr().unwrap().port();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for c in l.incoming() {
-            let Ok(mut c) = c else { return };
-            let mut got = Vec::new();
-            let mut buf = [0u8; 4096];
-            let head_end = loop {
-                if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-                    break i + 4;
-                }
-                match c.read(&mut buf) {
-                    Ok(0) | Err(_) => break got.len(),
-                    Ok(n) => got.extend_from_slice(&buf[..n]),
-                }
-            };
-            let head = String::from_utf8_lossy(&got[..head_end]).into_owned();
-            let len: usize = head
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().parse().unwrap_or(0))
-                })
-                .unwrap_or(0);
-            while got.len() < head_end + len {
-                match c.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => got.extend_from_slice(&buf[..n]),
-                }
-            }
-            let _ =
-                c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
-            if tx.send((head, got[head_end..].to_vec())).is_err() {
-                return;
-            }
-        }
-    });
-    (port, rx)
-}
-
 /// A python HTTP client: POSTs its body to the URL, prints the status it got. A body
 /// `@N` is N bytes of a counting pattern.
 const POST: &str = r#"
@@ -373,7 +330,7 @@ with urllib.request.urlopen(req, timeout=10) as r:
 fn buffered_requests_are_answered_at_once_and_delivered_exactly_once_on_commit() {
     let mut s = setup();
     std::fs::write(s.ws.join("post.py"), POST).unwrap();
-    let (port, rx) = http_server("127.0.0.2");
+    let (port, rx) = recording_http_server("127.0.0.2");
     let (tcp_port, tcp_rx) = echo_server("127.0.0.2");
     let policy = s.policy(
         "buffer.toml",

@@ -2,43 +2,10 @@
 //! daemon's traces (real programs writing files and talking to a server on loopback),
 //! checked against the trace they summarize and against what the fork and commit reported.
 
-use std::{collections::BTreeMap, io::Read, io::Write, net::TcpListener, path::Path};
+use std::{collections::BTreeMap, path::Path};
 
-use forkscope_tests::{TempDir, daemon::Daemon, require_root};
+use forkscope_tests::{TempDir, daemon::Daemon, http::recording_http_server, require_root};
 use serde_json::Value;
-
-/// A loopback HTTP server answering every request with 200; returns its port.
-fn http_server() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            let mut conn = conn;
-            let mut buf = [0u8; 65536];
-            let mut got = Vec::new();
-            // Headers, then the announced body.
-            while let Ok(n) = conn.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                got.extend_from_slice(&buf[..n]);
-                let text = String::from_utf8_lossy(&got).to_lowercase();
-                if let Some(end) = text.find("\r\n\r\n") {
-                    let len = text
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:"))
-                        .and_then(|v| v.trim().parse::<usize>().ok())
-                        .unwrap_or(0);
-                    if got.len() >= end + 4 + len {
-                        break;
-                    }
-                }
-            }
-            let _ = conn.write_all(b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok");
-        }
-    });
-    port
-}
 
 /// The phases a `fork` or `commit` printed (`freeze 12 us, files 40 us, ...`).
 fn printed_phases(text: &str) -> BTreeMap<String, u64> {
@@ -136,7 +103,7 @@ fn the_report_and_its_chart_match_the_trace_of_an_exploration() {
     let dir = TempDir::new("report");
     let ws = dir.path().join("ws");
     std::fs::create_dir_all(&ws).unwrap();
-    let port = http_server();
+    let (port, requests) = recording_http_server("127.0.0.1");
     let d = Daemon::start(dir.path());
     d.run_sleeping("main", &ws);
     d.ok(&[
@@ -150,6 +117,11 @@ fn the_report_and_its_chart_match_the_trace_of_an_exploration() {
              head -c 1500 /dev/zero | curl -s -o /dev/null --data-binary @- http://127.0.0.1:{port}/"
         ),
     ]);
+    // The server got the request (so main's trace has the send to it).
+    let (_, body) = requests
+        .recv_timeout(std::time::Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(body.len(), 1500);
     let fork = d.cli(&["fork", "main", "-n", "2"]);
     assert!(fork.status.success());
     let kids: Vec<String> = String::from_utf8_lossy(&fork.stdout)

@@ -5,6 +5,7 @@
 //! need root (CI runs as root) and `cargo build --release` first (scripts/test does both).
 
 pub mod daemon;
+pub mod http;
 pub mod strace;
 
 use std::{

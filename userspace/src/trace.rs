@@ -220,9 +220,7 @@ fn emit_page_summaries<W: Write>(
     } else {
         Default::default()
     };
-    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-        .unwrap_or(0);
+    let now = crate::events::record::now_ns();
     let mut procs: Vec<_> = counts.into_iter().collect();
     procs.sort_by_key(|(k, _)| (k.tgid, k.cgroup));
     for (key, pages) in procs {

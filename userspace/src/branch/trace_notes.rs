@@ -12,12 +12,8 @@ use serde::Serialize;
 use super::{BranchRecord, Manager};
 use crate::{cgroup::Cgroup, events::TraceEvent};
 
-/// Now on CLOCK_MONOTONIC, the clock of the kernel's events, in nanoseconds.
-pub(super) fn now_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-        .unwrap_or(0)
-}
+/// Now on the clock of the kernel's events.
+pub(super) use crate::events::record::now_ns;
 
 /// `{"freeze_us": 3, ...}` as `{"freeze": 3, ...}`.
 fn phases_us(phases: &impl Serialize) -> BTreeMap<String, u64> {

@@ -150,14 +150,7 @@ impl Journal {
             .map_err(db_err)?;
         }
         let payloads = payloads::PayloadDir::open(state)?;
-        let named: std::collections::HashSet<String> = {
-            let mut q = db
-                .prepare("SELECT payload_file FROM effects WHERE payload_file IS NOT NULL")
-                .map_err(db_err)?;
-            let rows = q.query_map([], |r| r.get(0)).map_err(db_err)?;
-            rows.collect::<std::result::Result<_, _>>()
-                .map_err(db_err)?
-        };
+        let named = Self::payload_files(&db, None)?.into_iter().collect();
         let swept = payloads.sweep(&named);
         if swept > 0 {
             log::info!(
@@ -170,11 +163,12 @@ impl Journal {
         })
     }
 
-    /// The payload files of the effects of branch `cgroup`.
-    fn payload_files(db: &Connection, cgroup: i64) -> Result<Vec<String>> {
+    /// The payload files of the effects of branch `cgroup` (none: of every branch).
+    fn payload_files(db: &Connection, cgroup: Option<i64>) -> Result<Vec<String>> {
         let mut q = db
             .prepare(
-                "SELECT payload_file FROM effects WHERE cgroup = ?1 AND payload_file IS NOT NULL",
+                "SELECT payload_file FROM effects
+                 WHERE payload_file IS NOT NULL AND (?1 IS NULL OR cgroup = ?1)",
             )
             .map_err(db_err)?;
         let rows = q.query_map(params![cgroup], |r| r.get(0)).map_err(db_err)?;
@@ -419,7 +413,7 @@ impl Journal {
         let mut dropped = 0;
         for cg in all {
             if !live.contains(&(cg as u64)) {
-                let files = Self::payload_files(&db, cg)?;
+                let files = Self::payload_files(&db, Some(cg))?;
                 dropped += db
                     .execute("DELETE FROM effects WHERE cgroup = ?1", params![cg])
                     .map_err(db_err)?;
@@ -442,7 +436,7 @@ impl Journal {
                 |r| r.get(0),
             )
             .map_err(db_err)?;
-        let files = Self::payload_files(&db, cgroup as i64)?;
+        let files = Self::payload_files(&db, Some(cgroup as i64))?;
         db.execute(
             "DELETE FROM effects WHERE cgroup = ?1",
             params![cgroup as i64],

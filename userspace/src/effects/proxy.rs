@@ -105,7 +105,15 @@ async fn serve(
         while c.buf.len() <= MAX_RECORD && c.more().await? > 0 {}
         if !c.buf.is_empty() {
             let bytes = std::mem::take(&mut c.buf);
-            record(&journal, cgroup, "tcp", dest, "bytes", bytes).await?;
+            record(
+                &journal,
+                cgroup,
+                "tcp",
+                dest,
+                "bytes",
+                Payload::Bytes(bytes),
+            )
+            .await?;
         }
         return Ok(());
     }
@@ -148,13 +156,15 @@ async fn serve(
             // A large request goes to its payload file as it arrives.
             Some(end) if end > payloads::INLINE_MAX => {
                 let file = c.stream_to_file(&journal, end).await?;
-                let (journal, summary) = (journal.clone(), summary.clone());
-                let ip = dest.ip().to_string();
-                tokio::task::spawn_blocking(move || {
-                    journal.record_file(file, cgroup, "http", &ip, dest.port(), &summary)
-                })
-                .await
-                .map_err(|e| Error::State(format!("journal worker: {e}")))??
+                record(
+                    &journal,
+                    cgroup,
+                    "http",
+                    dest,
+                    &summary,
+                    Payload::File(file),
+                )
+                .await?
             }
             _ => {
                 let end = match announced {
@@ -166,7 +176,15 @@ async fn serve(
                 };
                 let rest = c.buf.split_off(end);
                 let request = std::mem::replace(&mut c.buf, rest);
-                record(&journal, cgroup, "http", dest, &summary, request).await?
+                record(
+                    &journal,
+                    cgroup,
+                    "http",
+                    dest,
+                    &summary,
+                    Payload::Bytes(request),
+                )
+                .await?
             }
         };
         let close = header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"))
@@ -293,24 +311,28 @@ impl Conn {
     }
 }
 
+/// What a recorded effect carries: bytes read, or a payload file already written.
+enum Payload {
+    Bytes(Vec<u8>),
+    File(PayloadFile),
+}
+
+/// Journals an effect (on a blocking thread) before its client hears anything.
 async fn record(
     journal: &Journal,
     cgroup: u64,
     kind: &'static str,
     dest: SocketAddr,
     summary: &str,
-    payload: Vec<u8>,
+    payload: Payload,
 ) -> Result<i64> {
     let (journal, summary) = (journal.clone(), summary.to_string());
     tokio::task::spawn_blocking(move || {
-        journal.record(
-            cgroup,
-            kind,
-            &dest.ip().to_string(),
-            dest.port(),
-            &summary,
-            &payload,
-        )
+        let ip = dest.ip().to_string();
+        match payload {
+            Payload::Bytes(b) => journal.record(cgroup, kind, &ip, dest.port(), &summary, &b),
+            Payload::File(f) => journal.record_file(f, cgroup, kind, &ip, dest.port(), &summary),
+        }
     })
     .await
     .map_err(|e| Error::State(format!("journal worker: {e}")))?

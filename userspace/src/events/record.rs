@@ -5,6 +5,14 @@ use std::borrow::Cow;
 
 use serde::{Deserialize, Serialize};
 
+/// Now on the clock of [`TraceEvent::ts_ns`] (CLOCK_MONOTONIC, as the kernel's
+/// `bpf_ktime_get_ns`), for events written from user space.
+pub fn now_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
 /// One side effect, as written to the trace.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct TraceEvent {

@@ -83,7 +83,9 @@ pub struct Report {
     pub end_ns: u64,
 }
 
-fn is_operation(kind: &str) -> bool {
+/// Whether `kind` is one of the branch's own operations (written by the daemon), not an
+/// event of its processes.
+pub(crate) fn is_operation(kind: &str) -> bool {
     kind.starts_with("branch_")
 }
 
@@ -152,33 +154,36 @@ fn branch(name: &str, records: &[Value]) -> BranchReport {
         .collect();
     r.files_written = summary.files.len();
     r.destinations = summary.destinations.len();
-    let mut files: Vec<FileRow> = summary
-        .files
-        .into_iter()
-        .map(|(path, t)| FileRow {
+    r.top_files = heaviest(
+        summary.files.into_iter().map(|(path, t)| FileRow {
             path,
             bytes: t.bytes,
             writes: t.writes,
-        })
-        .collect();
-    files.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.path.cmp(&b.path)));
-    files.truncate(TOP);
-    r.top_files = files;
-    let mut dests: Vec<DestRow> = summary
-        .destinations
-        .into_iter()
-        .map(|(dest, t)| DestRow {
+        }),
+        |f| (f.bytes, &f.path),
+    );
+    r.top_destinations = heaviest(
+        summary.destinations.into_iter().map(|(dest, t)| DestRow {
             dest,
             bytes: t.bytes,
             sends: t.sends,
             connects: t.connects,
-        })
-        .collect();
-    dests.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.dest.cmp(&b.dest)));
-    dests.truncate(TOP);
-    r.top_destinations = dests;
+        }),
+        |d| (d.bytes, &d.dest),
+    );
     r.dirtied_pages = summary.pages.iter().map(|p| p.pages).sum();
     r
+}
+
+/// The [`TOP`] rows with the most bytes (`key`: bytes and name), ties by name.
+fn heaviest<T>(rows: impl Iterator<Item = T>, key: impl Fn(&T) -> (u64, &String)) -> Vec<T> {
+    let mut rows: Vec<T> = rows.collect();
+    rows.sort_by(|a, b| {
+        let ((ab, an), (bb, bn)) = (key(a), key(b));
+        bb.cmp(&ab).then(an.cmp(bn))
+    });
+    rows.truncate(TOP);
+    rows
 }
 
 /// The report of `branches`: (name, its records as recorded), in the order given.

@@ -252,7 +252,7 @@ pub fn event_times(traces: &[(String, Vec<serde_json::Value>)]) -> Vec<Vec<(u64,
                 .iter()
                 .filter_map(|r| {
                     let kind = r["kind"].as_str()?;
-                    (!kind.starts_with("branch_"))
+                    (!super::is_operation(kind))
                         .then(|| (r["ts_ns"].as_u64().unwrap_or(0), kind.to_string()))
                 })
                 .collect()
