@@ -188,6 +188,7 @@ impl Manager {
         };
         let mut made = Vec::new();
         let mut cloned = Vec::new();
+        let mut clone_notes = Vec::new();
         let outcome = (|| -> Result<()> {
             for i in 0..count {
                 // The first child takes the parent's pre-started sandbox, if there is one.
@@ -211,6 +212,18 @@ impl Manager {
                 if opts.frozen && !cloning {
                     made.push(self.checkpoint(id, child, &p, ws, tmp, fork_ns)?);
                     continue;
+                }
+                // Files the processes hold open for writing keep their inode number.
+                if let Some(h) = held.as_ref()
+                    && let Err(e) = h.copy_open_files(&p.workspace, &p.dir, &dir)
+                {
+                    match warm {
+                        Some(w) => self.discard(w),
+                        None => {
+                            let _ = std::fs::remove_dir_all(&dir);
+                        }
+                    }
+                    return Err(e);
                 }
                 let how = Start {
                     command: if cloning {
@@ -250,6 +263,7 @@ impl Manager {
                     };
                     let c = procfork::clone_into(h, &into, freeze)?;
                     phases.processes_us += c.us;
+                    clone_notes.extend(c.notes);
                     cloned.push(c.pids);
                 } else {
                     if let Some(cg) = freeze {
@@ -264,7 +278,12 @@ impl Manager {
             }
             Ok(())
         })();
-        let notes = held.as_ref().map(|h| h.notes()).unwrap_or_default();
+        let mut notes = held.as_ref().map(|h| h.notes()).unwrap_or_default();
+        for n in clone_notes {
+            if !notes.contains(&n) {
+                notes.push(n);
+            }
+        }
         let refrozen = match (&held, p.frozen) {
             (Some(_), true) => {
                 Cgroup::open(&p.cgroup).and_then(|c| c.freeze(true, Duration::from_secs(5)))

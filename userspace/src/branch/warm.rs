@@ -160,7 +160,7 @@ impl Drop for Manager {
 
 impl Manager {
     /// Stops a pre-started sandbox's setup process and removes its cgroup and directory.
-    fn discard(&self, w: WarmChild) {
+    pub(super) fn discard(&self, w: WarmChild) {
         drop(w.warm);
         let cgroup = w.cgroup.keep();
         self.remove_unrecorded(&cgroup, &branch_dir(&self.state, w.id));

@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
+use super::open_copies::OpenForWriting;
 use crate::error::{Error, Result};
 
 /// What the clone does with one of its descriptors.
@@ -37,6 +38,9 @@ pub struct Target {
     /// Its working directory.
     pub cwd: PathBuf,
     pub fds: Vec<(i32, FdAction)>,
+    /// Its workspace and /tmp files open for writing: the child's copies are made before
+    /// its overlays are mounted ([`super::open_copies`]).
+    pub written: Vec<OpenForWriting>,
     /// What the clone does not faithfully own, reported to the caller.
     pub notes: Vec<String>,
 }
@@ -176,6 +180,7 @@ pub fn inspect(pid: u32, comm: &str, ctx: &Context) -> Result<Target> {
     };
     check_maps(pid, comm, ctx)?;
     let mut fds = Vec::new();
+    let mut written = Vec::new();
     let dir = format!("/proc/{pid}/fd");
     let entries = std::fs::read_dir(&dir).map_err(|e| Error::Sandbox(format!("{dir}: {e}")))?;
     for entry in entries {
@@ -192,6 +197,15 @@ pub fn inspect(pid: u32, comm: &str, ctx: &Context) -> Result<Target> {
         };
         let link = link.to_string_lossy().into_owned();
         if let Some(action) = plan_fd(pid, comm, num, &link, ctx, &mut notes)? {
+            if let FdAction::Reopen { path, flags, .. } = &action
+                && let Some(ino) = written_file(pid, num, path, *flags, ctx)
+            {
+                written.push(OpenForWriting {
+                    fd: num,
+                    path: path.clone(),
+                    ino,
+                });
+            }
             fds.push((num, action));
         }
     }
@@ -201,8 +215,22 @@ pub fn inspect(pid: u32, comm: &str, ctx: &Context) -> Result<Target> {
         comm: comm.to_string(),
         cwd,
         fds,
+        written,
         notes,
     })
+}
+
+/// The inode number (as the process sees it) of descriptor `num`, if it is a regular file
+/// of the workspace or /tmp open for writing. (Asked through the descriptor: the path means
+/// something else in the daemon's mount namespace.)
+fn written_file(pid: u32, num: i32, path: &Path, flags: i32, ctx: &Context) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let private = path.starts_with(ctx.workspace) || path.starts_with("/tmp");
+    if !private || flags & libc::O_ACCMODE == libc::O_RDONLY {
+        return None;
+    }
+    let meta = std::fs::metadata(format!("/proc/{pid}/fd/{num}")).ok()?;
+    meta.is_file().then(|| meta.ino())
 }
 
 /// Flags and offset of descriptor `num`, from /proc/PID/fdinfo, and whether the process
@@ -334,15 +362,6 @@ fn plan_fd(
     if locked {
         notes.push(format!(
             "process {pid} ({comm}): its fcntl locks on {link} are not held by the clone"
-        ));
-    }
-    let private = path.starts_with(ctx.workspace) || path.starts_with("/tmp");
-    // (Whether it is a directory is asked through the descriptor: the path means something
-    // else in the daemon's mount namespace.)
-    let is_dir = std::fs::metadata(format!("/proc/{pid}/fd/{num}")).is_ok_and(|m| m.is_dir());
-    if private && flags & libc::O_ACCMODE != libc::O_RDONLY && !is_dir {
-        notes.push(format!(
-            "process {pid} ({comm}): fd {num} ({link}) is open for writing; the clone gets the child's copy, another inode, which SQLite takes for a moved database (writes fail with SQLITE_READONLY_DBMOVED until it reconnects)"
         ));
     }
     Ok(Some(FdAction::Reopen {

@@ -13,11 +13,13 @@
 //!
 //! Scope: processes that are direct children of the branch's init, not traced, without
 //! child processes, without shared memory; see [`inspect`] for what each descriptor
-//! becomes and [`threads`] for how a multi-threaded process's threads are made again.
+//! becomes, [`open_copies`] for the files they hold open for writing, and [`threads`] for
+//! how a multi-threaded process's threads are made again.
 
 mod clone;
 pub mod inspect;
 mod mark;
+mod open_copies;
 mod threads;
 
 use std::{path::Path, time::Instant};
@@ -156,6 +158,8 @@ pub struct Cloned {
     pub pids: Vec<u32>,
     /// How long the injections took.
     pub us: u64,
+    /// What the clones do not faithfully own, found once they are made.
+    pub notes: Vec<String>,
 }
 
 /// Clones every held process into `child`. On failure the clones made so far are killed
@@ -170,9 +174,19 @@ pub fn clone_into(
 ) -> Result<Cloned> {
     let t = Instant::now();
     let mut clones = Vec::new();
+    let mut notes = Vec::new();
     for (original, plan) in held.processes.iter_mut() {
         match clone::clone_one(&mut original.leader, plan, child) {
-            Ok(c) => clones.push(c),
+            Ok(c) => {
+                let pid = c.leader.pid.as_raw() as u32;
+                notes.extend(open_copies::check(
+                    pid,
+                    plan.target.pid,
+                    &original.comm,
+                    &plan.target.written,
+                ));
+                clones.push(c)
+            }
             Err(e) => {
                 for c in &clones {
                     clone::kill(c);
@@ -199,6 +213,7 @@ pub fn clone_into(
     Ok(Cloned {
         pids,
         us: t.elapsed().as_micros() as u64,
+        notes,
     })
 }
 
@@ -208,6 +223,17 @@ impl Held {
         Held {
             processes: held.into_iter().zip(plans).collect(),
         }
+    }
+
+    /// Makes the child's copies of the workspace and /tmp files the held processes have open
+    /// for writing, in the upper directories of branch directory `child`, from those of
+    /// `parent` (see [`open_copies`]): before the child's overlays are mounted.
+    pub fn copy_open_files(&self, workspace: &Path, parent: &Path, child: &Path) -> Result<()> {
+        let files = self
+            .processes
+            .iter()
+            .flat_map(|(_, p)| p.target.written.iter());
+        open_copies::copy_into(files, workspace, parent, child)
     }
 
     /// Notes about what the clones do not faithfully own.
