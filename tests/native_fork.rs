@@ -175,6 +175,8 @@ fn a_python_process_with_200_mib_is_cloned_and_each_branch_goes_its_own_way() {
     assert_eq!(root_pids.len(), 1, "{root_pids:?}");
     assert_eq!(kid_pids.len(), 1, "{kid_pids:?}");
     assert_ne!(root_pids, kid_pids);
+    // Inside its branch, the clone has the pid the original has inside its own.
+    assert_eq!(pid_in_branch(kid_pids[0]), pid_in_branch(root_pids[0]));
     // Same state at the fork point: adding 0 reports the same counter and digest.
     assert_eq!(s.tell("kid", "add", "0", "counter"), before);
     assert_eq!(s.tell("root", "add", "0", "counter"), before);
@@ -302,6 +304,197 @@ fn an_open_sqlite_database_is_the_childs_own_after_the_fork() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&host.stdout), "base\n");
+}
+
+/// The pid of host process `pid` in its own (innermost) pid namespace.
+fn pid_in_branch(pid: u64) -> u32 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let nspid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .unwrap();
+    nspid.split_whitespace().last().unwrap().parse().unwrap()
+}
+
+/// The controlling terminal (device number) and session of host process `pid`, from
+/// /proc/PID/stat (session as the host numbers it).
+fn tty_and_session(pid: u64) -> (u64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let f: Vec<u64> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .skip(1)
+        .take(5)
+        .map(|x| x.parse().unwrap())
+        .collect();
+    (f[3], f[2])
+}
+
+/// A pseudo-terminal of the test's own: its master side, and its slave's path.
+fn pty() -> (std::fs::File, PathBuf) {
+    use std::os::fd::FromRawFd;
+    // SAFETY: posix_openpt returns a new descriptor (checked), owned by the File below.
+    let m = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
+    assert!(m >= 0, "posix_openpt");
+    // SAFETY: `m` is an open pty master.
+    let master = unsafe { std::fs::File::from_raw_fd(m) };
+    let mut name = [0 as libc::c_char; 64];
+    // SAFETY: `m` is a pty master; `name` has room for the path and its length is passed.
+    unsafe {
+        assert_eq!(libc::grantpt(m), 0);
+        assert_eq!(libc::unlockpt(m), 0);
+        assert_eq!(libc::ptsname_r(m, name.as_mut_ptr(), name.len()), 0);
+    }
+    // SAFETY: ptsname_r wrote a NUL-terminated path into `name`.
+    let path = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) };
+    (master, PathBuf::from(path.to_str().unwrap()))
+}
+
+/// Everything read from `f` so far, collected by a thread.
+fn collect(mut f: impl std::io::Read + Send + 'static) -> std::sync::Arc<std::sync::Mutex<String>> {
+    let out = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let o = out.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = f.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            o.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    out
+}
+
+impl Setup {
+    /// Waits until file `path` of `branch` has some text, and returns it.
+    fn wait_text(&self, branch: &str, path: &str) -> String {
+        let start = Instant::now();
+        loop {
+            let t = self.sh(branch, &format!("cat {path} 2>/dev/null; true"));
+            if !t.is_empty() {
+                return t;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "{branch}: waited for {path}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+#[test]
+fn a_shell_on_a_terminal_gets_a_terminal_of_its_own_in_the_clone() {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    let s = setup(&[]);
+    std::fs::create_dir(s.ws.join("sub")).unwrap();
+    s.run("term", &["sleep", "1000000"]);
+    // An interactive bash on a terminal of the test's, as `forkscope exec` run from a
+    // user's terminal starts one; `setsid -c` makes it the shell's controlling terminal, so
+    // the shell runs commands with job control.
+    let (mut master, slave) = pty();
+    let tty = || {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOCTTY)
+            .open(&slave)
+            .unwrap()
+    };
+    let mut shell =
+        s.d.command(&["exec", "term", "--", "setsid", "-c", "bash", "--norc", "-i"])
+            .stdin(tty())
+            .stdout(tty())
+            .stderr(tty())
+            .spawn()
+            .unwrap();
+    let screen = collect(master.try_clone().unwrap());
+    master
+        .write_all(b"greeting=hello; cd sub; echo ready-$((40+2))\n")
+        .unwrap();
+    let start = Instant::now();
+    while !screen.lock().unwrap().contains("ready-42") {
+        assert!(start.elapsed() < Duration::from_secs(20), "bash answers");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let notes = s.fork("term", "term2");
+    assert!(notes.contains("gets a terminal of its own"), "{notes}");
+    // The clone's stdin, stdout and stderr are one terminal, not the parent's.
+    let clone = s
+        .pids("term2")
+        .into_iter()
+        .find(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap() == "bash\n")
+        .expect("bash is cloned");
+    let fd = |n: u32| std::fs::read_link(format!("/proc/{clone}/fd/{n}")).unwrap();
+    let theirs = fd(0);
+    assert!(theirs.starts_with("/dev/pts/"), "{}", theirs.display());
+    assert_ne!(theirs, slave);
+    assert_eq!((fd(1), fd(2)), (theirs.clone(), theirs.clone()));
+    // It leads a session of its own, whose controlling terminal is that terminal, under
+    // the pid its original has in the parent branch (which bash remembers as its own).
+    let original = s
+        .pids("term")
+        .into_iter()
+        .find(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap() == "bash\n")
+        .expect("the parent's bash");
+    assert_eq!(pid_in_branch(clone), pid_in_branch(original));
+    let (ctty, session) = tty_and_session(clone);
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(ctty, std::fs::metadata(&theirs).unwrap().rdev());
+    assert_eq!(session, clone);
+    assert_eq!(
+        tty_and_session(original).0,
+        std::fs::metadata(&slave).unwrap().rdev(),
+        "the parent's shell keeps the test's terminal"
+    );
+    // Typed through `forkscope attach`, the clone's shell answers with its state.
+    let mut attach =
+        s.d.command(&["attach", "term2"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+    let seen = collect(attach.stdout.take().unwrap());
+    let mut keys = attach.stdin.take().unwrap();
+    keys.write_all(b"echo \"$greeting $PWD\" > report; tty > tty-name\n")
+        .unwrap();
+    let report = s.wait_text("term2", "sub/report");
+    assert_eq!(report, format!("hello {}/sub\n", s.ws.display()));
+    let tty_name = s.wait_text("term2", "sub/tty-name");
+    assert_eq!(tty_name.trim(), theirs.to_str().unwrap());
+    // A command run in the foreground (`tty`, with job control) gave the terminal back.
+    keys.write_all(b"echo still-here > after\n").unwrap();
+    assert_eq!(s.wait_text("term2", "sub/after"), "still-here\n");
+    keys.write_all(&[0x1d]).unwrap(); // Ctrl-]
+    let status = attach.wait().unwrap();
+    assert!(status.success(), "attach ends on Ctrl-]");
+    assert!(
+        seen.lock().unwrap().contains("tty-name"),
+        "the terminal's echo reaches the client"
+    );
+    // The files were written in the child only...
+    assert_eq!(s.sh("term2", "ls sub"), "after\nreport\ntty-name\n");
+    assert_eq!(s.sh("term", "ls sub"), "");
+    // ...whose log holds what its terminal showed.
+    let control = s.info("term2")["control"].as_str().unwrap().to_string();
+    let log = Path::new(&control).with_file_name("command.log");
+    assert!(std::fs::read_to_string(&log).unwrap().contains("tty-name"));
+    // The parent's shell still answers on the test's terminal.
+    master.write_all(b"echo parent > mine\n").unwrap();
+    assert_eq!(s.wait_text("term", "sub/mine"), "parent\n");
+    assert_eq!(s.sh("term2", "ls sub"), "after\nreport\ntty-name\n");
+    // A branch without a terminal of forkscope's says so.
+    let out = s.d.cli(&["attach", "term"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("has no terminal"), "{err}");
+    let _ = shell.kill();
+    let _ = shell.wait();
 }
 
 #[test]

@@ -80,11 +80,14 @@ impl Daemon {
     }
 
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(forkscope())
-            .env("FORKSCOPE_SOCKET", &self.socket)
-            .args(args)
-            .output()
-            .unwrap()
+        self.command(args).output().unwrap()
+    }
+
+    /// The CLI with `args`, on this daemon's socket, to be started by the caller.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(forkscope());
+        c.env("FORKSCOPE_SOCKET", &self.socket).args(args);
+        c
     }
 
     /// Runs the CLI and returns its stdout, failing the test on a non-zero exit.

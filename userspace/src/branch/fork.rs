@@ -254,7 +254,13 @@ impl Manager {
                 let child_cg = Cgroup::open(&rec.cgroup)?;
                 let freeze = opts.frozen.then_some(&child_cg);
                 if let Some(h) = held.as_mut() {
+                    let terminals = h
+                        .terminals()
+                        .into_iter()
+                        .map(|t| Ok((t, crate::sandbox::control::new_terminal(&rec.control)?)))
+                        .collect::<Result<Vec<_>>>()?;
                     let into = procfork::ChildBranch {
+                        terminals,
                         cgroup: rec.cgroup.clone(),
                         init_in_parent_ns: procfork::pid_as_seen_by(rec.init_pid, p.init_pid)?,
                         log_fd: procfork::fd_of(rec.init_pid, &rec.dir.join("command.log"))?,

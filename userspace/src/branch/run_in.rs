@@ -80,6 +80,7 @@ pub fn run_in(control: &std::path::Path, input: ExecInput) -> Result<ExecOutput>
         argv: input.argv,
         cwd: input.cwd,
         env: input.env,
+        terminal: None,
     };
     let fds = [stdin_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
     let reply = exec(control, &req, fds, |_| {});
@@ -102,7 +103,7 @@ pub fn run_in(control: &std::path::Path, input: ExecInput) -> Result<ExecOutput>
                 truncated: 0,
             });
         }
-        ExecReply::Pid(_) => (-1, None),
+        ExecReply::Pid(_) | ExecReply::Terminal(_) | ExecReply::Detached => (-1, None),
     };
     Ok(ExecOutput {
         exit_code,

@@ -1,7 +1,10 @@
 //! `forkscope exec BRANCH -- CMD...`: runs CMD inside the branch through its init, with this
 //! terminal's stdin, stdout and stderr, and exits with its status.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
 use clap::Args;
 use forkscope::sandbox::control::{ExecReply, ExecRequest, exec};
@@ -23,30 +26,25 @@ pub struct ExecArgs {
     command: Vec<String>,
 }
 
-pub fn run(args: ExecArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
-    let b = super::client::call(
-        &socket,
-        Method::GET,
-        &format!("/v1/branches/{}", args.branch),
-        None,
-    )?;
+/// The control socket of `branch`'s init, if the branch is running.
+pub(super) fn running_init(socket: &Path, branch: &str) -> anyhow::Result<PathBuf> {
+    let b = super::client::call(socket, Method::GET, &format!("/v1/branches/{branch}"), None)?;
     if b["status"] == "frozen" {
-        anyhow::bail!(
-            "branch {} is a frozen checkpoint: fork it to get a running branch",
-            args.branch
-        );
+        anyhow::bail!("branch {branch} is a frozen checkpoint: fork it to get a running branch");
     }
     if b["status"] != "running" {
-        anyhow::bail!(
-            "branch {} is not running (its init is gone): abort it",
-            args.branch
-        );
+        anyhow::bail!("branch {branch} is not running (its init is gone): abort it");
     }
-    let control = PathBuf::from(b["control"].as_str().unwrap_or_default());
+    Ok(PathBuf::from(b["control"].as_str().unwrap_or_default()))
+}
+
+pub fn run(args: ExecArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
+    let control = running_init(&socket, &args.branch)?;
     let req = ExecRequest {
         argv: args.command,
         cwd: args.cwd,
         env: Vec::new(),
+        terminal: None,
     };
     let reply = exec(&control, &req, [0, 1, 2], |_| {})?;
     Ok(match reply {
@@ -56,6 +54,6 @@ pub fn run(args: ExecArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
             eprintln!("forkscope exec: {e}");
             ExitCode::from(127)
         }
-        ExecReply::Pid(_) => ExitCode::FAILURE,
+        ExecReply::Pid(_) | ExecReply::Terminal(_) | ExecReply::Detached => ExitCode::FAILURE,
     })
 }

@@ -1,6 +1,7 @@
 //! Command-line parsing (clap) and dispatch, one file per subcommand.
 
 mod abort;
+mod attach;
 mod client;
 mod commit;
 mod daemon;
@@ -47,6 +48,7 @@ enum Command {
     Daemon(daemon::DaemonArgs),
     Run(run::RunArgs),
     Exec(exec::ExecArgs),
+    Attach(attach::AttachArgs),
     Fork(fork::ForkArgs),
     Ls(ls::LsArgs),
     Diff(diff::DiffArgs),
@@ -72,6 +74,7 @@ pub fn main() -> ExitCode {
         Command::Daemon(args) => daemon::run(args, cli.socket),
         Command::Run(args) => run::run(args, cli.socket),
         Command::Exec(args) => exec::run(args, cli.socket),
+        Command::Attach(args) => attach::run(args, cli.socket),
         Command::Fork(args) => fork::run(args, cli.socket),
         Command::Ls(args) => ls::run(args, cli.socket),
         Command::Diff(args) => diff::run(args, cli.socket),

@@ -47,6 +47,9 @@ pub struct ChildBranch {
     pub net_isolated: bool,
     /// Where the fork marks the processes it injects into (the parent branch's directory).
     pub marks: PathBuf,
+    /// The child's terminals (paths in the child's view) in place of the parent's, by the
+    /// parent's terminal's path.
+    pub terminals: Vec<(PathBuf, String)>,
 }
 
 fn nr(n: libc::c_long) -> i64 {
@@ -128,6 +131,8 @@ fn pid_ns_for_children_moved(pid: u32) -> bool {
 pub struct ProcessCopy {
     pub leader: Tracee,
     threads: Vec<Tracee>,
+    /// What the clone does not faithfully own (found while it was made).
+    pub notes: Vec<String>,
 }
 
 impl ProcessCopy {
@@ -147,6 +152,11 @@ impl ProcessCopy {
 /// Clones the held `original` into `child` as `plan` says; returns the clone, held.
 pub fn clone_one(original: &mut Tracee, plan: &Plan, child: &ChildBranch) -> Result<ProcessCopy> {
     let target = &plan.target;
+    // The pid the original has in its branch: the clone gets the same in the child's.
+    let own_pid = crate::sandbox::ns_pids(target.pid)
+        .ok()
+        .and_then(|p| p.last().copied());
+    let mut pid_kept = false;
     let ns = |kind: &str| format!("/proc/{}/ns/{kind}", child.init_in_parent_ns);
     let strings = [
         child.cgroup.as_os_str().as_bytes().to_vec(),
@@ -198,10 +208,28 @@ pub fn clone_one(original: &mut Tracee, plan: &Plan, child: &ChildBranch) -> Res
             args[2] = word;
         }
         args[10] = cg as u64;
-        let bytes: Vec<u8> = args.iter().flat_map(|a| a.to_ne_bytes()).collect();
-        let args_at = original.scratch_bytes(&bytes, *at.iter().min().expect("three"))?;
+        let pid_at = original.scratch_bytes(
+            &(own_pid.unwrap_or(0) as i32).to_ne_bytes(),
+            *at.iter().min().expect("three"),
+        )?;
         let mut born = None;
-        let r = original.syscall_with(nr(libc::SYS_clone3), &[args_at, 88], |p| born = Some(p));
+        let mut r = Ok(0);
+        // With set_tid, the pid the original has in its branch; where the kernel refuses
+        // (taken there, or not allowed), any pid.
+        for with_pid in [own_pid.is_some(), false] {
+            args[8] = if with_pid { pid_at } else { 0 };
+            args[9] = with_pid as u64;
+            let bytes: Vec<u8> = args.iter().flat_map(|a| a.to_ne_bytes()).collect();
+            let args_at = original.scratch_bytes(&bytes, pid_at)?;
+            r = original.syscall_with(nr(libc::SYS_clone3), &[args_at, 88], |p| born = Some(p));
+            pid_kept = with_pid;
+            let refused = [libc::EEXIST, libc::EPERM, libc::EINVAL, libc::ENOSPC]
+                .iter()
+                .any(|e| matches!(r, Ok(v) if v == -(*e as i64)));
+            if born.is_some() || !with_pid || !refused {
+                break;
+            }
+        }
         // Its own pid namespace back, whatever happened.
         let back = original.call(
             "leaving the child's pid namespace",
@@ -248,7 +276,14 @@ pub fn clone_one(original: &mut Tracee, plan: &Plan, child: &ChildBranch) -> Res
     let mut copy = ProcessCopy {
         leader: clone,
         threads: Vec::new(),
+        notes: Vec::new(),
     };
+    if let (Some(own), false) = (own_pid, pid_kept) {
+        copy.notes.push(format!(
+            "process {} ({}): its clone could not keep pid {own} in the child branch and has another",
+            target.pid, target.comm
+        ));
+    }
     let outcome = (|| {
         set_up_clone(&mut copy.leader, target, child, &fds)?;
         threads::restore_robust_list(&mut copy.leader, &plan.words)?;
@@ -318,6 +353,10 @@ fn set_up_clone(
         format!("/proc/{}/ns/net", child.init_in_parent_ns).into_bytes(),
     ];
     strings.extend(reopened.iter().map(|p| p.as_os_str().as_bytes().to_vec()));
+    let terminals_at = strings.len();
+    for (_, new) in &child.terminals {
+        strings.push(new.as_bytes().to_vec());
+    }
     let refs: Vec<&[u8]> = strings.iter().map(|s| s.as_slice()).collect();
     let at = clone.scratch_strings(&refs)?;
     let ro = (libc::O_RDONLY | libc::O_CLOEXEC) as u64;
@@ -365,6 +404,7 @@ fn set_up_clone(
         )
         .map_err(|e| Error::CannotClone(format!("process {pid} ({}): {e}", target.comm)))?;
     let mut next_path = 6;
+    let mut ctty_fd = None;
     for (num, action) in &target.fds {
         let num = *num as u64;
         let what = |p: String| {
@@ -440,6 +480,27 @@ fn set_up_clone(
                 )?,
                 0,
             ),
+            FdAction::Terminal { original, flags } => {
+                let i = child
+                    .terminals
+                    .iter()
+                    .position(|(o, _)| o == original)
+                    .ok_or_else(|| {
+                        what(original.display().to_string())(Error::Sandbox(
+                            "no terminal was made for it".into(),
+                        ))
+                    })?;
+                let keep = flags & (libc::O_ACCMODE | libc::O_NONBLOCK | libc::O_APPEND);
+                let new = open(
+                    clone,
+                    "opening the child's terminal",
+                    at[terminals_at + i],
+                    (keep | libc::O_NOCTTY) as u64,
+                )
+                .map_err(what(original.display().to_string()))?;
+                ctty_fd.get_or_insert(num);
+                (new, (flags & libc::O_CLOEXEC) as u64)
+            }
             FdAction::Reopen { path, flags, pos } => {
                 let path_at = at[next_path];
                 next_path += 1;
@@ -473,6 +534,18 @@ fn set_up_clone(
         let r = clone.call("dup3", nr(libc::SYS_dup3), &[new as u64, num, cloexec]);
         let _ = clone.syscall(nr(libc::SYS_close), &[new as u64]);
         r?;
+    }
+    if target.ctty {
+        // Off the parent's session, so /dev/tty is never the parent's terminal; the clone's
+        // own terminal becomes its controlling terminal.
+        clone.call("setsid", nr(libc::SYS_setsid), &[])?;
+        if let Some(fd) = ctty_fd {
+            clone.call(
+                "ioctl(TIOCSCTTY)",
+                nr(libc::SYS_ioctl),
+                &[fd, libc::TIOCSCTTY, 0],
+            )?;
+        }
     }
     Ok(())
 }

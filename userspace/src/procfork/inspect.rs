@@ -14,12 +14,16 @@ pub enum FdAction {
     /// Open the same path in the child's mount namespace (the child's copy for workspace and
     /// /tmp files, the same read-only file elsewhere), same flags and offset.
     Reopen { path: PathBuf, flags: i32, pos: u64 },
-    /// The child branch's own command log (the parent's log, or a pipe or terminal on 1 or 2).
+    /// The child branch's own command log (the parent's log, or a pipe on 1 or 2).
     ChildLog,
-    /// /dev/null (a pipe or terminal on 0).
+    /// /dev/null (a pipe on 0).
     DevNull,
-    /// Closed in the clone (sockets, terminals elsewhere): the parent keeps it.
+    /// Closed in the clone (sockets, pipes beyond stdio): the parent keeps it.
     Close,
+    /// A terminal of the child's own (made by the child's init, see
+    /// [`crate::sandbox::terminal`]) in place of the parent's terminal `original`, with the
+    /// same status flags.
+    Terminal { original: PathBuf, flags: i32 },
     /// A listening TCP socket made again in the clone, in the child's own network namespace
     /// (`run --net isolated`): same family, address and port, non-blocking if it was.
     Listen {
@@ -41,6 +45,9 @@ pub struct Target {
     /// Its workspace and /tmp files open for writing: the child's copies are made before
     /// its overlays are mounted ([`super::open_copies`]).
     pub written: Vec<OpenForWriting>,
+    /// It has a controlling terminal: its clone leads a session of its own, whose
+    /// controlling terminal is the clone's terminal if it has one.
+    pub ctty: bool,
     /// What the clone does not faithfully own, reported to the caller.
     pub notes: Vec<String>,
 }
@@ -210,12 +217,19 @@ pub fn inspect(pid: u32, comm: &str, ctx: &Context) -> Result<Target> {
         }
     }
     fds.sort_by_key(|(n, _)| *n);
+    let ctty = has_controlling_terminal(pid)?;
+    if ctty {
+        notes.push(format!(
+            "process {pid} ({comm}): it has a controlling terminal; its clone leads a session of its own"
+        ));
+    }
     Ok(Target {
         pid,
         comm: comm.to_string(),
         cwd,
         fds,
         written,
+        ctty,
         notes,
     })
 }
@@ -231,6 +245,17 @@ fn written_file(pid: u32, num: i32, path: &Path, flags: i32, ctx: &Context) -> O
     }
     let meta = std::fs::metadata(format!("/proc/{pid}/fd/{num}")).ok()?;
     meta.is_file().then(|| meta.ino())
+}
+
+/// Whether process `pid` has a controlling terminal (`tty_nr`, the 7th field of
+/// /proc/PID/stat, counted after the parenthesised name, which may hold spaces).
+fn has_controlling_terminal(pid: u32) -> Result<bool> {
+    let stat = read(format!("/proc/{pid}/stat"))?;
+    let after_name = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    Ok(after_name
+        .split_whitespace()
+        .nth(4)
+        .is_some_and(|tty| tty != "0"))
 }
 
 /// Flags and offset of descriptor `num`, from /proc/PID/fdinfo, and whether the process
@@ -320,7 +345,17 @@ fn plan_fd(
         return Ok(Some(FdAction::Close));
     }
     if is_terminal(link) {
-        return Ok(Some(stdio_replacement("a terminal", notes)));
+        let note = format!(
+            "process {pid} ({comm}): its terminal {link} stays the parent's; the clone gets a terminal of its own (`forkscope attach` connects to it)"
+        );
+        if !notes.contains(&note) {
+            notes.push(note);
+        }
+        let (flags, _, _) = fdinfo(pid, num)?;
+        return Ok(Some(FdAction::Terminal {
+            original: PathBuf::from(link),
+            flags,
+        }));
     }
     if link.starts_with("anon_inode:") || link.starts_with("/memfd:") {
         return Err(refuse(

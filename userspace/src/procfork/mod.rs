@@ -179,6 +179,7 @@ pub fn clone_into(
         match clone::clone_one(&mut original.leader, plan, child) {
             Ok(c) => {
                 let pid = c.leader.pid.as_raw() as u32;
+                notes.extend(c.notes.iter().cloned());
                 notes.extend(open_copies::check(
                     pid,
                     plan.target.pid,
@@ -234,6 +235,22 @@ impl Held {
             .iter()
             .flat_map(|(_, p)| p.target.written.iter());
         open_copies::copy_into(files, workspace, parent, child)
+    }
+
+    /// The parent's terminals the held processes have: each clone gets a terminal of the
+    /// child's own in place of each (see [`inspect::FdAction::Terminal`]).
+    pub fn terminals(&self) -> Vec<std::path::PathBuf> {
+        let mut all = Vec::new();
+        for (_, plan) in &self.processes {
+            for (_, action) in &plan.target.fds {
+                if let inspect::FdAction::Terminal { original, .. } = action
+                    && !all.contains(original)
+                {
+                    all.push(original.clone());
+                }
+            }
+        }
+        all
     }
 
     /// Notes about what the clones do not faithfully own.

@@ -2,6 +2,10 @@
 //! SOCK_SEQPACKET control socket: one request message (JSON, with the client's stdin,
 //! stdout and stderr attached as SCM_RIGHTS), then `{"pid": N}` and finally
 //! `{"exit_code": C}` or `{"signal": S}`. A client that disconnects early kills its process.
+//!
+//! The same socket serves the branch's terminals ([`TerminalRequest`], see
+//! [`super::terminal`]): the daemon asks for a new one when it clones a process that had a
+//! terminal, and `forkscope attach` connects its stdin and stdout to one.
 
 use std::{
     io::{IoSlice, IoSliceMut},
@@ -30,6 +34,22 @@ pub struct ExecRequest {
     /// Extra environment variables.
     #[serde(default)]
     pub env: Vec<(String, String)>,
+    /// Not a command: a request about the branch's terminals (`argv` is then empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub terminal: Option<TerminalRequest>,
+}
+
+/// A request about a branch's terminals.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TerminalRequest {
+    /// Make a new terminal (a pseudo-terminal whose output the init copies into the
+    /// branch's command log); the reply is [`ExecReply::Terminal`] with its path.
+    New,
+    /// Connect the attached stdin and stdout to a terminal of the branch (this path, or the
+    /// newest) until stdin ends, reads Ctrl-] or the client goes; then
+    /// [`ExecReply::Detached`].
+    Attach { path: Option<String> },
 }
 
 /// A reply from init.
@@ -44,6 +64,10 @@ pub enum ExecReply {
     Signal(i32),
     /// It could not be started.
     Error(String),
+    /// A new terminal: the path of its slave side.
+    Terminal(String),
+    /// The client was detached from the terminal.
+    Detached,
 }
 
 fn sock_err(what: &str) -> impl FnOnce(nix::Error) -> Error + '_ {
@@ -95,11 +119,53 @@ pub fn recv(fd: RawFd) -> Result<(Vec<u8>, Vec<OwnedFd>)> {
 }
 
 /// Runs `req` in the branch whose init listens on `control`, with `stdio` as its stdin,
-/// stdout and stderr; `on_pid` is told the pid. Returns how the process ended.
+/// stdout and stderr; `on_pid` is told the pid. Returns how the process ended (or, for a
+/// terminal request, the init's answer).
 pub fn exec(
     control: &Path,
     req: &ExecRequest,
     stdio: [RawFd; 3],
+    on_pid: impl FnOnce(i32),
+) -> Result<ExecReply> {
+    exec_with(control, req, &stdio, on_pid)
+}
+
+/// Asks the init listening on `control` for a new terminal; returns its path.
+pub fn new_terminal(control: &Path) -> Result<String> {
+    let req = ExecRequest {
+        terminal: Some(TerminalRequest::New),
+        ..ExecRequest::default()
+    };
+    match exec_with(control, &req, &[], |_| {})? {
+        ExecReply::Terminal(path) => Ok(path),
+        ExecReply::Error(e) => Err(Error::Sandbox(format!("a terminal for the clone: {e}"))),
+        other => Err(Error::Sandbox(format!(
+            "a terminal for the clone: unexpected answer {other:?}"
+        ))),
+    }
+}
+
+/// Connects `stdio` (stdin and stdout; the third is unused) to a terminal of the branch
+/// whose init listens on `control` (`path`, or the newest) until stdin ends or reads
+/// Ctrl-] (see [`super::terminal`]).
+pub fn attach(control: &Path, path: Option<String>, stdio: [RawFd; 3]) -> Result<()> {
+    let req = ExecRequest {
+        terminal: Some(TerminalRequest::Attach { path }),
+        ..ExecRequest::default()
+    };
+    match exec_with(control, &req, &stdio, |_| {})? {
+        ExecReply::Detached => Ok(()),
+        ExecReply::Error(e) => Err(Error::Invalid(e)),
+        other => Err(Error::Sandbox(format!(
+            "attaching: unexpected answer {other:?}"
+        ))),
+    }
+}
+
+fn exec_with(
+    control: &Path,
+    req: &ExecRequest,
+    stdio: &[RawFd],
     on_pid: impl FnOnce(i32),
 ) -> Result<ExecReply> {
     let sock = socket(
@@ -124,7 +190,7 @@ pub fn exec(
         )),
     })?;
     let msg = serde_json::to_vec(req).map_err(std::io::Error::from)?;
-    send(sock.as_raw_fd(), &msg, &stdio)?;
+    send(sock.as_raw_fd(), &msg, stdio)?;
     let mut pid_seen = Some(on_pid);
     loop {
         let (msg, _) = recv(sock.as_raw_fd())?;

@@ -30,8 +30,9 @@ use nix::{
 
 use super::{
     SandboxSpec,
-    control::{self, ExecReply, ExecRequest},
+    control::{self, ExecReply, ExecRequest, TerminalRequest},
     mounts,
+    terminal::Terminals,
 };
 use crate::error::{Error, Result};
 
@@ -318,6 +319,8 @@ fn init(
     drop(ready);
     // Processes that exec'd requests started, with the connection waiting for their status.
     let mut running: HashMap<i32, OwnedFd> = HashMap::new();
+    let mut terminals = Terminals::default();
+    let terminal_log = log.try_clone()?;
     if !spec.command.is_empty() {
         let err = log.try_clone()?;
         let started = Command::new(&spec.command[0])
@@ -352,7 +355,8 @@ fn init(
             {
                 // SAFETY: accept returned a new descriptor that nothing else owns.
                 let conn = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(conn) };
-                if let Some(pid) = start_request(spec, &conn) {
+                let terminals = (&mut terminals, &terminal_log);
+                if let Some(pid) = start_request(spec, &conn, terminals) {
                     running.insert(pid, conn);
                 }
             }
@@ -367,8 +371,13 @@ fn init(
     }
 }
 
-/// Reads one request from `conn` and starts it; replies with the pid or an error.
-fn start_request(spec: &SandboxSpec, conn: &OwnedFd) -> Option<i32> {
+/// Reads one request from `conn` and starts it; replies with the pid or an error. A
+/// terminal request is served by `terminals` (whose output goes to the log).
+fn start_request(
+    spec: &SandboxSpec,
+    conn: &OwnedFd,
+    (terminals, log): (&mut Terminals, &std::fs::File),
+) -> Option<i32> {
     let reply = |r: &ExecReply| {
         let _ = control::send(
             conn.as_raw_fd(),
@@ -390,6 +399,30 @@ fn start_request(spec: &SandboxSpec, conn: &OwnedFd) -> Option<i32> {
             return None;
         }
     };
+    match req.terminal {
+        Some(TerminalRequest::New) => {
+            match terminals.create(log) {
+                Ok(path) => reply(&ExecReply::Terminal(path)),
+                Err(e) => reply(&ExecReply::Error(e.to_string())),
+            }
+            return None;
+        }
+        Some(TerminalRequest::Attach { path }) if stdio.len() == 3 => {
+            let (input, output) = (stdio.remove(0), stdio.remove(0));
+            match conn.try_clone() {
+                Ok(c) => terminals.attach(path.as_deref(), input, output, c),
+                Err(e) => reply(&ExecReply::Error(e.to_string())),
+            }
+            return None;
+        }
+        Some(TerminalRequest::Attach { .. }) => {
+            reply(&ExecReply::Error(
+                "attaching needs three descriptors".into(),
+            ));
+            return None;
+        }
+        None => {}
+    }
     if req.argv.is_empty() || stdio.len() != 3 {
         reply(&ExecReply::Error(
             "a request needs a command and three descriptors".into(),

@@ -23,6 +23,7 @@ pub mod init;
 mod mounts;
 pub mod notify;
 pub mod seccomp;
+pub mod terminal;
 
 use std::{
     io::{BufRead, BufReader, Write},
