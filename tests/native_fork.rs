@@ -326,7 +326,7 @@ fn tty_and_session(pid: u64) -> (u64, u64) {
         .1
         .split_whitespace()
         .skip(1)
-        .take(5)
+        .take(4)
         .map(|x| x.parse().unwrap())
         .collect();
     (f[3], f[2])
@@ -390,14 +390,28 @@ impl Setup {
 
 #[test]
 fn a_shell_on_a_terminal_gets_a_terminal_of_its_own_in_the_clone() {
-    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    use std::{
+        io::Write,
+        os::{fd::AsRawFd, unix::fs::MetadataExt, unix::fs::OpenOptionsExt},
+    };
     let s = setup(&[]);
     std::fs::create_dir(s.ws.join("sub")).unwrap();
     s.run("term", &["sleep", "1000000"]);
-    // An interactive bash on a terminal of the test's, as `forkscope exec` run from a
-    // user's terminal starts one; `setsid -c` makes it the shell's controlling terminal, so
-    // the shell runs commands with job control.
+    // An interactive bash on a terminal of the test's (40 rows, 100 columns), as `forkscope
+    // exec` run from a user's terminal starts one; `setsid -c` makes it the shell's
+    // controlling terminal, so the shell runs commands with job control.
     let (mut master, slave) = pty();
+    let size = libc::winsize {
+        ws_row: 40,
+        ws_col: 100,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one winsize from a valid pointer; the descriptor is open.
+    assert_eq!(
+        unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &size) },
+        0
+    );
     let tty = || {
         std::fs::OpenOptions::new()
             .read(true)
@@ -414,45 +428,76 @@ fn a_shell_on_a_terminal_gets_a_terminal_of_its_own_in_the_clone() {
             .spawn()
             .unwrap();
     let screen = collect(master.try_clone().unwrap());
+    // A background job left behind (its parent gone, the init adopts it): it shares the
+    // shell's session and terminal without leading it.
     master
-        .write_all(b"greeting=hello; cd sub; echo ready-$((40+2))\n")
+        .write_all(b"greeting=hello; cd sub; (sleep 100000 &); echo ready-$((40+2))\n")
         .unwrap();
     let start = Instant::now();
     while !screen.lock().unwrap().contains("ready-42") {
         assert!(start.elapsed() < Duration::from_secs(20), "bash answers");
         std::thread::sleep(Duration::from_millis(50));
     }
+    std::thread::sleep(Duration::from_millis(200));
+    let originals = s.pids("term");
+    assert_eq!(
+        originals.len(),
+        3,
+        "sleep, bash and the orphan: {originals:?}"
+    );
     let notes = s.fork("term", "term2");
     assert!(notes.contains("gets a terminal of its own"), "{notes}");
-    // The clone's stdin, stdout and stderr are one terminal, not the parent's.
-    let clone = s
-        .pids("term2")
-        .into_iter()
-        .find(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap() == "bash\n")
-        .expect("bash is cloned");
-    let fd = |n: u32| std::fs::read_link(format!("/proc/{clone}/fd/{n}")).unwrap();
-    let theirs = fd(0);
-    assert!(theirs.starts_with("/dev/pts/"), "{}", theirs.display());
-    assert_ne!(theirs, slave);
-    assert_eq!((fd(1), fd(2)), (theirs.clone(), theirs.clone()));
-    // It leads a session of its own, whose controlling terminal is that terminal, under
-    // the pid its original has in the parent branch (which bash remembers as its own).
-    let original = s
-        .pids("term")
-        .into_iter()
-        .find(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap() == "bash\n")
-        .expect("the parent's bash");
-    assert_eq!(pid_in_branch(clone), pid_in_branch(original));
-    let (ctty, session) = tty_and_session(clone);
-    use std::os::unix::fs::MetadataExt;
-    assert_eq!(ctty, std::fs::metadata(&theirs).unwrap().rdev());
-    assert_eq!(session, clone);
+    assert!(!notes.contains("could not"), "{notes}");
+    // Every clone has, inside its branch, the pid its original has inside its own.
+    let clones = s.pids("term2");
+    let in_branch = |pids: &[u64]| {
+        let mut v: Vec<u32> = pids.iter().map(|p| pid_in_branch(*p)).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(in_branch(&clones), in_branch(&originals));
+    let named = |pids: &[u64], name: &str| {
+        pids.iter()
+            .copied()
+            .find(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap() == name)
+            .unwrap_or_else(|| panic!("{name:?} in {pids:?}"))
+    };
+    let (clone, original) = (named(&clones, "bash\n"), named(&originals, "bash\n"));
+    // The clone's stdin, stdout and stderr are one terminal, not the parent's: its
+    // controlling terminal, in a session it leads.
+    // (A terminal is its devpts instance and its number: each instance counts from 0.)
+    let term = |pid: u64, n: u32| {
+        let m = std::fs::metadata(format!("/proc/{pid}/fd/{n}")).unwrap();
+        (m.dev(), m.rdev())
+    };
+    let theirs = term(clone, 0);
+    let m = std::fs::metadata(&slave).unwrap();
+    let ours = (m.dev(), m.rdev());
+    assert_eq!(
+        libc::major(theirs.1),
+        libc::major(ours.1),
+        "a pseudo-terminal"
+    );
+    assert_ne!(theirs, ours);
+    assert_eq!((term(clone, 1), term(clone, 2)), (theirs, theirs));
+    assert_eq!(tty_and_session(clone), (theirs.1, clone));
     assert_eq!(
         tty_and_session(original).0,
-        std::fs::metadata(&slave).unwrap().rdev(),
+        ours.1,
         "the parent's shell keeps the test's terminal"
     );
-    // Typed through `forkscope attach`, the clone's shell answers with its state.
+    // The orphan's clone writes to the same new terminal (its stdin is /dev/null, as for
+    // any background job of a shell without job control), in a session of its own without
+    // a controlling terminal.
+    let orphan = clones
+        .iter()
+        .copied()
+        .find(|p| *p != clone && term(*p, 1) == theirs)
+        .expect("the orphan's clone");
+    assert_eq!(tty_and_session(orphan), (0, orphan));
+    // Typed through `forkscope attach`, the clone's shell answers with its state, on a
+    // terminal set up as the original's (the size, and readline's settings: each typed
+    // line is echoed once).
     let mut attach =
         s.d.command(&["attach", "term2"])
             .stdin(std::process::Stdio::piped())
@@ -461,24 +506,34 @@ fn a_shell_on_a_terminal_gets_a_terminal_of_its_own_in_the_clone() {
             .unwrap();
     let seen = collect(attach.stdout.take().unwrap());
     let mut keys = attach.stdin.take().unwrap();
-    keys.write_all(b"echo \"$greeting $PWD\" > report; tty > tty-name\n")
+    keys.write_all(b"echo \"$greeting $PWD\" > report; stty size > size; tty > tty-name\n")
         .unwrap();
     let report = s.wait_text("term2", "sub/report");
     assert_eq!(report, format!("hello {}/sub\n", s.ws.display()));
+    assert_eq!(s.wait_text("term2", "sub/size"), "40 100\n");
     let tty_name = s.wait_text("term2", "sub/tty-name");
-    assert_eq!(tty_name.trim(), theirs.to_str().unwrap());
+    assert!(tty_name.starts_with("/dev/pts/"), "{tty_name}");
     // A command run in the foreground (`tty`, with job control) gave the terminal back.
     keys.write_all(b"echo still-here > after\n").unwrap();
     assert_eq!(s.wait_text("term2", "sub/after"), "still-here\n");
+    // 64 KiB pasted at once all arrive (into cat), and the shell answers after.
+    let line = format!("{}\n", "x".repeat(99));
+    let mut paste = b"cat > pasted\n".to_vec();
+    for _ in 0..660 {
+        paste.extend_from_slice(line.as_bytes());
+    }
+    paste.push(4); // Ctrl-D: the end of cat's input
+    keys.write_all(&paste).unwrap();
+    keys.write_all(b"wc -c < pasted > pasted-size\n").unwrap();
+    assert_eq!(s.wait_text("term2", "sub/pasted-size"), "66000\n");
     keys.write_all(&[0x1d]).unwrap(); // Ctrl-]
     let status = attach.wait().unwrap();
     assert!(status.success(), "attach ends on Ctrl-]");
-    assert!(
-        seen.lock().unwrap().contains("tty-name"),
-        "the terminal's echo reaches the client"
-    );
+    let shown = seen.lock().unwrap().clone();
+    assert_eq!(shown.matches("stty size > size").count(), 1, "{shown}");
     // The files were written in the child only...
-    assert_eq!(s.sh("term2", "ls sub"), "after\nreport\ntty-name\n");
+    let listing = "after\npasted\npasted-size\nreport\nsize\ntty-name\n";
+    assert_eq!(s.sh("term2", "ls sub"), listing);
     assert_eq!(s.sh("term", "ls sub"), "");
     // ...whose log holds what its terminal showed.
     let control = s.info("term2")["control"].as_str().unwrap().to_string();
@@ -487,7 +542,10 @@ fn a_shell_on_a_terminal_gets_a_terminal_of_its_own_in_the_clone() {
     // The parent's shell still answers on the test's terminal.
     master.write_all(b"echo parent > mine\n").unwrap();
     assert_eq!(s.wait_text("term", "sub/mine"), "parent\n");
-    assert_eq!(s.sh("term2", "ls sub"), "after\nreport\ntty-name\n");
+    assert_eq!(s.sh("term2", "ls sub"), listing);
+    // Another branch cannot reach the child's terminal: its /dev/pts is its own.
+    let pts = s.sh("term", "ls /dev/pts");
+    assert_eq!(pts, "ptmx\n", "{pts}");
     // A branch without a terminal of forkscope's says so.
     let out = s.d.cli(&["attach", "term"]);
     assert!(!out.status.success());

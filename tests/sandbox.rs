@@ -148,6 +148,47 @@ fn host_processes_are_invisible_and_unreachable() {
 }
 
 #[test]
+fn the_branch_has_a_dev_of_its_own_and_no_host_device_or_terminal() {
+    // A terminal of the host's (the test's own), to be looked for from inside.
+    // SAFETY: posix_openpt returns a new descriptor (checked), closed at the end.
+    let m = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY) };
+    assert!(m >= 0);
+    // SAFETY: `m` is an open pty master.
+    let n = unsafe {
+        assert_eq!(libc::unlockpt(m), 0);
+        let mut n: libc::c_uint = 0;
+        assert_eq!(libc::ioctl(m, libc::TIOCGPTN, &mut n), 0);
+        n
+    };
+    let b = branch("dev");
+    let script = format!(
+        "ls /dev | tr '\\n' ' '; echo; ls /dev/pts | tr '\\n' ' '; echo; \
+         for d in /dev/pts/{n} /dev/console /dev/tty1 /dev/kvm /dev/loop0 /dev/vda /dev/sda /dev/mem; do \
+           (exec 3<>$d) 2>/dev/null && echo \"$d reachable\"; done; \
+         python3 -c 'import os; m, s = os.openpty(); print(os.ttyname(s))'; \
+         echo ok > /dev/shm/x && cat /dev/shm/x && echo gone > /dev/null && head -c 4 /dev/zero | wc -c"
+    );
+    let (code, out) = sh(&b, &script);
+    // SAFETY: closing the descriptor opened above.
+    unsafe { libc::close(m) };
+    assert_eq!(code, 0, "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines[0].trim(),
+        "fd full null ptmx pts random shm stderr stdin stdout tty urandom zero"
+    );
+    assert_eq!(
+        lines[1].trim(),
+        "ptmx",
+        "a terminal instance of its own, empty"
+    );
+    assert!(!out.contains("reachable"), "{out}");
+    // Terminals work inside (python's openpty), numbered in the branch's own instance.
+    assert_eq!(lines[2], "/dev/pts/0");
+    assert_eq!(&lines[3..], ["ok", "4"]);
+}
+
+#[test]
 fn killing_the_cgroup_leaves_nothing_behind() {
     let mut b = branch("cleanup");
     let (code, _) = sh(&b, "true");

@@ -214,8 +214,15 @@ impl Manager {
                     continue;
                 }
                 // Files the processes hold open for writing keep their inode number.
+                let stacks = procfork::open_copies::Stacks {
+                    workspace: &p.workspace,
+                    parent: &p.dir,
+                    child: &dir,
+                    ws_lowers: &ws,
+                    tmp_lowers: &tmp,
+                };
                 if let Some(h) = held.as_ref()
-                    && let Err(e) = h.copy_open_files(&p.workspace, &p.dir, &dir)
+                    && let Err(e) = h.copy_open_files(&stacks)
                 {
                     match warm {
                         Some(w) => self.discard(w),
@@ -254,10 +261,17 @@ impl Manager {
                 let child_cg = Cgroup::open(&rec.cgroup)?;
                 let freeze = opts.frozen.then_some(&child_cg);
                 if let Some(h) = held.as_mut() {
+                    // A terminal of the child's own for each of the parent's, set up as
+                    // that one is.
                     let terminals = h
                         .terminals()
                         .into_iter()
-                        .map(|t| Ok((t, crate::sandbox::control::new_terminal(&rec.control)?)))
+                        .map(|(id, pid, fd)| {
+                            let settings = procfork::terminal_settings(pid, fd);
+                            let made =
+                                crate::sandbox::control::new_terminal(&rec.control, settings)?;
+                            Ok((id, made))
+                        })
                         .collect::<Result<Vec<_>>>()?;
                     let into = procfork::ChildBranch {
                         terminals,

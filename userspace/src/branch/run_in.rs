@@ -103,7 +103,7 @@ pub fn run_in(control: &std::path::Path, input: ExecInput) -> Result<ExecOutput>
                 truncated: 0,
             });
         }
-        ExecReply::Pid(_) | ExecReply::Terminal(_) | ExecReply::Detached => (-1, None),
+        ExecReply::Pid(_) | ExecReply::Terminal(_) | ExecReply::Attached(_) => (-1, None),
     };
     Ok(ExecOutput {
         exit_code,

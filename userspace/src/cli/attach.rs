@@ -1,7 +1,8 @@
 //! `forkscope attach BRANCH [--terminal PATH]`: connects this terminal to a terminal of the
 //! branch (a fork gives one to the clone of a process that had a terminal): what is typed
-//! here goes to it, and what it prints comes here (and to the branch's log as always).
-//! Ctrl-] or the end of stdin detaches; what runs on the terminal goes on.
+//! here goes to it, and what it prints comes here (and to the branch's log as always), all
+//! relayed by this process over the init's control socket. Ctrl-] or the end of stdin
+//! detaches; what runs on the terminal goes on.
 
 use std::{os::fd::AsFd, path::PathBuf, process::ExitCode};
 
@@ -39,17 +40,24 @@ impl Drop for RawMode {
 
 pub fn run(args: AttachArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
     let control = super::exec::running_init(&socket, &args.branch)?;
+    let input = std::fs::File::from(std::io::stdin().as_fd().try_clone_to_owned()?);
     let raw = RawMode::enter();
-    if raw.is_some() {
-        eprint!(
-            "attached to a terminal of {}; Ctrl-] detaches\r\n",
-            args.branch
-        );
-    }
-    let attached = forkscope::sandbox::control::attach(&control, args.terminal, [0, 1, 2]);
+    let branch = args.branch.clone();
+    let shown = raw.is_some();
+    let attached = forkscope::sandbox::control::attach(
+        &control,
+        args.terminal,
+        input,
+        std::io::stdout().lock(),
+        |path| {
+            if shown {
+                eprint!("attached to {path} of {branch}; Ctrl-] detaches\r\n");
+            }
+        },
+    );
     drop(raw);
     attached?;
-    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+    if shown {
         eprintln!("\ndetached from {}", args.branch);
     }
     Ok(ExitCode::SUCCESS)

@@ -54,6 +54,6 @@ pub fn run(args: ExecArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
             eprintln!("forkscope exec: {e}");
             ExitCode::from(127)
         }
-        ExecReply::Pid(_) | ExecReply::Terminal(_) | ExecReply::Detached => ExitCode::FAILURE,
+        ExecReply::Pid(_) | ExecReply::Terminal(_) | ExecReply::Attached(_) => ExitCode::FAILURE,
     })
 }

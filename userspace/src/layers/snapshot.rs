@@ -18,7 +18,7 @@ use std::{
     fs,
     os::unix::{
         ffi::OsStrExt,
-        fs::{MetadataExt, PermissionsExt, lchown, symlink},
+        fs::{FileExt, MetadataExt, PermissionsExt, lchown, symlink},
         io::AsRawFd,
     },
     path::{Path, PathBuf},
@@ -248,12 +248,17 @@ pub(crate) fn copy_entry_from(src: &Path, dst: &Path, kind: EntryKind) -> Result
 /// copy_file_range, then its mode, owner and times, all through the two open descriptors
 /// (a fork is paused while this runs: every syscall counts). Returns (bytes, reflinked).
 pub(crate) fn copy_file(src: &Path, dst: &Path) -> Result<(u64, bool)> {
+    let from = fs::File::open(src).at(src)?;
+    let to = fs::File::create(dst).at(dst)?;
+    copy_open_file(&from, &to, dst)
+}
+
+/// [`copy_file`] between open files (`dst` names `to` in errors).
+pub(crate) fn copy_open_file(from: &fs::File, to: &fs::File, dst: &Path) -> Result<(u64, bool)> {
     use std::sync::atomic::{AtomicU64, Ordering};
     // The last filesystem (device) that refused a reflink: not asked again.
     static NO_REFLINK_DEV: AtomicU64 = AtomicU64::new(u64::MAX);
-    let from = fs::File::open(src).at(src)?;
-    let meta = from.metadata().at(src)?;
-    let to = fs::File::create(dst).at(dst)?;
+    let meta = from.metadata().at(dst)?;
     let dev = meta.dev();
     let cloned = NO_REFLINK_DEV.load(Ordering::Relaxed) != dev && {
         // SAFETY: FICLONE takes the source descriptor as its argument; both are open.
@@ -264,29 +269,55 @@ pub(crate) fn copy_file(src: &Path, dst: &Path) -> Result<(u64, bool)> {
         ok
     };
     if !cloned {
-        // In-kernel copy of the known length (no read/write through userspace).
-        let mut left = meta.len() as usize;
-        while left > 0 {
-            match nix::fcntl::copy_file_range(&from, None, &to, None, left) {
-                Ok(0) => break, // the file shrank meanwhile
-                Ok(n) => left -= n,
-                Err(_) => {
-                    // Across filesystems some kernels refuse: copy through userspace.
-                    std::io::copy(&mut &from, &mut &to).at(dst)?;
-                    break;
-                }
-            }
-        }
+        copy_data(from, to, meta.len()).at(dst)?;
     }
-    nix::unistd::fchown(&to, Some(meta.uid().into()), Some(meta.gid().into()))
+    nix::unistd::fchown(to, Some(meta.uid().into()), Some(meta.gid().into()))
         .map_err(|e| Error::Layer(format!("chown {}: {e}", dst.display())))?;
     to.set_permissions(fs::Permissions::from_mode(meta.mode() & 0o7777))
         .at(dst)?;
     let mtime = nix::sys::time::TimeSpec::new(meta.mtime(), meta.mtime_nsec());
     let atime = nix::sys::time::TimeSpec::new(meta.atime(), meta.atime_nsec());
-    nix::sys::stat::futimens(&to, &atime, &mtime)
+    nix::sys::stat::futimens(to, &atime, &mtime)
         .map_err(|e| Error::Layer(format!("setting times of {}: {e}", dst.display())))?;
     Ok((meta.len(), cloned))
+}
+
+/// Copies the `len` bytes of `from` into `to` in the kernel (copy_file_range), its data
+/// ranges only (SEEK_DATA, SEEK_HOLE): a sparse file stays sparse.
+fn copy_data(from: &fs::File, to: &fs::File, len: u64) -> std::io::Result<()> {
+    use nix::unistd::{Whence, lseek};
+    let len = len as i64;
+    let mut at = 0i64;
+    while at < len {
+        let data = match lseek(from, at, Whence::SeekData) {
+            Ok(d) => d,
+            Err(nix::errno::Errno::ENXIO) => break, // only a hole is left
+            Err(_) => at,                           // no SEEK_DATA here: all data
+        };
+        let hole = lseek(from, data, Whence::SeekHole).unwrap_or(len).min(len);
+        let (mut off_in, mut off_out) = (data, data);
+        while off_in < hole {
+            let want = (hole - off_in) as usize;
+            match nix::fcntl::copy_file_range(from, Some(&mut off_in), to, Some(&mut off_out), want)
+            {
+                Ok(0) => break, // the file shrank meanwhile
+                Ok(_) => {}
+                Err(_) => {
+                    // Across filesystems some kernels refuse: through userspace.
+                    let mut buf = vec![0u8; want.min(1 << 20)];
+                    let n = from.read_at(&mut buf, off_in as u64)?;
+                    if n == 0 {
+                        break;
+                    }
+                    to.write_all_at(&buf[..n], off_out as u64)?;
+                    off_in += n as i64;
+                    off_out += n as i64;
+                }
+            }
+        }
+        at = hole;
+    }
+    to.set_len(len as u64)
 }
 
 /// Mode, owner and modification time of `src` onto `dst` (not following symlinks).
@@ -332,4 +363,43 @@ pub fn set_opaque(path: &Path) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sparse_file_is_copied_sparse_with_its_data_in_place() {
+        let dir = std::env::temp_dir().join(format!("forkscope-sparse-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let (src, dst) = (dir.join("src"), dir.join("dst"));
+        let f = fs::File::create(&src).unwrap();
+        // 256 MiB with 4 KiB of data at 1 MiB and at the very end.
+        f.set_len(256 << 20).unwrap();
+        f.write_all_at(&[7u8; 4096], 1 << 20).unwrap();
+        f.write_all_at(&[9u8; 4096], (256 << 20) - 4096).unwrap();
+        drop(f);
+        let (bytes, _) = copy_file(&src, &dst).unwrap();
+        assert_eq!(bytes, 256 << 20);
+        let m = fs::metadata(&dst).unwrap();
+        assert_eq!(m.len(), 256 << 20);
+        assert!(
+            m.blocks() * 512 < 4 << 20,
+            "{} bytes allocated",
+            m.blocks() * 512
+        );
+        let to = fs::File::open(&dst).unwrap();
+        let mut buf = [0u8; 4096];
+        for (at, want) in [
+            (1u64 << 20, 7u8),
+            ((256 << 20) - 4096, 9),
+            (0, 0),
+            (2 << 20, 0),
+        ] {
+            to.read_exact_at(&mut buf, at).unwrap();
+            assert!(buf.iter().all(|b| *b == want), "at {at}");
+        }
+        fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -47,9 +47,8 @@ pub struct ChildBranch {
     pub net_isolated: bool,
     /// Where the fork marks the processes it injects into (the parent branch's directory).
     pub marks: PathBuf,
-    /// The child's terminals (paths in the child's view) in place of the parent's, by the
-    /// parent's terminal's path.
-    pub terminals: Vec<(PathBuf, String)>,
+    /// The child's terminals (paths in the child's view) in place of the parent's.
+    pub terminals: Vec<(super::inspect::TerminalId, String)>,
 }
 
 fn nr(n: libc::c_long) -> i64 {
@@ -285,7 +284,7 @@ pub fn clone_one(original: &mut Tracee, plan: &Plan, child: &ChildBranch) -> Res
         ));
     }
     let outcome = (|| {
-        set_up_clone(&mut copy.leader, target, child, &fds)?;
+        set_up_clone(&mut copy.leader, target, child, &fds, &mut copy.notes)?;
         threads::restore_robust_list(&mut copy.leader, &plan.words)?;
         for state in &plan.threads {
             let t = threads::recreate(&mut copy.leader, state)?;
@@ -331,6 +330,7 @@ fn set_up_clone(
     target: &Target,
     child: &ChildBranch,
     inherited: &[i64],
+    notes: &mut Vec<String>,
 ) -> Result<()> {
     for fd in inherited {
         let _ = clone.syscall(nr(libc::SYS_close), &[*fd as u64]);
@@ -404,7 +404,6 @@ fn set_up_clone(
         )
         .map_err(|e| Error::CannotClone(format!("process {pid} ({}): {e}", target.comm)))?;
     let mut next_path = 6;
-    let mut ctty_fd = None;
     for (num, action) in &target.fds {
         let num = *num as u64;
         let what = |p: String| {
@@ -480,16 +479,13 @@ fn set_up_clone(
                 )?,
                 0,
             ),
-            FdAction::Terminal { original, flags } => {
+            FdAction::Terminal { id, flags } => {
+                let fail = what("a terminal".into());
                 let i = child
                     .terminals
                     .iter()
-                    .position(|(o, _)| o == original)
-                    .ok_or_else(|| {
-                        what(original.display().to_string())(Error::Sandbox(
-                            "no terminal was made for it".into(),
-                        ))
-                    })?;
+                    .position(|(t, _)| t == id)
+                    .ok_or_else(|| fail(Error::Sandbox("no terminal was made for it".into())))?;
                 let keep = flags & (libc::O_ACCMODE | libc::O_NONBLOCK | libc::O_APPEND);
                 let new = open(
                     clone,
@@ -497,8 +493,7 @@ fn set_up_clone(
                     at[terminals_at + i],
                     (keep | libc::O_NOCTTY) as u64,
                 )
-                .map_err(what(original.display().to_string()))?;
-                ctty_fd.get_or_insert(num);
+                .map_err(what("a terminal".into()))?;
                 (new, (flags & libc::O_CLOEXEC) as u64)
             }
             FdAction::Reopen { path, flags, pos } => {
@@ -535,16 +530,29 @@ fn set_up_clone(
         let _ = clone.syscall(nr(libc::SYS_close), &[new as u64]);
         r?;
     }
-    if target.ctty {
-        // Off the parent's session, so /dev/tty is never the parent's terminal; the clone's
-        // own terminal becomes its controlling terminal.
+    if let Some(ctty) = target.ctty {
+        // Off the parent's session, so /dev/tty is never the parent's terminal. A session
+        // leader leads its own on the terminal that replaces its controlling terminal.
         clone.call("setsid", nr(libc::SYS_setsid), &[])?;
-        if let Some(fd) = ctty_fd {
-            clone.call(
-                "ioctl(TIOCSCTTY)",
-                nr(libc::SYS_ioctl),
-                &[fd, libc::TIOCSCTTY, 0],
-            )?;
+        let replaced = child.terminals.iter().position(|(t, _)| t.1 == ctty);
+        if let (true, Some(i)) = (target.session_leader, replaced) {
+            let made = open(
+                clone,
+                "opening the child's terminal",
+                at[terminals_at + i],
+                (libc::O_RDWR | libc::O_NOCTTY) as u64,
+            )
+            .and_then(|fd| {
+                let r = clone.syscall(nr(libc::SYS_ioctl), &[fd as u64, libc::TIOCSCTTY, 0]);
+                let _ = clone.syscall(nr(libc::SYS_close), &[fd as u64]);
+                r
+            });
+            if !matches!(made, Ok(0)) {
+                notes.push(format!(
+                    "process {pid} ({}): its clone's terminal could not become its controlling terminal",
+                    target.comm
+                ));
+            }
         }
     }
     Ok(())

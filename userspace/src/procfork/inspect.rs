@@ -3,7 +3,10 @@
 //! replaced or closed, and what makes the process impossible to clone faithfully (a refusal
 //! that names the process and the reason).
 
-use std::path::{Path, PathBuf};
+use std::{
+    os::unix::fs::{FileTypeExt, MetadataExt},
+    path::{Path, PathBuf},
+};
 
 use super::open_copies::OpenForWriting;
 use crate::error::{Error, Result};
@@ -21,9 +24,9 @@ pub enum FdAction {
     /// Closed in the clone (sockets, pipes beyond stdio): the parent keeps it.
     Close,
     /// A terminal of the child's own (made by the child's init, see
-    /// [`crate::sandbox::terminal`]) in place of the parent's terminal `original`, with the
-    /// same status flags.
-    Terminal { original: PathBuf, flags: i32 },
+    /// [`crate::sandbox::terminal`]) in place of the parent's terminal `id`, with the same
+    /// status flags.
+    Terminal { id: TerminalId, flags: i32 },
     /// A listening TCP socket made again in the clone, in the child's own network namespace
     /// (`run --net isolated`): same family, address and port, non-blocking if it was.
     Listen {
@@ -33,6 +36,11 @@ pub enum FdAction {
         flags: i32,
     },
 }
+
+/// A terminal: the device of its devpts instance (or of the filesystem holding its device
+/// node) and its device number. (Each devpts instance numbers its terminals from 0, so the
+/// device number alone does not tell two terminals apart.)
+pub type TerminalId = (u64, u64);
 
 /// A process to clone and the plan for its clone.
 #[derive(Clone, Debug)]
@@ -45,9 +53,12 @@ pub struct Target {
     /// Its workspace and /tmp files open for writing: the child's copies are made before
     /// its overlays are mounted ([`super::open_copies`]).
     pub written: Vec<OpenForWriting>,
-    /// It has a controlling terminal: its clone leads a session of its own, whose
-    /// controlling terminal is the clone's terminal if it has one.
-    pub ctty: bool,
+    /// Its controlling terminal (device number), if it has one: its clone then runs in a
+    /// session of its own (never on the parent's terminal).
+    pub ctty: Option<u64>,
+    /// It leads its session: its clone leads its own, on the terminal that replaces its
+    /// controlling terminal.
+    pub session_leader: bool,
     /// What the clone does not faithfully own, reported to the caller.
     pub notes: Vec<String>,
 }
@@ -167,8 +178,44 @@ const STATELESS_DEVICES: &[&str] = &[
     "/dev/urandom",
 ];
 
-fn is_terminal(link: &str) -> bool {
-    link.starts_with("/dev/pts/") || link.starts_with("/dev/tty") || link == "/dev/console"
+/// Gives the descriptors on `/dev/tty` (planned with an unknown instance) the identity of
+/// the process's other descriptors on the same terminal, if it has any.
+fn same_terminals(fds: &mut [(i32, FdAction)]) {
+    let known: Vec<TerminalId> = fds
+        .iter()
+        .filter_map(|(_, a)| match a {
+            FdAction::Terminal { id, .. } if id.0 != 0 => Some(*id),
+            _ => None,
+        })
+        .collect();
+    for (_, a) in fds.iter_mut() {
+        if let FdAction::Terminal { id, .. } = a
+            && id.0 == 0
+            && let Some(k) = known.iter().find(|k| k.1 == id.1)
+        {
+            *id = *k;
+        }
+    }
+}
+
+/// What a character device is to a clone, by its device number.
+enum Tty {
+    /// A terminal: pseudo-terminal slaves (majors 136 to 143), virtual consoles and serial
+    /// lines (4), the console (5:1).
+    Terminal,
+    /// `/dev/tty` (5:0): the process's controlling terminal, whichever it is.
+    Controlling,
+    /// A pseudo-terminal master (`/dev/ptmx`, 5:2).
+    Master,
+}
+
+fn tty_kind(rdev: u64) -> Option<Tty> {
+    match (libc::major(rdev), libc::minor(rdev)) {
+        (136..=143, _) | (4, _) | (5, 1) => Some(Tty::Terminal),
+        (5, 0) => Some(Tty::Controlling),
+        (5, 2) => Some(Tty::Master),
+        _ => None,
+    }
 }
 
 /// Plans the clone of a held process.
@@ -186,6 +233,7 @@ pub fn inspect(pid: u32, comm: &str, ctx: &Context) -> Result<Target> {
         None => cwd_link,
     };
     check_maps(pid, comm, ctx)?;
+    let (ctty, session_leader) = controlling_terminal(pid)?;
     let mut fds = Vec::new();
     let mut written = Vec::new();
     let dir = format!("/proc/{pid}/fd");
@@ -203,7 +251,7 @@ pub fn inspect(pid: u32, comm: &str, ctx: &Context) -> Result<Target> {
             continue; // closed meanwhile
         };
         let link = link.to_string_lossy().into_owned();
-        if let Some(action) = plan_fd(pid, comm, num, &link, ctx, &mut notes)? {
+        if let Some(action) = plan_fd(pid, comm, num, &link, ctx, ctty, &mut notes)? {
             if let FdAction::Reopen { path, flags, .. } = &action
                 && let Some(ino) = written_file(pid, num, path, *flags, ctx)
             {
@@ -217,10 +265,10 @@ pub fn inspect(pid: u32, comm: &str, ctx: &Context) -> Result<Target> {
         }
     }
     fds.sort_by_key(|(n, _)| *n);
-    let ctty = has_controlling_terminal(pid)?;
-    if ctty {
+    same_terminals(&mut fds);
+    if ctty.is_some() && !session_leader {
         notes.push(format!(
-            "process {pid} ({comm}): it has a controlling terminal; its clone leads a session of its own"
+            "process {pid} ({comm}): it shares a controlling terminal with its session; its clone runs in a session of its own, without one"
         ));
     }
     Ok(Target {
@@ -230,6 +278,7 @@ pub fn inspect(pid: u32, comm: &str, ctx: &Context) -> Result<Target> {
         fds,
         written,
         ctty,
+        session_leader,
         notes,
     })
 }
@@ -238,7 +287,6 @@ pub fn inspect(pid: u32, comm: &str, ctx: &Context) -> Result<Target> {
 /// of the workspace or /tmp open for writing. (Asked through the descriptor: the path means
 /// something else in the daemon's mount namespace.)
 fn written_file(pid: u32, num: i32, path: &Path, flags: i32, ctx: &Context) -> Option<u64> {
-    use std::os::unix::fs::MetadataExt;
     let private = path.starts_with(ctx.workspace) || path.starts_with("/tmp");
     if !private || flags & libc::O_ACCMODE == libc::O_RDONLY {
         return None;
@@ -247,15 +295,25 @@ fn written_file(pid: u32, num: i32, path: &Path, flags: i32, ctx: &Context) -> O
     meta.is_file().then(|| meta.ino())
 }
 
-/// Whether process `pid` has a controlling terminal (`tty_nr`, the 7th field of
-/// /proc/PID/stat, counted after the parenthesised name, which may hold spaces).
-fn has_controlling_terminal(pid: u32) -> Result<bool> {
+/// Process `pid`'s controlling terminal (device number) if it has one, and whether it
+/// leads its session: `session` and `tty_nr`, the 6th and 7th fields of /proc/PID/stat
+/// (counted after the parenthesised name, which may hold spaces; the session as this
+/// process's pid namespace numbers it).
+fn controlling_terminal(pid: u32) -> Result<(Option<u64>, bool)> {
     let stat = read(format!("/proc/{pid}/stat"))?;
     let after_name = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    Ok(after_name
+    let fields: Vec<u64> = after_name
         .split_whitespace()
-        .nth(4)
-        .is_some_and(|tty| tty != "0"))
+        .skip(1)
+        .take(4)
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    let (session, tty_nr) = (fields.get(2).copied(), fields.get(3).copied().unwrap_or(0));
+    // tty_nr: minor bits 0-7 and 20-31, major bits 8-19.
+    let major = ((tty_nr >> 8) & 0xfff) as u32;
+    let minor = ((tty_nr & 0xff) | ((tty_nr >> 12) & 0xfff00)) as u32;
+    let ctty = (tty_nr != 0).then(|| libc::makedev(major, minor));
+    Ok((ctty, session == Some(pid as u64)))
 }
 
 /// Flags and offset of descriptor `num`, from /proc/PID/fdinfo, and whether the process
@@ -283,6 +341,7 @@ fn plan_fd(
     num: i32,
     link: &str,
     ctx: &Context,
+    ctty: Option<u64>,
     notes: &mut Vec<String>,
 ) -> Result<Option<FdAction>> {
     let stdio_replacement = |what: &str, notes: &mut Vec<String>| {
@@ -344,18 +403,38 @@ fn plan_fd(
         ));
         return Ok(Some(FdAction::Close));
     }
-    if is_terminal(link) {
+    // Terminals are told by their device number (their paths may be those of a devpts
+    // instance the daemon does not see).
+    let dev = std::fs::metadata(format!("/proc/{pid}/fd/{num}"))
+        .ok()
+        .filter(|m| m.file_type().is_char_device())
+        .map(|m| (m.dev(), m.rdev()));
+    if let Some(((dev, rdev), kind)) = dev.and_then(|d| tty_kind(d.1).map(|k| (d, k))) {
+        let id = match kind {
+            Tty::Master => {
+                return Err(refuse(
+                    pid,
+                    comm,
+                    format!(
+                        "fd {num} is the master side of a pseudo-terminal ({link}): the programs on its other side would be the parent's"
+                    ),
+                ));
+            }
+            // (Its instance is unknown here: see `same_terminals`.)
+            Tty::Controlling => match ctty {
+                Some(c) => (0, c),
+                None => return Ok(Some(stdio_replacement("/dev/tty", notes))),
+            },
+            Tty::Terminal => (dev, rdev),
+        };
         let note = format!(
-            "process {pid} ({comm}): its terminal {link} stays the parent's; the clone gets a terminal of its own (`forkscope attach` connects to it)"
+            "process {pid} ({comm}): its terminal stays the parent's; its clone gets a terminal of its own (`forkscope attach` connects to it)"
         );
         if !notes.contains(&note) {
             notes.push(note);
         }
         let (flags, _, _) = fdinfo(pid, num)?;
-        return Ok(Some(FdAction::Terminal {
-            original: PathBuf::from(link),
-            flags,
-        }));
+        return Ok(Some(FdAction::Terminal { id, flags }));
     }
     if link.starts_with("anon_inode:") || link.starts_with("/memfd:") {
         return Err(refuse(

@@ -19,7 +19,7 @@
 mod clone;
 pub mod inspect;
 mod mark;
-mod open_copies;
+pub mod open_copies;
 mod threads;
 
 use std::{path::Path, time::Instant};
@@ -151,6 +151,18 @@ pub fn repair_after_crash(cgroup: &Path, init_pid: u32, dir: &Path) -> Result<Ve
     Ok(repaired)
 }
 
+/// The settings of the terminal process `pid` holds on descriptor `fd` (opened again
+/// through /proc, without becoming the daemon's controlling terminal).
+pub fn terminal_settings(pid: u32, fd: i32) -> Option<crate::sandbox::terminal::Settings> {
+    use std::os::{fd::AsRawFd, unix::fs::OpenOptionsExt};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK)
+        .open(format!("/proc/{pid}/fd/{fd}"))
+        .ok()?;
+    crate::sandbox::terminal::Settings::of(f.as_raw_fd())
+}
+
 /// What cloning into one child did.
 #[derive(Clone, Debug, Default)]
 pub struct Cloned {
@@ -227,26 +239,27 @@ impl Held {
     }
 
     /// Makes the child's copies of the workspace and /tmp files the held processes have open
-    /// for writing, in the upper directories of branch directory `child`, from those of
-    /// `parent` (see [`open_copies`]): before the child's overlays are mounted.
-    pub fn copy_open_files(&self, workspace: &Path, parent: &Path, child: &Path) -> Result<()> {
+    /// for writing, in its upper directories, from its lower layers (see [`open_copies`]):
+    /// before the child's overlays are mounted.
+    pub fn copy_open_files(&self, stacks: &open_copies::Stacks) -> Result<()> {
         let files = self
             .processes
             .iter()
             .flat_map(|(_, p)| p.target.written.iter());
-        open_copies::copy_into(files, workspace, parent, child)
+        open_copies::copy_into(files, stacks)
     }
 
-    /// The parent's terminals the held processes have: each clone gets a terminal of the
-    /// child's own in place of each (see [`inspect::FdAction::Terminal`]).
-    pub fn terminals(&self) -> Vec<std::path::PathBuf> {
-        let mut all = Vec::new();
+    /// The parent's terminals the held processes have, each with a process and descriptor
+    /// holding it: each clone gets a terminal of the child's own in place of each (see
+    /// [`inspect::FdAction::Terminal`]).
+    pub fn terminals(&self) -> Vec<(inspect::TerminalId, u32, i32)> {
+        let mut all: Vec<(inspect::TerminalId, u32, i32)> = Vec::new();
         for (_, plan) in &self.processes {
-            for (_, action) in &plan.target.fds {
-                if let inspect::FdAction::Terminal { original, .. } = action
-                    && !all.contains(original)
+            for (fd, action) in &plan.target.fds {
+                if let inspect::FdAction::Terminal { id, .. } = action
+                    && !all.iter().any(|(known, _, _)| known == id)
                 {
-                    all.push(original.clone());
+                    all.push((*id, plan.target.pid, *fd));
                 }
             }
         }

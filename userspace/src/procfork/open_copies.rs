@@ -19,13 +19,18 @@ use std::{
     collections::HashSet,
     ffi::CString,
     fs,
-    os::unix::{ffi::OsStrExt, fs::MetadataExt},
+    os::{
+        fd::{AsRawFd, OwnedFd},
+        unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt},
+    },
     path::{Path, PathBuf},
 };
 
+use nix::{errno::Errno, fcntl::OFlag, sys::stat::Mode};
+
 use crate::{
-    error::{IoContext, Result},
-    layers::snapshot::{copy_attrs, copy_file},
+    error::{Error, IoContext, Result},
+    layers::snapshot::copy_open_file,
 };
 
 /// The overlayfs xattr naming the inode an upper file was copied up from.
@@ -41,65 +46,135 @@ pub struct OpenForWriting {
     pub ino: u64,
 }
 
-/// The upper directory of branch directory `dir` that holds `path` (a path of the
-/// branch's view), and `path` relative to it.
-fn upper_of<'a>(workspace: &Path, dir: &Path, path: &'a Path) -> Option<(PathBuf, &'a Path)> {
-    if let Ok(rel) = path.strip_prefix(workspace) {
-        return Some((dir.join("ws/upper"), rel));
-    }
-    path.strip_prefix("/tmp")
-        .ok()
-        .map(|rel| (dir.join("tmp/upper"), rel))
+/// Which of a branch's two stacks holds `path` (a path of the branch's view): `"ws"` or
+/// `"tmp"`, and `path` relative to it, which must be plain names (no `..`).
+fn stack_of<'a>(workspace: &Path, path: &'a Path) -> Option<(&'static str, &'a Path)> {
+    let (what, rel) = match path.strip_prefix(workspace) {
+        Ok(rel) => ("ws", rel),
+        Err(_) => ("tmp", path.strip_prefix("/tmp").ok()?),
+    };
+    let plain = rel.components().count() > 0
+        && rel
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+    plain.then_some((what, rel))
 }
 
-/// Makes the child's copies, in the upper directories of branch directory `child`, of
-/// `files` as the parent (branch directory `parent`, on `workspace`) has them. Run while
-/// the parent's processes are held, before the child's overlays are mounted. A file that is
-/// not in the parent's upper directory is left to overlayfs's copy-up.
-pub fn copy_into<'a>(
-    files: impl Iterator<Item = &'a OpenForWriting>,
-    workspace: &Path,
-    parent: &Path,
-    child: &Path,
-) -> Result<()> {
+/// Opens `rel` beneath directory `root` without following any symlink or leaving its
+/// filesystem (the parent's upper directory and the layers hold what the branch wrote).
+fn open_beneath(root: &Path, rel: &Path, flags: OFlag) -> nix::Result<OwnedFd> {
+    use nix::fcntl::{OpenHow, ResolveFlag, openat2};
+    let dir = nix::fcntl::open(
+        root,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    let how = OpenHow::new()
+        .flags(flags | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW)
+        .resolve(
+            ResolveFlag::RESOLVE_BENEATH
+                | ResolveFlag::RESOLVE_NO_SYMLINKS
+                | ResolveFlag::RESOLVE_NO_MAGICLINKS
+                | ResolveFlag::RESOLVE_NO_XDEV,
+        );
+    openat2(&dir, rel, how)
+}
+
+/// The regular file `rel` as the child's lower layers (topmost first) give it: the topmost
+/// layer that has anything at `rel` decides.
+fn in_layers(layers: &[PathBuf], rel: &Path) -> Option<fs::File> {
+    for layer in layers {
+        match open_beneath(layer, rel, OFlag::O_PATH) {
+            Ok(fd) => {
+                let file = fs::File::from(fd);
+                if !file.metadata().ok()?.is_file() {
+                    return None; // a whiteout, a directory: not a file to copy
+                }
+                // Opened again for reading through the descriptor: the same inode.
+                return fs::File::open(format!("/proc/self/fd/{}", file.as_raw_fd())).ok();
+            }
+            Err(Errno::ENOENT) => continue,
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
+/// A branch's layers and upper directories, as a copy needs them.
+pub struct Stacks<'a> {
+    pub workspace: &'a Path,
+    /// The parent branch's directory (its upper directories `ws/upper`, `tmp/upper`).
+    pub parent: &'a Path,
+    /// The child branch's directory.
+    pub child: &'a Path,
+    /// The child's lower layers, topmost first.
+    pub ws_lowers: &'a [PathBuf],
+    pub tmp_lowers: &'a [PathBuf],
+}
+
+/// Makes the child's copies, in its upper directories, of `files`, as its lower layers
+/// hold them (the parent's snapshot: immutable, so the parent's processes may go on), with
+/// the origin of the inode the parent sees. Run before the child's overlays are mounted.
+/// A file the layers do not hold as a regular file is left to overlayfs's copy-up.
+pub fn copy_into<'a>(files: impl Iterator<Item = &'a OpenForWriting>, s: &Stacks) -> Result<()> {
     let mut done = HashSet::new();
     for f in files {
         if !done.insert(&f.path) {
             continue;
         }
-        let (Some((from_root, rel)), Some((to_root, _))) = (
-            upper_of(workspace, parent, &f.path),
-            upper_of(workspace, child, &f.path),
-        ) else {
+        let Some((what, rel)) = stack_of(s.workspace, &f.path) else {
             continue;
         };
-        let (src, dst) = (from_root.join(rel), to_root.join(rel));
-        let Ok(meta) = fs::symlink_metadata(&src) else {
+        let layers = if what == "ws" {
+            s.ws_lowers
+        } else {
+            s.tmp_lowers
+        };
+        let Some(src) = in_layers(layers, rel) else {
             continue;
         };
-        if !meta.is_file() || fs::symlink_metadata(&dst).is_ok() {
+        let to_root = s.child.join(what).join("upper");
+        let dst = to_root.join(rel);
+        if fs::symlink_metadata(&dst).is_ok() {
             continue;
         }
-        make_parents(&from_root, &to_root, rel)?;
-        copy_file(&src, &dst)?;
-        let origin = if meta.ino() == f.ino {
-            handle_of(&src)
-        } else {
-            get_origin(&src)
-        };
-        if let Some(origin) = origin
-            && let Err(e) = set_origin(&dst, &origin)
+        make_parents(layers, &to_root, rel)?;
+        let to = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&dst)
+            .at(&dst)?;
+        copy_open_file(&src, &to, &dst)?;
+        let upper = s.parent.join(what).join("upper");
+        if let Some(origin) = origin_for(&upper, rel, f.ino)
+            && let Err(e) = set_origin(&to, &origin)
         {
-            // Not fatal: the clone gets the copy, under another number (and the fork says so).
+            // Not fatal: the clone gets the copy, under another number (the fork says so).
             log::warn!("{}: {e}", dst.display());
         }
     }
     Ok(())
 }
 
+/// The origin to give the child's copy of `rel`, whose number the parent sees as `ino`:
+/// a handle of the parent's upper file if that is the number, or that file's own origin.
+fn origin_for(upper: &Path, rel: &Path, ino: u64) -> Option<Vec<u8>> {
+    let file = fs::File::from(open_beneath(upper, rel, OFlag::O_PATH).ok()?);
+    let meta = file.metadata().ok()?;
+    if !meta.is_file() {
+        return None;
+    }
+    if meta.ino() == ino {
+        handle_of(&file, fs_uuid(upper))
+    } else {
+        get_origin(&file)
+    }
+}
+
 /// Creates the directories above `rel` in `to_root` that it lacks, with the mode, owner and
-/// times of the same directories in `from_root` (as a copy-up would).
-fn make_parents(from_root: &Path, to_root: &Path, rel: &Path) -> Result<()> {
+/// times the topmost of `layers` holding each gives it (as a copy-up would).
+fn make_parents(layers: &[PathBuf], to_root: &Path, rel: &Path) -> Result<()> {
     fs::create_dir_all(to_root).at(to_root)?;
     let mut sub = PathBuf::new();
     for part in rel.parent().into_iter().flat_map(|p| p.components()) {
@@ -109,7 +184,18 @@ fn make_parents(from_root: &Path, to_root: &Path, rel: &Path) -> Result<()> {
             continue;
         }
         fs::create_dir(&dst).at(&dst)?;
-        copy_attrs(&from_root.join(&sub), &dst)?;
+        let from = layers.iter().find_map(|l| {
+            open_beneath(l, &sub, OFlag::O_PATH | OFlag::O_DIRECTORY)
+                .ok()
+                .map(fs::File::from)
+        });
+        if let Some(meta) = from.and_then(|f| f.metadata().ok()) {
+            let dir = fs::File::open(&dst).at(&dst)?;
+            nix::unistd::fchown(&dir, Some(meta.uid().into()), Some(meta.gid().into()))
+                .map_err(|e| Error::Layer(format!("chown {}: {e}", dst.display())))?;
+            dir.set_permissions(fs::Permissions::from_mode(meta.mode() & 0o7777))
+                .at(&dst)?;
+        }
     }
     Ok(())
 }
@@ -132,10 +218,11 @@ pub fn check(clone_pid: u32, pid: u32, comm: &str, files: &[OpenForWriting]) -> 
         .collect()
 }
 
-/// The overlay origin handle of `path` (a file on the filesystem of the overlays' layers):
-/// `struct ovl_fb` of fs/overlayfs/overlayfs.h: version 0, magic 0xfb, length, flags (the
-/// byte order), handle type, the filesystem's UUID, then the handle itself.
-fn handle_of(path: &Path) -> Option<Vec<u8>> {
+/// The overlay origin handle of `file` (an O_PATH descriptor of a file on the filesystem of
+/// the overlays' layers, whose UUID is `uuid`): `struct ovl_fb` of fs/overlayfs/overlayfs.h:
+/// version 0, magic 0xfb, length, flags (the byte order), handle type, the filesystem's
+/// UUID, then the handle itself.
+fn handle_of(file: &fs::File, uuid: [u8; 16]) -> Option<Vec<u8>> {
     const MAX_HANDLE: usize = 128;
     #[repr(C)]
     struct Handle {
@@ -149,16 +236,16 @@ fn handle_of(path: &Path) -> Option<Vec<u8>> {
         f: [0; MAX_HANDLE],
     };
     let mut mount_id = 0;
-    let c = CString::new(path.as_os_str().as_bytes()).ok()?;
-    // SAFETY: a NUL-terminated path; `h` is a `struct file_handle` with room for
-    // MAX_HANDLE bytes, as its `handle_bytes` says; `mount_id` is a valid int.
+    // SAFETY: an open descriptor with an empty path and AT_EMPTY_PATH; `h` is a
+    // `struct file_handle` with room for MAX_HANDLE bytes, as its `handle_bytes` says;
+    // `mount_id` is a valid int.
     let r = unsafe {
         libc::name_to_handle_at(
-            libc::AT_FDCWD,
-            c.as_ptr(),
+            file.as_raw_fd(),
+            c"".as_ptr(),
             (&mut h as *mut Handle).cast(),
             &mut mount_id,
-            0,
+            libc::AT_EMPTY_PATH,
         )
     };
     let n = h.bytes as usize;
@@ -167,7 +254,7 @@ fn handle_of(path: &Path) -> Option<Vec<u8>> {
     }
     let flags = if cfg!(target_endian = "big") { 1 } else { 0 };
     let mut fb = vec![0, 0xfb, (21 + n) as u8, flags, h.kind as u8];
-    fb.extend(fs_uuid(path));
+    fb.extend(uuid);
     fb.extend(&h.f[..n]);
     Some(fb)
 }
@@ -189,7 +276,6 @@ fn fs_uuid(path: &Path) -> [u8; 16] {
     let Ok(f) = fs::File::open(path) else {
         return [0; 16];
     };
-    use std::os::fd::AsRawFd;
     // SAFETY: FS_IOC_GETFSUUID writes one `struct fsuuid2` (17 bytes) into `u`; the
     // descriptor is open.
     let r = unsafe { libc::ioctl(f.as_raw_fd(), FS_IOC_GETFSUUID as _, &mut u) };
@@ -199,19 +285,15 @@ fn fs_uuid(path: &Path) -> [u8; 16] {
     u.uuid
 }
 
-fn c_path(path: &Path) -> std::io::Result<CString> {
-    CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
-}
-
-/// The overlay origin xattr of `path`, if it has one.
-fn get_origin(path: &Path) -> Option<Vec<u8>> {
-    let p = c_path(path).ok()?;
+/// The overlay origin xattr of `file` (an O_PATH descriptor), if it has one.
+fn get_origin(file: &fs::File) -> Option<Vec<u8>> {
+    // Through /proc: an O_PATH descriptor takes no fgetxattr.
+    let p = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd())).ok()?;
     let name = CString::new(ORIGIN_XATTR).expect("no NUL");
     let mut buf = [0u8; 256];
     // SAFETY: NUL-terminated strings and a buffer of the given length.
     let n = unsafe {
-        libc::lgetxattr(
+        libc::getxattr(
             p.as_ptr(),
             name.as_ptr(),
             buf.as_mut_ptr().cast(),
@@ -221,13 +303,12 @@ fn get_origin(path: &Path) -> Option<Vec<u8>> {
     (n > 0).then(|| buf[..n as usize].to_vec())
 }
 
-fn set_origin(path: &Path, value: &[u8]) -> std::io::Result<()> {
-    let p = c_path(path)?;
+fn set_origin(file: &fs::File, value: &[u8]) -> std::io::Result<()> {
     let name = CString::new(ORIGIN_XATTR).expect("no NUL");
-    // SAFETY: NUL-terminated strings and a value buffer of the given length.
+    // SAFETY: an open descriptor, a NUL-terminated name and a value of the given length.
     let r = unsafe {
-        libc::lsetxattr(
-            p.as_ptr(),
+        libc::fsetxattr(
+            file.as_raw_fd(),
             name.as_ptr(),
             value.as_ptr().cast(),
             value.len(),
@@ -245,18 +326,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn paths_map_to_the_upper_directory_that_holds_them() {
+    fn paths_map_to_the_stack_that_holds_them_and_only_plain_names_pass() {
         let ws = Path::new("/home/u/proj");
-        let dir = Path::new("/var/lib/forkscope/branches/7");
         let db = Path::new("/home/u/proj/data/db.sqlite");
+        assert_eq!(stack_of(ws, db), Some(("ws", Path::new("data/db.sqlite"))));
         assert_eq!(
-            upper_of(ws, dir, db),
-            Some((dir.join("ws/upper"), Path::new("data/db.sqlite")))
+            stack_of(ws, Path::new("/tmp/x.log")),
+            Some(("tmp", Path::new("x.log")))
         );
+        assert_eq!(stack_of(ws, Path::new("/etc/passwd")), None);
         assert_eq!(
-            upper_of(ws, dir, Path::new("/tmp/x.log")),
-            Some((dir.join("tmp/upper"), Path::new("x.log")))
+            stack_of(ws, Path::new("/home/u/proj/../../etc/passwd")),
+            None
         );
-        assert_eq!(upper_of(ws, dir, Path::new("/etc/passwd")), None);
+        assert_eq!(stack_of(ws, Path::new("/tmp")), None);
     }
 }

@@ -5,7 +5,7 @@
 //!
 //! The same socket serves the branch's terminals ([`TerminalRequest`], see
 //! [`super::terminal`]): the daemon asks for a new one when it clones a process that had a
-//! terminal, and `forkscope attach` connects its stdin and stdout to one.
+//! terminal, and `forkscope attach` relays between its own terminal and one ([`attach`]).
 
 use std::{
     io::{IoSlice, IoSliceMut},
@@ -44,11 +44,14 @@ pub struct ExecRequest {
 #[serde(rename_all = "snake_case")]
 pub enum TerminalRequest {
     /// Make a new terminal (a pseudo-terminal whose output the init copies into the
-    /// branch's command log); the reply is [`ExecReply::Terminal`] with its path.
-    New,
-    /// Connect the attached stdin and stdout to a terminal of the branch (this path, or the
-    /// newest) until stdin ends, reads Ctrl-] or the client goes; then
-    /// [`ExecReply::Detached`].
+    /// branch's command log) with these settings; the reply is [`ExecReply::Terminal`]
+    /// with its path.
+    New {
+        settings: Option<super::terminal::Settings>,
+    },
+    /// Relay between this connection and a terminal of the branch (this path, or the
+    /// newest): the reply is [`ExecReply::Attached`], then frames (see
+    /// [`super::terminal`]).
     Attach { path: Option<String> },
 }
 
@@ -66,8 +69,8 @@ pub enum ExecReply {
     Error(String),
     /// A new terminal: the path of its slave side.
     Terminal(String),
-    /// The client was detached from the terminal.
-    Detached,
+    /// The client is attached to this terminal.
+    Attached(String),
 }
 
 fn sock_err(what: &str) -> impl FnOnce(nix::Error) -> Error + '_ {
@@ -130,13 +133,27 @@ pub fn exec(
     exec_with(control, req, &stdio, on_pid)
 }
 
-/// Asks the init listening on `control` for a new terminal; returns its path.
-pub fn new_terminal(control: &Path) -> Result<String> {
+/// Asks the init listening on `control` for a new terminal with `settings`; returns its
+/// path. Waits at most a few seconds: the init is in a branch, whose processes may stop it.
+pub fn new_terminal(control: &Path, settings: Option<super::terminal::Settings>) -> Result<String> {
     let req = ExecRequest {
-        terminal: Some(TerminalRequest::New),
+        terminal: Some(TerminalRequest::New { settings }),
         ..ExecRequest::default()
     };
-    match exec_with(control, &req, &[], |_| {})? {
+    let sock = connect_to(control)?;
+    let timeout = nix::sys::time::TimeVal::new(5, 0);
+    for opt in [
+        nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::ReceiveTimeout, &timeout),
+        nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::SendTimeout, &timeout),
+    ] {
+        opt.map_err(sock_err("setting a timeout on the control socket"))?;
+    }
+    let reply = request(&sock, &req, &[], |_| {}).map_err(|e| {
+        Error::Sandbox(format!(
+            "the child's init did not make a terminal within 5 s ({e}): is it stopped?"
+        ))
+    })?;
+    match reply {
         ExecReply::Terminal(path) => Ok(path),
         ExecReply::Error(e) => Err(Error::Sandbox(format!("a terminal for the clone: {e}"))),
         other => Err(Error::Sandbox(format!(
@@ -145,29 +162,82 @@ pub fn new_terminal(control: &Path) -> Result<String> {
     }
 }
 
-/// Connects `stdio` (stdin and stdout; the third is unused) to a terminal of the branch
-/// whose init listens on `control` (`path`, or the newest) until stdin ends or reads
-/// Ctrl-] (see [`super::terminal`]).
-pub fn attach(control: &Path, path: Option<String>, stdio: [RawFd; 3]) -> Result<()> {
+/// Relays between `input` and `output` and a terminal of the branch whose init listens on
+/// `control` (`path`, or the newest; see [`super::terminal`]): what `input` gives is typed
+/// into it, what it shows goes to `output`, until `input` ends or gives Ctrl-]. `attached`
+/// is told the terminal's path once attached.
+pub fn attach(
+    control: &Path,
+    path: Option<String>,
+    input: std::fs::File,
+    mut output: impl std::io::Write,
+    attached: impl FnOnce(&str),
+) -> Result<()> {
+    use super::terminal::{DETACH_KEY, DETACHED, OUTPUT};
+    use nix::sys::socket::{Shutdown, shutdown};
     let req = ExecRequest {
         terminal: Some(TerminalRequest::Attach { path }),
         ..ExecRequest::default()
     };
-    match exec_with(control, &req, &stdio, |_| {})? {
-        ExecReply::Detached => Ok(()),
-        ExecReply::Error(e) => Err(Error::Invalid(e)),
-        other => Err(Error::Sandbox(format!(
-            "attaching: unexpected answer {other:?}"
-        ))),
+    let sock = connect_to(control)?;
+    match request(&sock, &req, &[], |_| {})? {
+        ExecReply::Attached(p) => attached(&p),
+        ExecReply::Error(e) => return Err(Error::Invalid(e)),
+        other => {
+            return Err(Error::Sandbox(format!(
+                "attaching: unexpected answer {other:?}"
+            )));
+        }
+    }
+    // Keys go from a thread of their own; the end of input or Ctrl-] shuts our side.
+    let keys = sock.try_clone()?;
+    std::thread::spawn(move || {
+        let mut input = input;
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = std::io::Read::read(&mut input, &mut buf).unwrap_or(0);
+            let typed = &buf[..n];
+            let detach = typed.iter().position(|&k| k == DETACH_KEY);
+            let typed = &typed[..detach.unwrap_or(n)];
+            if !typed.is_empty()
+                && sendmsg::<UnixAddr>(
+                    keys.as_raw_fd(),
+                    &[IoSlice::new(typed)],
+                    &[],
+                    MsgFlags::MSG_NOSIGNAL,
+                    None,
+                )
+                .is_err()
+            {
+                return;
+            }
+            if n == 0 || detach.is_some() {
+                let _ = shutdown(keys.as_raw_fd(), Shutdown::Write);
+                return;
+            }
+        }
+    });
+    loop {
+        let (frame, _) = recv(sock.as_raw_fd())?;
+        match frame.split_first() {
+            Some((&OUTPUT, data)) => {
+                output.write_all(data)?;
+                output.flush()?;
+            }
+            Some((&DETACHED, _)) => return Ok(()),
+            _ => return Err(init_gone()),
+        }
     }
 }
 
-fn exec_with(
-    control: &Path,
-    req: &ExecRequest,
-    stdio: &[RawFd],
-    on_pid: impl FnOnce(i32),
-) -> Result<ExecReply> {
+fn init_gone() -> Error {
+    Error::Sandbox(
+        "the branch's init is gone (its processes were killed, or the branch was aborted): nothing can run in it any more; abort it"
+            .into(),
+    )
+}
+
+fn connect_to(control: &Path) -> Result<OwnedFd> {
     let sock = socket(
         AddressFamily::Unix,
         SockType::SeqPacket,
@@ -176,26 +246,41 @@ fn exec_with(
     )
     .map_err(sock_err("creating a socket"))?;
     let addr = UnixAddr::new(control).map_err(sock_err("control socket path"))?;
-    let gone = || {
-        Error::Sandbox(
-            "the branch's init is gone (its processes were killed, or the branch was aborted): nothing can run in it any more; abort it"
-                .into(),
-        )
-    };
     connect(sock.as_raw_fd(), &addr).map_err(|e| match e {
-        nix::errno::Errno::ECONNREFUSED | nix::errno::Errno::ENOENT => gone(),
+        nix::errno::Errno::ECONNREFUSED | nix::errno::Errno::ENOENT => init_gone(),
         e => Error::Sandbox(format!(
             "connecting to the branch's init at {}: {e}",
             control.display()
         )),
     })?;
+    Ok(sock)
+}
+
+fn exec_with(
+    control: &Path,
+    req: &ExecRequest,
+    stdio: &[RawFd],
+    on_pid: impl FnOnce(i32),
+) -> Result<ExecReply> {
+    let sock = connect_to(control)?;
+    request(&sock, req, stdio, on_pid)
+}
+
+/// Sends `req` (with `stdio`) on a connected control socket and waits for the final reply
+/// (telling `on_pid` the pid of a started process).
+fn request(
+    sock: &OwnedFd,
+    req: &ExecRequest,
+    stdio: &[RawFd],
+    on_pid: impl FnOnce(i32),
+) -> Result<ExecReply> {
     let msg = serde_json::to_vec(req).map_err(std::io::Error::from)?;
     send(sock.as_raw_fd(), &msg, stdio)?;
     let mut pid_seen = Some(on_pid);
     loop {
         let (msg, _) = recv(sock.as_raw_fd())?;
         if msg.is_empty() {
-            return Err(gone());
+            return Err(init_gone());
         }
         let reply: ExecReply = serde_json::from_slice(&msg).map_err(std::io::Error::from)?;
         match reply {

@@ -21,7 +21,7 @@ use nix::{
     sys::{
         signal::{Signal, kill},
         socket::{
-            AddressFamily, Backlog, SockFlag, SockType, UnixAddr, accept, bind, listen, socket,
+            AddressFamily, Backlog, SockFlag, SockType, UnixAddr, accept4, bind, listen, socket,
         },
         wait::{WaitPidFlag, WaitStatus, waitpid},
     },
@@ -320,7 +320,7 @@ fn init(
     // Processes that exec'd requests started, with the connection waiting for their status.
     let mut running: HashMap<i32, OwnedFd> = HashMap::new();
     let mut terminals = Terminals::default();
-    let terminal_log = log.try_clone()?;
+    let mut terminal_log = log.try_clone()?;
     if !spec.command.is_empty() {
         let err = log.try_clone()?;
         let started = Command::new(&spec.command[0])
@@ -343,20 +343,30 @@ fn init(
                 PollFlags::POLLIN,
             ));
         }
+        for (fd, events) in terminals.wanted() {
+            // SAFETY: the descriptors are owned by `terminals`, untouched until after the
+            // poll.
+            fds.push(PollFd::new(
+                unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
+                events,
+            ));
+        }
         let _ = poll(&mut fds, PollTimeout::from(100u16));
-        let ready: Vec<bool> = fds
+        let events: Vec<PollFlags> = fds
             .iter()
-            .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+            .map(|f| f.revents().unwrap_or(PollFlags::empty()))
             .collect();
+        let ready: Vec<bool> = events.iter().map(|r| !r.is_empty()).collect();
         drop(fds);
+        terminals.serve(&events[1 + conns.len()..], &mut terminal_log);
+        // (Close-on-exec: a command started later must not hold the connection.)
         if ready[0]
-            && let Ok(conn) = accept(listener.as_raw_fd())
+            && let Ok(conn) = accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC)
         {
             {
                 // SAFETY: accept returned a new descriptor that nothing else owns.
                 let conn = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(conn) };
-                let terminals = (&mut terminals, &terminal_log);
-                if let Some(pid) = start_request(spec, &conn, terminals) {
+                if let Some(pid) = start_request(spec, &conn, &mut terminals) {
                     running.insert(pid, conn);
                 }
             }
@@ -372,12 +382,8 @@ fn init(
 }
 
 /// Reads one request from `conn` and starts it; replies with the pid or an error. A
-/// terminal request is served by `terminals` (whose output goes to the log).
-fn start_request(
-    spec: &SandboxSpec,
-    conn: &OwnedFd,
-    (terminals, log): (&mut Terminals, &std::fs::File),
-) -> Option<i32> {
+/// terminal request is served by `terminals`.
+fn start_request(spec: &SandboxSpec, conn: &OwnedFd, terminals: &mut Terminals) -> Option<i32> {
     let reply = |r: &ExecReply| {
         let _ = control::send(
             conn.as_raw_fd(),
@@ -400,25 +406,18 @@ fn start_request(
         }
     };
     match req.terminal {
-        Some(TerminalRequest::New) => {
-            match terminals.create(log) {
+        Some(TerminalRequest::New { settings }) => {
+            match terminals.create(settings.as_ref()) {
                 Ok(path) => reply(&ExecReply::Terminal(path)),
                 Err(e) => reply(&ExecReply::Error(e.to_string())),
             }
             return None;
         }
-        Some(TerminalRequest::Attach { path }) if stdio.len() == 3 => {
-            let (input, output) = (stdio.remove(0), stdio.remove(0));
+        Some(TerminalRequest::Attach { path }) => {
             match conn.try_clone() {
-                Ok(c) => terminals.attach(path.as_deref(), input, output, c),
+                Ok(c) => terminals.attach(path.as_deref(), c),
                 Err(e) => reply(&ExecReply::Error(e.to_string())),
             }
-            return None;
-        }
-        Some(TerminalRequest::Attach { .. }) => {
-            reply(&ExecReply::Error(
-                "attaching needs three descriptors".into(),
-            ));
             return None;
         }
         None => {}

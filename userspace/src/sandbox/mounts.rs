@@ -1,6 +1,7 @@
 //! The sandbox's mount namespace, built as real root before the user namespace is entered:
-//! overlays on `/tmp` and the workspace, a private `/dev/shm`, the paths the policy shares
-//! writable, everything else read-only.
+//! overlays on `/tmp` and the workspace, a private `/dev` ([`private_dev`]: the stateless
+//! devices, a terminal instance of the branch's own, `/dev/shm`), the paths the policy
+//! shares writable, everything else read-only.
 //!
 //! A pre-started sandbox ([`SandboxSpec::deferred`]) gets its overlays later, when the
 //! fork that takes it has snapshotted the layers: `/tmp` and the workspace are then covered
@@ -237,14 +238,7 @@ pub fn setup(spec: &SandboxSpec) -> Result<Option<Deferred>> {
         }
     };
     drop(held);
-    mount(
-        Some("tmpfs"),
-        "/dev/shm",
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some("mode=1777"),
-    )
-    .map_err(sys("mounting a private /dev/shm".into()))?;
+    private_dev()?;
     for dir in &spec.hidden {
         // Never hide the workspace or what leads to it.
         if spec.workspace.starts_with(dir) || !dir.is_dir() {
@@ -280,6 +274,81 @@ pub fn setup(spec: &SandboxSpec) -> Result<Option<Deferred>> {
         set_readonly_at(fd, Path::new(""), false, AT_EMPTY_PATH)?;
     }
     Ok(deferred)
+}
+
+/// Device nodes a branch gets in its `/dev`: they hold no state and reach nothing of the
+/// host's (name, major, minor).
+const DEVICES: &[(&str, u64, u64)] = &[
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+    ("tty", 5, 0),
+];
+
+/// Covers `/dev` with a `/dev` of the branch's own: the [`DEVICES`], a devpts instance of
+/// its own (its terminals, unreachable from the host's and other branches'; `/dev/ptmx`
+/// leads there), a private `/dev/shm`, and the usual links to /proc/self/fd. Nothing else
+/// of the host's devices (terminals, consoles, kvm, loop devices) is reachable.
+fn private_dev() -> Result<()> {
+    use nix::sys::stat::{Mode, SFlag, makedev, mknod};
+    let dev = Path::new("/dev");
+    mount(
+        Some("tmpfs"),
+        dev,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=0755,size=64k"),
+    )
+    .map_err(sys("mounting a private /dev".into()))?;
+    let io = |what: &Path| {
+        let what = what.display().to_string();
+        move |e: std::io::Error| Error::Sandbox(format!("{what}: {e}"))
+    };
+    for (name, major, minor) in DEVICES {
+        let p = dev.join(name);
+        mknod(
+            &p,
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            makedev(*major, *minor),
+        )
+        .map_err(sys(format!("mknod {}", p.display())))?;
+        // (mknod applies the umask.)
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o666))
+            .map_err(io(&p))?;
+    }
+    let pts = dev.join("pts");
+    std::fs::create_dir(&pts).map_err(io(&pts))?;
+    mount(
+        Some("devpts"),
+        &pts,
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+    )
+    .map_err(sys("mounting the branch's own devpts".into()))?;
+    for (link, to) in [
+        ("ptmx", "pts/ptmx"),
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        let p = dev.join(link);
+        std::os::unix::fs::symlink(to, &p).map_err(io(&p))?;
+    }
+    let shm = dev.join("shm");
+    std::fs::create_dir(&shm).map_err(io(&shm))?;
+    mount(
+        Some("tmpfs"),
+        &shm,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    )
+    .map_err(sys("mounting a private /dev/shm".into()))
 }
 
 /// Inside the new pid namespace: a /proc that shows the branch's processes only.

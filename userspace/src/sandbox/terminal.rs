@@ -1,47 +1,134 @@
-//! A branch's terminals, owned by its init: pseudo-terminals made for clones of processes
-//! that had one (see [`crate::procfork`]), so a clone never shares the parent's terminal.
-//! The init holds each master side (and a slave descriptor, so the master never reads as
-//! hung up between the clone's descriptors), copies everything written to the terminal into
-//! the branch's command log, and connects one attached client at a time (`forkscope attach`):
-//! the client's stdin goes to the terminal, the terminal's output to the client's stdout too,
-//! until stdin ends, reads Ctrl-] or the client goes.
+//! A branch's terminals, owned by its init: pseudo-terminals (of the branch's own devpts
+//! instance, see [`super::mounts`]) made for the clones of processes that had a terminal
+//! (see [`crate::procfork`]), so a clone never shares the parent's terminal. The init holds
+//! each master side (and a slave descriptor, so the master never reads as hung up), copies
+//! what the terminal shows into the branch's command log, and relays to one attached client
+//! at a time (`forkscope attach`) over the client's control connection: the client's
+//! messages are typed into the terminal, and the terminal's output goes to the client as
+//! [`OUTPUT`] frames; the client ends it by shutting its side down, and gets [`DETACHED`].
 //!
-//! One thread per terminal: the init's own loop never waits on a terminal or a client.
+//! Served from the init's own poll loop, never blocking: every descriptor is non-blocking
+//! and each direction has a bounded buffer. While a client's buffer is full the terminal is
+//! not read (the program on it waits, as on a slow terminal); typed input waits in its
+//! buffer while the terminal's input queue is full, and its output keeps being read.
 
 use std::{
     io::Write,
     os::{
-        fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
+        fd::{AsFd, AsRawFd, OwnedFd, RawFd},
         unix::fs::OpenOptionsExt,
     },
-    sync::{Arc, Mutex},
-    time::Duration,
 };
 
 use nix::{
+    errno::Errno,
     fcntl::OFlag,
-    poll::{PollFd, PollFlags, PollTimeout, poll},
+    poll::PollFlags,
     pty::{grantpt, posix_openpt, ptsname_r, unlockpt},
+    sys::socket::{MsgFlags, recv, send},
 };
+use serde::{Deserialize, Serialize};
 
 use super::control::{self, ExecReply};
 use crate::error::{Error, Result};
 
-/// Ctrl-]: detaches an attached client.
+/// Ctrl-]: a client detaches when it is typed.
 pub const DETACH_KEY: u8 = 0x1d;
+/// First byte of a frame to the client: the rest is the terminal's output.
+pub const OUTPUT: u8 = b'o';
+/// A frame to the client: it is detached.
+pub const DETACHED: u8 = b'd';
 
-/// A client attached to a terminal: its stdin, stdout and connection.
+/// Most bytes buffered in each direction.
+const CAP: usize = 64 * 1024;
+/// Largest frame of output sent at once.
+const FRAME: usize = 4096;
+
+/// A terminal's settings, as the terminal a clone replaces had them: `struct termios` (as
+/// TCGETS gives it) and the window size (rows, columns, x and y pixels).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Settings {
+    pub termios: Vec<u8>,
+    pub winsize: [u16; 4],
+}
+
+impl Settings {
+    /// The settings of terminal descriptor `fd`.
+    pub fn of(fd: RawFd) -> Option<Settings> {
+        let mut t = std::mem::MaybeUninit::<libc::termios>::zeroed();
+        let mut w = libc::winsize {
+            ws_row: 0,
+            ws_col: 0,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TCGETS and TIOCGWINSZ write one termios and one winsize into the
+        // buffers passed, which are that size; a failure leaves them unused.
+        let ok = unsafe {
+            libc::ioctl(fd, libc::TCGETS, t.as_mut_ptr()) == 0
+                && libc::ioctl(fd, libc::TIOCGWINSZ, &mut w) == 0
+        };
+        if !ok {
+            return None;
+        }
+        // SAFETY: TCGETS filled the termios.
+        let t = unsafe { t.assume_init() };
+        // SAFETY: viewing a plain C struct (no padding holes read as anything but bytes)
+        // as its bytes.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                (&t as *const libc::termios).cast::<u8>(),
+                std::mem::size_of::<libc::termios>(),
+            )
+        };
+        Some(Settings {
+            termios: bytes.to_vec(),
+            winsize: [w.ws_row, w.ws_col, w.ws_xpixel, w.ws_ypixel],
+        })
+    }
+
+    /// Applies them to terminal descriptor `fd`.
+    fn apply(&self, fd: RawFd) -> Result<()> {
+        if self.termios.len() != std::mem::size_of::<libc::termios>() {
+            return Err(Error::Invalid("terminal settings of the wrong size".into()));
+        }
+        let w = libc::winsize {
+            ws_row: self.winsize[0],
+            ws_col: self.winsize[1],
+            ws_xpixel: self.winsize[2],
+            ws_ypixel: self.winsize[3],
+        };
+        // SAFETY: the buffer holds exactly one `struct termios` (checked above) and `w` is
+        // a winsize; TCSETS and TIOCSWINSZ only read them.
+        let ok = unsafe {
+            libc::ioctl(fd, libc::TCSETS, self.termios.as_ptr()) == 0
+                && libc::ioctl(fd, libc::TIOCSWINSZ, &w) == 0
+        };
+        if !ok {
+            return Err(Error::Sandbox(format!(
+                "setting the terminal: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A client attached to a terminal: its connection (non-blocking), and whether it has
+/// asked to detach (what it typed is still to be delivered).
 struct Client {
-    input: OwnedFd,
-    output: OwnedFd,
     conn: OwnedFd,
+    leaving: bool,
 }
 
 /// One terminal of the branch.
 struct Terminal {
     path: String,
-    /// A client waiting to be picked up by the terminal's thread.
-    waiting: Arc<Mutex<Option<Client>>>,
+    master: OwnedFd,
+    _slave: std::fs::File,
+    client: Option<Client>,
+    to_client: Vec<u8>,
+    to_master: Vec<u8>,
 }
 
 /// The terminals of a branch (in its init).
@@ -50,9 +137,26 @@ pub struct Terminals {
     all: Vec<Terminal>,
 }
 
+fn set_nonblocking(fd: &impl AsFd) -> Result<()> {
+    let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL)
+        .map_err(|e| Error::Sandbox(format!("fcntl: {e}")))?;
+    let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(flags))
+        .map_err(|e| Error::Sandbox(format!("fcntl: {e}")))?;
+    Ok(())
+}
+
+fn reply(conn: &impl AsRawFd, r: &ExecReply) {
+    let _ = control::send(
+        conn.as_raw_fd(),
+        &serde_json::to_vec(r).unwrap_or_default(),
+        &[],
+    );
+}
+
 impl Terminals {
-    /// Makes a new terminal whose output is copied into `log`; returns its slave's path.
-    pub fn create(&mut self, log: &std::fs::File) -> Result<String> {
+    /// Makes a new terminal with `settings`; returns its slave's path.
+    pub fn create(&mut self, settings: Option<&Settings>) -> Result<String> {
         fn err(what: &'static str) -> impl FnOnce(nix::Error) -> Error {
             move |e| Error::Sandbox(format!("{what}: {e}"))
         }
@@ -67,29 +171,31 @@ impl Terminals {
             .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
             .open(&path)
             .map_err(|e| Error::Sandbox(format!("{path}: {e}")))?;
-        let log = log.try_clone()?;
-        let waiting = Arc::new(Mutex::new(None));
-        let w = waiting.clone();
+        if let Some(s) = settings {
+            s.apply(slave.as_raw_fd())?;
+        }
         let master: OwnedFd = master.into();
-        std::thread::Builder::new()
-            .name("terminal".into())
-            .spawn(move || pump(master, slave, log, w))
-            .map_err(|e| Error::Sandbox(format!("a thread for the terminal: {e}")))?;
+        set_nonblocking(&master)?;
         self.all.push(Terminal {
             path: path.clone(),
-            waiting,
+            master,
+            _slave: slave,
+            client: None,
+            to_client: Vec::new(),
+            to_master: Vec::new(),
         });
         Ok(path)
     }
 
-    /// Hands a client (stdin, stdout, connection) to terminal `path` (default: the newest).
-    /// Replies with an error if there is no such terminal.
-    pub fn attach(&self, path: Option<&str>, input: OwnedFd, output: OwnedFd, conn: OwnedFd) {
+    /// Attaches the client on `conn` to terminal `path` (default: the newest): replies
+    /// [`ExecReply::Attached`], or an error if there is no such terminal. A client
+    /// attached before is detached.
+    pub fn attach(&mut self, path: Option<&str>, conn: OwnedFd) {
         let found = match path {
-            Some(p) => self.all.iter().find(|t| t.path == p),
-            None => self.all.last(),
+            Some(p) => self.all.iter().position(|t| t.path == p),
+            None => self.all.len().checked_sub(1),
         };
-        let Some(t) = found else {
+        let Some(i) = found else {
             let known: Vec<&str> = self.all.iter().map(|t| t.path.as_str()).collect();
             let why = if known.is_empty() {
                 "this branch has no terminal: a fork gives one to the clone of a process that had a terminal".to_string()
@@ -103,102 +209,120 @@ impl Terminals {
             reply(&conn, &ExecReply::Error(why));
             return;
         };
-        let client = Client {
-            input,
-            output,
+        reply(&conn, &ExecReply::Attached(self.all[i].path.clone()));
+        if set_nonblocking(&conn).is_err() {
+            return;
+        }
+        let t = &mut self.all[i];
+        if let Some(old) = t.client.take() {
+            let _ = send(old.conn.as_raw_fd(), &[DETACHED], MsgFlags::MSG_NOSIGNAL);
+        }
+        t.to_client.clear();
+        t.client = Some(Client {
             conn,
-        };
-        let mut slot = t.waiting.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(old) = slot.replace(client) {
-            reply(&old.conn, &ExecReply::Detached);
-        }
+            leaving: false,
+        });
     }
-}
 
-fn reply(conn: &OwnedFd, r: &ExecReply) {
-    let _ = control::send(
-        conn.as_raw_fd(),
-        &serde_json::to_vec(r).unwrap_or_default(),
-        &[],
-    );
-}
+    /// The descriptors to poll and the events wanted, in the order [`Terminals::serve`]
+    /// takes their results.
+    pub fn wanted(&self) -> Vec<(RawFd, PollFlags)> {
+        let mut fds = Vec::new();
+        for t in &self.all {
+            let mut m = PollFlags::empty();
+            if t.to_client.len() < CAP {
+                m |= PollFlags::POLLIN;
+            }
+            if !t.to_master.is_empty() {
+                m |= PollFlags::POLLOUT;
+            }
+            fds.push((t.master.as_raw_fd(), m));
+            if let Some(c) = &t.client {
+                let mut e = PollFlags::empty();
+                if t.to_master.len() < CAP && !c.leaving {
+                    e |= PollFlags::POLLIN;
+                }
+                if !t.to_client.is_empty() || c.leaving {
+                    e |= PollFlags::POLLOUT;
+                }
+                fds.push((c.conn.as_raw_fd(), e));
+            }
+        }
+        fds
+    }
 
-/// Copies the terminal's output into the log (and to the attached client), and the
-/// client's input to the terminal. Runs for the init's life (the init holds a slave, so
-/// the master never hangs up).
-fn pump(
-    master: OwnedFd,
-    _slave: std::fs::File,
-    mut log: std::fs::File,
-    waiting: Arc<Mutex<Option<Client>>>,
-) {
-    let mut client: Option<Client> = None;
-    let mut buf = [0u8; 4096];
-    loop {
-        let picked = waiting.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(c) = picked
-            && let Some(old) = client.replace(c)
-        {
-            reply(&old.conn, &ExecReply::Detached);
-        }
-        let mut fds = vec![PollFd::new(master.as_fd(), PollFlags::POLLIN)];
-        if let Some(c) = &client {
-            fds.push(PollFd::new(c.input.as_fd(), PollFlags::POLLIN));
-            fds.push(PollFd::new(c.conn.as_fd(), PollFlags::POLLIN));
-        }
-        if poll(&mut fds, PollTimeout::from(100u16)).is_err() {
-            std::thread::sleep(Duration::from_millis(100));
-            continue;
-        }
-        let ready: Vec<bool> = fds
-            .iter()
-            .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
-            .collect();
-        drop(fds);
-        if ready[0] {
-            match nix::unistd::read(&master, &mut buf) {
-                Ok(n) if n > 0 => {
+    /// Moves what can move without blocking, given the events that came for the
+    /// descriptors of [`Terminals::wanted`] (same order); the terminals' output also goes
+    /// to `log`.
+    pub fn serve(&mut self, events: &[PollFlags], log: &mut std::fs::File) {
+        let mut events = events.iter().copied();
+        let mut buf = [0u8; 16 * 1024];
+        for t in &mut self.all {
+            let on_master = events.next().unwrap_or(PollFlags::empty());
+            let on_conn = if t.client.is_some() {
+                events.next().unwrap_or(PollFlags::empty())
+            } else {
+                PollFlags::empty()
+            };
+            if on_master.intersects(PollFlags::POLLIN) {
+                let room = if t.client.is_some() {
+                    CAP.saturating_sub(t.to_client.len()).min(buf.len())
+                } else {
+                    buf.len()
+                };
+                if let Ok(n) = nix::unistd::read(&t.master, &mut buf[..room]) {
                     let _ = log.write_all(&buf[..n]);
-                    if let Some(c) = &client
-                        && write_all(c.output.as_fd(), &buf[..n]).is_err()
-                    {
-                        client = None;
+                    if t.client.is_some() {
+                        t.to_client.extend_from_slice(&buf[..n]);
                     }
                 }
-                _ => std::thread::sleep(Duration::from_millis(50)),
             }
-        }
-        let Some(c) = &client else { continue };
-        // The client went away (its connection reads as closed): it is simply dropped.
-        if ready.get(2) == Some(&true) {
-            client = None;
-            continue;
-        }
-        if ready.get(1) == Some(&true) {
-            let n = nix::unistd::read(&c.input, &mut buf).unwrap_or(0);
-            let keys = &buf[..n];
-            let detach = n == 0 || keys.contains(&DETACH_KEY);
-            let typed = match keys.iter().position(|&k| k == DETACH_KEY) {
-                Some(i) => &keys[..i],
-                None => keys,
-            };
-            let _ = write_all(master.as_fd(), typed);
-            if detach {
-                reply(&c.conn, &ExecReply::Detached);
-                client = None;
+            if on_master.intersects(PollFlags::POLLOUT)
+                && let Ok(n) = nix::unistd::write(&t.master, &t.to_master)
+            {
+                t.to_master.drain(..n);
+            }
+            let Some(c) = &mut t.client else { continue };
+            if on_conn.intersects(PollFlags::POLLIN) {
+                let room = CAP.saturating_sub(t.to_master.len()).min(buf.len());
+                match recv(c.conn.as_raw_fd(), &mut buf[..room], MsgFlags::empty()) {
+                    // The client shut its side: it is leaving (what it typed goes on).
+                    Ok(0) => c.leaving = true,
+                    Ok(n) => t.to_master.extend_from_slice(&buf[..n]),
+                    Err(Errno::EAGAIN) | Err(Errno::EINTR) => {}
+                    Err(_) => {
+                        t.client = None;
+                        continue;
+                    }
+                }
+            } else if on_conn.intersects(PollFlags::POLLHUP | PollFlags::POLLERR) {
+                // Gone without a word.
+                t.client = None;
+                continue;
+            }
+            while !t.to_client.is_empty() {
+                let n = t.to_client.len().min(FRAME);
+                let mut frame = Vec::with_capacity(n + 1);
+                frame.push(OUTPUT);
+                frame.extend_from_slice(&t.to_client[..n]);
+                match send(c.conn.as_raw_fd(), &frame, MsgFlags::MSG_NOSIGNAL) {
+                    Ok(_) => {
+                        t.to_client.drain(..n);
+                    }
+                    Err(Errno::EAGAIN) | Err(Errno::EINTR) => break,
+                    Err(_) => {
+                        t.to_client.clear();
+                        c.leaving = true;
+                        break;
+                    }
+                }
+            }
+            if c.leaving && t.to_client.is_empty() {
+                match send(c.conn.as_raw_fd(), &[DETACHED], MsgFlags::MSG_NOSIGNAL) {
+                    Err(Errno::EAGAIN) | Err(Errno::EINTR) => {}
+                    _ => t.client = None,
+                }
             }
         }
     }
-}
-
-fn write_all(fd: BorrowedFd, mut data: &[u8]) -> nix::Result<()> {
-    while !data.is_empty() {
-        match nix::unistd::write(fd, data) {
-            Ok(0) => return Err(nix::errno::Errno::EIO),
-            Ok(n) => data = &data[n..],
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
