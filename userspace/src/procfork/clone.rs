@@ -285,18 +285,24 @@ pub fn clone_one(original: &mut Tracee, plan: &Plan, child: &ChildBranch) -> Res
     }
     let outcome = (|| {
         set_up_clone(&mut copy.leader, target, child, &fds, &mut copy.notes)?;
-        threads::restore_robust_list(&mut copy.leader, &plan.words)?;
-        for state in &plan.threads {
-            let t = threads::recreate(&mut copy.leader, state)?;
-            copy.threads.push(t);
-        }
-        Ok(())
+        threads::restore_robust_list(&mut copy.leader, &plan.words)
     })();
     if let Err(e) = outcome {
         kill(&copy);
         return Err(e);
     }
     Ok(copy)
+}
+
+/// Makes the other threads of the original again in its clone `copy` (after every
+/// process's clone is made: a thread's new id must not take the pid a later clone asks
+/// for). On failure the caller kills the clone (with the threads made so far).
+pub fn recreate_threads(copy: &mut ProcessCopy, plan: &Plan) -> Result<()> {
+    for state in &plan.threads {
+        let t = threads::recreate(&mut copy.leader, state)?;
+        copy.threads.push(t);
+    }
+    Ok(())
 }
 
 /// Kills a clone that could not be set up (it never ran an instruction of its own) and

@@ -208,6 +208,15 @@ pub fn clone_into(
             }
         }
     }
+    // Each clone's other threads once every clone has its pid.
+    for i in 0..clones.len() {
+        if let Err(e) = clone::recreate_threads(&mut clones[i], &held.processes[i].1) {
+            for c in &clones {
+                clone::kill(c);
+            }
+            return Err(e);
+        }
+    }
     let pids = clones
         .iter()
         .map(|c| c.leader.pid.as_raw() as u32)
