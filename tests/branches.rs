@@ -113,13 +113,6 @@ fn run_fork_diff_and_abort() {
             .to_string()
             .contains("no live branch")
     );
-    assert!(
-        m.abort("root")
-            .unwrap_err()
-            .to_string()
-            .contains("live children")
-    );
-
     let listed: Vec<String> = m
         .list()
         .unwrap()
@@ -128,11 +121,47 @@ fn run_fork_diff_and_abort() {
         .collect();
     assert_eq!(listed, vec!["root:running", "child:running"]);
 
-    for name in ["child", "root"] {
-        let b = m.get(name).unwrap();
-        m.abort(name).unwrap();
-        assert!(!b.cgroup.exists(), "cgroup of {name} removed");
-        assert!(!b.dir.exists(), "files of {name} removed");
+    // Aborting a branch whose fork runs retires it: its name is free and it takes no more
+    // requests, but its init and layers stay for the child, which goes on.
+    let root_rec = m.get("root").unwrap();
+    m.abort("root").unwrap();
+    let listed: Vec<String> = m
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|b| format!("{}:{}", b.record.name, b.status))
+        .collect();
+    let retired = format!("root~{}", root_rec.id);
+    assert_eq!(
+        listed,
+        vec![format!("{retired}:retired"), "child:running".into()]
+    );
+    assert!(
+        m.get("root")
+            .unwrap_err()
+            .to_string()
+            .contains("no live branch")
+    );
+    assert!(
+        m.get(&retired)
+            .unwrap_err()
+            .to_string()
+            .contains("was aborted")
+    );
+    assert!(root_rec.cgroup.exists() && root_rec.dir.exists());
+    assert_eq!(m.get("child").unwrap().parent, Some(retired.clone()));
+    assert_eq!(sh(&child.control, "cat README c.txt").1, "v2\nchild-only\n");
+    let refused = m
+        .commit("child", &Default::default())
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("nothing to commit it into"), "{refused}");
+    // The last fork's abort takes the retired branch with it.
+    let child_rec = m.get("child").unwrap();
+    m.abort("child").unwrap();
+    for b in [&child_rec, &root_rec] {
+        assert!(!b.cgroup.exists(), "cgroup of {} removed", b.name);
+        assert!(!b.dir.exists(), "files of {} removed", b.name);
     }
     assert!(m.list().unwrap().is_empty());
     let again = m.run(Some("child".into()), ws.path(), vec![]).unwrap();

@@ -214,12 +214,20 @@ fn abort_leaves_no_trace() {
     d.ok(&["fork", "gone-kid", "--name", "gone-grandkid"]);
     d.ok(&["fork", "gone", "--frozen", "--name", "gone-checkpoint"]);
     let before = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let refused = d.cli(&["abort", "gone"]);
-    assert!(!refused.status.success());
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("--recursive"));
     d.ok(&["abort", "gone-kid", "--recursive"]);
     assert_eq!(d.ok(&["ls", "--json"]).matches("\"name\"").count(), 2);
-    d.ok(&["abort", "--recursive", "gone"]);
+    // With a fork left (the checkpoint), `gone` is retired: listed as such, name free...
+    d.ok(&["abort", "gone"]);
+    let listed = d.ok(&["ls"]);
+    assert!(
+        listed.contains("gone~") && listed.contains("retired"),
+        "{listed}"
+    );
+    let refused = d.cli(&["exec", "gone", "--", "true"]);
+    assert!(!refused.status.success());
+    // ...and goes with its last fork.
+    d.ok(&["abort", "gone-checkpoint"]);
+    assert_eq!(d.ok(&["ls", "--json"]).trim(), "[]");
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert_eq!(
         before.lines().count(),

@@ -197,6 +197,46 @@ fn a_python_process_with_200_mib_is_cloned_and_each_branch_goes_its_own_way() {
 }
 
 #[test]
+fn aborting_the_parent_leaves_its_forks_running_and_goes_with_the_last_of_them() {
+    let mut s = setup(&[]);
+    s.run_agent("root", 8);
+    let before = s.tell("root", "add", "5", "counter 5");
+    s.fork("root", "kid");
+    let kid = s.pids("kid");
+    let root = s.info("root");
+    let (cgroup, id) = (
+        root["cgroup"].as_str().unwrap().to_string(),
+        root["id"].as_u64().unwrap(),
+    );
+    // The parent goes: its process is killed, its name is free at once...
+    s.d.ok(&["abort", "root"]);
+    let retired = format!("root~{id}");
+    assert_eq!(s.info(&retired)["status"], "retired");
+    assert_eq!(s.info(&retired)["processes"], serde_json::json!([]));
+    s.run_agent("root", 1);
+    // ...and the fork's clone goes on, untouched, with the state of the fork point, across
+    // a daemon restart too.
+    assert_eq!(s.pids("kid"), kid);
+    assert_eq!(s.tell("kid", "add", "0", "counter"), before);
+    s.d.kill9();
+    // (The killed daemon's handle is forgotten: dropping it would abort every branch.)
+    std::mem::forget(std::mem::replace(&mut s.d, Daemon::start(s._dir.path())));
+    assert_eq!(s.info(&retired)["status"], "retired");
+    assert_eq!(s.tell("kid", "add", "1", "counter 6").len(), before.len());
+    // Its last fork's abort takes it along: record, cgroup, processes.
+    s.d.ok(&["abort", "kid"]);
+    let names: Vec<String> = serde_json::from_str::<Value>(&s.d.ok(&["ls", "--json"]))
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, vec!["root"]);
+    assert!(!Path::new(&cgroup).exists(), "{cgroup} removed");
+}
+
+#[test]
 fn an_interactive_bash_keeps_variables_cwd_and_history_in_the_clone() {
     let s = setup(&[]);
     std::fs::create_dir(s.ws.join("sub")).unwrap();

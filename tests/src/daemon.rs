@@ -171,10 +171,12 @@ impl Drop for Daemon {
         }
         if let Some(out) = listed {
             let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            // (A retired branch goes with its last fork.)
             let mut names: Vec<(u64, String)> = list
                 .as_array()
                 .into_iter()
                 .flatten()
+                .filter(|b| b["status"] != "retired")
                 .map(|b| {
                     (
                         b["id"].as_u64().unwrap_or(0),

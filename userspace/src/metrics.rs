@@ -233,7 +233,7 @@ impl Metrics {
             registry.register(c).map_err(err)?;
         }
         // Series that exist from the start, so that rates and alerts have something to read.
-        for state in ["running", "frozen", "dead"] {
+        for state in ["running", "frozen", "retired", "dead"] {
             branches.with_label_values(&[state]).set(0);
         }
         for action in ["deny", "buffer", "defer"] {
@@ -292,7 +292,7 @@ impl Metrics {
     /// Brings the scraped figures up to date with `s`.
     fn refresh(&self, s: &Snapshot) {
         self.branches.reset();
-        for state in ["running", "frozen", "dead"] {
+        for state in ["running", "frozen", "retired", "dead"] {
             self.branches.with_label_values(&[state]).set(0);
         }
         let (mut bytes, mut pages) = (0u64, 0u64);

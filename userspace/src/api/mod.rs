@@ -14,7 +14,7 @@
 //! | `GET /v1/branches/{name}/diff` | | changed paths since the fork point |
 //! | `POST /v1/branches/{name}/commit` | `{"prefer"?: "branch" \| "target"}` | `{"target", "changes": [..], "conflicts": [..], "phases": {..}, "effects": [..]}` (effects: each held effect's delivery) |
 //! | `GET /v1/branches/{name}/trace[?follow=true]` | | the branch's events as JSON lines (`application/x-ndjson`); `follow` streams new ones until the branch is aborted |
-//! | `DELETE /v1/branches/{name}[?recursive=true]` | | abort (204); `recursive` aborts the branches forked from it first |
+//! | `DELETE /v1/branches/{name}[?recursive=true]` | | abort (204); `recursive` aborts the branches forked from it first; without it, a branch whose forks run is retired (kept as `NAME~ID` until the last of them goes) |
 //!
 //! Errors are `{"error": "..."}` with 400 (bad input), 403 (request from inside a branch),
 //! 404 (unknown branch), 409 (conflict; a commit's conflicting paths are also listed in

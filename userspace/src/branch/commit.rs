@@ -236,7 +236,15 @@ impl Manager {
             ));
         };
         let p = loop {
-            let p = self.get(&parent)?;
+            let p = self.registry.get(&parent)?.ok_or_else(|| {
+                Error::State(format!("{}'s parent {parent} has no record", b.name))
+            })?;
+            if p.retired {
+                return Err(Error::Conflict(format!(
+                    "{} was forked from a branch that was aborted since ({}): there is nothing to commit it into (export what you need, then abort it)",
+                    b.name, p.name
+                )));
+            }
             if !p.frozen {
                 break p;
             }

@@ -398,6 +398,7 @@ impl Manager {
             flattened: None,
             net_isolated: p.net_isolated,
             policy: p.policy.clone(),
+            retired: false,
         };
         self.registry.put(&record)?;
         Ok(record)

@@ -85,6 +85,12 @@ pub struct BranchRecord {
     /// Its side-effect policy (`run --policy`; forks inherit): none allows everything.
     #[serde(default)]
     pub policy: Option<Policy>,
+    /// Aborted while branches forked from it ran: its processes are gone and its name is
+    /// free (it is listed as `NAME~ID`), but its init (whose namespaces its forks' are
+    /// nested in) and its layers (which they stand on) stay until the last of them is
+    /// aborted (see [`Manager::abort`]).
+    #[serde(default)]
+    pub retired: bool,
 }
 
 /// A branch's layer chain as merged for its children: `ws` and `tmp` replace its deltas
@@ -217,14 +223,16 @@ fn branch_info(record: BranchRecord, tracker: Option<&Tracker>) -> BranchInfo {
         && Cgroup::open(&record.cgroup)
             .and_then(|c| c.populated())
             .unwrap_or(false);
-    let status = if record.frozen {
+    let status = if record.retired {
+        "retired"
+    } else if record.frozen {
         "frozen"
     } else if alive {
         "running"
     } else {
         "dead"
     };
-    let processes = if alive {
+    let processes = if alive && !record.retired {
         procfork::inspect::targets(&record.cgroup, record.init_pid).unwrap_or_default()
     } else {
         Vec::new()
@@ -539,11 +547,17 @@ impl Manager {
 
     /// The live branch `name`.
     pub fn get(&self, name: &str) -> Result<BranchRecord> {
-        self.registry.get(name)?.ok_or_else(|| {
+        let b = self.registry.get(name)?.ok_or_else(|| {
             Error::NotFound(format!(
                 "no live branch named {name:?} (see `forkscope ls`)"
             ))
-        })
+        })?;
+        if b.retired {
+            return Err(Error::Conflict(format!(
+                "{name} was aborted; it is kept only while branches forked from it run (abort them and it goes)"
+            )));
+        }
+        Ok(b)
     }
 
     /// Every live branch.
@@ -812,6 +826,7 @@ impl Manager {
             flattened: None,
             net_isolated: how.net_isolated,
             policy: how.policy,
+            retired: false,
         };
         // A child whose processes are cloned into it is recorded once they are: a crash
         // before that leaves no half-forked branch (a daemon that starts removes the rest).

@@ -1,4 +1,5 @@
-//! `forkscope abort BRANCH`: kill a branch's processes and drop its files and cgroup.
+//! `forkscope abort BRANCH`: kill a branch's processes and drop its files and cgroup (a branch
+//! whose forks run is retired: kept as `NAME~ID` until the last of them is aborted).
 
 use std::{path::PathBuf, process::ExitCode};
 
