@@ -213,20 +213,31 @@ fn abort_leaves_no_trace() {
     d.ok(&["fork", "gone", "--name", "gone-kid"]);
     d.ok(&["fork", "gone-kid", "--name", "gone-grandkid"]);
     d.ok(&["fork", "gone", "--frozen", "--name", "gone-checkpoint"]);
+    d.ok(&["fork", "gone-checkpoint", "--name", "from-checkpoint"]);
     let before = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    d.ok(&["abort", "gone-kid", "--recursive"]);
-    assert_eq!(d.ok(&["ls", "--json"]).matches("\"name\"").count(), 2);
-    // With a fork left (the checkpoint), `gone` is retired: listed as such, name free...
+    // A branch aborted while a fork of it runs is retired: listed as such, its name free.
+    // A retired checkpoint is skipped by a commit as a live one is.
+    d.ok(&["abort", "gone-checkpoint"]);
+    d.ok(&["commit", "from-checkpoint"]);
+    d.ok(&["abort", "gone-kid"]);
     d.ok(&["abort", "gone"]);
     let listed = d.ok(&["ls"]);
-    assert!(
-        listed.contains("gone~") && listed.contains("retired"),
-        "{listed}"
-    );
+    assert_eq!(listed.matches("retired").count(), 3, "{listed}");
     let refused = d.cli(&["exec", "gone", "--", "true"]);
     assert!(!refused.status.success());
-    // ...and goes with its last fork.
-    d.ok(&["abort", "gone-checkpoint"]);
+    // A retired branch goes with its last fork; `abort --recursive` of a retired one takes
+    // its subtree, retired branches included.
+    d.ok(&["abort", "from-checkpoint"]);
+    assert_eq!(d.ok(&["ls"]).matches("retired").count(), 2);
+    let list: serde_json::Value = serde_json::from_str(&d.ok(&["ls", "--json"])).unwrap();
+    let root = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|b| b["name"].as_str().filter(|n| n.starts_with("gone~")))
+        .unwrap()
+        .to_string();
+    d.ok(&["abort", "--recursive", &root]);
     assert_eq!(d.ok(&["ls", "--json"]).trim(), "[]");
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert_eq!(

@@ -213,6 +213,21 @@ fn aborting_the_parent_leaves_its_forks_running_and_goes_with_the_last_of_them()
     let retired = format!("root~{id}");
     assert_eq!(s.info(&retired)["status"], "retired");
     assert_eq!(s.info(&retired)["processes"], serde_json::json!([]));
+    // What it did stays readable with its fork's until it goes.
+    let exported = s.ws.with_file_name("tree.json");
+    s.d.ok(&[
+        "export",
+        &retired,
+        "--tree",
+        "-o",
+        exported.to_str().unwrap(),
+    ]);
+    let tree = std::fs::read_to_string(&exported).unwrap();
+    assert!(
+        tree.contains(&retired) && tree.contains("\"kid\""),
+        "{}",
+        &tree[..tree.len().min(400)]
+    );
     s.run_agent("root", 1);
     // ...and the fork's clone goes on, untouched, with the state of the fork point, across
     // a daemon restart too.
@@ -556,23 +571,26 @@ fn a_shell_on_a_terminal_gets_a_terminal_of_its_own_in_the_clone() {
     // A command run in the foreground (`tty`, with job control) gave the terminal back.
     keys.write_all(b"echo still-here > after\n").unwrap();
     assert_eq!(s.wait_text("term2", "sub/after"), "still-here\n");
-    // 64 KiB pasted at once all arrive (into cat), and the shell answers after.
-    let line = format!("{}\n", "x".repeat(99));
-    let mut paste = b"cat > pasted\n".to_vec();
-    for _ in 0..660 {
-        paste.extend_from_slice(line.as_bytes());
+    // 300 KB pasted while the program that is to read them is not reading yet (it sleeps
+    // first): they wait in the terminal and the relay, and all arrive, in order, once it
+    // reads; the shell answers after.
+    let mut paste = b"sleep 1; cat > pasted\n".to_vec();
+    for i in 0..3000 {
+        paste.extend_from_slice(format!("{i:05} {}\n", "x".repeat(93)).as_bytes());
     }
     paste.push(4); // Ctrl-D: the end of cat's input
     keys.write_all(&paste).unwrap();
-    keys.write_all(b"wc -c < pasted > pasted-size\n").unwrap();
-    assert_eq!(s.wait_text("term2", "sub/pasted-size"), "66000\n");
+    keys.write_all(b"wc -c < pasted > pasted-size; sort -c pasted && echo sorted > pasted-order\n")
+        .unwrap();
+    assert_eq!(s.wait_text("term2", "sub/pasted-size"), "300000\n");
+    assert_eq!(s.wait_text("term2", "sub/pasted-order"), "sorted\n");
     keys.write_all(&[0x1d]).unwrap(); // Ctrl-]
     let status = attach.wait().unwrap();
     assert!(status.success(), "attach ends on Ctrl-]");
     let shown = seen.lock().unwrap().clone();
     assert_eq!(shown.matches("stty size > size").count(), 1, "{shown}");
     // The files were written in the child only...
-    let listing = "after\npasted\npasted-size\nreport\nsize\ntty-name\n";
+    let listing = "after\npasted\npasted-order\npasted-size\nreport\nsize\ntty-name\n";
     assert_eq!(s.sh("term2", "ls sub"), listing);
     assert_eq!(s.sh("term", "ls sub"), "");
     // ...whose log holds what its terminal showed.

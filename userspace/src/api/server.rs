@@ -305,7 +305,8 @@ async fn trace_stream(
 ) -> ApiResult<Response> {
     let follow = query_flag(query.as_deref(), "follow");
     let (file, dir, traced) = with_manager(&app, &peer, move |m| {
-        let b = m.get(&name)?;
+        // (A retired branch's trace stays readable until it goes.)
+        let b = m.get_any(&name)?;
         Ok((crate::branch::trace_file(&b), b.dir.clone(), m.traced()))
     })
     .await?;
@@ -477,10 +478,11 @@ pub async fn serve(
     let mut manager = Manager::open(state_dir, forkscope_bin)?;
     if !opts.trace
         && let Some(b) = manager.list()?.into_iter().find(|b| {
-            b.record
-                .policy
-                .as_ref()
-                .is_some_and(crate::policy::Policy::needs_hooks)
+            !b.record.retired
+                && b.record
+                    .policy
+                    .as_ref()
+                    .is_some_and(crate::policy::Policy::needs_hooks)
         })
     {
         return Err(Error::Invalid(format!(

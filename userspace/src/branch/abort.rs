@@ -17,9 +17,9 @@ use crate::{
 
 impl Manager {
     /// Aborts `name` and every branch forked from it, directly or not (children first).
-    /// Returns the names aborted.
+    /// Returns the names aborted. A retired branch in the tree goes with its last fork.
     pub fn abort_tree(&mut self, name: &str) -> Result<Vec<String>> {
-        self.get(name)?;
+        self.get_any(name)?;
         let all = self.registry.all()?;
         // Descendants, each after its parent: aborted in reverse, children first.
         let mut order = vec![name.to_string()];
@@ -34,7 +34,12 @@ impl Manager {
             i += 1;
         }
         for n in order.iter().rev() {
-            self.abort(n)?;
+            match self.registry.get(n)? {
+                // Gone already, with its last fork.
+                None => continue,
+                Some(b) if b.retired => self.remove_retired_ancestors(Some(n))?,
+                Some(_) => self.abort(n)?,
+            }
         }
         Ok(order)
     }
@@ -70,9 +75,24 @@ impl Manager {
 
     /// Kills a branch's processes and removes its cgroup, files and record; a branch with
     /// live children is retired instead (see the module's documentation), and a retired
-    /// parent left without children goes too.
+    /// parent left without children goes too. A retired branch without children left (a
+    /// removal cut short) can be aborted by its `NAME~ID`.
     pub fn abort(&mut self, name: &str) -> Result<()> {
-        let b = self.get(name)?;
+        let b = self.get_any(name)?;
+        if b.retired {
+            let children = self.children_of(name)?;
+            if !children.is_empty() {
+                return Err(Error::Conflict(format!(
+                    "{name} was aborted already; it goes with the last of {} (or with `forkscope abort --recursive {name}`)",
+                    children
+                        .iter()
+                        .map(|c| c.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+            return self.remove_retired_ancestors(Some(name));
+        }
         self.drop_warm(name);
         if crate::commit::journal::pending(&b.dir) {
             return Err(Error::Conflict(format!(
@@ -84,11 +104,30 @@ impl Manager {
             return self.retire(b, children);
         }
         self.remove_branch(&b)?;
-        self.remove_retired_ancestors(b.parent.as_deref())
+        // The branch is gone whatever happens to a retired parent now: a parent left
+        // behind is removed by a later abort of its name or when the daemon starts.
+        if let Err(e) = self.remove_retired_ancestors(b.parent.as_deref()) {
+            log::warn!("{name} aborted, but removing the branch it was forked from: {e}");
+        }
+        Ok(())
+    }
+
+    /// Removes the retired branches no fork is left of (a removal a crash cut short); run
+    /// when the daemon starts.
+    pub(super) fn sweep_retired(&mut self) -> Result<()> {
+        for b in self.registry.all()? {
+            if b.retired
+                && self.registry.get(&b.name)?.is_some()
+                && let Err(e) = self.remove_retired_ancestors(Some(&b.name))
+            {
+                log::warn!("{}: {e}", b.name);
+            }
+        }
+        Ok(())
     }
 
     /// What it held back never happens, its processes (all of them, or all but its init)
-    /// are killed, its trace is closed and deleted.
+    /// are killed, and its trace is closed (the file goes with its directory).
     fn end_processes(&self, b: &BranchRecord, keep_init: bool) -> Result<()> {
         if !b.cgroup.as_os_str().is_empty() && b.cgroup.exists() {
             let cg = Cgroup::open(&b.cgroup)?;

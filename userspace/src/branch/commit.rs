@@ -239,7 +239,7 @@ impl Manager {
             let p = self.registry.get(&parent)?.ok_or_else(|| {
                 Error::State(format!("{}'s parent {parent} has no record", b.name))
             })?;
-            if p.retired {
+            if p.retired && !p.frozen {
                 return Err(Error::Conflict(format!(
                     "{} was forked from a branch that was aborted since ({}): there is nothing to commit it into (export what you need, then abort it)",
                     b.name, p.name

@@ -383,7 +383,7 @@ impl Manager {
         let registry = Registry::open(state)?;
         let state = state.canonicalize().at(state)?;
         let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&state).at(&state)?);
-        let manager = Self {
+        let mut manager = Self {
             state: state.clone(),
             registry,
             bin: bin.to_path_buf(),
@@ -396,6 +396,7 @@ impl Manager {
         };
         manager.recover()?;
         manager.sweep_unowned()?;
+        manager.sweep_retired()?;
         Ok(manager)
     }
 
@@ -403,7 +404,7 @@ impl Manager {
     /// branches' trace files.
     pub fn set_tracker(&mut self, tracker: std::sync::Arc<Tracker>) -> Result<()> {
         for b in self.registry.all()? {
-            if b.frozen {
+            if b.frozen || b.retired {
                 continue;
             }
             if let Ok(cg) = Cgroup::open(&b.cgroup) {
@@ -437,6 +438,7 @@ impl Manager {
     pub fn set_deferrals(&mut self, d: crate::effects::defer::Deferrals) -> Result<()> {
         for b in self.registry.all()? {
             if !b.frozen
+                && !b.retired
                 && crate::sandbox::notify::listener_fd(b.init_pid).is_some()
                 && let Err(e) = d.adopt(b.init_pid)
             {
@@ -558,6 +560,15 @@ impl Manager {
             )));
         }
         Ok(b)
+    }
+
+    /// Branch `name`, retired ones included (for reading what they left: their traces).
+    pub fn get_any(&self, name: &str) -> Result<BranchRecord> {
+        self.registry.get(name)?.ok_or_else(|| {
+            Error::NotFound(format!(
+                "no live branch named {name:?} (see `forkscope ls`)"
+            ))
+        })
     }
 
     /// Every live branch.

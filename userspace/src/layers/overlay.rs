@@ -66,7 +66,8 @@ impl Stack {
             Some("overlay"),
             target,
             Some("overlay"),
-            MsFlags::empty(),
+            // Device nodes in a branch's files open nothing.
+            MsFlags::MS_NODEV,
             Some(options.as_str()),
         )
         .map_err(|e| {

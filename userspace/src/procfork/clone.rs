@@ -540,7 +540,7 @@ fn set_up_clone(
         // Off the parent's session, so /dev/tty is never the parent's terminal. A session
         // leader leads its own on the terminal that replaces its controlling terminal.
         clone.call("setsid", nr(libc::SYS_setsid), &[])?;
-        let replaced = child.terminals.iter().position(|(t, _)| t.1 == ctty);
+        let replaced = child.terminals.iter().position(|(t, _)| *t == ctty);
         if let (true, Some(i)) = (target.session_leader, replaced) {
             let made = open(
                 clone,

@@ -53,9 +53,10 @@ pub struct Target {
     /// Its workspace and /tmp files open for writing: the child's copies are made before
     /// its overlays are mounted ([`super::open_copies`]).
     pub written: Vec<OpenForWriting>,
-    /// Its controlling terminal (device number), if it has one: its clone then runs in a
-    /// session of its own (never on the parent's terminal).
-    pub ctty: Option<u64>,
+    /// Its controlling terminal, if it has one (its devpts instance 0 where none of its
+    /// descriptors tells it): its clone then runs in a session of its own (never on the
+    /// parent's terminal).
+    pub ctty: Option<TerminalId>,
     /// It leads its session: its clone leads its own, on the terminal that replaces its
     /// controlling terminal.
     pub session_leader: bool,
@@ -271,6 +272,19 @@ pub fn inspect(pid: u32, comm: &str, ctx: &Context) -> Result<Target> {
             "process {pid} ({comm}): it shares a controlling terminal with its session; its clone runs in a session of its own, without one"
         ));
     }
+    let ctty = ctty.map(|rdev| which_terminal(pid, rdev, &fds));
+    let held = |want: TerminalId| {
+        fds.iter()
+            .any(|(_, a)| matches!(a, FdAction::Terminal { id, .. } if *id == want))
+    };
+    if let Some(id @ (0, _)) = ctty
+        && session_leader
+        && !held(id)
+    {
+        notes.push(format!(
+            "process {pid} ({comm}): its controlling terminal is none of its descriptors; its clone runs in a session of its own, without one"
+        ));
+    }
     Ok(Target {
         pid,
         comm: comm.to_string(),
@@ -293,6 +307,48 @@ fn written_file(pid: u32, num: i32, path: &Path, flags: i32, ctx: &Context) -> O
     }
     let meta = std::fs::metadata(format!("/proc/{pid}/fd/{num}")).ok()?;
     meta.is_file().then(|| meta.ino())
+}
+
+/// Which of the terminals process `pid` holds is its controlling terminal, device number
+/// `rdev` (devpts instances each count from 0): the only one with that number, or the one
+/// whose session (`TIOCGSID`) is the process's. Instance 0 if none is.
+fn which_terminal(pid: u32, rdev: u64, fds: &[(i32, FdAction)]) -> TerminalId {
+    use std::os::{fd::AsRawFd, unix::fs::OpenOptionsExt};
+    let mut held: Vec<(i32, TerminalId)> = Vec::new();
+    for (num, a) in fds {
+        if let FdAction::Terminal { id, .. } = a
+            && id.1 == rdev
+            && id.0 != 0
+            && !held.iter().any(|(_, h)| h == id)
+        {
+            held.push((*num, *id));
+        }
+    }
+    if held.len() == 1 {
+        return held[0].1;
+    }
+    let session = read(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let after = s.rsplit_once(')')?.1.to_string();
+            after.split_whitespace().nth(3)?.parse::<i32>().ok()
+        })
+        .unwrap_or(-1);
+    for (num, id) in held {
+        let Ok(f) = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK)
+            .open(format!("/proc/{pid}/fd/{num}"))
+        else {
+            continue;
+        };
+        let mut sid: libc::pid_t = 0;
+        // SAFETY: TIOCGSID writes one pid_t into `sid`; the descriptor is open.
+        if unsafe { libc::ioctl(f.as_raw_fd(), libc::TIOCGSID, &mut sid) } == 0 && sid == session {
+            return id;
+        }
+    }
+    (0, rdev)
 }
 
 /// Process `pid`'s controlling terminal (device number) if it has one, and whether it

@@ -173,7 +173,7 @@ pub fn attach(
     mut output: impl std::io::Write,
     attached: impl FnOnce(&str),
 ) -> Result<()> {
-    use super::terminal::{DETACH_KEY, DETACHED, OUTPUT};
+    use super::terminal::{DETACH_KEY, DETACHED, FRAME, OUTPUT};
     use nix::sys::socket::{Shutdown, shutdown};
     let req = ExecRequest {
         terminal: Some(TerminalRequest::Attach { path }),
@@ -193,7 +193,7 @@ pub fn attach(
     let keys = sock.try_clone()?;
     std::thread::spawn(move || {
         let mut input = input;
-        let mut buf = [0u8; 4096];
+        let mut buf = [0u8; FRAME];
         loop {
             let n = std::io::Read::read(&mut input, &mut buf).unwrap_or(0);
             let typed = &buf[..n];

@@ -391,6 +391,13 @@ fn start_request(spec: &SandboxSpec, conn: &OwnedFd, terminals: &mut Terminals) 
             &[],
         );
     };
+    // A client that connects and says nothing must not hold up the init (its loop serves
+    // the other clients, the terminals and the reaping).
+    let _ = nix::sys::socket::setsockopt(
+        conn,
+        nix::sys::socket::sockopt::ReceiveTimeout,
+        &nix::sys::time::TimeVal::new(1, 0),
+    );
     let (msg, mut stdio) = match control::recv(conn.as_raw_fd()) {
         Ok(m) => m,
         Err(e) => {

@@ -20,6 +20,7 @@ use super::SandboxSpec;
 use crate::error::{Error, Result};
 
 const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const MOUNT_ATTR_NODEV: u64 = 0x4;
 const AT_RECURSIVE: u32 = 0x8000;
 const AT_EMPTY_PATH: u32 = 0x1000;
 
@@ -44,11 +45,21 @@ fn set_readonly(path: &Path, readonly: bool, recursive: bool) -> Result<()> {
 
 /// `mount_setattr(dirfd, path, flags)` setting or clearing read-only.
 fn set_readonly_at(dirfd: i32, path: &Path, readonly: bool, flags: u32) -> Result<()> {
+    let (set, clear) = if readonly {
+        (MOUNT_ATTR_RDONLY, 0)
+    } else {
+        (0, MOUNT_ATTR_RDONLY)
+    };
+    set_attrs_at(dirfd, path, set, clear, flags)
+}
+
+/// `mount_setattr(dirfd, path, flags)` setting the attributes `set` and clearing `clear`.
+fn set_attrs_at(dirfd: i32, path: &Path, set: u64, clear: u64, flags: u32) -> Result<()> {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|_| Error::Sandbox("NUL in a mount path".into()))?;
     let attr = MountAttr {
-        attr_set: if readonly { MOUNT_ATTR_RDONLY } else { 0 },
-        attr_clr: if readonly { 0 } else { MOUNT_ATTR_RDONLY },
+        attr_set: set,
+        attr_clr: clear,
         propagation: 0,
         userns_fd: 0,
     };
@@ -253,7 +264,25 @@ pub fn setup(spec: &SandboxSpec) -> Result<Option<Deferred>> {
         )
         .map_err(sys(format!("hiding {}", dir.display())))?;
     }
-    set_readonly(Path::new("/"), true, true)?;
+    // Read-only, and no device reachable but those of the branch's own /dev (a device node
+    // elsewhere, in the workspace say, opens nothing).
+    set_attrs_at(
+        libc::AT_FDCWD,
+        Path::new("/"),
+        MOUNT_ATTR_RDONLY | MOUNT_ATTR_NODEV,
+        0,
+        AT_RECURSIVE,
+    )?;
+    set_attrs_at(libc::AT_FDCWD, Path::new("/dev"), 0, MOUNT_ATTR_NODEV, 0)?;
+    // Its terminals' owner and mode may change (`mesg`, terminal programs).
+    let pts = Path::new("/dev/pts");
+    set_attrs_at(
+        libc::AT_FDCWD,
+        pts,
+        0,
+        MOUNT_ATTR_RDONLY | MOUNT_ATTR_NODEV,
+        0,
+    )?;
     let writable: &[&Path] = if deferred.is_some() {
         &[Path::new("/dev/shm")] // the overlays mounted later are writable
     } else {
@@ -326,7 +355,7 @@ fn private_dev() -> Result<()> {
         &pts,
         Some("devpts"),
         MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+        Some("newinstance,ptmxmode=0666,mode=0620,gid=5,max=256"),
     )
     .map_err(sys("mounting the branch's own devpts".into()))?;
     for (link, to) in [

@@ -41,8 +41,9 @@ pub const DETACHED: u8 = b'd';
 
 /// Most bytes buffered in each direction.
 const CAP: usize = 64 * 1024;
-/// Largest frame of output sent at once.
-const FRAME: usize = 4096;
+/// Largest frame sent at once, either way (a client's message of input too: a
+/// SOCK_SEQPACKET message read short would lose its end).
+pub const FRAME: usize = 4096;
 
 /// A terminal's settings, as the terminal a clone replaces had them: `struct termios` (as
 /// TCGETS gives it) and the window size (rows, columns, x and y pixels).
@@ -239,7 +240,8 @@ impl Terminals {
             fds.push((t.master.as_raw_fd(), m));
             if let Some(c) = &t.client {
                 let mut e = PollFlags::empty();
-                if t.to_master.len() < CAP && !c.leaving {
+                // (Read only with room for a whole message.)
+                if CAP.saturating_sub(t.to_master.len()) >= FRAME && !c.leaving {
                     e |= PollFlags::POLLIN;
                 }
                 if !t.to_client.is_empty() || c.leaving {
@@ -284,8 +286,7 @@ impl Terminals {
             }
             let Some(c) = &mut t.client else { continue };
             if on_conn.intersects(PollFlags::POLLIN) {
-                let room = CAP.saturating_sub(t.to_master.len()).min(buf.len());
-                match recv(c.conn.as_raw_fd(), &mut buf[..room], MsgFlags::empty()) {
+                match recv(c.conn.as_raw_fd(), &mut buf[..FRAME], MsgFlags::empty()) {
                     // The client shut its side: it is leaving (what it typed goes on).
                     Ok(0) => c.leaving = true,
                     Ok(n) => t.to_master.extend_from_slice(&buf[..n]),
