@@ -113,24 +113,14 @@ fn run_fork_diff_and_abort() {
             .to_string()
             .contains("no live branch")
     );
-    let listed: Vec<String> = m
-        .list()
-        .unwrap()
-        .into_iter()
-        .map(|b| format!("{}:{}", b.record.name, b.status))
-        .collect();
+    let listed = names_and_status(&m);
     assert_eq!(listed, vec!["root:running", "child:running"]);
 
     // Aborting a branch whose fork runs retires it: its name is free and it takes no more
     // requests, but its init and layers stay for the child, which goes on.
     let root_rec = m.get("root").unwrap();
     m.abort("root").unwrap();
-    let listed: Vec<String> = m
-        .list()
-        .unwrap()
-        .into_iter()
-        .map(|b| format!("{}:{}", b.record.name, b.status))
-        .collect();
+    let listed = names_and_status(&m);
     let retired = format!("root~{}", root_rec.id);
     assert_eq!(
         listed,
@@ -171,6 +161,15 @@ fn run_fork_diff_and_abort() {
         !mounts.contains(&*state.path().to_string_lossy()),
         "no mount left"
     );
+}
+
+/// Each listed branch as `name:status`.
+fn names_and_status(m: &Manager) -> Vec<String> {
+    m.list()
+        .unwrap()
+        .into_iter()
+        .map(|b| format!("{}:{}", b.record.name, b.status))
+        .collect()
 }
 
 #[test]

@@ -194,11 +194,20 @@ pub fn recreate(clone: &mut Tracee, state: &ThreadState) -> Result<Tracee> {
     let mut born = None;
     // clone(flags, stack 0: the caller's, parent_tid, child_tid, tls): the new thread starts
     // where its creator stands, on the clone's safety-net frame (see `crate::inject`).
-    let r = clone
-        .syscall_with(libc::SYS_clone, &[flags as u64, 0, 0, tid_word, 0], |p| {
-            born = Some(p)
-        })
-        .map_err(what)?;
+    let r = clone.syscall_with(libc::SYS_clone, &[flags as u64, 0, 0, tid_word, 0], |p| {
+        born = Some(p)
+    });
+    let r = match (r, born) {
+        (Ok(r), _) => r,
+        (Err(e), Some(new)) => {
+            // The thread was made but its creator's call failed after: it is reaped here
+            // too, or the leader's exit would never be reported (see below).
+            let _ = nix::sys::signal::kill(clone.pid, nix::sys::signal::Signal::SIGKILL);
+            super::clone::reap_exit(new);
+            return Err(what(e));
+        }
+        (Err(e), None) => return Err(what(e)),
+    };
     let Some(new) = born else {
         return Err(what(Error::Sandbox(format!(
             "clone: {}",
