@@ -272,7 +272,7 @@ pub fn inspect(pid: u32, comm: &str, ctx: &Context) -> Result<Target> {
             "process {pid} ({comm}): it shares a controlling terminal with its session; its clone runs in a session of its own, without one"
         ));
     }
-    let ctty = ctty.map(|rdev| which_terminal(pid, rdev, &fds));
+    let ctty = ctty.map(|rdev| which_terminal(rdev, &fds));
     let held = |want: TerminalId| {
         fds.iter()
             .any(|(_, a)| matches!(a, FdAction::Terminal { id, .. } if *id == want))
@@ -309,46 +309,26 @@ fn written_file(pid: u32, num: i32, path: &Path, flags: i32, ctx: &Context) -> O
     meta.is_file().then(|| meta.ino())
 }
 
-/// Which of the terminals process `pid` holds is its controlling terminal, device number
-/// `rdev` (devpts instances each count from 0): the only one with that number, or the one
-/// whose session (`TIOCGSID`) is the process's. Instance 0 if none is.
-fn which_terminal(pid: u32, rdev: u64, fds: &[(i32, FdAction)]) -> TerminalId {
-    use std::os::{fd::AsRawFd, unix::fs::OpenOptionsExt};
-    let mut held: Vec<(i32, TerminalId)> = Vec::new();
-    for (num, a) in fds {
+/// Which of the terminals a process holds (`fds`) is its controlling terminal, device
+/// number `rdev`: the only one with that number. Instance 0 if none is, or if it holds
+/// several with that number (devpts instances each count from 0; only the process itself
+/// could tell which is its own, `TIOCGSID` answering on a controlling terminal only): its
+/// clone then gets no controlling terminal, and the fork says so.
+fn which_terminal(rdev: u64, fds: &[(i32, FdAction)]) -> TerminalId {
+    let mut held: Vec<TerminalId> = Vec::new();
+    for (_, a) in fds {
         if let FdAction::Terminal { id, .. } = a
             && id.1 == rdev
             && id.0 != 0
-            && !held.iter().any(|(_, h)| h == id)
+            && !held.contains(id)
         {
-            held.push((*num, *id));
+            held.push(*id);
         }
     }
-    if held.len() == 1 {
-        return held[0].1;
+    match held[..] {
+        [only] => only,
+        _ => (0, rdev),
     }
-    let session = read(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let after = s.rsplit_once(')')?.1.to_string();
-            after.split_whitespace().nth(3)?.parse::<i32>().ok()
-        })
-        .unwrap_or(-1);
-    for (num, id) in held {
-        let Ok(f) = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK)
-            .open(format!("/proc/{pid}/fd/{num}"))
-        else {
-            continue;
-        };
-        let mut sid: libc::pid_t = 0;
-        // SAFETY: TIOCGSID writes one pid_t into `sid`; the descriptor is open.
-        if unsafe { libc::ioctl(f.as_raw_fd(), libc::TIOCGSID, &mut sid) } == 0 && sid == session {
-            return id;
-        }
-    }
-    (0, rdev)
 }
 
 /// Process `pid`'s controlling terminal (device number) if it has one, and whether it

@@ -391,13 +391,29 @@ fn start_request(spec: &SandboxSpec, conn: &OwnedFd, terminals: &mut Terminals) 
             &[],
         );
     };
-    // A client that connects and says nothing must not hold up the init (its loop serves
-    // the other clients, the terminals and the reaping).
-    let _ = nix::sys::socket::setsockopt(
-        conn,
-        nix::sys::socket::sockopt::ReceiveTimeout,
-        &nix::sys::time::TimeVal::new(1, 0),
-    );
+    // A client that connects and says nothing within a second must not hold up the init
+    // (its loop serves the other clients, the terminals and the reaping). Waited for with
+    // poll, retried when a freeze of the branch interrupts it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let mut fds = [PollFd::new(conn.as_fd(), PollFlags::POLLIN)];
+        match poll(
+            &mut fds,
+            PollTimeout::try_from(left).unwrap_or(PollTimeout::ZERO),
+        ) {
+            Ok(0) => {
+                reply(&ExecReply::Error("no request within a second".into()));
+                return None;
+            }
+            Ok(_) => break,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                reply(&ExecReply::Error(format!("waiting for the request: {e}")));
+                return None;
+            }
+        }
+    }
     let (msg, mut stdio) = match control::recv(conn.as_raw_fd()) {
         Ok(m) => m,
         Err(e) => {
