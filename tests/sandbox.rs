@@ -221,6 +221,18 @@ fn exit_codes_and_missing_commands_come_back() {
         exec(&b.control, &req, fds, |_| {}).unwrap(),
         ExecReply::Error("no-such-command-xyz: No such file or directory (os error 2)".into())
     );
+    // A request too large for the init is refused before it is sent, saying what to do.
+    let req = ExecRequest {
+        argv: vec!["echo".into(), "x".repeat(100 * 1024)],
+        ..Default::default()
+    };
+    let err = exec(&b.control, &req, fds, |_| {}).unwrap_err().to_string();
+    assert!(
+        err.contains("at most 64 KiB") && err.contains("file"),
+        "{err}"
+    );
+    // The init still serves.
+    assert_eq!(sh(&b, "exit 3").0, 3);
 }
 
 #[test]

@@ -275,6 +275,13 @@ fn request(
     on_pid: impl FnOnce(i32),
 ) -> Result<ExecReply> {
     let msg = serde_json::to_vec(req).map_err(std::io::Error::from)?;
+    if msg.len() > MAX_MESSAGE {
+        return Err(Error::Invalid(format!(
+            "the command, its arguments and environment take {} KiB, and a branch's init takes requests of at most {} KiB: pass long inputs through a file in the workspace",
+            msg.len().div_ceil(1024),
+            MAX_MESSAGE / 1024
+        )));
+    }
     send(sock.as_raw_fd(), &msg, stdio)?;
     let mut pid_seen = Some(on_pid);
     loop {
