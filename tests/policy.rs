@@ -98,21 +98,12 @@ impl Setup {
 /// A TCP echo server on `addr` (port chosen by the kernel), serving in a thread; the
 /// returned receiver yields what each connection sent.
 fn echo_server(addr: &str) -> (u16, std::sync::mpsc::Receiver<Vec<u8>>) {
-    let l = TcpListener::bind((addr, 0)).unwrap();
-    let port = l.local_addr().unwrap().port();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for c in l.incoming() {
-            let Ok(mut c) = c else { return };
-            let mut got = Vec::new();
-            let _ = c.read_to_end(&mut got);
-            let _ = c.write_all(&got);
-            if tx.send(got).is_err() {
-                return;
-            }
-        }
-    });
-    (port, rx)
+    forkscope_tests::http::tcp_server(addr, |mut c| {
+        let mut got = Vec::new();
+        let _ = c.read_to_end(&mut got);
+        let _ = c.write_all(&got);
+        got
+    })
 }
 
 fn nothing_arrives<T>(rx: &std::sync::mpsc::Receiver<T>) -> bool {

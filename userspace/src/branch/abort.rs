@@ -228,14 +228,8 @@ impl Manager {
 /// frozen meanwhile, so that none forks a new one between the list and the kill.
 fn kill_all_but(cg: &Cgroup, keep: u32) -> Result<()> {
     use nix::sys::signal::{Signal, kill};
-    let list = || -> Vec<u32> {
-        std::fs::read_to_string(cg.path().join("cgroup.procs"))
-            .unwrap_or_default()
-            .split_whitespace()
-            .filter_map(|p| p.parse().ok())
-            .filter(|p| *p != keep)
-            .collect()
-    };
+    // (A cgroup gone meanwhile has none left.)
+    let list = || crate::procfork::inspect::targets(cg.path(), keep).unwrap_or_default();
     cg.freeze(true, Duration::from_secs(5))?;
     for pid in list() {
         let _ = kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);

@@ -152,19 +152,10 @@ async fn serve(
             Some(head_end + len)
         };
         // Journaled before the client hears anything.
-        let id = match announced {
+        let payload = match announced {
             // A large request goes to its payload file as it arrives.
             Some(end) if end > payloads::INLINE_MAX => {
-                let file = c.stream_to_file(&journal, end).await?;
-                record(
-                    &journal,
-                    cgroup,
-                    "http",
-                    dest,
-                    &summary,
-                    Payload::File(file),
-                )
-                .await?
+                Payload::File(c.stream_to_file(&journal, end).await?)
             }
             _ => {
                 let end = match announced {
@@ -175,18 +166,10 @@ async fn serve(
                     None => c.chunked_body(head_end).await?,
                 };
                 let rest = c.buf.split_off(end);
-                let request = std::mem::replace(&mut c.buf, rest);
-                record(
-                    &journal,
-                    cgroup,
-                    "http",
-                    dest,
-                    &summary,
-                    Payload::Bytes(request),
-                )
-                .await?
+                Payload::Bytes(std::mem::replace(&mut c.buf, rest))
             }
         };
+        let id = record(&journal, cgroup, "http", dest, &summary, payload).await?;
         let close = header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"))
             || request_line.ends_with("HTTP/1.0");
         let (status, body) = directory.response(cgroup);

@@ -14,7 +14,8 @@
 //! - [`overlay`]: mounting and unmounting an overlay stack;
 //! - [`scan`]: walking an upper directory (whiteouts, opaque directories, change times);
 //! - [`snapshot`]: delta copies of an upper directory into a new layer;
-//! - [`diff`]: what a branch changed since its fork point.
+//! - [`diff`]: what a branch changed since its fork point;
+//! - [`xattr`]: extended attributes (overlayfs's opaque and origin marks).
 
 pub mod base;
 pub mod diff;
@@ -22,3 +23,4 @@ pub mod flatten;
 pub mod overlay;
 pub mod scan;
 pub mod snapshot;
+pub mod xattr;

@@ -1,12 +1,8 @@
 //! Walking an overlay upper directory (or a layer): what each entry is, in overlayfs terms.
 
 use std::{
-    ffi::CString,
     fs,
-    os::unix::{
-        ffi::OsStrExt,
-        fs::{FileTypeExt, MetadataExt},
-    },
+    os::unix::fs::{FileTypeExt, MetadataExt},
     path::{Path, PathBuf},
 };
 
@@ -43,21 +39,7 @@ pub struct Entry {
 
 /// Whether `path` (a directory) carries the opaque xattr.
 pub fn is_opaque(path: &Path) -> bool {
-    let Ok(p) = CString::new(path.as_os_str().as_bytes()) else {
-        return false;
-    };
-    let name = CString::new(OPAQUE_XATTR).expect("no NUL");
-    let mut value = [0u8; 4];
-    // SAFETY: both strings are NUL-terminated and `value` is a valid buffer of its length.
-    let n = unsafe {
-        libc::lgetxattr(
-            p.as_ptr(),
-            name.as_ptr(),
-            value.as_mut_ptr().cast(),
-            value.len(),
-        )
-    };
-    n == 1 && value[0] == b'y'
+    super::xattr::get(path, OPAQUE_XATTR, false).as_deref() == Some(b"y")
 }
 
 /// The kind of the entry at `path` with metadata `meta` (from lstat).

@@ -14,10 +14,8 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    ffi::CString,
     fs,
     os::unix::{
-        ffi::OsStrExt,
         fs::{FileExt, MetadataExt, PermissionsExt, lchown, symlink},
         io::AsRawFd,
     },
@@ -350,19 +348,8 @@ pub fn whiteout(path: &Path) -> Result<()> {
 
 /// Marks a directory opaque: it hides the same directory in the layers below.
 pub fn set_opaque(path: &Path) -> Result<()> {
-    let p = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| Error::Layer("NUL in path".into()))?;
-    let name = CString::new(OPAQUE_XATTR).expect("no NUL");
-    // SAFETY: NUL-terminated strings and a 1-byte value buffer.
-    let ret = unsafe { libc::lsetxattr(p.as_ptr(), name.as_ptr(), b"y".as_ptr().cast(), 1, 0) };
-    if ret != 0 {
-        return Err(Error::Layer(format!(
-            "marking {} opaque: {}",
-            path.display(),
-            std::io::Error::last_os_error()
-        )));
-    }
-    Ok(())
+    super::xattr::set(path, OPAQUE_XATTR, b"y", false)
+        .map_err(|e| Error::Layer(format!("marking {} opaque: {e}", path.display())))
 }
 
 #[cfg(test)]

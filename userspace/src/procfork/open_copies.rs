@@ -17,7 +17,6 @@
 
 use std::{
     collections::HashSet,
-    ffi::CString,
     fs,
     os::{
         fd::{AsRawFd, OwnedFd},
@@ -30,7 +29,7 @@ use nix::{errno::Errno, fcntl::OFlag, sys::stat::Mode};
 
 use crate::{
     error::{Error, IoContext, Result},
-    layers::snapshot::copy_open_file,
+    layers::{snapshot::copy_open_file, xattr},
 };
 
 /// The overlayfs xattr naming the inode an upper file was copied up from.
@@ -285,40 +284,19 @@ fn fs_uuid(path: &Path) -> [u8; 16] {
     u.uuid
 }
 
-/// The overlay origin xattr of `file` (an O_PATH descriptor), if it has one.
+/// The overlay origin xattr of `file` (an O_PATH descriptor, which takes no fgetxattr:
+/// read through /proc), if it has one.
 fn get_origin(file: &fs::File) -> Option<Vec<u8>> {
-    // Through /proc: an O_PATH descriptor takes no fgetxattr.
-    let p = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd())).ok()?;
-    let name = CString::new(ORIGIN_XATTR).expect("no NUL");
-    let mut buf = [0u8; 256];
-    // SAFETY: NUL-terminated strings and a buffer of the given length.
-    let n = unsafe {
-        libc::getxattr(
-            p.as_ptr(),
-            name.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    (n > 0).then(|| buf[..n as usize].to_vec())
+    xattr::get(&fd_path(file), ORIGIN_XATTR, true)
 }
 
 fn set_origin(file: &fs::File, value: &[u8]) -> std::io::Result<()> {
-    let name = CString::new(ORIGIN_XATTR).expect("no NUL");
-    // SAFETY: an open descriptor, a NUL-terminated name and a value of the given length.
-    let r = unsafe {
-        libc::fsetxattr(
-            file.as_raw_fd(),
-            name.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+    xattr::set(&fd_path(file), ORIGIN_XATTR, value, true)
+}
+
+/// The path that leads to `file` through /proc.
+fn fd_path(file: &fs::File) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()))
 }
 
 #[cfg(test)]

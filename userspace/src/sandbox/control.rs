@@ -130,7 +130,7 @@ pub fn exec(
     stdio: [RawFd; 3],
     on_pid: impl FnOnce(i32),
 ) -> Result<ExecReply> {
-    exec_with(control, req, &stdio, on_pid)
+    request(&connect_to(control)?, req, &stdio, on_pid)
 }
 
 /// Asks the init listening on `control` for a new terminal with `settings`; returns its
@@ -254,16 +254,6 @@ fn connect_to(control: &Path) -> Result<OwnedFd> {
         )),
     })?;
     Ok(sock)
-}
-
-fn exec_with(
-    control: &Path,
-    req: &ExecRequest,
-    stdio: &[RawFd],
-    on_pid: impl FnOnce(i32),
-) -> Result<ExecReply> {
-    let sock = connect_to(control)?;
-    request(&sock, req, stdio, on_pid)
 }
 
 /// Sends `req` (with `stdio`) on a connected control socket and waits for the final reply
