@@ -338,7 +338,7 @@ fn buffered_requests_are_answered_at_once_and_delivered_exactly_once_on_commit()
     // The client gets the synthetic answer at once; the server sees nothing yet.
     assert_eq!(post("pay", "amount=5"), "202 True");
     assert_eq!(post("pay", "amount=7"), "202 True");
-    // A large body is kept in a file of its own next to the journal.
+    // Large bodies are kept in a segment file next to the journal, one for both branches.
     assert_eq!(post("pay", "@300000"), "202 True");
     let payload_files = |s: &Setup| {
         std::fs::read_dir(s.d.state.join("effects"))
@@ -347,6 +347,8 @@ fn buffered_requests_are_answered_at_once_and_delivered_exactly_once_on_commit()
     };
     assert_eq!(payload_files(&s), 1);
     assert_eq!(post("dropped", "amount=100"), "202 True");
+    assert_eq!(post("dropped", "@200000"), "202 True");
+    assert_eq!(payload_files(&s), 1);
     // Raw TCP bytes are recorded too (the client gets no answer).
     let tcp = tcp_port.to_string();
     assert_eq!(
@@ -412,9 +414,11 @@ fn buffered_requests_are_answered_at_once_and_delivered_exactly_once_on_commit()
         serde_json::from_str(&s.d.ok(&["commit", "pay", "--json"])).unwrap();
     assert_eq!(again["effects"].as_array().unwrap().len(), 0);
     assert!(nothing_arrives(&rx));
-    // The aborted branch's request is never delivered.
+    // The aborted branch's requests are never delivered; the segment stays while a
+    // payload of the other branch is in it.
     s.d.ok(&["abort", "dropped"]);
     assert!(nothing_arrives(&rx));
+    assert_eq!(payload_files(&s), 1);
     // The delivered requests' records (and the large one's file) go with their branch.
     s.d.ok(&["abort", "pay"]);
     assert_eq!(payload_files(&s), 0);

@@ -91,6 +91,21 @@ fn db_err(e: rusqlite::Error) -> Error {
     Error::State(format!("effects journal: {e}"))
 }
 
+/// A payload's [`payloads::Location`] from columns `payload_file, payload_off, payload_len`
+/// (the first three of the row).
+fn location(r: &rusqlite::Row<'_>) -> rusqlite::Result<payloads::Location> {
+    location_at(r, 0)
+}
+
+/// As [`location`], from the columns at `first` and the next two.
+fn location_at(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<payloads::Location> {
+    Ok(payloads::Location {
+        segment: r.get(first)?,
+        offset: r.get::<_, i64>(first + 1)? as u64,
+        len: r.get::<_, Option<i64>>(first + 2)?.unwrap_or(0) as u64,
+    })
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -109,11 +124,12 @@ impl Journal {
     pub fn open(state: &Path) -> Result<Journal> {
         let path = state.join("effects.db");
         let db = Connection::open(&path).map_err(db_err)?;
-        // Pages of 16 KiB (set before the file is first written): a row with an inline
-        // payload (at most 64 KiB, larger ones are files) is a few pages, and a commit does
-        // not write 64 KiB per page it touches.
+        // Pages of 4 KiB (SQLite's default; set before the file is first written): a
+        // record touches three pages (the row and two indexes), so each commit appends
+        // 12 KiB to the WAL (48 KiB with the 16 KiB pages used before), and an inline
+        // payload (at most 64 KiB, larger ones are in segment files) fills overflow pages.
         db.execute_batch(
-            "PRAGMA page_size=16384;
+            "PRAGMA page_size=4096;
              PRAGMA journal_mode=WAL;
              PRAGMA synchronous=NORMAL;
              PRAGMA wal_autocheckpoint=1024;
@@ -133,8 +149,8 @@ impl Journal {
              CREATE INDEX IF NOT EXISTS effects_by_cgroup ON effects (cgroup, state);",
         )
         .map_err(db_err)?;
-        // Payloads kept in files (see `payloads`): the file's name and the length. Added to
-        // journals made before.
+        // Payloads kept in segment files (see `payloads`): the segment's name and the
+        // payload's length. Added to journals made before.
         let has_file_column = db
             .prepare("SELECT 1 FROM pragma_table_info('effects') WHERE name = 'payload_file'")
             .and_then(|mut q| q.exists([]))
@@ -149,12 +165,23 @@ impl Journal {
             )
             .map_err(db_err)?;
         }
-        let payloads = payloads::PayloadDir::open(state)?;
-        let named = Self::payload_files(&db, None)?.into_iter().collect();
-        let swept = payloads.sweep(&named);
+        // Where in the segment file (rows from before segments: 0, a file each).
+        let has_offset_column = db
+            .prepare("SELECT 1 FROM pragma_table_info('effects') WHERE name = 'payload_off'")
+            .and_then(|mut q| q.exists([]))
+            .map_err(db_err)?;
+        if !has_offset_column {
+            db.execute_batch("ALTER TABLE effects ADD COLUMN payload_off INTEGER;")
+                .map_err(db_err)?;
+        }
+        let mut named = std::collections::HashMap::new();
+        for at in Self::payload_files(&db, None)? {
+            *named.entry(at.segment).or_default() += 1;
+        }
+        let (payloads, swept) = payloads::PayloadDir::open(state, named)?;
         if swept > 0 {
             log::info!(
-                "removed {swept} payload files no recorded effect names (a daemon killed while recording)"
+                "removed {swept} payload segments no recorded effect is in (a daemon killed while recording)"
             );
         }
         Ok(Journal {
@@ -163,15 +190,16 @@ impl Journal {
         })
     }
 
-    /// The payload files of the effects of branch `cgroup` (none: of every branch).
-    fn payload_files(db: &Connection, cgroup: Option<i64>) -> Result<Vec<String>> {
+    /// Where the payloads of the effects of branch `cgroup` (none: of every branch) kept
+    /// in segment files are.
+    fn payload_files(db: &Connection, cgroup: Option<i64>) -> Result<Vec<payloads::Location>> {
         let mut q = db
             .prepare(
-                "SELECT payload_file FROM effects
+                "SELECT payload_file, coalesce(payload_off, 0), payload_len FROM effects
                  WHERE payload_file IS NOT NULL AND (?1 IS NULL OR cgroup = ?1)",
             )
             .map_err(db_err)?;
-        let rows = q.query_map(params![cgroup], |r| r.get(0)).map_err(db_err)?;
+        let rows = q.query_map(params![cgroup], location).map_err(db_err)?;
         rows.collect::<std::result::Result<_, _>>().map_err(db_err)
     }
 
@@ -191,20 +219,20 @@ impl Journal {
         payload: &[u8],
     ) -> Result<i64> {
         if payload.len() > payloads::INLINE_MAX {
-            let mut f = self.payload_file()?;
+            let mut f = self.payload_file(payload.len() as u64)?;
             f.write(payload)?;
             return self.record_file(f, cgroup, kind, addr, port, summary);
         }
         self.insert(cgroup, kind, addr, port, summary, payload, None)
     }
 
-    /// A payload file to write a large effect into as it comes, recorded with
+    /// Room for a large effect of `len` bytes, written as it comes and recorded with
     /// [`Journal::record_file`].
-    pub fn payload_file(&self) -> Result<payloads::PayloadFile> {
-        self.payloads.create()
+    pub fn payload_file(&self, len: u64) -> Result<payloads::PayloadFile> {
+        self.payloads.create(len)
     }
 
-    /// Records an effect whose payload is `file` (as [`Journal::record`] does).
+    /// Records an effect whose payload is in `file` (as [`Journal::record`] does).
     pub fn record_file(
         &self,
         file: payloads::PayloadFile,
@@ -214,12 +242,10 @@ impl Journal {
         port: u16,
         summary: &str,
     ) -> Result<i64> {
-        let (name, len) = file.finish()?;
-        let r = self.insert(cgroup, kind, addr, port, summary, &[], Some((&name, len)));
-        if r.is_err() {
-            self.payloads.remove(&name);
-        }
-        r
+        let at = file.location();
+        let id = self.insert(cgroup, kind, addr, port, summary, &[], Some(&at))?;
+        file.recorded();
+        Ok(id)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -231,15 +257,18 @@ impl Journal {
         port: u16,
         summary: &str,
         inline: &[u8],
-        file: Option<(&str, u64)>,
+        file: Option<&payloads::Location>,
     ) -> Result<i64> {
-        let len = file.map_or(inline.len() as u64, |(_, l)| l);
-        let file = file.map(|(n, _)| n);
+        let len = file.map_or(inline.len() as u64, |at| at.len);
+        let offset = file.map(|at| at.offset as i64);
+        let file = file.map(|at| at.segment.as_str());
         let db = self.db();
-        let inserted = db.execute(
-            "INSERT INTO effects (cgroup, kind, addr, port, summary, payload, payload_file, payload_len, state, created_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'held', ?9)",
-            params![
+        let inserted = db
+            .prepare_cached(
+            "INSERT INTO effects (cgroup, kind, addr, port, summary, payload, payload_file, payload_off, payload_len, state, created_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'held', ?10)",
+            )
+            .and_then(|mut q| q.execute(params![
                 cgroup as i64,
                 kind,
                 addr,
@@ -247,10 +276,10 @@ impl Journal {
                 summary,
                 inline,
                 file,
+                offset,
                 len as i64,
                 now_ms() as i64
-            ],
-        );
+            ]));
         inserted.map_err(db_err)?;
         Ok(db.last_insert_rowid())
     }
@@ -293,18 +322,22 @@ impl Journal {
 
     /// The recorded bytes of effect `id`.
     pub fn payload(&self, id: i64) -> Result<Vec<u8>> {
-        let (inline, file): (Vec<u8>, Option<String>) = self
+        let (inline, file): (Vec<u8>, Option<payloads::Location>) = self
             .db()
             .query_row(
-                "SELECT payload, payload_file FROM effects WHERE id = ?1",
+                "SELECT payload, payload_file, coalesce(payload_off, 0), payload_len
+                 FROM effects WHERE id = ?1",
                 params![id],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| {
+                    let file: Option<String> = r.get(1)?;
+                    Ok((r.get(0)?, file.map(|_| location_at(r, 1)).transpose()?))
+                },
             )
             .optional()
             .map_err(db_err)?
             .ok_or_else(|| Error::NotFound(format!("effect {id}")))?;
         match file {
-            Some(f) => self.payloads.read(&f),
+            Some(at) => self.payloads.read(&at),
             None => Ok(inline),
         }
     }
@@ -312,22 +345,23 @@ impl Journal {
     /// Replaces the recorded bytes of effect `id` (kept in its row).
     pub fn set_payload(&self, id: i64, payload: &[u8]) -> Result<()> {
         let db = self.db();
-        let old: Option<String> = db
+        let old: Option<payloads::Location> = db
             .query_row(
-                "SELECT payload_file FROM effects WHERE id = ?1",
+                "SELECT payload_file, coalesce(payload_off, 0), payload_len FROM effects
+                 WHERE id = ?1 AND payload_file IS NOT NULL",
                 params![id],
-                |r| r.get(0),
+                location,
             )
             .optional()
-            .map_err(db_err)?
-            .flatten();
+            .map_err(db_err)?;
         db.execute(
-            "UPDATE effects SET payload = ?2, payload_file = NULL, payload_len = ?3 WHERE id = ?1",
+            "UPDATE effects SET payload = ?2, payload_file = NULL, payload_off = NULL,
+             payload_len = ?3 WHERE id = ?1",
             params![id, payload, payload.len() as i64],
         )
         .map_err(db_err)?;
-        if let Some(f) = old {
-            self.payloads.remove(&f);
+        if let Some(at) = old {
+            self.payloads.release(&at);
         }
         Ok(())
     }
@@ -417,8 +451,8 @@ impl Journal {
                 dropped += db
                     .execute("DELETE FROM effects WHERE cgroup = ?1", params![cg])
                     .map_err(db_err)?;
-                for f in files {
-                    self.payloads.remove(&f);
+                for at in files {
+                    self.payloads.release(&at);
                 }
             }
         }
@@ -442,9 +476,107 @@ impl Journal {
             params![cgroup as i64],
         )
         .map_err(db_err)?;
-        for f in files {
-            self.payloads.remove(&f);
+        for at in files {
+            self.payloads.release(&at);
         }
         Ok(held as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(tag: &str) -> std::path::PathBuf {
+        let d =
+            std::env::temp_dir().join(format!("forkscope-effects-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn segments(state: &Path) -> usize {
+        std::fs::read_dir(state.join("effects")).unwrap().count()
+    }
+
+    fn body(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect()
+    }
+
+    #[test]
+    fn large_payloads_share_a_segment_that_goes_with_the_last_of_them() {
+        let state = scratch("segments");
+        let j = Journal::open(&state).unwrap();
+        let (a, b, c) = (body(300_000, 1), body(100_000, 2), body(70_000, 3));
+        let ia = j.record(1, "http", "127.0.0.2", 80, "POST /a", &a).unwrap();
+        let ib = j.record(2, "http", "127.0.0.2", 80, "POST /b", &b).unwrap();
+        // Written as it comes (the proxy's way) into the same segment.
+        let mut f = j.payload_file(c.len() as u64).unwrap();
+        f.write(&c[..1000]).unwrap();
+        f.write(&c[1000..]).unwrap();
+        assert!(f.write(b"x").is_err(), "longer than announced");
+        let ic = j
+            .record_file(f, 1, "http", "127.0.0.2", 80, "POST /c")
+            .unwrap();
+        let small = j
+            .record(1, "http", "127.0.0.2", 80, "GET /", b"hi")
+            .unwrap();
+        assert_eq!(segments(&state), 1, "one segment for the three");
+        assert_eq!(j.payload(ia).unwrap(), a);
+        assert_eq!(j.payload(ib).unwrap(), b);
+        assert_eq!(j.payload(ic).unwrap(), c);
+        assert_eq!(j.payload(small).unwrap(), b"hi");
+        // A payload dropped before its row is written frees its range, nothing else.
+        let mut lost = j.payload_file(200_000).unwrap();
+        lost.write(&body(200_000, 4)).unwrap();
+        drop(lost);
+        // Reopened (a daemon restart): the rows still find their bytes.
+        drop(j);
+        let j = Journal::open(&state).unwrap();
+        assert_eq!(j.payload(ia).unwrap(), a);
+        assert_eq!(j.payload(ic).unwrap(), c);
+        // Branch 1's abort frees its ranges (their disk blocks); branch 2's payload keeps
+        // the segment.
+        let blocks = || {
+            use std::os::unix::fs::MetadataExt;
+            let seg = std::fs::read_dir(state.join("effects"))
+                .unwrap()
+                .next()
+                .unwrap();
+            seg.unwrap().metadata().unwrap().blocks()
+        };
+        let before = blocks();
+        j.drop_branch(1).unwrap();
+        assert_eq!(segments(&state), 1);
+        assert!(blocks() < before, "{} blocks, {before} before", blocks());
+        assert_eq!(j.payload(ib).unwrap(), b);
+        // Kept inline instead: the last payload in the segment is gone, and so is the segment.
+        j.set_payload(ib, b"short").unwrap();
+        assert_eq!(j.payload(ib).unwrap(), b"short");
+        assert_eq!(segments(&state), 0, "nothing left once no payload is held");
+        // The next large payload starts a new segment.
+        let id = j.record(2, "http", "127.0.0.2", 80, "POST /d", &a).unwrap();
+        assert_eq!((segments(&state), j.payload(id).unwrap()), (1, a));
+        let _ = std::fs::remove_dir_all(&state);
+    }
+
+    #[test]
+    fn a_segment_no_row_names_is_removed_when_the_journal_opens() {
+        let state = scratch("sweep");
+        let j = Journal::open(&state).unwrap();
+        let kept = body(100_000, 5);
+        let id = j
+            .record(1, "http", "127.0.0.2", 80, "POST /", &kept)
+            .unwrap();
+        drop(j);
+        // What a daemon killed between a payload and its row leaves behind.
+        std::fs::write(state.join("effects/stray.bin"), "half").unwrap();
+        assert_eq!(segments(&state), 2);
+        let j = Journal::open(&state).unwrap();
+        assert_eq!(segments(&state), 1);
+        assert_eq!(j.payload(id).unwrap(), kept);
+        let _ = std::fs::remove_dir_all(&state);
     }
 }

@@ -112,8 +112,7 @@ async fn serve(
                 dest,
                 "bytes",
                 Payload::Bytes(bytes),
-            )
-            .await?;
+            )?;
         }
         return Ok(());
     }
@@ -169,7 +168,7 @@ async fn serve(
                 Payload::Bytes(std::mem::replace(&mut c.buf, rest))
             }
         };
-        let id = record(&journal, cgroup, "http", dest, &summary, payload).await?;
+        let id = record(&journal, cgroup, "http", dest, &summary, payload)?;
         let close = header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"))
             || request_line.ends_with("HTTP/1.0");
         let (status, body) = directory.response(cgroup);
@@ -214,7 +213,7 @@ impl Conn {
     /// Writes the next `len` bytes (`buf`'s, then what comes) to a new payload file of
     /// `journal`, keeping only what follows them.
     async fn stream_to_file(&mut self, journal: &Journal, len: usize) -> Result<PayloadFile> {
-        let mut file = journal.payload_file()?;
+        let mut file = journal.payload_file(len as u64)?;
         let mut left = len;
         loop {
             let take = self.buf.len().min(left);
@@ -300,8 +299,10 @@ enum Payload {
     File(PayloadFile),
 }
 
-/// Journals an effect (on a blocking thread) before its client hears anything.
-async fn record(
+/// Journals an effect before its client hears anything, on this worker thread (the
+/// runtime moves its other tasks away meanwhile; needs the daemon's multi-threaded runtime):
+/// handing it to a blocking thread and back cost two wake-ups across CPUs per request.
+fn record(
     journal: &Journal,
     cgroup: u64,
     kind: &'static str,
@@ -309,16 +310,13 @@ async fn record(
     summary: &str,
     payload: Payload,
 ) -> Result<i64> {
-    let (journal, summary) = (journal.clone(), summary.to_string());
-    tokio::task::spawn_blocking(move || {
+    tokio::task::block_in_place(|| {
         let ip = dest.ip().to_string();
         match payload {
-            Payload::Bytes(b) => journal.record(cgroup, kind, &ip, dest.port(), &summary, &b),
-            Payload::File(f) => journal.record_file(f, cgroup, kind, &ip, dest.port(), &summary),
+            Payload::Bytes(b) => journal.record(cgroup, kind, &ip, dest.port(), summary, &b),
+            Payload::File(f) => journal.record_file(f, cgroup, kind, &ip, dest.port(), summary),
         }
     })
-    .await
-    .map_err(|e| Error::State(format!("journal worker: {e}")))?
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
