@@ -9,7 +9,8 @@
 //!    here on the commit happens: recovery replays the journal (a journal cut short by a
 //!    crash before that sync does not parse, and is ignored).
 //! 4. The operations run in order. Each is idempotent (a removal checks the inode it planned
-//!    to remove, and is skipped once a marker says all removals are done; an install whose
+//!    to remove, and is skipped once a marker, written and synced before the first other
+//!    operation of a commit that removes anything, says all removals are done; an install whose
 //!    staged file is gone was done), so replaying a journal whose operations partly ran gives
 //!    the same result as running it once. A replay refuses to run when the target branch's
 //!    init is no longer the process the journal names, or the staging directory is gone.
@@ -161,9 +162,11 @@ fn replay(branch_dir: &Path, j: &Journal) -> Result<()> {
     // Removals come first. Once they are all done a marker says so: a replay must not
     // remove again what a later operation of the same commit created (inode numbers are
     // reused at once on ext4).
+    // Without removals there is nothing to protect: no marker, and no directory sync.
     let removes_done = j.staging.join("removes-done");
     let skip_removes = removes_done.exists();
-    let mut marked = skip_removes;
+    let has_removes = j.ops.iter().any(|op| matches!(op, Op::Remove { .. }));
+    let mut marked = skip_removes || !has_removes;
     for (n, op) in j.ops.iter().enumerate() {
         if crash_after == Some(n) {
             std::process::abort();

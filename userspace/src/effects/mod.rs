@@ -85,6 +85,10 @@ pub struct Effect {
 pub struct Journal {
     db: Arc<Mutex<Connection>>,
     payloads: Arc<payloads::PayloadDir>,
+    /// cgroup ids of the branches whose effects were dropped (aborted): nothing more is
+    /// recorded for them, such as a request the proxy finishes reading after the abort.
+    /// Taken with `db` held.
+    closed: Arc<Mutex<std::collections::HashSet<u64>>>,
 }
 
 fn db_err(e: rusqlite::Error) -> Error {
@@ -114,7 +118,9 @@ fn now_ms() -> u64 {
 }
 
 impl Journal {
-    /// Opens (creating) the journal in state directory `state`.
+    /// Opens (creating) the journal in state directory `state`, whose lock the caller holds
+    /// (the registry's, see `state::Registry::open`): opening removes the payload segments no
+    /// record names, which a second daemon must not do to a running one's.
     ///
     /// Durability: a record is in the kernel (WAL, synchronous=NORMAL: no fsync) when
     /// [`Journal::record`] returns, so a daemon killed at any moment loses nothing. A power
@@ -124,10 +130,11 @@ impl Journal {
     pub fn open(state: &Path) -> Result<Journal> {
         let path = state.join("effects.db");
         let db = Connection::open(&path).map_err(db_err)?;
-        // Pages of 4 KiB (SQLite's default; set before the file is first written): a
-        // record touches three pages (the row and two indexes), so each commit appends
-        // 12 KiB to the WAL (48 KiB with the 16 KiB pages used before), and an inline
-        // payload (at most 64 KiB, larger ones are in segment files) fills overflow pages.
+        // Pages of 4 KiB (SQLite's default): a record touches four pages (the row, two
+        // indexes, and `sqlite_sequence` for AUTOINCREMENT), so each commit appends 16 KiB
+        // to the WAL (64 KiB with the 16 KiB pages used before), and an inline payload (at
+        // most 64 KiB, larger ones are in segment files) fills overflow pages. The size only
+        // applies to a new journal: one made before keeps its 16 KiB pages.
         db.execute_batch(
             "PRAGMA page_size=4096;
              PRAGMA journal_mode=WAL;
@@ -187,6 +194,7 @@ impl Journal {
         Ok(Journal {
             db: Arc::new(Mutex::new(db)),
             payloads: Arc::new(payloads),
+            closed: Arc::default(),
         })
     }
 
@@ -205,6 +213,10 @@ impl Journal {
 
     fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.db.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn closed(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<u64>> {
+        self.closed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Records an effect (in the kernel when this returns: see [`Journal::open`]); returns
@@ -263,6 +275,11 @@ impl Journal {
         let offset = file.map(|at| at.offset as i64);
         let file = file.map(|at| at.segment.as_str());
         let db = self.db();
+        if self.closed().contains(&cgroup) {
+            return Err(Error::Conflict(format!(
+                "not recorded: the branch (cgroup {cgroup}) was aborted, its effects are dropped"
+            )));
+        }
         let inserted = db
             .prepare_cached(
             "INSERT INTO effects (cgroup, kind, addr, port, summary, payload, payload_file, payload_off, payload_len, state, created_ms)
@@ -460,9 +477,10 @@ impl Journal {
     }
 
     /// Forgets every effect of the branch with cgroup id `cgroup` (its abort: what was held
-    /// never happens). Returns how many were still held.
+    /// never happens), and records none for it from now on. Returns how many were still held.
     pub fn drop_branch(&self, cgroup: u64) -> Result<usize> {
         let db = self.db();
+        self.closed().insert(cgroup);
         let held: i64 = db
             .query_row(
                 "SELECT count(*) FROM effects WHERE cgroup = ?1 AND state != 'done'",
@@ -551,6 +569,17 @@ mod tests {
         j.drop_branch(1).unwrap();
         assert_eq!(segments(&state), 1);
         assert!(blocks() < before, "{} blocks, {before} before", blocks());
+        // Nothing more is recorded for an aborted branch, such as a request the proxy
+        // finishes reading after the abort: refused, and its range freed (with the new
+        // segment it was the only payload of: a reopened journal starts a new one).
+        let mut late = j.payload_file(100_000).unwrap();
+        late.write(&body(100_000, 6)).unwrap();
+        assert_eq!(segments(&state), 2);
+        let refused = j.record_file(late, 1, "http", "127.0.0.2", 80, "POST /late");
+        assert!(refused.unwrap_err().to_string().contains("aborted"));
+        assert_eq!(segments(&state), 1);
+        assert!(j.record(1, "http", "127.0.0.2", 80, "GET /", b"x").is_err());
+        assert!(j.list(1).unwrap().is_empty());
         assert_eq!(j.payload(ib).unwrap(), b);
         // Kept inline instead: the last payload in the segment is gone, and so is the segment.
         j.set_payload(ib, b"short").unwrap();

@@ -115,7 +115,7 @@ impl Drop for PayloadFile {
     fn drop(&mut self) {
         if !self.recorded {
             self.dir
-                .free(&self.segment, &self.file, self.offset, self.reserved);
+                .free(&self.segment, Some(&self.file), self.offset, self.reserved);
         }
     }
 }
@@ -224,22 +224,23 @@ impl PayloadDir {
     /// Frees a recorded payload (its row is gone).
     pub fn release(&self, at: &Location) {
         let path = self.path(&at.segment);
-        if let Ok(file) = File::options().write(true).open(&path) {
-            self.free(&at.segment, &file, at.offset, at.len);
-        }
+        let file = File::options().write(true).open(&path);
+        self.free(&at.segment, file.as_ref().ok(), at.offset, at.len);
     }
 
-    /// Punches `len` bytes at `offset` out of `segment` and removes the segment if no
-    /// payload is left in it.
-    fn free(&self, segment: &str, file: &File, offset: u64, len: u64) {
+    /// Punches `len` bytes at `offset` out of `segment` (through `file`, when it could be
+    /// opened) and removes the segment if no payload is left in it.
+    fn free(&self, segment: &str, file: Option<&File>, offset: u64, len: u64) {
         use nix::fcntl::{FallocateFlags, fallocate};
         // Best effort: a file system that cannot punch holes frees the space with the segment.
-        let _ = fallocate(
-            file,
-            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
-            offset as i64,
-            len as i64,
-        );
+        if let Some(file) = file {
+            let _ = fallocate(
+                file,
+                FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                offset as i64,
+                len as i64,
+            );
+        }
         let mut s = self.segments();
         let left = match s.users.get_mut(segment) {
             Some(n) => {
