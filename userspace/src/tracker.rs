@@ -251,13 +251,10 @@ impl Tracker {
     /// between the kernel's events; nothing when it is not traced.
     pub fn note(&self, id: u64, ev: &TraceEvent) {
         let mut sinks = self.sinks();
-        if let Some((file, out)) = sinks.files.get_mut(&id) {
-            let ok = serde_json::to_writer(&mut *out, ev).is_ok()
-                && out.write_all(b"\n").is_ok()
-                && out.flush().is_ok();
-            if !ok {
-                log::warn!("writing {} to {} failed", ev.kind, file.display());
-            }
+        if let Some((file, out)) = sinks.files.get_mut(&id)
+            && !(write_line(out, ev) && out.flush().is_ok())
+        {
+            log::warn!("writing {} to {} failed", ev.kind, file.display());
         }
     }
 
@@ -322,6 +319,11 @@ fn pin_sets(instance: &str) -> Vec<std::path::PathBuf> {
         .collect()
 }
 
+/// Appends `ev` to a trace as one JSON line; false if it could not be written.
+fn write_line(out: &mut BufWriter<File>, ev: &TraceEvent) -> bool {
+    serde_json::to_writer(&mut *out, ev).is_ok() && out.write_all(b"\n").is_ok()
+}
+
 fn read_loop(mut ring: RingBuf<MapData>, sinks: &Mutex<Sinks>, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(DRAIN_INTERVAL);
@@ -350,9 +352,7 @@ fn read_loop(mut ring: RingBuf<MapData>, sinks: &Mutex<Sinks>, stop: &AtomicBool
                                 s.kinds.insert(ev.kind.clone(), 1);
                             }
                         }
-                        let ok = serde_json::to_writer(&mut *out, &ev).is_ok()
-                            && out.write_all(b"\n").is_ok();
-                        if !ok {
+                        if !write_line(out, &ev) {
                             log::warn!("writing the trace of cgroup {cgroup} failed");
                         }
                     }

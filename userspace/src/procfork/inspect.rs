@@ -251,10 +251,15 @@ pub fn inspect(pid: u32, comm: &str, ctx: &Context) -> Result<Target> {
         let Ok(link) = std::fs::read_link(entry.path()) else {
             continue; // closed meanwhile
         };
-        let link = link.to_string_lossy().into_owned();
-        if let Some(action) = plan_fd(pid, comm, num, &link, ctx, ctty, &mut notes)? {
+        let fd = HeldFd {
+            num,
+            link: link.to_string_lossy().into_owned(),
+            // The open file itself (stat follows the link), asked once.
+            meta: std::fs::metadata(entry.path()).ok(),
+        };
+        if let Some(action) = plan_fd(pid, comm, &fd, ctx, ctty, &mut notes)? {
             if let FdAction::Reopen { path, flags, .. } = &action
-                && let Some(ino) = written_file(pid, num, path, *flags, ctx)
+                && let Some(ino) = written_file(&fd, path, *flags, ctx)
             {
                 written.push(OpenForWriting {
                     fd: num,
@@ -297,15 +302,24 @@ pub fn inspect(pid: u32, comm: &str, ctx: &Context) -> Result<Target> {
     })
 }
 
-/// The inode number (as the process sees it) of descriptor `num`, if it is a regular file
-/// of the workspace or /tmp open for writing. (Asked through the descriptor: the path means
-/// something else in the daemon's mount namespace.)
-fn written_file(pid: u32, num: i32, path: &Path, flags: i32, ctx: &Context) -> Option<u64> {
+/// A descriptor of a held process, as `/proc/PID/fd` shows it.
+struct HeldFd {
+    num: i32,
+    /// Where its link points (a path, or `socket:[...]`, `pipe:[...]`, ...).
+    link: String,
+    /// The open file's metadata, asked through the descriptor (the path means something
+    /// else in the daemon's mount namespace); `None` if it was closed meanwhile.
+    meta: Option<std::fs::Metadata>,
+}
+
+/// The inode number (as the process sees it) of descriptor `fd`, if it is a regular file
+/// of the workspace or /tmp open for writing.
+fn written_file(fd: &HeldFd, path: &Path, flags: i32, ctx: &Context) -> Option<u64> {
     let private = path.starts_with(ctx.workspace) || path.starts_with("/tmp");
     if !private || flags & libc::O_ACCMODE == libc::O_RDONLY {
         return None;
     }
-    let meta = std::fs::metadata(format!("/proc/{pid}/fd/{num}")).ok()?;
+    let meta = fd.meta.as_ref()?;
     meta.is_file().then(|| meta.ino())
 }
 
@@ -374,12 +388,12 @@ fn fdinfo(pid: u32, num: i32) -> Result<(i32, u64, bool)> {
 fn plan_fd(
     pid: u32,
     comm: &str,
-    num: i32,
-    link: &str,
+    fd: &HeldFd,
     ctx: &Context,
     ctty: Option<u64>,
     notes: &mut Vec<String>,
 ) -> Result<Option<FdAction>> {
+    let (num, link) = (fd.num, fd.link.as_str());
     let stdio_replacement = |what: &str, notes: &mut Vec<String>| {
         let action = match num {
             0 => FdAction::DevNull,
@@ -441,8 +455,9 @@ fn plan_fd(
     }
     // Terminals are told by their device number (their paths may be those of a devpts
     // instance the daemon does not see).
-    let dev = std::fs::metadata(format!("/proc/{pid}/fd/{num}"))
-        .ok()
+    let dev = fd
+        .meta
+        .as_ref()
         .filter(|m| m.file_type().is_char_device())
         .map(|m| (m.dev(), m.rdev()));
     if let Some(((dev, rdev), kind)) = dev.and_then(|d| tty_kind(d.1).map(|k| (d, k))) {
