@@ -259,3 +259,88 @@ fn deep_fork_chains_are_flattened_and_show_the_same_files() {
         m.abort(&format!("g{g}")).unwrap();
     }
 }
+
+#[test]
+fn forks_with_nothing_changed_between_them_share_layers_and_leave_no_empty_ones() {
+    require_root();
+    let state = TempDir::new("state");
+    let ws = TempDir::new("workspace");
+    fs::write(ws.path().join("README"), "v1\n").unwrap();
+    let mut m = Manager::open(&state.path().join("state"), &forkscope()).unwrap();
+    let root = m
+        .run(
+            Some("root".into()),
+            ws.path(),
+            vec!["sleep".into(), "1000".into()],
+        )
+        .unwrap();
+    // (A failed assertion still aborts every branch: none is left running.)
+    let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let fork = |m: &mut Manager, name: &str| {
+            // (A snapshot copies again what changed within the coarse clock's tick of the
+            // previous one: let it pass.)
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            let opts = ForkOptions {
+                name: Some(name.into()),
+                ..Default::default()
+            };
+            m.fork("root", &opts).unwrap().branches.remove(0)
+        };
+        let layers = |m: &Manager| {
+            let dir = &m.get("root").unwrap().dir;
+            let mut names: Vec<String> = fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("ws-layer-") || n.starts_with("tmp-layer-"))
+                .collect();
+            names.sort();
+            names
+        };
+        // Nothing changed between them: the forks stand on the same layers, and the
+        // directories a fork made for a snapshot it did not need are kept for the next
+        // one, not made and removed each time.
+        let a = fork(&mut m, "a");
+        let b = fork(&mut m, "b");
+        let after_b = layers(&m);
+        let spare: Vec<&String> = after_b
+            .iter()
+            .filter(|n| {
+                !a.ws_lowers
+                    .iter()
+                    .chain(&a.tmp_lowers)
+                    .any(|l| l.ends_with(n.as_str()))
+            })
+            .collect();
+        assert_eq!(spare.len(), 2, "b's unused pair kept: {after_b:?}");
+        let e = fork(&mut m, "e");
+        assert_eq!((&a.ws_lowers, &b.ws_lowers), (&e.ws_lowers, &e.ws_lowers));
+        assert_eq!(layers(&m), after_b, "no layer directory made or left by e");
+        // A change: the next fork copies it into the kept directories.
+        assert_eq!(sh(&root.control, "echo v2 > README").0, 0);
+        let c = fork(&mut m, "c");
+        assert_ne!(c.ws_lowers, b.ws_lowers);
+        assert!(spare.iter().any(|n| c.ws_lowers[0].ends_with(n.as_str())));
+        assert_eq!(sh(&c.control, "cat README").1, "v2\n");
+        assert_eq!(sh(&b.control, "cat README").1, "v1\n");
+        let d = fork(&mut m, "d");
+        assert_eq!(c.ws_lowers, d.ws_lowers);
+        assert_eq!(sh(&d.control, "cat README").1, "v2\n");
+        // Every layer directory is one a fork stands on, or the pair kept for the next.
+        let used: Vec<String> = [&a, &b, &c, &d, &e]
+            .iter()
+            .flat_map(|x| x.ws_lowers.iter().chain(&x.tmp_lowers))
+            .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect();
+        let unused: Vec<String> = layers(&m)
+            .into_iter()
+            .filter(|n| !used.contains(n))
+            .collect();
+        assert!(unused.len() <= 2, "{unused:?} unused");
+    }));
+    for name in ["a", "b", "c", "d", "e", "root"] {
+        let _ = m.abort(name);
+    }
+    if let Err(panic) = checked {
+        std::panic::resume_unwind(panic);
+    }
+}

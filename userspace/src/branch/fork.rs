@@ -32,17 +32,32 @@ struct SnapshotPart {
     previous: Manifest,
 }
 
-/// Creates the empty layer directories of `p`'s next snapshot (workspace, then /tmp) and
-/// reads its previous manifests.
-fn prepare_snapshot(p: &BranchRecord) -> Result<Vec<SnapshotPart>> {
-    let n = next_layer_number(&p.dir)?;
+/// Creates the empty layer directories of `p`'s next snapshot (workspace, then /tmp), or
+/// takes `spare` ones a previous fork left unused, and reads its previous manifests.
+fn prepare_snapshot(p: &BranchRecord, spare: Option<Vec<PathBuf>>) -> Result<Vec<SnapshotPart>> {
+    let is_empty_dir = |d: &PathBuf| std::fs::read_dir(d).is_ok_and(|mut e| e.next().is_none());
+    let spare = spare.filter(|s| s.len() == 2 && s.iter().all(is_empty_dir));
+    let n = if spare.is_some() {
+        0
+    } else {
+        next_layer_number(&p.dir)?
+    };
     let mut parts = Vec::new();
-    for what in ["ws", "tmp"] {
+    for (i, what) in ["ws", "tmp"].into_iter().enumerate() {
         let manifest_file = p.dir.join(format!("{what}-manifest.json"));
         let previous: Manifest = std::fs::read_to_string(&manifest_file)
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok())
             .unwrap_or_default();
+        if let Some(s) = &spare {
+            parts.push(SnapshotPart {
+                upper: p.dir.join(format!("{what}/upper")),
+                layer: s[i].clone(),
+                manifest_file,
+                previous,
+            });
+            continue;
+        }
         let layer = p.dir.join(format!("{what}-layer-{n}"));
         if let Err(e) = std::fs::create_dir(&layer) {
             for part in &parts {
@@ -450,7 +465,7 @@ impl Manager {
         while_frozen: impl FnOnce() -> Result<T>,
     ) -> Result<T> {
         let cg = Cgroup::open(&p.cgroup)?;
-        let prep = prepare_snapshot(p)?;
+        let prep = prepare_snapshot(p, self.spare_layers.remove(&p.id))?;
         let discard = |prep: &[SnapshotPart]| {
             for part in prep {
                 let _ = std::fs::remove_dir_all(&part.layer);
@@ -496,12 +511,17 @@ impl Manager {
         };
         let copied: u64 = taken.iter().map(|(_, n)| n).sum();
         for (part, (manifest, _)) in prep.iter().zip(&taken) {
-            let text = serde_json::to_string(manifest).map_err(std::io::Error::from)?;
-            std::fs::write(&part.manifest_file, text).at(&part.manifest_file)?;
+            // Unchanged, it is not written again.
+            if *manifest == part.previous && part.manifest_file.exists() {
+                continue;
+            }
+            manifest.save(&part.manifest_file)?;
         }
         if copied == 0 {
-            // Nothing changed since the previous fork: the children share its layers.
-            discard(&prep);
+            // Nothing changed since the previous fork: the children share its layers, and
+            // the empty directories wait for the next fork.
+            self.spare_layers
+                .insert(p.id, prep.into_iter().map(|part| part.layer).collect());
         } else {
             p.ws_deltas.insert(0, prep[0].layer.clone());
             p.tmp_deltas.insert(0, prep[1].layer.clone());

@@ -362,6 +362,10 @@ pub struct Manager {
     deferrals: Option<crate::effects::defer::Deferrals>,
     /// Pre-started child sandboxes, by parent name (see [`warm`]).
     warm: std::collections::HashMap<String, warm::WarmChild>,
+    /// Empty layer directories a fork of a running branch made and did not need (nothing
+    /// had changed since the previous fork), by branch id: its next fork takes them
+    /// instead of making and removing new ones (on ext4, about 0.3 ms).
+    spare_layers: std::collections::HashMap<u64, Vec<PathBuf>>,
 }
 
 /// A branch's trace: one JSON line per event of its processes (see [`crate::tracker`]).
@@ -393,6 +397,7 @@ impl Manager {
             effects: None,
             deferrals: None,
             warm: Default::default(),
+            spare_layers: Default::default(),
         };
         manager.recover()?;
         manager.sweep_unowned()?;

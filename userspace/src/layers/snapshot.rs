@@ -38,6 +38,29 @@ pub struct Manifest {
     pub ctimes: BTreeMap<PathBuf, i128>,
 }
 
+impl Manifest {
+    /// Writes the manifest to `path` over what it held, without truncating it first: on
+    /// ext4, a file truncated to zero and written again is flushed when it is closed (its
+    /// `auto_da_alloc`), which made each manifest cost about 0.45 ms of a fork instead of
+    /// 0.09. (Like the truncating write before it, a crash in the middle leaves a manifest
+    /// that does not parse, read as empty.)
+    pub fn save(&self, path: &Path) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let text = serde_json::to_vec(self).map_err(std::io::Error::from)?;
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .at(path)?;
+        file.write_all_at(&text, 0).at(path)?;
+        if file.metadata().at(path)?.len() > text.len() as u64 {
+            file.set_len(text.len() as u64).at(path)?;
+        }
+        Ok(())
+    }
+}
+
 /// What a snapshot copied.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SnapshotStats {
@@ -355,6 +378,27 @@ pub fn set_opaque(path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_manifest_saved_over_a_longer_one_reads_back_as_itself() {
+        let dir = std::env::temp_dir().join(format!("forkscope-manifest-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ws-manifest.json");
+        let manifest = |n: usize| Manifest {
+            entries: (0..n)
+                .map(|i| (PathBuf::from(format!("dir/file-{i}")), EntryKind::File))
+                .collect(),
+            ctimes: (0..n)
+                .map(|i| (PathBuf::from(format!("dir/file-{i}")), i as i128))
+                .collect(),
+        };
+        for n in [50, 3, 0, 7] {
+            manifest(n).save(&path).unwrap();
+            let back: Manifest = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+            assert_eq!(back, manifest(n));
+        }
+        fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn a_sparse_file_is_copied_sparse_with_its_data_in_place() {
