@@ -94,12 +94,13 @@ impl Manager {
             return self.remove_retired_ancestors(Some(name));
         }
         self.drop_warm(name);
-        self.spare_layers.remove(&b.id);
         if crate::commit::journal::pending(&b.dir) {
             return Err(Error::Conflict(format!(
                 "the commit of {name} is incomplete: finish it (`forkscope commit {name}`, or restart the daemon) before aborting, or its target stays half written"
             )));
         }
+        // (Its kept layer directories go with its directory, now or when it is retired.)
+        self.spare_layers.remove(&b.id);
         let children = self.children_of(name)?;
         if !children.is_empty() {
             return self.retire(b, children);

@@ -35,8 +35,18 @@ struct SnapshotPart {
 /// Creates the empty layer directories of `p`'s next snapshot (workspace, then /tmp), or
 /// takes `spare` ones a previous fork left unused, and reads its previous manifests.
 fn prepare_snapshot(p: &BranchRecord, spare: Option<Vec<PathBuf>>) -> Result<Vec<SnapshotPart>> {
-    let is_empty_dir = |d: &PathBuf| std::fs::read_dir(d).is_ok_and(|mut e| e.next().is_none());
-    let spare = spare.filter(|s| s.len() == 2 && s.iter().all(is_empty_dir));
+    let spare = match spare {
+        Some(s) if s.len() == 2 && s.iter().all(|d| is_empty_dir(d)) => Some(s),
+        Some(s) => {
+            // Touched since (nothing should): not a layer anyone stands on, so it goes.
+            log::warn!("unused layer directories {s:?} were not empty: removed");
+            for d in s {
+                let _ = std::fs::remove_dir_all(d);
+            }
+            None
+        }
+        None => None,
+    };
     let n = if spare.is_some() {
         0
     } else {
@@ -74,6 +84,10 @@ fn prepare_snapshot(p: &BranchRecord, spare: Option<Vec<PathBuf>>) -> Result<Vec
         });
     }
     Ok(parts)
+}
+
+fn is_empty_dir(d: &Path) -> bool {
+    std::fs::read_dir(d).is_ok_and(|mut e| e.next().is_none())
 }
 
 /// A fork whose parent stands on more layers than this merges them first (see
@@ -419,6 +433,44 @@ impl Manager {
         Ok(record)
     }
 
+    /// Removes the empty layer directories no record stands on (see `spare_layers`: the
+    /// pair kept for a branch's next fork is only known to the daemon that kept it); run
+    /// when the registry is opened. A layer any record names is kept, empty or not (a
+    /// snapshot of /tmp changes only leaves an empty workspace layer that children use).
+    pub(super) fn sweep_unused_layers(&self) -> Result<()> {
+        let all = self.registry.all()?;
+        let used: std::collections::HashSet<&Path> = all
+            .iter()
+            .flat_map(|b| {
+                let flat = b.flattened.iter().flat_map(|f| f.ws.iter().chain(&f.tmp));
+                b.ws_lowers
+                    .iter()
+                    .chain(&b.tmp_lowers)
+                    .chain(&b.ws_deltas)
+                    .chain(&b.tmp_deltas)
+                    .chain(flat)
+            })
+            .map(PathBuf::as_path)
+            .collect();
+        for b in &all {
+            let Ok(entries) = std::fs::read_dir(&b.dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                let layer = ["ws-layer-", "tmp-layer-"]
+                    .iter()
+                    .any(|p| name.starts_with(p));
+                let path = e.path();
+                if layer && !used.contains(path.as_path()) && is_empty_dir(&path) {
+                    let _ = std::fs::remove_dir(&path);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Merges the layers `p`'s children would stand on (all but the bottom one: the
     /// workspace's base, or the empty /tmp base) into one layer in `p`'s directory, so they
     /// get a short stack. `p`'s own record (its mounted stack) is unchanged; the merged
@@ -501,7 +553,10 @@ impl Manager {
                 return Err(e);
             }
         };
-        thawed?;
+        if let Err(e) = thawed {
+            discard(&prep);
+            return Err(e);
+        }
         let during = match during {
             Ok(d) => d,
             Err(e) => {
@@ -515,7 +570,10 @@ impl Manager {
             if *manifest == part.previous && part.manifest_file.exists() {
                 continue;
             }
-            manifest.save(&part.manifest_file)?;
+            if let Err(e) = manifest.save(&part.manifest_file) {
+                discard(&prep);
+                return Err(e);
+            }
         }
         if copied == 0 {
             // Nothing changed since the previous fork: the children share its layers, and

@@ -402,6 +402,7 @@ impl Manager {
         manager.recover()?;
         manager.sweep_unowned()?;
         manager.sweep_retired()?;
+        manager.sweep_unused_layers()?;
         Ok(manager)
     }
 
