@@ -1203,3 +1203,39 @@ fn a_server_in_an_isolated_network_keeps_listening_in_both_branches() {
     };
     assert!(stderr.contains("--net isolated"), "{stderr}");
 }
+
+#[test]
+fn a_daemon_killed_after_a_snapshot_and_before_its_record_loses_no_deletion() {
+    let mut s = setup(&[]);
+    s.run_agent("root", 4);
+    let original = s.pids("root")[0] as u32;
+    // x exists at a first fork, then is deleted.
+    s.sh("root", "echo x > x");
+    s.fork("root", "first");
+    assert_eq!(s.sh("first", "cat x"), "x\n");
+    s.d.ok(&["abort", "first"]);
+    s.sh("root", "rm x");
+    let dir = s.d.state.parent().unwrap().to_path_buf();
+    let socket = s.d.socket.clone();
+    s.d.stop();
+    // A fork dies in the clone: its snapshot (a whiteout for x) and the manifests saying x
+    // is gone were written, the parent's record naming them was not.
+    let (_, mut d) = crash_in_fork(
+        &dir,
+        &socket,
+        &at("the clone3", libc::SYS_clone3, 1),
+        original,
+        &[],
+    );
+    d.stop();
+    std::mem::forget(d);
+    std::mem::forget(std::mem::replace(&mut s.d, Daemon::start_on(&dir, &socket)));
+    // The next fork must still whiteout x: its child sees the parent's files, not x again.
+    s.fork("root", "second");
+    let has_x = |b: &str| s.sh(b, "ls").lines().any(|l| l == "x");
+    assert!(!has_x("root"));
+    assert!(
+        !has_x("second"),
+        "the child sees x, which its parent deleted"
+    );
+}

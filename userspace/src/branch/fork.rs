@@ -26,10 +26,23 @@ use crate::{
 /// One upper directory of a branch about to be snapshotted: where its new layer goes (made
 /// ready before the freeze) and what its previous snapshot saw.
 struct SnapshotPart {
+    /// "ws" or "tmp".
+    what: &'static str,
     upper: PathBuf,
     layer: PathBuf,
-    manifest_file: PathBuf,
     previous: Manifest,
+}
+
+/// The file of generation `generation` (see `BranchRecord::manifests`) of a branch's
+/// manifest `what` ("ws" or "tmp") in its directory `dir`: two slots used in turn, so a
+/// snapshot writes its manifests over the generation before the one its record names,
+/// never over that one (a daemon dying meanwhile leaves the record's manifests whole).
+pub(super) fn manifest_path(dir: &Path, what: &str, generation: u64) -> PathBuf {
+    if generation == 0 {
+        dir.join(format!("{what}-manifest.json"))
+    } else {
+        dir.join(format!("{what}-manifest-{}.json", generation % 2))
+    }
 }
 
 /// Creates the empty layer directories of `p`'s next snapshot (workspace, then /tmp), or
@@ -54,16 +67,15 @@ fn prepare_snapshot(p: &BranchRecord, spare: Option<Vec<PathBuf>>) -> Result<Vec
     };
     let mut parts = Vec::new();
     for (i, what) in ["ws", "tmp"].into_iter().enumerate() {
-        let manifest_file = p.dir.join(format!("{what}-manifest.json"));
-        let previous: Manifest = std::fs::read_to_string(&manifest_file)
+        let previous: Manifest = std::fs::read_to_string(manifest_path(&p.dir, what, p.manifests))
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok())
             .unwrap_or_default();
         if let Some(s) = &spare {
             parts.push(SnapshotPart {
+                what,
                 upper: p.dir.join(format!("{what}/upper")),
                 layer: s[i].clone(),
-                manifest_file,
                 previous,
             });
             continue;
@@ -77,9 +89,9 @@ fn prepare_snapshot(p: &BranchRecord, spare: Option<Vec<PathBuf>>) -> Result<Vec
             return Err(e).at(&layer);
         }
         parts.push(SnapshotPart {
+            what,
             upper: p.dir.join(format!("{what}/upper")),
             layer,
-            manifest_file,
             previous,
         });
     }
@@ -208,7 +220,7 @@ impl Manager {
         let fork_manifest = if p.frozen {
             p.dir.join("fork-manifest.json")
         } else {
-            p.dir.join("ws-manifest.json")
+            manifest_path(&p.dir, "ws", p.manifests)
         };
         let fork_ns = if p.frozen {
             p.fork_ns
@@ -422,6 +434,7 @@ impl Manager {
             ws_deltas: Vec::new(),
             tmp_deltas: Vec::new(),
             last_snapshot_ns: None,
+            manifests: 0,
             frozen: true,
             fork_ns,
             flattened: None,
@@ -565,15 +578,20 @@ impl Manager {
             }
         };
         let copied: u64 = taken.iter().map(|(_, n)| n).sum();
-        for (part, (manifest, _)) in prep.iter().zip(&taken) {
-            // Unchanged, it is not written again.
-            if *manifest == part.previous && part.manifest_file.exists() {
-                continue;
+        // Unchanged, the manifests are not written again; else the next generation is
+        // (the caller records `p` naming it).
+        let unchanged = prep.iter().zip(&taken).all(|(part, (manifest, _))| {
+            *manifest == part.previous && manifest_path(&p.dir, part.what, p.manifests).exists()
+        });
+        if !unchanged {
+            let next = p.manifests + 1;
+            for (part, (manifest, _)) in prep.iter().zip(&taken) {
+                if let Err(e) = manifest.save(&manifest_path(&p.dir, part.what, next)) {
+                    discard(&prep);
+                    return Err(e);
+                }
             }
-            if let Err(e) = manifest.save(&part.manifest_file) {
-                discard(&prep);
-                return Err(e);
-            }
+            p.manifests = next;
         }
         if copied == 0 {
             // Nothing changed since the previous fork: the children share its layers, and

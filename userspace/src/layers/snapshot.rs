@@ -42,8 +42,8 @@ impl Manifest {
     /// Writes the manifest to `path` over what it held, without truncating it first: on
     /// ext4, a file truncated to zero and written again is flushed when it is closed (its
     /// `auto_da_alloc`), which made each manifest cost about 0.45 ms of a fork instead of
-    /// 0.09. (Like the truncating write before it, a crash in the middle leaves a manifest
-    /// that does not parse, read as empty.)
+    /// 0.09. A write cut short leaves old and new bytes mixed: callers write where no
+    /// record points yet (`branch::fork::manifest_path`'s slots).
     pub fn save(&self, path: &Path) -> Result<()> {
         use std::os::unix::fs::FileExt;
         let text = serde_json::to_vec(self).map_err(std::io::Error::from)?;
