@@ -8,7 +8,7 @@ use forkscope::{
     branch::{ForkOptions, Manager},
     layers::diff::ChangeKind,
 };
-use forkscope_tests::{TempDir, forkscope, require_root};
+use forkscope_tests::{TempDir, branches::Branches, forkscope, require_root};
 
 fn sh(control: &Path, script: &str) -> (i32, String) {
     forkscope_tests::exec_sh(control, script)
@@ -20,7 +20,7 @@ fn run_fork_diff_and_abort() {
     let state = TempDir::new("state");
     let ws = TempDir::new("workspace");
     fs::write(ws.path().join("README"), "v1\n").unwrap();
-    let mut m = Manager::open(&state.path().join("state"), &forkscope()).unwrap();
+    let mut m = Branches::open(&state.path().join("state"));
     let root = m
         .run(
             Some("root".into()),
@@ -206,7 +206,7 @@ fn deep_fork_chains_are_flattened_and_show_the_same_files() {
     let ws = TempDir::new("workspace");
     fs::create_dir(ws.path().join("d")).unwrap();
     fs::write(ws.path().join("d/old"), "old\n").unwrap();
-    let mut m = Manager::open(&state.path().join("state"), &forkscope()).unwrap();
+    let mut m = Branches::open(&state.path().join("state"));
     let mut parent = m
         .run(
             Some("g0".into()),
@@ -266,100 +266,83 @@ fn forks_with_nothing_changed_between_them_share_layers_and_leave_no_empty_ones(
     let state = TempDir::new("state");
     let ws = TempDir::new("workspace");
     fs::write(ws.path().join("README"), "v1\n").unwrap();
-    let open = || Manager::open(&state.path().join("state"), &forkscope()).unwrap();
-    let mut m = Some(open());
+    let open = || Branches::open(&state.path().join("state"));
+    let mut m = open();
     let root = m
-        .as_mut()
-        .unwrap()
         .run(
             Some("root".into()),
             ws.path(),
             vec!["sleep".into(), "1000".into()],
         )
         .unwrap();
-    // (A failed assertion still aborts every branch: none is left running.)
-    let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let fork = |m: &mut Manager, name: &str| {
-            // (A snapshot copies again what changed within the coarse clock's tick of the
-            // previous one: let it pass.)
-            std::thread::sleep(std::time::Duration::from_millis(30));
-            let opts = ForkOptions {
-                name: Some(name.into()),
-                ..Default::default()
-            };
-            m.fork("root", &opts).unwrap().branches.remove(0)
+    let fork = |m: &mut Manager, name: &str| {
+        // (A snapshot copies again what changed within the coarse clock's tick of the
+        // previous one: let it pass.)
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        let opts = ForkOptions {
+            name: Some(name.into()),
+            ..Default::default()
         };
-        let layers = |m: &Manager| {
-            let dir = &m.get("root").unwrap().dir;
-            let mut names: Vec<String> = fs::read_dir(dir)
-                .unwrap()
-                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with("ws-layer-") || n.starts_with("tmp-layer-"))
-                .collect();
-            names.sort();
-            names
-        };
-        // Nothing changed between them: the forks stand on the same layers, and the
-        // directories a fork made for a snapshot it did not need are kept for the next
-        // one, not made and removed each time.
-        let m = &mut m;
-        let a = fork(m.as_mut().unwrap(), "a");
-        let b = fork(m.as_mut().unwrap(), "b");
-        let after_b = layers(m.as_ref().unwrap());
-        let spare: Vec<&String> = after_b
-            .iter()
-            .filter(|n| {
-                !a.ws_lowers
-                    .iter()
-                    .chain(&a.tmp_lowers)
-                    .any(|l| l.ends_with(n.as_str()))
-            })
+        m.fork("root", &opts).unwrap().branches.remove(0)
+    };
+    let layers = |m: &Manager| {
+        let dir = &m.get("root").unwrap().dir;
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("ws-layer-") || n.starts_with("tmp-layer-"))
             .collect();
-        assert_eq!(spare.len(), 2, "b's unused pair kept: {after_b:?}");
-        let e = fork(m.as_mut().unwrap(), "e");
-        assert_eq!((&a.ws_lowers, &b.ws_lowers), (&e.ws_lowers, &e.ws_lowers));
-        assert_eq!(
-            layers(m.as_ref().unwrap()),
-            after_b,
-            "no layer directory made or left by e"
-        );
-        // A change: the next fork copies it into the kept directories.
-        assert_eq!(sh(&root.control, "echo v2 > README").0, 0);
-        let c = fork(m.as_mut().unwrap(), "c");
-        assert_ne!(c.ws_lowers, b.ws_lowers);
-        assert!(spare.iter().any(|n| c.ws_lowers[0].ends_with(n.as_str())));
-        assert_eq!(sh(&c.control, "cat README").1, "v2\n");
-        assert_eq!(sh(&b.control, "cat README").1, "v1\n");
-        let d = fork(m.as_mut().unwrap(), "d");
-        assert_eq!(c.ws_lowers, d.ws_lowers);
-        assert_eq!(sh(&d.control, "cat README").1, "v2\n");
-        // Every layer directory is one a fork stands on, or the pair kept for the next.
-        let used: Vec<String> = [&a, &b, &c, &d, &e]
-            .iter()
-            .flat_map(|x| x.ws_lowers.iter().chain(&x.tmp_lowers))
-            .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-            .collect();
-        let unused = |m: &Manager| -> Vec<String> {
-            layers(m)
-                .into_iter()
-                .filter(|n| !used.contains(n))
-                .collect()
-        };
-        assert_eq!(unused(m.as_ref().unwrap()).len(), 2, "the pair kept for e");
-        // A restart (the kept pair is only known to the daemon that kept it): the empty
-        // layers no branch stands on go, the others stay and still serve the children.
-        drop(m.take());
-        *m = Some(open());
-        assert_eq!(unused(m.as_ref().unwrap()), Vec::<String>::new());
-        assert_eq!(sh(&d.control, "cat README").1, "v2\n");
-        let f = fork(m.as_mut().unwrap(), "f");
-        assert_eq!(f.ws_lowers, d.ws_lowers);
-    }));
-    let m = m.get_or_insert_with(open);
-    for name in ["a", "b", "c", "d", "e", "f", "root"] {
-        let _ = m.abort(name);
-    }
-    if let Err(panic) = checked {
-        std::panic::resume_unwind(panic);
-    }
+        names.sort();
+        names
+    };
+    // Nothing changed between them: the forks stand on the same layers, and the
+    // directories a fork made for a snapshot it did not need are kept for the next
+    // one, not made and removed each time.
+    let a = fork(&mut m, "a");
+    let b = fork(&mut m, "b");
+    let after_b = layers(&m);
+    let spare: Vec<&String> = after_b
+        .iter()
+        .filter(|n| {
+            !a.ws_lowers
+                .iter()
+                .chain(&a.tmp_lowers)
+                .any(|l| l.ends_with(n.as_str()))
+        })
+        .collect();
+    assert_eq!(spare.len(), 2, "b's unused pair kept: {after_b:?}");
+    let e = fork(&mut m, "e");
+    assert_eq!((&a.ws_lowers, &b.ws_lowers), (&e.ws_lowers, &e.ws_lowers));
+    assert_eq!(layers(&m), after_b, "no layer directory made or left by e");
+    // A change: the next fork copies it into the kept directories.
+    assert_eq!(sh(&root.control, "echo v2 > README").0, 0);
+    let c = fork(&mut m, "c");
+    assert_ne!(c.ws_lowers, b.ws_lowers);
+    assert!(spare.iter().any(|n| c.ws_lowers[0].ends_with(n.as_str())));
+    assert_eq!(sh(&c.control, "cat README").1, "v2\n");
+    assert_eq!(sh(&b.control, "cat README").1, "v1\n");
+    let d = fork(&mut m, "d");
+    assert_eq!(c.ws_lowers, d.ws_lowers);
+    assert_eq!(sh(&d.control, "cat README").1, "v2\n");
+    // Every layer directory is one a fork stands on, or the pair kept for the next.
+    let used: Vec<String> = [&a, &b, &c, &d, &e]
+        .iter()
+        .flat_map(|x| x.ws_lowers.iter().chain(&x.tmp_lowers))
+        .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .collect();
+    let unused = |m: &Manager| -> Vec<String> {
+        layers(m)
+            .into_iter()
+            .filter(|n| !used.contains(n))
+            .collect()
+    };
+    assert_eq!(unused(&m).len(), 2, "the pair kept for e");
+    // A restart (the kept pair is only known to the daemon that kept it): the empty
+    // layers no branch stands on go, the others stay and still serve the children.
+    drop(m.release());
+    m = open();
+    assert_eq!(unused(&m), Vec::<String>::new());
+    assert_eq!(sh(&d.control, "cat README").1, "v2\n");
+    let f = fork(&mut m, "f");
+    assert_eq!(f.ws_lowers, d.ws_lowers);
 }

@@ -11,35 +11,11 @@ use forkscope::{
     commit::Prefer,
     layers::diff::ChangeKind,
 };
-use forkscope_tests::{TempDir, exec_sh, forkscope, require_root, tree};
-
-/// A manager whose branches are all aborted when the test ends, passed or failed.
-struct Branches(Manager);
-
-impl Branches {
-    fn open(state: &std::path::Path) -> Self {
-        Self(Manager::open(&state.join("state"), &forkscope()).unwrap())
-    }
-}
-
-impl std::ops::Deref for Branches {
-    type Target = Manager;
-    fn deref(&self) -> &Manager {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Branches {
-    fn deref_mut(&mut self) -> &mut Manager {
-        &mut self.0
-    }
-}
-
-impl Drop for Branches {
-    fn drop(&mut self) {
-        abort_all(&mut self.0);
-    }
-}
+use forkscope_tests::{
+    TempDir,
+    branches::{Branches, abort_all},
+    exec_sh, require_root, tree,
+};
 
 fn sleeping(m: &mut Manager, name: &str, ws: &std::path::Path) -> BranchRecord {
     m.run(Some(name.into()), ws, vec!["sleep".into(), "1000".into()])
@@ -75,14 +51,6 @@ fn commit(m: &mut Manager, name: &str) -> forkscope::Result<forkscope::branch::C
     m.commit(name, &CommitOptions::default())
 }
 
-fn abort_all(m: &mut Manager) {
-    let mut all = m.list().unwrap();
-    all.sort_by_key(|b| std::cmp::Reverse(b.record.id));
-    for b in all {
-        let _ = m.abort(&b.record.name);
-    }
-}
-
 #[test]
 fn root_commit_reproduces_every_change_on_the_host_and_mounted_branches_keep_their_view() {
     require_root();
@@ -108,7 +76,7 @@ fn root_commit_reproduces_every_change_on_the_host_and_mounted_branches_keep_the
     std::os::unix::fs::symlink("keep.txt", w.join("link-old")).unwrap();
     let initial = tree(w);
 
-    let mut m = Branches::open(state.path());
+    let mut m = Branches::open(&state.path().join("state"));
     let root = sleeping(&mut m, "root", w);
     // Forked before the changes: it must keep seeing the initial files after the commit.
     let watcher = fork(&mut m, "root", "watcher", false);
@@ -191,7 +159,7 @@ fn root_commit_reproduces_every_change_on_the_host_and_mounted_branches_keep_the
 fn conflicts_are_refused_whole_or_settled_by_prefer() {
     require_root();
     let state = TempDir::new("state");
-    let mut m = Branches::open(state.path());
+    let mut m = Branches::open(&state.path().join("state"));
     let mut hosts = Vec::new();
     for prefer in [Prefer::None, Prefer::Target, Prefer::Branch] {
         let ws = TempDir::new("workspace");
@@ -251,7 +219,7 @@ fn a_child_commits_into_its_running_parent() {
     let ws = TempDir::new("workspace");
     let w = ws.path();
     fs::write(w.join("f"), "v1\n").unwrap();
-    let mut m = Branches::open(state.path());
+    let mut m = Branches::open(&state.path().join("state"));
     let root = sleeping(&mut m, "root", w);
     sh(&root, "echo root-before-fork > r.txt");
     let c1 = fork(&mut m, "root", "c1", false);
@@ -347,7 +315,7 @@ fn a_workspace_on_another_filesystem_commits_against_its_copied_base() {
     fs::write(ws.join("a.txt"), "a0\n").unwrap();
     fs::write(ws.join("b.txt"), "b0\n").unwrap();
     fs::write(ws.join("d/c.txt"), "c0\n").unwrap();
-    let mut m = Branches::open(&state);
+    let mut m = Branches::open(&state.join("state"));
     let b = sleeping(&mut m, "root", &ws);
     assert!(
         state.join("state/branches/1/base-manifest.json").exists(),

@@ -4,6 +4,7 @@
 //! The tests run the real binary, which loads the real eBPF programs into this kernel: they
 //! need root (CI runs as root) and `cargo build --release` first (scripts/test does both).
 
+pub mod branches;
 pub mod daemon;
 pub mod http;
 pub mod strace;
