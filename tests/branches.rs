@@ -8,7 +8,11 @@ use forkscope::{
     branch::{ForkOptions, Manager},
     layers::diff::ChangeKind,
 };
-use forkscope_tests::{TempDir, branches::Branches, forkscope, require_root};
+use forkscope_tests::{
+    TempDir,
+    branches::{Branches, sleeping},
+    forkscope, require_root,
+};
 
 fn sh(control: &Path, script: &str) -> (i32, String) {
     forkscope_tests::exec_sh(control, script)
@@ -21,13 +25,7 @@ fn run_fork_diff_and_abort() {
     let ws = TempDir::new("workspace");
     fs::write(ws.path().join("README"), "v1\n").unwrap();
     let mut m = Branches::open(&state.path().join("state"));
-    let root = m
-        .run(
-            Some("root".into()),
-            ws.path(),
-            vec!["sleep".into(), "1000".into()],
-        )
-        .unwrap();
+    let root = sleeping(&mut m, "root", ws.path());
     assert_eq!(
         sh(
             &root.control,
@@ -207,13 +205,7 @@ fn deep_fork_chains_are_flattened_and_show_the_same_files() {
     fs::create_dir(ws.path().join("d")).unwrap();
     fs::write(ws.path().join("d/old"), "old\n").unwrap();
     let mut m = Branches::open(&state.path().join("state"));
-    let mut parent = m
-        .run(
-            Some("g0".into()),
-            ws.path(),
-            vec!["sleep".into(), "1000".into()],
-        )
-        .unwrap();
+    let mut parent = sleeping(&mut m, "g0", ws.path());
     // A chain of generations, each changing something and forking the next: a new file,
     // the previous one deleted, and once a directory deleted and created again.
     let generations = forkscope::branch::FLATTEN_AT + 6;
@@ -268,13 +260,7 @@ fn forks_with_nothing_changed_between_them_share_layers_and_leave_no_empty_ones(
     fs::write(ws.path().join("README"), "v1\n").unwrap();
     let open = || Branches::open(&state.path().join("state"));
     let mut m = open();
-    let root = m
-        .run(
-            Some("root".into()),
-            ws.path(),
-            vec!["sleep".into(), "1000".into()],
-        )
-        .unwrap();
+    let root = sleeping(&mut m, "root", ws.path());
     let fork = |m: &mut Manager, name: &str| {
         // (A snapshot copies again what changed within the coarse clock's tick of the
         // previous one: let it pass.)

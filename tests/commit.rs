@@ -13,14 +13,9 @@ use forkscope::{
 };
 use forkscope_tests::{
     TempDir,
-    branches::{Branches, abort_all},
+    branches::{Branches, abort_all, sleeping},
     exec_sh, require_root, tree,
 };
-
-fn sleeping(m: &mut Manager, name: &str, ws: &std::path::Path) -> BranchRecord {
-    m.run(Some(name.into()), ws, vec!["sleep".into(), "1000".into()])
-        .unwrap()
-}
 
 fn fork(m: &mut Manager, parent: &str, name: &str, frozen: bool) -> BranchRecord {
     m.fork(

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use forkscope::branch::Manager;
+use forkscope::branch::{BranchRecord, Manager};
 
 /// A [`Manager`] whose branches are aborted (newest first) when it is dropped.
 pub struct Branches(Option<Manager>);
@@ -19,6 +19,12 @@ impl Branches {
     pub fn release(mut self) -> Manager {
         self.0.take().expect("held until released")
     }
+}
+
+/// Runs root branch `name` on workspace `ws` with a command that only waits (`sleep 1000`).
+pub fn sleeping(m: &mut Manager, name: &str, ws: &Path) -> BranchRecord {
+    m.run(Some(name.into()), ws, vec!["sleep".into(), "1000".into()])
+        .unwrap()
 }
 
 /// Aborts every branch of `m`, newest first (children before their parents).

@@ -66,11 +66,11 @@ pub struct BranchRecord {
     pub tmp_deltas: Vec<PathBuf>,
     /// When its last snapshot was taken (file change-time clock).
     pub last_snapshot_ns: Option<i128>,
-    /// The generation of the manifests of its last snapshot (`ws-manifest-N.json` and
-    /// `tmp-manifest-N.json` in its directory; 0: `ws-manifest.json`, as records made
-    /// before numbered them). A snapshot writes the next generation and this record names
-    /// it, so the manifests read are always those of the snapshot the record describes,
-    /// even when a daemon died between the two.
+    /// The generation of the manifests of its last snapshot: in its directory, generation N
+    /// is in the slot `ws-manifest-{N % 2}.json` (and `tmp-...`), 0 in `ws-manifest.json`
+    /// (records made before numbered them; see `fork::manifest_path`). A snapshot writes the
+    /// next generation and this record names it, so the manifests read are always those of
+    /// the snapshot the record describes, even when a daemon died between the two.
     #[serde(default)]
     pub manifests: u64,
     /// A checkpoint (`fork --frozen`): layers only, no processes; forks of it all start from

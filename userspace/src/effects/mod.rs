@@ -95,8 +95,18 @@ fn db_err(e: rusqlite::Error) -> Error {
     Error::State(format!("effects journal: {e}"))
 }
 
-/// A payload's [`payloads::Location`] from columns `payload_file, payload_off, payload_len`
-/// (the first three of the row).
+/// Whether the journal's table has column `name` (added to journals made before it was).
+fn has_column(db: &Connection, name: &str) -> Result<bool> {
+    db.prepare("SELECT 1 FROM pragma_table_info('effects') WHERE name = ?1")
+        .and_then(|mut q| q.exists([name]))
+        .map_err(db_err)
+}
+
+/// The columns a payload's [`payloads::Location`] is read from (see [`location`]).
+const LOCATION: &str = "payload_file, coalesce(payload_off, 0), payload_len";
+
+/// A payload's [`payloads::Location`] from the [`LOCATION`] columns (the first three of the
+/// row).
 fn location(r: &rusqlite::Row<'_>) -> rusqlite::Result<payloads::Location> {
     location_at(r, 0)
 }
@@ -158,11 +168,7 @@ impl Journal {
         .map_err(db_err)?;
         // Payloads kept in segment files (see `payloads`): the segment's name and the
         // payload's length. Added to journals made before.
-        let has_file_column = db
-            .prepare("SELECT 1 FROM pragma_table_info('effects') WHERE name = 'payload_file'")
-            .and_then(|mut q| q.exists([]))
-            .map_err(db_err)?;
-        if !has_file_column {
+        if !has_column(&db, "payload_file")? {
             // Both or neither: a daemon killed in between must not leave half a schema.
             db.execute_batch(
                 "BEGIN;
@@ -173,11 +179,7 @@ impl Journal {
             .map_err(db_err)?;
         }
         // Where in the segment file (rows from before segments: 0, a file each).
-        let has_offset_column = db
-            .prepare("SELECT 1 FROM pragma_table_info('effects') WHERE name = 'payload_off'")
-            .and_then(|mut q| q.exists([]))
-            .map_err(db_err)?;
-        if !has_offset_column {
+        if !has_column(&db, "payload_off")? {
             db.execute_batch("ALTER TABLE effects ADD COLUMN payload_off INTEGER;")
                 .map_err(db_err)?;
         }
@@ -202,10 +204,10 @@ impl Journal {
     /// in segment files are.
     fn payload_files(db: &Connection, cgroup: Option<i64>) -> Result<Vec<payloads::Location>> {
         let mut q = db
-            .prepare(
-                "SELECT payload_file, coalesce(payload_off, 0), payload_len FROM effects
-                 WHERE payload_file IS NOT NULL AND (?1 IS NULL OR cgroup = ?1)",
-            )
+            .prepare(&format!(
+                "SELECT {LOCATION} FROM effects
+                 WHERE payload_file IS NOT NULL AND (?1 IS NULL OR cgroup = ?1)"
+            ))
             .map_err(db_err)?;
         let rows = q.query_map(params![cgroup], location).map_err(db_err)?;
         rows.collect::<std::result::Result<_, _>>().map_err(db_err)
@@ -342,8 +344,7 @@ impl Journal {
         let (inline, file): (Vec<u8>, Option<payloads::Location>) = self
             .db()
             .query_row(
-                "SELECT payload, payload_file, coalesce(payload_off, 0), payload_len
-                 FROM effects WHERE id = ?1",
+                &format!("SELECT payload, {LOCATION} FROM effects WHERE id = ?1"),
                 params![id],
                 |r| {
                     let file: Option<String> = r.get(1)?;
@@ -364,8 +365,9 @@ impl Journal {
         let db = self.db();
         let old: Option<payloads::Location> = db
             .query_row(
-                "SELECT payload_file, coalesce(payload_off, 0), payload_len FROM effects
-                 WHERE id = ?1 AND payload_file IS NOT NULL",
+                &format!(
+                    "SELECT {LOCATION} FROM effects WHERE id = ?1 AND payload_file IS NOT NULL"
+                ),
                 params![id],
                 location,
             )

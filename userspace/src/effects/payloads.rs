@@ -88,10 +88,13 @@ impl PayloadFile {
                 self.reserved
             )));
         }
-        let path = self.dir.path(&self.segment);
+        // (The path only for an error: this runs for every chunk of a request.)
         self.file
             .write_all_at(bytes, self.offset + self.len)
-            .at(&path)?;
+            .map_err(|cause| Error::Io {
+                path: self.dir.path(&self.segment),
+                cause,
+            })?;
         self.len += bytes.len() as u64;
         Ok(())
     }
