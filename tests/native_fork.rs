@@ -881,6 +881,22 @@ fn running(script: &str) -> Vec<u32> {
         .collect()
 }
 
+/// The live processes running what process `pid` runs (command line), where it runs it
+/// (working directory): `pid` and its clones that were not set up.
+fn copies_of(pid: u32) -> Vec<u32> {
+    let cmdline = |p: u32| std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+    let cwd = |p: u32| std::fs::read_link(format!("/proc/{p}/cwd")).ok();
+    let (cmd, dir) = (cmdline(pid), cwd(pid));
+    let mut all: Vec<u32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| !cmd.is_empty() && cmdline(*p) == cmd && cwd(*p) == dir)
+        .collect();
+    all.sort();
+    all
+}
+
 /// Processes running `agent.py` in workspace `ws`.
 fn agents_in(ws: &Path) -> Vec<u32> {
     running("agent.py")
@@ -939,6 +955,17 @@ fn crash_in_fork(
     );
     let _ = crashing.child.wait();
     std::mem::forget(crashing); // dead; the next daemon takes over its branches
+    // A clone the dead daemon let go of before it was set up ends itself at once: it never
+    // runs on as a copy of the original (before any daemon could sweep it away).
+    let start = Instant::now();
+    while copies_of(original) != [original] {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{name}: copies of the original run: {:?}",
+            copies_of(original)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let d = Daemon::start_on(dir, socket);
     // No half-forked child: no record.
     let list: Value = serde_json::from_str(&d.ok(&["ls", "--json"])).unwrap();

@@ -240,11 +240,15 @@ fn the_report_and_its_chart_match_the_trace_of_an_exploration() {
         .collect();
     assert_eq!(into, [kids[0].as_str(), kids[1].as_str()]);
     for (phase, us) in [
+        ("check", "check"),
         ("freeze", "freeze"),
         ("files", "files"),
+        ("seize", "seize"),
         ("thaw", "thaw"),
+        ("plan", "plan"),
         ("start", "sandboxes"),
         ("processes", "clones"),
+        ("record", "record"),
     ] {
         assert_eq!(
             forks[0]["phases_us"][phase].as_u64(),
@@ -253,10 +257,22 @@ fn the_report_and_its_chart_match_the_trace_of_an_exploration() {
         );
     }
     let fork_ns = forks[0]["duration_ns"].as_u64().unwrap();
-    let phase_sum: u64 = ["freeze", "files", "thaw", "start", "processes"]
-        .iter()
-        .map(|p| forks[0]["phases_us"][p].as_u64().unwrap())
-        .sum();
+    assert_eq!(forks[0]["phases_us"].get("total"), None, "not a phase");
+    assert_eq!(forks[0]["phases_us"].get("held"), None, "not a phase");
+    let phase_sum: u64 = [
+        "check",
+        "freeze",
+        "files",
+        "seize",
+        "thaw",
+        "plan",
+        "start",
+        "processes",
+        "record",
+    ]
+    .iter()
+    .map(|p| forks[0]["phases_us"][p].as_u64().unwrap())
+    .sum();
     assert!(
         fork_ns >= phase_sum * 1000,
         "{fork_ns} ns < phases {phase_sum} us"

@@ -15,8 +15,9 @@
 //! process's registers, signal mask and x87/SSE state as they were when it was stopped (AVX
 //! upper halves are reset; a system call it was blocked in is entered again, except that a
 //! sleep's restart block is lost, so a nanosleep or a poll with a timeout returns EINTR). A
-//! clone's frame instead holds an `exit_group`: a clone cut off before it was set up ends
-//! itself. Without glibc, calls run at a `syscall` of the vDSO and that safety net is
+//! second frame below it holds an `exit_group`: a clone is born with its stack pointer on
+//! that one ([`Tracee::exit_frame`]), so a clone cut off at any instant before it was set up
+//! ends itself. Without glibc, calls run at a `syscall` of the vDSO and that safety net is
 //! missing. What the calls already did stays done (see `crate::procfork::clone`).
 
 use std::{fs::File, io::Read, os::unix::fs::FileExt};
@@ -73,6 +74,17 @@ pub struct Gadgets {
     restore_rt: u64,
 }
 
+/// The safety net's frames in a process (see the module doc).
+#[derive(Clone, Copy, Debug)]
+struct Net {
+    gadgets: Gadgets,
+    /// The frame injected calls return onto: it puts the process back as it was stopped
+    /// (in a clone: the exit frame).
+    frame: u64,
+    /// The frame that ends the process.
+    exit_frame: u64,
+}
+
 /// A process held in a ptrace stop, into which system calls can be injected.
 pub struct Tracee {
     pub pid: Pid,
@@ -86,9 +98,8 @@ pub struct Tracee {
     /// A signal that arrived during an injection, delivered at detach.
     pending: Option<Signal>,
     detached: bool,
-    /// The safety net (see the module doc): libc's gadgets and the signal frame's address,
-    /// once [`Tracee::arm`] has written the frame.
-    net: Option<(Gadgets, u64)>,
+    /// The safety net (see the module doc), once [`Tracee::arm`] has written its frames.
+    net: Option<Net>,
     /// libc's gadgets, found at seize time.
     gadgets: Option<Gadgets>,
     /// Calls are single-stepped (a clone) rather than stopped at entry and exit.
@@ -168,22 +179,26 @@ impl Tracee {
     }
 
     /// Takes hold of a clone of `original` that was attached at birth
-    /// (`PTRACE_O_TRACECLONE`). Its frame (a copy of the original's, at the same address in
-    /// its own memory) is rewritten to end it, should it be cut off before it is set up.
+    /// (`PTRACE_O_TRACECLONE`), born with its stack pointer on the exit frame
+    /// ([`Tracee::exit_frame`], a copy of the original's in its own memory, or its own for a
+    /// thread it made): calls injected into it return onto that frame, so it ends itself
+    /// should it be cut off before it is set up.
     pub fn adopt_clone(pid: Pid, original: &Tracee) -> Result<Tracee> {
         Self::wait_event_stop(pid)?;
         // Its memory is the original's: same vDSO, same libc.
         let mut t = Self::held_with(pid, Some(original.syscall_at), false)?;
-        if let Some((g, frame)) = original.net {
-            t.net = Some((g, frame));
-            let mut exit = t.saved;
-            exit.rip = g.syscall_ret;
-            exit.rax = libc::SYS_exit_group as u64;
-            exit.orig_rax = u64::MAX;
-            exit.rdi = 1;
-            t.write_mcontext(frame, &exit, 0)?;
-        }
+        t.net = original.net.map(|n| Net {
+            frame: n.exit_frame,
+            ..n
+        });
         Ok(t)
+    }
+
+    /// The frame that ends the process (see the module doc), once [`Tracee::arm`] wrote it:
+    /// a clone made with its stack pointer there ends itself if it is let go before it is
+    /// set up.
+    pub fn exit_frame(&self) -> Option<u64> {
+        self.net.map(|n| n.exit_frame)
     }
 
     fn wait_event_stop(pid: Pid) -> Result<()> {
@@ -301,7 +316,23 @@ impl Tracee {
         self.write_mcontext(frame, &resume, fpstate)?;
         self.write(frame + UC_SIGMASK, &self.saved_mask.to_ne_bytes())?;
         self.write(frame + UC_SIGMASK + 8, &[0u8; 128])?;
-        self.net = Some((g, frame));
+        // The exit frame below it: the same head, registers that run exit_group(1), every
+        // signal blocked, no FPU state.
+        let exit_frame = (frame - FRAME_SIZE - 64) & !15;
+        self.write(exit_frame, &head)?;
+        let mut exit = self.saved;
+        exit.rip = g.syscall_ret;
+        exit.rax = libc::SYS_exit_group as u64;
+        exit.orig_rax = u64::MAX;
+        exit.rdi = 1;
+        self.write_mcontext(exit_frame, &exit, 0)?;
+        self.write(exit_frame + UC_SIGMASK, &(!0u64).to_ne_bytes())?;
+        self.write(exit_frame + UC_SIGMASK + 8, &[0u8; 128])?;
+        self.net = Some(Net {
+            gadgets: g,
+            frame,
+            exit_frame,
+        });
         Ok(())
     }
 
@@ -326,10 +357,10 @@ impl Tracee {
             .map_err(|e| Error::Sandbox(format!("writing into process {}: {e}", self.pid)))
     }
 
-    /// Where scratch data may go: below the frame, or below the red zone.
+    /// Where scratch data may go: below the frames, or below the red zone.
     fn scratch_top(&self) -> u64 {
         match self.net {
-            Some((_, frame)) => frame - 64,
+            Some(n) => n.exit_frame.min(n.frame) - 64,
             None => self.saved.rsp - RED_ZONE,
         }
     }
@@ -395,9 +426,9 @@ impl Tracee {
         }
         let mut regs = self.saved;
         regs.rip = self.syscall_at;
-        if let Some((g, frame)) = self.net {
-            regs.rip = g.syscall_ret;
-            regs.rsp = frame;
+        if let Some(n) = self.net {
+            regs.rip = n.gadgets.syscall_ret;
+            regs.rsp = n.frame;
         }
         regs.rax = nr as u64;
         regs.orig_rax = u64::MAX; // not in a system call: nothing to restart

@@ -109,7 +109,7 @@ impl Metrics {
         let fork_phase_seconds = HistogramVec::new(
             HistogramOpts::new(
                 "forkscope_fork_phase_duration_seconds",
-                "Time of each phase of each fork: freeze, files (snapshot), processes (native clones), thaw, start (child sandboxes).",
+                "Time of each phase of each fork: check, freeze, files (snapshot), seize, thaw, plan, start (child sandboxes), processes (native clones), record.",
             )
             .buckets(LATENCY_BUCKETS.to_vec()),
             &["phase"],
@@ -268,11 +268,15 @@ impl Metrics {
     /// Records one fork's phases (microseconds).
     pub fn fork_phases(&self, phases: &crate::branch::ForkPhases) {
         for (phase, us) in [
+            ("check", phases.check_us),
             ("freeze", phases.freeze_us),
             ("files", phases.files_us),
-            ("processes", phases.processes_us),
+            ("seize", phases.seize_us),
             ("thaw", phases.thaw_us),
+            ("plan", phases.plan_us),
             ("start", phases.start_us),
+            ("processes", phases.processes_us),
+            ("record", phases.record_us),
         ] {
             self.fork_phase_seconds
                 .with_label_values(&[phase])

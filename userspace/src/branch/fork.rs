@@ -135,6 +135,7 @@ impl Manager {
             ));
         }
         let started = trace_notes::now_ns();
+        let t_total = Instant::now();
         let mut p = self.get(parent)?;
         self.no_commit_pending("forking")?;
         if let Some(n) = &name {
@@ -145,15 +146,17 @@ impl Manager {
                 )));
             }
         }
-        let mut phases = ForkPhases::default();
         // A running branch, or a checkpoint holding stopped clones, has processes to clone.
         let has_processes = p.init_pid != 0 && !p.cgroup.as_os_str().is_empty();
         let cloning = has_processes && !opts.fresh;
+        let mut phases = ForkPhases::default();
+        let t = Instant::now();
         let checked = if cloning {
             procfork::precheck(&p.cgroup, p.init_pid)?
         } else {
             Vec::new()
         };
+        phases.check_us = t.elapsed().as_micros() as u64;
         let t_held = Instant::now();
         let held = if p.frozen {
             if checked.is_empty() {
@@ -186,10 +189,12 @@ impl Manager {
             net_isolated: p.net_isolated,
             marks: &p.dir,
         };
+        let t = Instant::now();
         let planned = match held.as_mut() {
             Some(h) => procfork::plan(h, p.init_pid, &ctx).map(Some),
             None => Ok(None),
         };
+        phases.plan_us = t.elapsed().as_micros() as u64;
         let planned = planned.and_then(|t| {
             if p.children_ws().len() > FLATTEN_AT || p.children_tmp().len() > FLATTEN_AT {
                 self.flatten_layers(&mut p)?;
@@ -285,7 +290,7 @@ impl Manager {
                     policy: p.policy.clone(),
                 };
                 let t_start = Instant::now();
-                let mut rec = self.start(
+                let starting = self.begin_start(
                     id,
                     child,
                     Some(p.name.clone()),
@@ -297,11 +302,24 @@ impl Manager {
                     how,
                 )?;
                 phases.start_us += t_start.elapsed().as_micros() as u64;
-                made.push(rec.clone());
-                // A checkpoint's cgroup is frozen before its clones are let go: they never run.
-                let child_cg = Cgroup::open(&rec.cgroup)?;
-                let freeze = opts.frozen.then_some(&child_cg);
-                if let Some(h) = held.as_mut() {
+                let Some(h) = held.as_mut() else {
+                    let t = Instant::now();
+                    let mut rec = self.finish_start(starting)?;
+                    phases.start_us += t.elapsed().as_micros() as u64;
+                    made.push(rec.clone());
+                    if opts.frozen {
+                        // A checkpoint's cgroup is frozen: nothing in it ever runs.
+                        Cgroup::open(&rec.cgroup)?.freeze(true, Duration::from_secs(5))?;
+                        rec.frozen = true;
+                        *made.last_mut().expect("just pushed") = rec;
+                    }
+                    cloned.push(Vec::new());
+                    continue;
+                };
+                // The clones are born while the child's overlays are being mounted, and set
+                // up in the child once they are.
+                let rec = starting.record().clone();
+                let prepared = (|| {
                     // A terminal of the child's own for each of the parent's, set up as
                     // that one is.
                     let terminals = h
@@ -322,20 +340,42 @@ impl Manager {
                         net_isolated: p.net_isolated,
                         marks: p.dir.clone(),
                     };
-                    let c = procfork::clone_into(h, &into, freeze)?;
-                    phases.processes_us += c.us;
-                    clone_notes.extend(c.notes);
-                    cloned.push(c.pids);
-                } else {
-                    if let Some(cg) = freeze {
-                        cg.freeze(true, Duration::from_secs(5))?;
+                    Ok((into, Cgroup::open(&rec.cgroup)?))
+                })();
+                let (into, child_cg) = match prepared {
+                    Ok(p) => p,
+                    Err(e) => {
+                        self.abandon_start(starting);
+                        return Err(e);
                     }
-                    cloned.push(Vec::new());
+                };
+                // A checkpoint's cgroup is frozen before its clones are let go: they never run.
+                let freeze = opts.frozen.then_some(&child_cg);
+                let mut starting = Some(starting);
+                let mut started = None;
+                let mut waited_us = 0;
+                let c = procfork::clone_into(h, &into, freeze, || {
+                    let t = Instant::now();
+                    let s = starting.take().expect("called once");
+                    let r = self.finish_start(s);
+                    waited_us = t.elapsed().as_micros() as u64;
+                    started = Some(r?);
+                    Ok(())
+                });
+                phases.start_us += waited_us;
+                if let Some(s) = starting {
+                    self.abandon_start(s);
                 }
-                if opts.frozen {
-                    rec.frozen = true;
-                    *made.last_mut().expect("just pushed") = rec.clone();
+                if let Some(mut rec) = started {
+                    if opts.frozen {
+                        rec.frozen = true;
+                    }
+                    made.push(rec);
                 }
+                let c = c?;
+                phases.processes_us += c.us.saturating_sub(waited_us);
+                clone_notes.extend(c.notes);
+                cloned.push(c.pids);
             }
             Ok(())
         })();
@@ -364,6 +404,7 @@ impl Manager {
             self.registry.put_all(&all)
         };
         let outcome = outcome.and(refrozen).and(released);
+        let t = Instant::now();
         let outcome = match outcome {
             Ok(()) => recorded(),
             Err(e) => {
@@ -382,6 +423,7 @@ impl Manager {
             }
             return Err(e);
         }
+        phases.record_us = t.elapsed().as_micros() as u64;
         if cloning && let Some(t) = &self.tracker {
             // The clone write-protected the parent's pages again: each counts anew.
             let mut ids = vec![Cgroup::open(&p.cgroup)?.id()];
@@ -390,6 +432,7 @@ impl Manager {
             }
             t.new_epoch(&ids);
         }
+        phases.total_us = t_total.elapsed().as_micros() as u64;
         self.note_fork(&p, &made, started, &phases);
         Ok(Forked {
             branches: made,
@@ -552,10 +595,12 @@ impl Manager {
             })
             .collect();
         phases.files_us = t.elapsed().as_micros() as u64;
+        let t = Instant::now();
         let during = match &taken {
             Ok(_) => while_frozen(),
             Err(_) => Err(Error::Sandbox("not reached".into())),
         };
+        phases.seize_us = t.elapsed().as_micros() as u64;
         let t = Instant::now();
         let thawed = cg.freeze(false, Duration::from_secs(5));
         phases.thaw_us = t.elapsed().as_micros() as u64;

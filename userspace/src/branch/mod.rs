@@ -10,14 +10,16 @@
 //! at the same instant; `--fresh` starts the parent's command afresh instead.
 //! Committing ([`commit`]) applies a branch's changes to its parent's view.
 //!
-//! Here: the records and types, `run`, listing, policies, starting a branch's sandbox;
-//! [`fork`] has the fork, [`abort`] the abort, [`warm`] the pre-started sandboxes and what no
-//! record owns, [`trace_notes`] the operations written into traces, [`run_in`] the API's exec.
+//! Here: the records and types, `run`, listing, policies; [`start`] starts a branch's
+//! sandbox, [`fork`] has the fork, [`abort`] the abort, [`warm`] the pre-started sandboxes
+//! and what no record owns, [`trace_notes`] the operations written into traces, [`run_in`]
+//! the API's exec.
 
 mod abort;
 mod commit;
 mod fork;
 pub mod run_in;
+mod start;
 mod trace_notes;
 mod warm;
 
@@ -37,7 +39,6 @@ use crate::{
     },
     policy::Policy,
     procfork,
-    sandbox::{self, SandboxSpec, StackSpec},
     state::{Registry, branch_dir},
     tracker::Tracker,
 };
@@ -169,21 +170,34 @@ pub struct ForkOptions {
     pub fresh: bool,
 }
 
-/// Where the time of a fork went, in microseconds: freezing the parent, snapshotting its
-/// files (the parent is frozen meanwhile), thawing it, starting the children's sandboxes,
-/// and cloning the processes into them. The parent's processes being cloned stay stopped
-/// (by ptrace) from the freeze until they are cloned into every child (`held_us`); its
-/// other processes (its init) run again at the thaw.
+/// Where the time of a fork went, in microseconds, in order: checking the parent's
+/// processes (`check_us`), freezing the parent, snapshotting its files (the parent is
+/// frozen meanwhile), seizing its processes with ptrace (`seize_us`, still frozen), thawing
+/// it, planning each clone from /proc (`plan_us`), starting the children's sandboxes,
+/// cloning the processes into them, and writing the records (`record_us`). The parent's
+/// processes being cloned stay stopped (by ptrace) from the freeze until they are cloned
+/// into every child (`held_us`); its other processes (its init) run again at the thaw.
+/// `total_us` is the whole fork as the daemon sees it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ForkPhases {
+    #[serde(default)]
+    pub check_us: u64,
     pub freeze_us: u64,
     pub files_us: u64,
+    #[serde(default)]
+    pub seize_us: u64,
     pub thaw_us: u64,
+    #[serde(default)]
+    pub plan_us: u64,
     pub start_us: u64,
     #[serde(default)]
     pub processes_us: u64,
     #[serde(default)]
+    pub record_us: u64,
+    #[serde(default)]
     pub held_us: u64,
+    #[serde(default)]
+    pub total_us: u64,
 }
 
 /// The result of a fork.
@@ -759,106 +773,6 @@ impl Manager {
             }
         }
         Ok(())
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn start(
-        &mut self,
-        id: u64,
-        name: String,
-        parent: Option<String>,
-        workspace: PathBuf,
-        command: Vec<String>,
-        ws_lowers: Vec<PathBuf>,
-        tmp_lowers: Vec<PathBuf>,
-        fork_ns: Option<i128>,
-        how: Start,
-    ) -> Result<BranchRecord> {
-        let dir = branch_dir(&self.state, id);
-        mkdirs(&dir, &["ws/upper", "ws/work", "tmp/upper", "tmp/work"])?;
-        let spec = SandboxSpec {
-            workspace_stack: StackSpec {
-                lowers: ws_lowers.clone(),
-                ..StackSpec::in_dir(&dir, "ws")
-            },
-            tmp_stack: StackSpec {
-                lowers: tmp_lowers.clone(),
-                ..StackSpec::in_dir(&dir, "tmp")
-            },
-            command: how.command,
-            nest_in: how.nest_in,
-            ..SandboxSpec::for_branch(
-                &dir,
-                workspace.clone(),
-                self.hidden.clone(),
-                how.net_isolated,
-                how.policy.as_ref(),
-            )
-        };
-        let (cgroup, warm) = match how.warm {
-            Some(w) => (w.cgroup, Some(w.warm)),
-            None => (
-                Cgroup::create(&format!("branch-{}-{id}", self.instance))?,
-                None,
-            ),
-        };
-        if let Some(t) = &self.tracker {
-            t.track(cgroup.id(), &dir.join("trace.jsonl"))?;
-            t.set_net_policy(cgroup.id(), how.policy.as_ref())?;
-        }
-        let started = match warm {
-            Some(w) => w.mount(&spec.workspace_stack, &spec.tmp_stack),
-            None => sandbox::start(&self.bin, &spec, &dir.join("spec.json"), &cgroup),
-        };
-        // A deferring branch's listener is served before anything in it can call out.
-        // (Whether its init holds a listener, rather than what the policy says now: a
-        // pre-started sandbox was made under the policy of its time.)
-        let started = started.and_then(|sb| match &self.deferrals {
-            Some(d) if crate::sandbox::notify::listener_fd(sb.init_pid).is_some() => {
-                d.adopt(sb.init_pid).map(|()| sb)
-            }
-            _ => Ok(sb),
-        });
-        let sb = match started {
-            Ok(sb) => sb,
-            Err(e) => {
-                if let Some(t) = &self.tracker {
-                    t.untrack(cgroup.id());
-                }
-                drop(cgroup);
-                let _ = std::fs::remove_dir_all(&dir);
-                return Err(e);
-            }
-        };
-        let record = BranchRecord {
-            id,
-            name,
-            parent,
-            workspace,
-            command,
-            cgroup: cgroup.keep(),
-            init_pid: sb.init_pid,
-            control: sb.control,
-            dir,
-            ws_lowers,
-            tmp_lowers,
-            ws_deltas: Vec::new(),
-            tmp_deltas: Vec::new(),
-            last_snapshot_ns: None,
-            manifests: 0,
-            frozen: false,
-            fork_ns,
-            flattened: None,
-            net_isolated: how.net_isolated,
-            policy: how.policy,
-            retired: false,
-        };
-        // A child whose processes are cloned into it is recorded once they are: a crash
-        // before that leaves no half-forked branch (a daemon that starts removes the rest).
-        if how.nest_in.is_none() {
-            self.registry.put(&record)?;
-        }
-        Ok(record)
     }
 
     /// What branch `name` changed in its workspace since its fork point.

@@ -68,11 +68,12 @@ impl Manager {
         let fill = TraceEvent {
             children: Some(children.iter().map(|c| c.name.clone()).collect()),
             duration_ns: Some(end.saturating_sub(since)),
-            // `held` overlaps the others (the parent's processes held meanwhile): not a phase.
+            // `held` overlaps the others (the parent's processes held meanwhile) and `total`
+            // is the duration: not phases.
             phases_us: Some(
                 phases_us(phases)
                     .into_iter()
-                    .filter(|(k, _)| k != "held")
+                    .filter(|(k, _)| k != "held" && k != "total")
                     .collect(),
             ),
             ..Default::default()

@@ -44,12 +44,17 @@ pub fn run(args: ForkArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
     }
     let ph = &made["phases"];
     eprintln!(
-        "forked in: freeze {} us, files {} us, thaw {} us, child sandboxes {} us, process clones {} us (the parent's processes held {} us)",
+        "forked in {} us: check {} us, freeze {} us, files {} us, seize {} us, thaw {} us, plan {} us, child sandboxes {} us, process clones {} us, record {} us (the parent's processes held {} us)",
+        ph["total_us"],
+        ph["check_us"],
         ph["freeze_us"],
         ph["files_us"],
+        ph["seize_us"],
         ph["thaw_us"],
+        ph["plan_us"],
         ph["start_us"],
         ph["processes_us"],
+        ph["record_us"],
         ph["held_us"]
     );
     match made["processes"].as_str() {

@@ -4,10 +4,12 @@
 //! child branch's, `clone3(CLONE_INTO_CGROUP | CLONE_PARENT, exit_signal 0)`, and put its
 //! namespace back. The clone is born in the child's cgroup and pid namespace, as a child of
 //! the original's parent (the parent branch's init, which reaps it), held by ptrace before
-//! its first instruction. In the clone: join the child's user and mount namespaces, change
-//! to the same working directory there, and redo each descriptor as planned
-//! ([`super::inspect::FdAction`]). It then resumes from the original's registers, so a
-//! system call the original was blocked in restarts in both.
+//! its first instruction, its stack pointer on a frame that ends it should the daemon let
+//! go of it now ([`birth`]). Once the child's overlays are mounted, in the clone: join the
+//! child's user and mount namespaces, change to the same working directory there, and redo
+//! each descriptor as planned ([`super::inspect::FdAction`], [`set_up`]). It then resumes
+//! from the original's registers, so a system call the original was blocked in restarts in
+//! both.
 //!
 //! A daemon that dies between those calls leaves the original with the descriptors opened
 //! so far (and maybe its pid namespace for children moved), and the fork's mark
@@ -132,6 +134,9 @@ pub struct ProcessCopy {
     threads: Vec<Tracee>,
     /// What the clone does not faithfully own (found while it was made).
     pub notes: Vec<String>,
+    /// The descriptors the original had open for its clone's birth, which the clone
+    /// inherited: closed when it is set up.
+    inherited: Vec<i64>,
 }
 
 impl ProcessCopy {
@@ -148,8 +153,9 @@ impl ProcessCopy {
     }
 }
 
-/// Clones the held `original` into `child` as `plan` says; returns the clone, held.
-pub fn clone_one(original: &mut Tracee, plan: &Plan, child: &ChildBranch) -> Result<ProcessCopy> {
+/// Makes the clone of the held `original` in `child`'s cgroup and pid namespace; returns
+/// it, held and not set up yet (see [`set_up`]): it needs nothing of the child's mounts.
+pub fn birth(original: &mut Tracee, plan: &Plan, child: &ChildBranch) -> Result<ProcessCopy> {
     let target = &plan.target;
     // The pid the original has in its branch: the clone gets the same in the child's.
     let own_pid = crate::sandbox::ns_pids(target.pid)
@@ -168,16 +174,23 @@ pub fn clone_one(original: &mut Tracee, plan: &Plan, child: &ChildBranch) -> Res
     let open = |t: &mut Tracee, what: &str, path: u64, flags: u64| {
         t.call(what, nr(libc::SYS_openat), &[AT_FDCWD, path, flags, 0])
     };
-    // The child's cgroup is frozen around the clone's birth: until its frame is made to end
-    // it (see `Tracee::adopt_clone`), a clone cut off by a daemon crash must not run. Frozen
-    // first, so that nothing fails between the two setns below, and marked before anything
-    // is opened in the original (see `ForkMark`).
+    // A clone cut off by a daemon crash must not run as a copy of the original: it is born
+    // with its stack pointer on the original's exit frame (see `crate::inject`), which ends
+    // it. Without one (no glibc), the child's cgroup is frozen around the clone's birth
+    // instead (before anything else, so that nothing fails between the two setns below).
+    // The original is marked before anything is opened in it (see `ForkMark`).
+    let exit_frame = original.exit_frame();
     let child_cg = crate::cgroup::Cgroup::open(&child.cgroup)?;
-    child_cg.freeze(true, std::time::Duration::from_secs(5))?;
+    let frozen = exit_frame.is_none();
+    if frozen {
+        child_cg.freeze(true, std::time::Duration::from_secs(5))?;
+    }
     let mark = match ForkMark::write(&child.marks, original.pid.as_raw() as u32) {
         Ok(m) => m,
         Err(e) => {
-            let _ = child_cg.freeze(false, std::time::Duration::from_secs(5));
+            if frozen {
+                let _ = child_cg.freeze(false, std::time::Duration::from_secs(5));
+            }
             return Err(e);
         }
     };
@@ -207,6 +220,10 @@ pub fn clone_one(original: &mut Tracee, plan: &Plan, child: &ChildBranch) -> Res
             args[2] = word;
         }
         args[10] = cg as u64;
+        if let Some(at) = exit_frame {
+            // clone3 sets the stack pointer to stack + stack_size.
+            (args[5], args[6]) = (at - 16, 16);
+        }
         let pid_at = original.scratch_bytes(
             &(own_pid.unwrap_or(0) as i32).to_ne_bytes(),
             *at.iter().min().expect("three"),
@@ -258,7 +275,11 @@ pub fn clone_one(original: &mut Tracee, plan: &Plan, child: &ChildBranch) -> Res
         Ok(clone)
     })();
     // Thawed whatever happened: a clone that failed was killed and reaped above.
-    let thawed = child_cg.freeze(false, std::time::Duration::from_secs(5));
+    let thawed = if frozen {
+        child_cg.freeze(false, std::time::Duration::from_secs(5))
+    } else {
+        Ok(())
+    };
     let result = match (result, thawed) {
         (Ok(c), Err(e)) => {
             reap_killed(c.pid);
@@ -276,6 +297,7 @@ pub fn clone_one(original: &mut Tracee, plan: &Plan, child: &ChildBranch) -> Res
         leader: clone,
         threads: Vec::new(),
         notes: Vec::new(),
+        inherited: fds,
     };
     if let (Some(own), false) = (own_pid, pid_kept) {
         copy.notes.push(format!(
@@ -283,15 +305,22 @@ pub fn clone_one(original: &mut Tracee, plan: &Plan, child: &ChildBranch) -> Res
             target.pid, target.comm
         ));
     }
-    let outcome = (|| {
-        set_up_clone(&mut copy.leader, target, child, &fds, &mut copy.notes)?;
-        threads::restore_robust_list(&mut copy.leader, &plan.words)
-    })();
-    if let Err(e) = outcome {
-        kill(&copy);
-        return Err(e);
-    }
     Ok(copy)
+}
+
+/// Sets up a clone made by [`birth`], once the child's overlays are mounted: joins the
+/// child's namespaces, changes directory, redoes its descriptors. On failure the caller
+/// kills the clone ([`kill`]).
+pub fn set_up(copy: &mut ProcessCopy, plan: &Plan, child: &ChildBranch) -> Result<()> {
+    let inherited = std::mem::take(&mut copy.inherited);
+    set_up_clone(
+        &mut copy.leader,
+        &plan.target,
+        child,
+        &inherited,
+        &mut copy.notes,
+    )?;
+    threads::restore_robust_list(&mut copy.leader, &plan.words)
 }
 
 /// Makes the other threads of the original again in its clone `copy` (after every

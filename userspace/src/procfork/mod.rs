@@ -177,43 +177,56 @@ pub struct Cloned {
 /// Clones every held process into `child`. On failure the clones made so far are killed
 /// (the caller removes the child) and the originals stay held, unchanged.
 ///
-/// With `freeze`, that cgroup (the child's) is frozen before the clones are let go, so they
-/// never run: a checkpoint.
+/// The clones are born first (in the child's cgroup and pid namespace), then `mounted` is
+/// called (it waits for the child's overlays, mounted meanwhile), then each clone is set up
+/// in the child's namespaces. With `freeze`, that cgroup (the child's) is frozen before
+/// the clones are let go, so they never run: a checkpoint.
 pub fn clone_into(
     held: &mut Held,
     child: &ChildBranch,
     freeze: Option<&crate::cgroup::Cgroup>,
+    mounted: impl FnOnce() -> Result<()>,
 ) -> Result<Cloned> {
     let t = Instant::now();
     let mut clones = Vec::new();
-    let mut notes = Vec::new();
+    let kill_all = |clones: &[clone::ProcessCopy]| {
+        for c in clones {
+            clone::kill(c);
+        }
+    };
     for (original, plan) in held.processes.iter_mut() {
-        match clone::clone_one(&mut original.leader, plan, child) {
-            Ok(c) => {
-                let pid = c.leader.pid.as_raw() as u32;
-                notes.extend(c.notes.iter().cloned());
-                notes.extend(open_copies::check(
-                    pid,
-                    plan.target.pid,
-                    &original.comm,
-                    &plan.target.written,
-                ));
-                clones.push(c)
-            }
+        match clone::birth(&mut original.leader, plan, child) {
+            Ok(c) => clones.push(c),
             Err(e) => {
-                for c in &clones {
-                    clone::kill(c);
-                }
+                kill_all(&clones);
                 return Err(e);
             }
         }
     }
+    if let Err(e) = mounted() {
+        kill_all(&clones);
+        return Err(e);
+    }
+    let mut notes = Vec::new();
+    for i in 0..clones.len() {
+        let (original, plan) = &held.processes[i];
+        if let Err(e) = clone::set_up(&mut clones[i], plan, child) {
+            kill_all(&clones);
+            return Err(e);
+        }
+        let c = &clones[i];
+        notes.extend(c.notes.iter().cloned());
+        notes.extend(open_copies::check(
+            c.leader.pid.as_raw() as u32,
+            plan.target.pid,
+            &original.comm,
+            &plan.target.written,
+        ));
+    }
     // Each clone's other threads once every clone has its pid.
     for i in 0..clones.len() {
         if let Err(e) = clone::recreate_threads(&mut clones[i], &held.processes[i].1) {
-            for c in &clones {
-                clone::kill(c);
-            }
+            kill_all(&clones);
             return Err(e);
         }
     }
@@ -224,9 +237,7 @@ pub fn clone_into(
     if let Some(cg) = freeze
         && let Err(e) = cg.freeze(true, std::time::Duration::from_secs(5))
     {
-        for c in &clones {
-            clone::kill(c);
-        }
+        kill_all(&clones);
         return Err(e);
     }
     for c in clones {

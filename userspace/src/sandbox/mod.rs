@@ -177,6 +177,8 @@ pub struct Warm {
     setup: std::process::Child,
     to_setup: std::io::PipeWriter,
     from_setup: BufReader<std::io::PipeReader>,
+    /// The setup process said `waiting`.
+    waiting: bool,
 }
 
 /// What [`Warm::mount`] sends the waiting setup process.
@@ -195,19 +197,55 @@ pub fn start_warm(
 ) -> Result<Warm> {
     let mut w = spawn(forkscope_bin, spec, spec_file, cgroup)?;
     w.to_setup.write_all(b"done\n")?;
+    w.wait_ready()?;
+    // The setup process, left waiting to mount the overlays, leaves the sandbox's cgroup
+    // for the daemon's: a fork freezes that cgroup (around each clone's birth) while the
+    // overlays are being mounted, which would hold the mount up. Where it cannot move, it
+    // stays: the fork is then only slower.
+    if let Err(e) = join_own_cgroup(w.setup.id()) {
+        log::debug!("the waiting setup process stays in the sandbox's cgroup: {e}");
+    }
     Ok(w)
+}
+
+/// Moves process `pid` into the cgroup (v2) of the calling process.
+fn join_own_cgroup(pid: u32) -> Result<()> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").at("/proc/self/cgroup")?;
+    let rel = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or(Error::NoCgroup2)?;
+    let procs = crate::cgroup::cgroup2_root()?
+        .join(rel.trim_start_matches('/'))
+        .join("cgroup.procs");
+    std::fs::write(&procs, pid.to_string()).at(&procs)
 }
 
 impl Warm {
     /// Mounts the overlays (they appear in the sandbox at once); returns the sandbox.
-    pub fn mount(mut self, ws: &StackSpec, tmp: &StackSpec) -> Result<Sandbox> {
+    pub fn mount(self, ws: &StackSpec, tmp: &StackSpec) -> Result<Sandbox> {
+        self.request_mount(ws, tmp)?.mounted()
+    }
+
+    /// Asks the setup process to mount the overlays and returns at once: the mounts are
+    /// made while the caller goes on, [`Mounting::mounted`] waits for them.
+    pub fn request_mount(mut self, ws: &StackSpec, tmp: &StackSpec) -> Result<Mounting> {
         let msg = DeferredMounts {
             workspace_stack: ws.clone(),
             tmp_stack: tmp.clone(),
         };
         let text = serde_json::to_string(&msg).map_err(std::io::Error::from)?;
-        // The part of the setup that built the sandbox has exited once the setup process
-        // says `waiting`: it can no longer take the request.
+        if !self.waiting {
+            self.wait_ready()?;
+        }
+        self.to_setup
+            .write_all(format!("mount {text}\n").as_bytes())?;
+        Ok(Mounting(self))
+    }
+
+    /// Waits until the part of the setup that built the sandbox has exited (the setup
+    /// process then says `waiting`: it can no longer take a request before).
+    fn wait_ready(&mut self) -> Result<()> {
         let mut line = String::new();
         self.from_setup.read_line(&mut line)?;
         if line.trim() != "waiting" {
@@ -216,18 +254,29 @@ impl Warm {
                 line.trim()
             )));
         }
-        self.to_setup
-            .write_all(format!("mount {text}\n").as_bytes())?;
-        line.clear();
-        self.from_setup.read_line(&mut line)?;
+        self.waiting = true;
+        Ok(())
+    }
+}
+
+/// A pre-started sandbox whose overlays are being mounted (see [`Warm::request_mount`]).
+/// Dropped before [`Mounting::mounted`], its setup process is killed.
+pub struct Mounting(Warm);
+
+impl Mounting {
+    /// Waits for the overlays; returns the sandbox.
+    pub fn mounted(mut self) -> Result<Sandbox> {
+        let w = &mut self.0;
+        let mut line = String::new();
+        w.from_setup.read_line(&mut line)?;
         if line.trim() != "mounted" {
             return Err(Error::Sandbox(format!(
                 "mounting a pre-started sandbox's overlays: {}",
                 line.trim()
             )));
         }
-        let _ = self.setup.wait();
-        Ok(self.sandbox.clone())
+        let _ = w.setup.wait();
+        Ok(w.sandbox.clone())
     }
 }
 
@@ -326,6 +375,7 @@ fn spawn(
         setup,
         to_setup: to_init_w,
         from_setup: lines,
+        waiting: false,
     })
 }
 
