@@ -194,6 +194,20 @@ impl Tracee {
         Ok(t)
     }
 
+    /// Points a held process without the safety net (no glibc) at an `exit_group(1)` on its
+    /// vDSO's `syscall` instruction, now and between injected calls: a clone let go before
+    /// it is set up then ends itself. [`Tracee::resume_from`] sets what it resumes from.
+    pub fn park_on_exit(&mut self) -> Result<()> {
+        let mut exit = self.saved;
+        exit.rip = self.syscall_at;
+        exit.rax = libc::SYS_exit_group as u64;
+        exit.orig_rax = u64::MAX;
+        exit.rdi = 1;
+        ptrace::setregs(self.pid, exit).map_err(ptrace_err("PTRACE_SETREGS", self.pid))?;
+        self.saved = exit;
+        Ok(())
+    }
+
     /// The frame that ends the process (see the module doc), once [`Tracee::arm`] wrote it:
     /// a clone made with its stack pointer there ends itself if it is let go before it is
     /// set up.

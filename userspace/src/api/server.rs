@@ -160,14 +160,11 @@ async fn run(
 /// [`crate::branch::Manager::prewarm`]); a failure only costs the next fork its speed.
 fn prewarm(app: &App, name: String) {
     let manager = app.manager.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        tokio::task::spawn_blocking(move || {
-            let mut m = manager.lock().unwrap_or_else(|p| p.into_inner());
-            if let Err(e) = m.prewarm(&name) {
-                log::warn!("pre-starting the next child sandbox of {name}: {e}");
-            }
-        });
+    tokio::task::spawn_blocking(move || {
+        let mut m = manager.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = m.prewarm(&name) {
+            log::warn!("pre-starting the next child sandbox of {name}: {e}");
+        }
     });
 }
 

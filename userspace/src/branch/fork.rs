@@ -164,7 +164,9 @@ impl Manager {
             } else {
                 // A checkpoint's clones are seized frozen, then thawed: they stay held by
                 // ptrace, and are frozen again before they are let go.
+                let t = Instant::now();
                 let h = procfork::hold(&p.cgroup, p.init_pid, &checked)?;
+                phases.seize_us = t.elapsed().as_micros() as u64;
                 Cgroup::open(&p.cgroup)?.freeze(false, Duration::from_secs(5))?;
                 Some(h)
             }
@@ -231,6 +233,11 @@ impl Manager {
             p.fork_ns
         } else {
             p.last_snapshot_ns
+        };
+        let parent_cgroup_id = if cloning {
+            Cgroup::open(&p.cgroup).map(|c| c.id()).unwrap_or(0)
+        } else {
+            0
         };
         let mut made = Vec::new();
         let mut cloned = Vec::new();
@@ -360,6 +367,13 @@ impl Manager {
                     let r = self.finish_start(s);
                     waited_us = t.elapsed().as_micros() as u64;
                     started = Some(r?);
+                    // The clones are born: their births write-protected the parent's pages
+                    // again, and each page either side writes from now on is its own. A
+                    // new dirty-page epoch for both, before any of them runs again (the
+                    // parent's processes are held until every child has its clones).
+                    if let Some(t) = &self.tracker {
+                        t.new_epoch(&[parent_cgroup_id, child_cg.id()]);
+                    }
                     Ok(())
                 });
                 phases.start_us += waited_us;
@@ -424,14 +438,6 @@ impl Manager {
             return Err(e);
         }
         phases.record_us = t.elapsed().as_micros() as u64;
-        if cloning && let Some(t) = &self.tracker {
-            // The clone write-protected the parent's pages again: each counts anew.
-            let mut ids = vec![Cgroup::open(&p.cgroup)?.id()];
-            for b in &made {
-                ids.push(Cgroup::open(&b.cgroup)?.id());
-            }
-            t.new_epoch(&ids);
-        }
         phases.total_us = t_total.elapsed().as_micros() as u64;
         self.note_fork(&p, &made, started, &phases);
         Ok(Forked {

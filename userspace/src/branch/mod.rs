@@ -170,11 +170,13 @@ pub struct ForkOptions {
     pub fresh: bool,
 }
 
-/// Where the time of a fork went, in microseconds, in order: checking the parent's
-/// processes (`check_us`), freezing the parent, snapshotting its files (the parent is
-/// frozen meanwhile), seizing its processes with ptrace (`seize_us`, still frozen), thawing
-/// it, planning each clone from /proc (`plan_us`), starting the children's sandboxes,
-/// cloning the processes into them, and writing the records (`record_us`). The parent's
+/// Where the time of a fork went, in microseconds: checking the parent's processes
+/// (`check_us`), freezing the parent, snapshotting its files (the parent is frozen
+/// meanwhile), seizing its processes with ptrace (`seize_us`, still frozen), thawing it,
+/// planning each clone from /proc (`plan_us`), starting the children's sandboxes
+/// (`start_us`: what the clones' births, made while a pre-started sandbox mounts its
+/// overlays, did not hide), cloning the processes into them (`processes_us`, the wait for
+/// the mounts left out), and writing the records (`record_us`). The parent's
 /// processes being cloned stay stopped (by ptrace) from the freeze until they are cloned
 /// into every child (`held_us`); its other processes (its init) run again at the thaw.
 /// `total_us` is the whole fork as the daemon sees it.

@@ -1,6 +1,6 @@
 //! Starting a branch's sandbox: a new one (`forkscope __init`), or a pre-started one
 //! ([`super::warm`]) whose overlays only need mounting. A fork starts the mounts and clones
-//! the processes meanwhile ([`Manager::begin_start`], [`Starting::finish`]); everything else
+//! the processes meanwhile ([`Manager::begin_start`], [`Manager::finish_start`]); everything else
 //! starts in one call ([`Manager::start`]).
 
 use std::path::PathBuf;
@@ -33,7 +33,7 @@ impl Starting {
 
 impl Manager {
     /// Starts a branch's sandbox and records the branch (unless its processes are to be
-    /// cloned into it: see [`Starting::finish`]).
+    /// cloned into it: see [`Manager::finish_start`]).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn start(
         &mut self,
@@ -174,14 +174,15 @@ impl Manager {
             }
             _ => Ok(()),
         });
-        if let Err(e) = served {
+        let recorded = served.and_then(|()| match record_it {
+            true => self.registry.put(&record),
+            false => Ok(()),
+        });
+        if let Err(e) = recorded {
             self.remove_started(cgroup, &record.dir);
             return Err(e);
         }
         cgroup.keep();
-        if record_it {
-            self.registry.put(&record)?;
-        }
         Ok(record)
     }
 

@@ -137,11 +137,16 @@ pub struct ProcessCopy {
     /// The descriptors the original had open for its clone's birth, which the clone
     /// inherited: closed when it is set up.
     inherited: Vec<i64>,
+    /// The original's registers and signal mask, which the clone resumes from once it is
+    /// let go (until then it stands on a way out: see [`birth`]).
+    resume: (libc::user_regs_struct, u64),
 }
 
 impl ProcessCopy {
-    /// Lets every thread of the clone go.
-    pub fn detach(self) -> Result<()> {
+    /// Lets every thread of the clone go, the leader from the original's state.
+    pub fn detach(mut self) -> Result<()> {
+        let (regs, mask) = self.resume;
+        self.leader.resume_from(regs, mask);
         let mut first = Ok(());
         for t in self.threads.into_iter().chain(std::iter::once(self.leader)) {
             let r = t.detach();
@@ -255,6 +260,14 @@ pub fn birth(original: &mut Tracee, plan: &Plan, child: &ChildBranch) -> Result<
         let adopted = born.map(|p| (p, Tracee::adopt_clone(p, original)));
         let r = r?;
         let clone = match adopted {
+            // Without an exit frame, it waits on an exit_group before its cgroup is thawed.
+            Some((p, Ok(mut c))) if frozen => match c.park_on_exit() {
+                Ok(()) => c,
+                Err(e) => {
+                    reap_killed(p);
+                    return Err(e);
+                }
+            },
             Some((_, Ok(c))) => c,
             Some((p, Err(e))) => {
                 reap_killed(p);
@@ -291,13 +304,13 @@ pub fn birth(original: &mut Tracee, plan: &Plan, child: &ChildBranch) -> Result<
         let _ = original.syscall(nr(libc::SYS_close), &[*fd as u64]);
     }
     let _ = std::fs::remove_file(&mark);
-    let mut clone = result?;
-    clone.resume_from(original.saved_regs(), original.saved_mask());
+    let clone = result?;
     let mut copy = ProcessCopy {
         leader: clone,
         threads: Vec::new(),
         notes: Vec::new(),
         inherited: fds,
+        resume: (original.saved_regs(), original.saved_mask()),
     };
     if let (Some(own), false) = (own_pid, pid_kept) {
         copy.notes.push(format!(
