@@ -88,17 +88,7 @@ fn the_exporter_counts_every_operation_and_passes_promtool() {
         value(&m, "forkscope_abort_duration_seconds_count"),
         Some(1.0)
     );
-    for phase in [
-        "check",
-        "freeze",
-        "files",
-        "seize",
-        "thaw",
-        "plan",
-        "start",
-        "processes",
-        "record",
-    ] {
+    for phase in forkscope_tests::FORK_PHASES {
         let series = format!("forkscope_fork_phase_duration_seconds_count{{phase=\"{phase}\"}}");
         assert_eq!(value(&m, &series), Some(3.0), "{series}");
     }

@@ -239,17 +239,13 @@ fn the_report_and_its_chart_match_the_trace_of_an_exploration() {
         .map(|c| c.as_str().unwrap())
         .collect();
     assert_eq!(into, [kids[0].as_str(), kids[1].as_str()]);
-    for (phase, us) in [
-        ("check", "check"),
-        ("freeze", "freeze"),
-        ("files", "files"),
-        ("seize", "seize"),
-        ("thaw", "thaw"),
-        ("plan", "plan"),
-        ("start", "sandboxes"),
-        ("processes", "clones"),
-        ("record", "record"),
-    ] {
+    for phase in forkscope_tests::FORK_PHASES {
+        // The words `forkscope fork` prints for them.
+        let us = match phase {
+            "start" => "sandboxes",
+            "processes" => "clones",
+            p => p,
+        };
         assert_eq!(
             forks[0]["phases_us"][phase].as_u64(),
             fork_phases.get(us).copied(),
@@ -259,20 +255,10 @@ fn the_report_and_its_chart_match_the_trace_of_an_exploration() {
     let fork_ns = forks[0]["duration_ns"].as_u64().unwrap();
     assert_eq!(forks[0]["phases_us"].get("total"), None, "not a phase");
     assert_eq!(forks[0]["phases_us"].get("held"), None, "not a phase");
-    let phase_sum: u64 = [
-        "check",
-        "freeze",
-        "files",
-        "seize",
-        "thaw",
-        "plan",
-        "start",
-        "processes",
-        "record",
-    ]
-    .iter()
-    .map(|p| forks[0]["phases_us"][p].as_u64().unwrap())
-    .sum();
+    let phase_sum: u64 = forkscope_tests::FORK_PHASES
+        .iter()
+        .map(|p| forks[0]["phases_us"][p].as_u64().unwrap())
+        .sum();
     assert!(
         fork_ns >= phase_sum * 1000,
         "{fork_ns} ns < phases {phase_sum} us"

@@ -17,6 +17,20 @@ use std::{
 
 use serde_json::Value;
 
+/// The phases a fork reports (in its `phases`, as `NAME_us`, and in the metrics' `phase`
+/// label), without `held` (which overlaps them) and `total`.
+pub const FORK_PHASES: [&str; 9] = [
+    "check",
+    "freeze",
+    "files",
+    "seize",
+    "thaw",
+    "plan",
+    "start",
+    "processes",
+    "record",
+];
+
 /// Directory holding the built binaries (target/<profile>), found from the test executable
 /// (target/<profile>/deps/<test>).
 pub fn target_dir() -> PathBuf {

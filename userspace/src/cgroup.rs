@@ -17,6 +17,20 @@ pub fn cgroup2_root() -> Result<PathBuf> {
     parse_cgroup2_mount(&info).ok_or(Error::NoCgroup2)
 }
 
+/// The cgroup v2 directory process `pid` is in (`None`: the calling process).
+pub fn dir_of(pid: Option<u32>) -> Result<PathBuf> {
+    let file = match pid {
+        Some(pid) => format!("/proc/{pid}/cgroup"),
+        None => "/proc/self/cgroup".to_string(),
+    };
+    let text = fs::read_to_string(&file).at(&file)?;
+    let rel = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or(Error::NoCgroup2)?;
+    Ok(cgroup2_root()?.join(rel.trim_start_matches('/')))
+}
+
 /// Finds the first cgroup2 mount point in the text of a mountinfo file.
 pub fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
     mountinfo.lines().find_map(|line| {

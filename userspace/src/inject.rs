@@ -198,11 +198,7 @@ impl Tracee {
     /// vDSO's `syscall` instruction, now and between injected calls: a clone let go before
     /// it is set up then ends itself. [`Tracee::resume_from`] sets what it resumes from.
     pub fn park_on_exit(&mut self) -> Result<()> {
-        let mut exit = self.saved;
-        exit.rip = self.syscall_at;
-        exit.rax = libc::SYS_exit_group as u64;
-        exit.orig_rax = u64::MAX;
-        exit.rdi = 1;
+        let exit = exit_at(self.saved, self.syscall_at);
         ptrace::setregs(self.pid, exit).map_err(ptrace_err("PTRACE_SETREGS", self.pid))?;
         self.saved = exit;
         Ok(())
@@ -334,12 +330,7 @@ impl Tracee {
         // signal blocked, no FPU state.
         let exit_frame = (frame - FRAME_SIZE - 64) & !15;
         self.write(exit_frame, &head)?;
-        let mut exit = self.saved;
-        exit.rip = g.syscall_ret;
-        exit.rax = libc::SYS_exit_group as u64;
-        exit.orig_rax = u64::MAX;
-        exit.rdi = 1;
-        self.write_mcontext(exit_frame, &exit, 0)?;
+        self.write_mcontext(exit_frame, &exit_at(self.saved, g.syscall_ret), 0)?;
         self.write(exit_frame + UC_SIGMASK, &(!0u64).to_ne_bytes())?;
         self.write(exit_frame + UC_SIGMASK + 8, &[0u8; 128])?;
         self.net = Some(Net {
@@ -550,6 +541,15 @@ impl Drop for Tracee {
     fn drop(&mut self) {
         let _ = self.release();
     }
+}
+
+/// Registers `r` made to run `exit_group(1)` at the `syscall` instruction at `syscall`.
+fn exit_at(mut r: libc::user_regs_struct, syscall: u64) -> libc::user_regs_struct {
+    r.rip = syscall;
+    r.rax = libc::SYS_exit_group as u64;
+    r.orig_rax = u64::MAX;
+    r.rdi = 1;
+    r
 }
 
 /// Registers to resume from, with an interrupted system call set up to restart as the

@@ -677,7 +677,7 @@ impl Manager {
                 return Err(e);
             }
         };
-        let b = self.start(
+        let starting = self.begin_start(
             id,
             name,
             None,
@@ -694,6 +694,7 @@ impl Manager {
                 policy,
             },
         )?;
+        let b = self.finish_start(starting)?;
         self.note_start(&b, started);
         Ok(b)
     }

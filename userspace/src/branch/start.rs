@@ -1,7 +1,7 @@
 //! Starting a branch's sandbox: a new one (`forkscope __init`), or a pre-started one
 //! ([`super::warm`]) whose overlays only need mounting. A fork starts the mounts and clones
-//! the processes meanwhile ([`Manager::begin_start`], [`Manager::finish_start`]); everything else
-//! starts in one call ([`Manager::start`]).
+//! the processes meanwhile ([`Manager::begin_start`], then [`Manager::finish_start`]); `run`
+//! calls one after the other.
 
 use std::path::PathBuf;
 
@@ -32,27 +32,6 @@ impl Starting {
 }
 
 impl Manager {
-    /// Starts a branch's sandbox and records the branch (unless its processes are to be
-    /// cloned into it: see [`Manager::finish_start`]).
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn start(
-        &mut self,
-        id: u64,
-        name: String,
-        parent: Option<String>,
-        workspace: PathBuf,
-        command: Vec<String>,
-        ws_lowers: Vec<PathBuf>,
-        tmp_lowers: Vec<PathBuf>,
-        fork_ns: Option<i128>,
-        how: Start,
-    ) -> Result<BranchRecord> {
-        let s = self.begin_start(
-            id, name, parent, workspace, command, ws_lowers, tmp_lowers, fork_ns, how,
-        )?;
-        self.finish_start(s)
-    }
-
     /// Starts a branch's sandbox; with a pre-started one, only asks for its overlays and
     /// returns while they are mounted. Then [`Manager::finish_start`] or
     /// [`Manager::abandon_start`].

@@ -492,9 +492,6 @@ fn destination(n: &Notif) -> Option<(IpAddr, u16)> {
 
 /// The cgroup id (inode of its cgroup v2 directory) of process `pid`.
 fn cgroup_of(pid: u32) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?;
-    let root = crate::cgroup::cgroup2_root().ok()?;
-    let dir = root.join(rel.trim_start_matches('/'));
+    let dir = crate::cgroup::dir_of(Some(pid)).ok()?;
     std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(dir).ok()?).into()
 }

@@ -64,7 +64,7 @@ pub struct SandboxSpec {
     /// [`init`]), so a process of the parent can place a clone of itself in them.
     #[serde(default)]
     pub nest_in: Option<u32>,
-    /// A pre-started sandbox: its overlays are mounted later ([`Warm::mount`]), when the
+    /// A pre-started sandbox: its overlays are mounted later ([`Warm::request_mount`]), when the
     /// fork that takes it knows its layers; the stacks above are then ignored. Holds the state
     /// directory, under which every layer lies.
     #[serde(default)]
@@ -177,11 +177,9 @@ pub struct Warm {
     setup: std::process::Child,
     to_setup: std::io::PipeWriter,
     from_setup: BufReader<std::io::PipeReader>,
-    /// The setup process said `waiting`.
-    waiting: bool,
 }
 
-/// What [`Warm::mount`] sends the waiting setup process.
+/// What [`Warm::request_mount`] sends the waiting setup process.
 #[derive(Serialize, Deserialize)]
 pub struct DeferredMounts {
     pub workspace_stack: StackSpec,
@@ -199,9 +197,9 @@ pub fn start_warm(
     w.to_setup.write_all(b"done\n")?;
     w.wait_ready()?;
     // The setup process, left waiting to mount the overlays, leaves the sandbox's cgroup
-    // for the daemon's: a fork freezes that cgroup (around each clone's birth) while the
-    // overlays are being mounted, which would hold the mount up. Where it cannot move, it
-    // stays: the fork is then only slower.
+    // for the daemon's: a fork may freeze that cgroup (around the birth of a clone of a
+    // process without glibc) while the overlays are being mounted, which would hold the
+    // mount up. Where it cannot move, it stays: such a fork is then only slower.
     if let Err(e) = join_own_cgroup(w.setup.id()) {
         log::debug!("the waiting setup process stays in the sandbox's cgroup: {e}");
     }
@@ -210,34 +208,20 @@ pub fn start_warm(
 
 /// Moves process `pid` into the cgroup (v2) of the calling process.
 fn join_own_cgroup(pid: u32) -> Result<()> {
-    let own = std::fs::read_to_string("/proc/self/cgroup").at("/proc/self/cgroup")?;
-    let rel = own
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .ok_or(Error::NoCgroup2)?;
-    let procs = crate::cgroup::cgroup2_root()?
-        .join(rel.trim_start_matches('/'))
-        .join("cgroup.procs");
+    let procs = crate::cgroup::dir_of(None)?.join("cgroup.procs");
     std::fs::write(&procs, pid.to_string()).at(&procs)
 }
 
 impl Warm {
-    /// Mounts the overlays (they appear in the sandbox at once); returns the sandbox.
-    pub fn mount(self, ws: &StackSpec, tmp: &StackSpec) -> Result<Sandbox> {
-        self.request_mount(ws, tmp)?.mounted()
-    }
-
-    /// Asks the setup process to mount the overlays and returns at once: the mounts are
-    /// made while the caller goes on, [`Mounting::mounted`] waits for them.
+    /// Asks the setup process (waiting since [`start_warm`]) to mount the overlays and
+    /// returns at once: the mounts are made while the caller goes on, [`Mounting::mounted`]
+    /// waits for them (they appear in the sandbox at once).
     pub fn request_mount(mut self, ws: &StackSpec, tmp: &StackSpec) -> Result<Mounting> {
         let msg = DeferredMounts {
             workspace_stack: ws.clone(),
             tmp_stack: tmp.clone(),
         };
         let text = serde_json::to_string(&msg).map_err(std::io::Error::from)?;
-        if !self.waiting {
-            self.wait_ready()?;
-        }
         self.to_setup
             .write_all(format!("mount {text}\n").as_bytes())?;
         Ok(Mounting(self))
@@ -254,7 +238,6 @@ impl Warm {
                 line.trim()
             )));
         }
-        self.waiting = true;
         Ok(())
     }
 }
@@ -375,7 +358,6 @@ fn spawn(
         setup,
         to_setup: to_init_w,
         from_setup: lines,
-        waiting: false,
     })
 }
 
