@@ -201,6 +201,32 @@ fn a_commit_cut_by_a_crash_is_all_or_nothing() {
     let again = d.ok(&["commit", "main", "--json"]);
     let again: serde_json::Value = serde_json::from_str(&again).unwrap();
     assert_eq!(again["changes"].as_array().unwrap().len(), 0, "{again}");
+
+    // A commit that replaces files: its staging directory (which keeps the replaced files
+    // until it goes) leaves the branch directory at once, and the state directory soon.
+    d.ok(&[
+        "exec",
+        "main",
+        "--",
+        "sh",
+        "-c",
+        "echo newer > a && echo newer > b",
+    ]);
+    d.ok(&["commit", "main"]);
+    assert_eq!(std::fs::read_to_string(ws.join("a")).unwrap(), "newer\n");
+    assert_eq!(std::fs::read_to_string(ws.join("b")).unwrap(), "newer\n");
+    assert!(!branch_dir.join("staging").exists());
+    assert!(!branch_dir.join("commit-journal.json").exists());
+    let garbage = d.state.join("garbage");
+    let start = Instant::now();
+    while std::fs::read_dir(&garbage).unwrap().count() > 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{} still holds a commit's staging directory",
+            garbage.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]

@@ -162,6 +162,7 @@ impl Manager {
             state.manifest = plan.manifest.clone();
             state.scan_ns = plan.scan_ns;
             state.commits += 1;
+            let keep_replaced = matches!(target, Target::Host { .. });
             let applied = journal::apply(
                 &b.dir,
                 &Journal {
@@ -171,10 +172,12 @@ impl Manager {
                     ops: plan.ops.clone(),
                     state,
                     target_process,
+                    keep_replaced,
                 },
             );
-            if let Err(e) = applied {
-                return Err(keep_frozen(e, frozen_branch, frozen_target));
+            match applied {
+                Ok(done) => self.garbage.dispose(&done.staging),
+                Err(e) => return Err(keep_frozen(e, frozen_branch, frozen_target)),
             }
             phases.apply_us = t.elapsed().as_micros() as u64;
         } else if state.manifest != plan.manifest {

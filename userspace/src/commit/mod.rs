@@ -131,12 +131,18 @@ impl CommitState {
 
     /// Saves the state durably (write, fsync, rename, fsync the directory).
     pub fn save(&self, branch_dir: &Path) -> Result<()> {
-        self.save_unsynced_dir(branch_dir)?;
+        self.replace(branch_dir, true)?;
         sync_dir(branch_dir)
     }
 
-    /// Saves the state (write, fsync, rename); the caller fsyncs the directory.
-    pub fn save_unsynced_dir(&self, branch_dir: &Path) -> Result<()> {
+    /// Writes the state (write, rename) without any sync: the caller makes it durable (a
+    /// commit does with a `syncfs`, see [`journal`]).
+    pub fn write(&self, branch_dir: &Path) -> Result<()> {
+        self.replace(branch_dir, false)
+    }
+
+    /// Writes the state to a temporary file, fsynced if asked, and renames it into place.
+    fn replace(&self, branch_dir: &Path, fsync: bool) -> Result<()> {
         use std::io::Write;
         let text = serde_json::to_string(self).map_err(std::io::Error::from)?;
         let path = Self::file(branch_dir);
@@ -144,7 +150,9 @@ impl CommitState {
         {
             let mut f = fs::File::create(&tmp).at(&tmp)?;
             f.write_all(text.as_bytes()).at(&tmp)?;
-            f.sync_all().at(&tmp)?;
+            if fsync {
+                f.sync_all().at(&tmp)?;
+            }
         }
         fs::rename(&tmp, &path).at(&path)
     }
