@@ -837,6 +837,58 @@ fn a_checkpoint_with_processes_forked_three_times_gives_three_live_clones_with_t
 }
 
 #[test]
+fn a_running_branch_forked_into_three_at_once_gives_three_live_clones_of_one_state() {
+    // The children's sandboxes start side by side before the parent is held (one was
+    // pre-started after `run`, two more are started by the fork).
+    let s = setup(&[]);
+    s.run_agent("live", 16);
+    let at_fork = s.tell("live", "add", "5", "counter 5");
+    let out = s.d.cli(&["fork", "live", "-n", "3"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let kids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(kids.len(), 3, "{kids:?}");
+    let parent_pids = s.pids("live");
+    let mut clones = Vec::new();
+    for k in &kids {
+        assert_eq!(s.info(k)["status"], "running", "{k}");
+        let pids = s.pids(k);
+        assert_eq!(pids.len(), 1, "{k}: {pids:?}");
+        assert!(!parent_pids.contains(&pids[0]), "{k} has its own clone");
+        clones.push(pids[0]);
+        assert_eq!(s.tell(k, "add", "0", "counter"), at_fork, "{k}");
+    }
+    clones.sort();
+    clones.dedup();
+    assert_eq!(clones.len(), 3, "three distinct clones");
+    // Each goes its own way; the parent keeps its own.
+    for (i, k) in kids.iter().enumerate() {
+        s.tell(
+            k,
+            "add",
+            &(i + 1).to_string(),
+            &format!("counter {}", 6 + i),
+        );
+    }
+    for (i, k) in kids.iter().enumerate() {
+        assert!(
+            s.tell(k, "add", "0", "counter")
+                .starts_with(&format!("counter {} ", 6 + i))
+        );
+    }
+    assert_eq!(s.tell("live", "add", "0", "counter"), at_fork);
+    // A second fork right away takes the sandbox pre-started after the first.
+    s.fork("live", "again");
+    assert_eq!(s.tell("again", "add", "0", "counter"), at_fork);
+}
+
+#[test]
 fn a_process_traced_by_a_debugger_is_refused_and_left_as_it_was() {
     let s = setup(&[]);
     s.run("dbg", &["sleep", "1000"]);

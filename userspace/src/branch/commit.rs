@@ -150,12 +150,16 @@ impl Manager {
                 )));
             }
             let target_process = match &target_branch {
-                Some(p) => Some((
-                    p.init_pid,
-                    journal::process_start(p.init_pid).ok_or_else(|| {
-                        Error::Conflict(format!("{} stopped during the commit", p.name))
-                    })?,
-                )),
+                Some(p) => match journal::process_start(p.init_pid) {
+                    Some(start) => Some((p.init_pid, start)),
+                    None => {
+                        journal::discard(&b.dir, &staging);
+                        return Err(Error::Conflict(format!(
+                            "{} stopped during the commit",
+                            p.name
+                        )));
+                    }
+                },
                 None => None,
             };
             let t = Instant::now();
@@ -168,7 +172,7 @@ impl Manager {
                 &Journal {
                     root: target.root().to_path_buf(),
                     baseline: target.baseline().to_path_buf(),
-                    staging,
+                    staging: staging.clone(),
                     ops: plan.ops.clone(),
                     state,
                     target_process,
@@ -177,7 +181,14 @@ impl Manager {
             );
             match applied {
                 Ok(done) => self.garbage.dispose(&done.staging),
-                Err(e) => return Err(keep_frozen(e, frozen_branch, frozen_target)),
+                Err(e) => {
+                    // Before the commit point nothing happened (the journal is gone too);
+                    // after it, the staging directory is what the replay installs from.
+                    if !matches!(e, Error::CommitIncomplete(_)) {
+                        journal::discard(&b.dir, &staging);
+                    }
+                    return Err(keep_frozen(e, frozen_branch, frozen_target));
+                }
             }
             phases.apply_us = t.elapsed().as_micros() as u64;
         } else if state.manifest != plan.manifest {

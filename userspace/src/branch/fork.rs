@@ -150,6 +150,17 @@ impl Manager {
         let has_processes = p.init_pid != 0 && !p.cgroup.as_os_str().is_empty();
         let cloning = has_processes && !opts.fresh;
         let mut phases = ForkPhases::default();
+        // Every child's sandbox is started before the parent's processes are held (the one
+        // pre-started after the previous fork, more side by side when there are several
+        // children or a fork came before it was ready). One that fails to start here is
+        // started again below, where its error is reported.
+        if cloning {
+            let t = Instant::now();
+            if let Err(e) = self.ensure_warm(&p, count as usize) {
+                log::warn!("pre-starting the sandboxes of {}'s children: {e}", p.name);
+            }
+            phases.start_us += t.elapsed().as_micros() as u64;
+        }
         let t = Instant::now();
         let checked = if cloning {
             procfork::precheck(&p.cgroup, p.init_pid)?
@@ -243,9 +254,9 @@ impl Manager {
         let mut cloned = Vec::new();
         let mut clone_notes = Vec::new();
         let outcome = (|| -> Result<()> {
-            for i in 0..count {
-                // The first child takes the parent's pre-started sandbox, if there is one.
-                let warm = if cloning && i == 0 {
+            for _ in 0..count {
+                // Each child takes one of the sandboxes started above.
+                let warm = if cloning {
                     self.take_warm(&p.name, p.init_pid)
                 } else {
                     None
@@ -254,13 +265,28 @@ impl Manager {
                     Some(w) => w.id,
                     None => self.registry.next_id()?,
                 };
-                let child = self.unused_name(name.clone(), id)?;
                 let dir = branch_dir(&self.state, id);
-                std::fs::create_dir_all(&dir).at(&dir)?;
-                if fork_manifest.exists() {
-                    let to = dir.join("fork-manifest.json");
-                    std::fs::copy(&fork_manifest, &to).at(&to)?;
-                }
+                let named = (|| {
+                    let child = self.unused_name(name.clone(), id)?;
+                    std::fs::create_dir_all(&dir).at(&dir)?;
+                    if fork_manifest.exists() {
+                        let to = dir.join("fork-manifest.json");
+                        std::fs::copy(&fork_manifest, &to).at(&to)?;
+                    }
+                    Ok(child)
+                })();
+                let child = match named {
+                    Ok(c) => c,
+                    Err(e) => {
+                        match warm {
+                            Some(w) => self.discard(w),
+                            None => {
+                                let _ = std::fs::remove_dir_all(&dir);
+                            }
+                        }
+                        return Err(e);
+                    }
+                };
                 let (ws, tmp) = (ws_lowers.clone(), tmp_lowers.clone());
                 if opts.frozen && !cloning {
                     made.push(self.checkpoint(id, child, &p, ws, tmp, fork_ns)?);

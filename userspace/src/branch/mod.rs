@@ -176,7 +176,8 @@ pub struct ForkOptions {
 /// meanwhile), seizing its processes with ptrace (`seize_us`, still frozen), thawing it,
 /// planning each clone from /proc (`plan_us`), starting the children's sandboxes
 /// (`start_us`: what the clones' births, made while a pre-started sandbox mounts its
-/// overlays, did not hide), cloning the processes into them (`processes_us`, the wait for
+/// overlays, did not hide, and the sandboxes started before the freeze when too few were
+/// pre-started), cloning the processes into them (`processes_us`, the wait for
 /// the mounts left out), and writing the records (`record_us`). The parent's
 /// processes being cloned stay stopped (by ptrace) from the freeze until they are cloned
 /// into every child (`held_us`); its other processes (its init) run again at the thaw.
@@ -385,7 +386,7 @@ pub struct Manager {
     /// The seccomp listeners of deferring branches.
     deferrals: Option<crate::effects::defer::Deferrals>,
     /// Pre-started child sandboxes, by parent name (see [`warm`]).
-    warm: std::collections::HashMap<String, warm::WarmChild>,
+    warm: std::collections::HashMap<String, Vec<warm::WarmChild>>,
     /// Empty layer directories a fork of a running branch made and did not need (nothing
     /// had changed since the previous fork), by branch id: its next fork takes them
     /// instead of making and removing new ones (on ext4, about 0.3 ms).

@@ -3,14 +3,16 @@
 //! come, see [`crate::sandbox::SandboxSpec::deferred`]), so the next fork only mounts the
 //! overlays and clones the processes instead of waiting tens of milliseconds for a sandbox.
 //!
-//! One per branch at most, kept in memory only: a pre-started sandbox is not a branch (no
-//! record); it is discarded when its branch is aborted or the daemon stops, and a daemon
-//! that starts removes whatever a crash left (cgroups and directories without a record).
+//! One per branch after a fork, as many as a fork of several children asks for (started
+//! before it holds the parent's processes, side by side); kept in memory only: a
+//! pre-started sandbox is not a branch (no record); it is discarded when its branch is
+//! aborted or the daemon stops, and a daemon that starts removes whatever a crash left
+//! (cgroups and directories without a record).
 
-use super::{Manager, mkdirs};
+use super::{BranchRecord, Manager, mkdirs};
 use crate::{
     cgroup::{Cgroup, cgroup2_root},
-    error::Result,
+    error::{Error, Result},
     sandbox::{self, SandboxSpec},
     state::branch_dir,
 };
@@ -25,26 +27,108 @@ pub(super) struct WarmChild {
     pub parent_init: u32,
 }
 
+/// A child sandbox about to be pre-started (see [`Manager::ensure_warm`]).
+struct Preparing {
+    id: u64,
+    spec: SandboxSpec,
+    spec_file: std::path::PathBuf,
+    cgroup: Cgroup,
+}
+
 impl Manager {
     /// Pre-starts the sandbox of `name`'s next child, unless there is one already or `name`
     /// has no processes to clone.
     pub fn prewarm(&mut self, name: &str) -> Result<()> {
         let p = self.get(name)?;
+        self.ensure_warm(&p, 1)
+    }
+
+    /// Makes sure `p` has `count` pre-started child sandboxes (a fork of `count` children
+    /// calls it before it holds `p`'s processes): the missing ones are started side by
+    /// side, one thread each, as many at a time as there are CPUs. Those that started are
+    /// kept even when another fails.
+    pub(super) fn ensure_warm(&mut self, p: &BranchRecord, count: usize) -> Result<()> {
         if p.init_pid == 0 || p.cgroup.as_os_str().is_empty() {
             return Ok(());
         }
-        if let Some(w) = self.warm.get(name)
-            && w.parent_init == p.init_pid
-        {
-            return Ok(());
+        let pool = self.warm.remove(&p.name).unwrap_or_default();
+        let (mut fresh, stale): (Vec<_>, Vec<_>) =
+            pool.into_iter().partition(|w| w.parent_init == p.init_pid);
+        for w in stale {
+            self.discard(w);
         }
-        if let Some(old) = self.warm.remove(name) {
-            self.discard(old);
+        let mut outcome = Ok(());
+        let mut prepared = Vec::new();
+        while fresh.len() + prepared.len() < count {
+            match self.prepare_warm(p) {
+                Ok(w) => prepared.push(w),
+                Err(e) => {
+                    outcome = Err(e);
+                    break;
+                }
+            }
         }
+        // As many at once as there are CPUs (a fork of 33 children does not start 33
+        // sandboxes on two CPUs at the same time).
+        let at_once = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8));
+        let bin = &self.bin;
+        let mut started = Vec::new();
+        while !prepared.is_empty() {
+            let batch: Vec<Preparing> = prepared.drain(..at_once.min(prepared.len())).collect();
+            std::thread::scope(|scope| {
+                let mut runs = Vec::new();
+                for w in batch {
+                    let id = w.id;
+                    let run = std::thread::Builder::new()
+                        .name("forkscope-warm".into())
+                        .spawn_scoped(scope, move || {
+                            match sandbox::start_warm(bin, &w.spec, &w.spec_file, &w.cgroup) {
+                                Ok(warm) => Ok((w.cgroup, warm)),
+                                Err(e) => Err((Some(w.cgroup), e)),
+                            }
+                        });
+                    match run {
+                        Ok(run) => runs.push((id, run)),
+                        // (The closure, with the cgroup, is dropped.)
+                        Err(e) => started.push((id, Err((None, Error::from(e))))),
+                    }
+                }
+                for (id, run) in runs {
+                    // (A thread that panicked took its cgroup with it.)
+                    let panicked = || Error::Sandbox("a child sandbox's start panicked".into());
+                    started.push((id, run.join().unwrap_or_else(|_| Err((None, panicked())))));
+                }
+            });
+        }
+        for (id, made) in started {
+            match made {
+                Ok((cgroup, warm)) => fresh.push(WarmChild {
+                    id,
+                    cgroup,
+                    warm,
+                    parent_init: p.init_pid,
+                }),
+                Err((cgroup, e)) => {
+                    drop(cgroup);
+                    let _ = std::fs::remove_dir_all(branch_dir(&self.state, id));
+                    if outcome.is_ok() {
+                        outcome = Err(e);
+                    }
+                }
+            }
+        }
+        if !fresh.is_empty() {
+            self.warm.insert(p.name.clone(), fresh);
+        }
+        outcome
+    }
+
+    /// One more pre-started child sandbox of `p`, ready to start: its id, directory and
+    /// cgroup made (its overlays are mounted when a fork takes it: `deferred`).
+    fn prepare_warm(&mut self, p: &BranchRecord) -> Result<Preparing> {
         let id = self.registry.next_id()?;
         let dir = branch_dir(&self.state, id);
         mkdirs(&dir, &["ws/upper", "ws/work", "tmp/upper", "tmp/work"])?;
-        // Its overlays are mounted when a fork takes it (`deferred`).
         let spec = SandboxSpec {
             nest_in: Some(p.init_pid),
             deferred: Some(self.state.clone()),
@@ -56,31 +140,30 @@ impl Manager {
                 p.policy.as_ref(),
             )
         };
-        let cgroup = Cgroup::create(&format!("branch-{}-{id}", self.instance))?;
-        match sandbox::start_warm(&self.bin, &spec, &dir.join("spec.json"), &cgroup) {
-            Ok(warm) => {
-                self.warm.insert(
-                    name.to_string(),
-                    WarmChild {
-                        id,
-                        cgroup,
-                        warm,
-                        parent_init: p.init_pid,
-                    },
-                );
-                Ok(())
-            }
+        match Cgroup::create(&format!("branch-{}-{id}", self.instance)) {
+            Ok(cgroup) => Ok(Preparing {
+                id,
+                spec,
+                spec_file: dir.join("spec.json"),
+                cgroup,
+            }),
             Err(e) => {
-                drop(cgroup);
                 let _ = std::fs::remove_dir_all(&dir);
                 Err(e)
             }
         }
     }
 
-    /// Takes `name`'s pre-started child sandbox, if it still fits (nested in `init_pid`).
+    /// Takes one of `name`'s pre-started child sandboxes, if one still fits (nested in
+    /// `init_pid`).
     pub(super) fn take_warm(&mut self, name: &str, init_pid: u32) -> Option<WarmChild> {
-        match self.warm.remove(name) {
+        // The oldest first: children are numbered in the order they are made.
+        let pool = self.warm.get_mut(name)?;
+        let w = (!pool.is_empty()).then(|| pool.remove(0));
+        if pool.is_empty() {
+            self.warm.remove(name);
+        }
+        match w {
             Some(w) if w.parent_init == init_pid => Some(w),
             Some(stale) => {
                 self.discard(stale);
@@ -90,9 +173,9 @@ impl Manager {
         }
     }
 
-    /// Discards `name`'s pre-started child sandbox (the branch goes away).
+    /// Discards `name`'s pre-started child sandboxes (the branch goes away).
     pub(super) fn drop_warm(&mut self, name: &str) {
-        if let Some(w) = self.warm.remove(name) {
+        for w in self.warm.remove(name).unwrap_or_default() {
             self.discard(w);
         }
     }

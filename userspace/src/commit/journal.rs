@@ -261,6 +261,15 @@ fn replay(branch_dir: &Path, j: &Journal) -> Result<()> {
         .or_else(|_| fs::remove_file(&jf))
         .at(&jf)?;
     let _ = fs::remove_file(marker_file(branch_dir));
+    // The journal's removal needs no sync of its own when the staging directory shares its
+    // filesystem: that filesystem's metadata reaches the disk in order (ext4's and XFS's
+    // journals), so a crash that brings the journal back brings this staging directory
+    // back too, and the next commit's cannot have replaced it. Across two filesystems
+    // there is no such order: the removal is made durable before a next commit reuses the
+    // staging path.
+    if dev(&j.staging) != dev(branch_dir) {
+        sync_dir(branch_dir)?;
+    }
     Ok(())
 }
 
@@ -297,9 +306,14 @@ fn run(j: &Journal, n: usize, op: &Op) -> std::io::Result<()> {
             let s = j.staging.join(staged);
             if fs::symlink_metadata(&s).is_ok() {
                 let to = j.root.join(path);
-                if j.keep_replaced {
-                    // Nothing there, a directory, or a link already made by a run this
-                    // replay repeats: then the rename does what it did without it.
+                // Only a file no other name holds (one an earlier commit installed): one
+                // with other names (the base layers' links) is not freed by the rename,
+                // and its change time must move now, with the commit, not when the trash
+                // goes (a branch started in between would take it for a host change).
+                let alone = fs::symlink_metadata(&to).is_ok_and(|m| m.is_file() && m.nlink() == 1);
+                if j.keep_replaced && alone {
+                    // (A link already made by a run this replay repeats: the rename does
+                    // what it did without it.)
                     let _ = fs::hard_link(&to, j.staging.join("trash").join(n.to_string()));
                 }
                 fs::rename(&s, to)?;
@@ -466,6 +480,31 @@ mod tests {
         assert!(trash.join("commit-journal.json").exists());
         assert!(!journal_file(&dir).exists() && !marker_file(&dir).exists());
         assert_eq!(CommitState::load(&dir).unwrap().commits, j.state.commits);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_replaced_file_with_another_name_is_not_kept_in_the_trash() {
+        // (A base layer's hard link: the rename frees nothing, and the file's change time
+        // moves with the commit, not later when the trash goes.)
+        let dir = scratch("linked");
+        let j = journal(&dir);
+        fs::create_dir_all(&j.root).unwrap();
+        fs::create_dir_all(j.staging.join("trash")).unwrap();
+        fs::write(j.root.join("f"), "old").unwrap();
+        fs::hard_link(j.root.join("f"), dir.join("base-link")).unwrap();
+        fs::write(j.staging.join("0"), "new").unwrap();
+        apply(&dir, &j).unwrap();
+        assert_eq!(fs::read_to_string(j.root.join("f")).unwrap(), "new");
+        assert!(!j.staging.join("trash/0").exists());
+        let m = fs::metadata(dir.join("base-link")).unwrap();
+        assert_eq!(
+            (
+                m.nlink(),
+                fs::read_to_string(dir.join("base-link")).unwrap()
+            ),
+            (1, "old".into())
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 
