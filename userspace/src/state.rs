@@ -76,20 +76,13 @@ impl Registry {
 
     /// A new branch id, never reused.
     pub fn next_id(&self) -> Result<u64> {
-        self.db
-            .execute(
-                "INSERT INTO counters(name, value) VALUES ('branch', 1)
-                 ON CONFLICT(name) DO UPDATE SET value = value + 1",
-                [],
-            )
-            .map_err(db_err)?;
         let v: i64 = self
             .db
-            .query_row(
-                "SELECT value FROM counters WHERE name = 'branch'",
-                [],
-                |r| r.get(0),
+            .prepare_cached(
+                "INSERT INTO counters(name, value) VALUES ('branch', 1)
+                 ON CONFLICT(name) DO UPDATE SET value = value + 1 RETURNING value",
             )
+            .and_then(|mut s| s.query_row([], |r| r.get(0)))
             .map_err(db_err)?;
         Ok(v as u64)
     }
@@ -104,11 +97,11 @@ impl Registry {
         let tx = self.db.unchecked_transaction().map_err(db_err)?;
         for b in records {
             let text = serde_json::to_string(b).map_err(std::io::Error::from)?;
-            tx.execute(
+            tx.prepare_cached(
                 "INSERT INTO branches(id, name, record) VALUES (?1, ?2, ?3)
                  ON CONFLICT(id) DO UPDATE SET name = ?2, record = ?3",
-                params![b.id as i64, b.name, text],
             )
+            .and_then(|mut s| s.execute(params![b.id as i64, b.name, text]))
             .map_err(db_err)?;
         }
         tx.commit().map_err(db_err)
@@ -118,10 +111,8 @@ impl Registry {
     pub fn get(&self, name: &str) -> Result<Option<BranchRecord>> {
         let text: Option<String> = self
             .db
-            .query_row("SELECT record FROM branches WHERE name = ?1", [name], |r| {
-                r.get(0)
-            })
-            .optional()
+            .prepare_cached("SELECT record FROM branches WHERE name = ?1")
+            .and_then(|mut s| s.query_row([name], |r| r.get(0)).optional())
             .map_err(db_err)?;
         text.map(|t| {
             serde_json::from_str(&t).map_err(|e| Error::State(format!("record of {name}: {e}")))
@@ -133,7 +124,7 @@ impl Registry {
     pub fn all(&self) -> Result<Vec<BranchRecord>> {
         let mut stmt = self
             .db
-            .prepare("SELECT record FROM branches ORDER BY id")
+            .prepare_cached("SELECT record FROM branches ORDER BY id")
             .map_err(db_err)?;
         let rows = stmt
             .query_map([], |r| r.get::<_, String>(0))
@@ -152,7 +143,8 @@ impl Registry {
     /// Forgets a branch (its name becomes free again).
     pub fn remove(&self, id: u64) -> Result<()> {
         self.db
-            .execute("DELETE FROM branches WHERE id = ?1", [id as i64])
+            .prepare_cached("DELETE FROM branches WHERE id = ?1")
+            .and_then(|mut s| s.execute([id as i64]))
             .map_err(db_err)?;
         Ok(())
     }

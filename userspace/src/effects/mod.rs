@@ -312,7 +312,7 @@ impl Journal {
     fn select(&self, clause: &str, args: impl rusqlite::Params) -> Result<Vec<Effect>> {
         let db = self.db();
         let mut q = db
-            .prepare(&format!(
+            .prepare_cached(&format!(
                 "SELECT id, cgroup, kind, addr, port, summary, coalesce(payload_len, length(payload)), state, result, created_ms
                  FROM effects {clause}"
             ))
