@@ -59,6 +59,7 @@ fn branch(tag: &str) -> Branch {
         net_isolated: false,
         file_mounts: Vec::new(),
         defer: false,
+        cgroup: None,
     };
     let cgroup = Cgroup::create(&format!("sandbox-test-{}-{tag}", std::process::id())).unwrap();
     let sandbox = start(

@@ -30,12 +30,12 @@ use super::{
     threads,
 };
 use crate::{
+    cgroup::CLONE_INTO_CGROUP,
     error::{Error, Result},
     inject::Tracee,
 };
 
 const AT_FDCWD: u64 = libc::AT_FDCWD as i64 as u64;
-const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
 /// Where the clones go.
 pub struct ChildBranch {

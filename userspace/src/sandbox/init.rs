@@ -50,6 +50,15 @@ pub fn main(spec_file: &Path) -> Result<()> {
 }
 
 fn setup(spec: &SandboxSpec) -> Result<()> {
+    // Opened from the host's view, before any namespace changes: the init is born in it.
+    let cgroup = spec
+        .cgroup
+        .as_ref()
+        .map(|p| {
+            std::fs::File::open(p)
+                .map_err(|e| Error::Sandbox(format!("the branch's cgroup {}: {e}", p.display())))
+        })
+        .transpose()?;
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -65,11 +74,15 @@ fn setup(spec: &SandboxSpec) -> Result<()> {
     if let Some(deferred) = mounts::setup(spec)? {
         // This process stays in the host's user namespace to mount the overlays later (see
         // `mounter`); a child goes on to build the rest.
+        let mounter_pid = Pid::this();
         // SAFETY: single-threaded (no runtime has started), so the child may run anything.
         match unsafe { fork() }.map_err(|e| Error::Sandbox(format!("fork: {e}")))? {
             ForkResult::Parent { child } => mounter(spec, &deferred, child),
             // The writable state directory must not stay open in the branch's processes.
-            ForkResult::Child => drop(deferred),
+            ForkResult::Child => {
+                drop(deferred);
+                die_with_parent(Some(mounter_pid))?;
+            }
         }
     }
     match (spec.nest_in, host_proc) {
@@ -96,9 +109,20 @@ fn setup(spec: &SandboxSpec) -> Result<()> {
     // The init says when its /proc is mounted and its filter installed: only then may
     // processes be cloned into the branch (they find the init as pid 1 of that /proc).
     let (ready_r, ready_w) = std::io::pipe()?;
-    // SAFETY: this process is single-threaded (no runtime has started), so the child may run
-    // arbitrary code after fork.
-    match unsafe { fork() }.map_err(|e| Error::Sandbox(format!("fork: {e}")))? {
+    // The init is born in the branch's cgroup (older specs: in this process's).
+    let born = match &cgroup {
+        // SAFETY: this process is single-threaded (no runtime has started), so the child
+        // may run arbitrary code after the fork.
+        Some(dir) => unsafe { crate::cgroup::fork_into(dir) }.map(|pid| match pid {
+            0 => ForkResult::Child,
+            pid => ForkResult::Parent {
+                child: Pid::from_raw(pid),
+            },
+        }),
+        // SAFETY: as above.
+        None => unsafe { fork() }.map_err(std::io::Error::from),
+    };
+    match born.map_err(|e| Error::Sandbox(format!("starting the init: {e}")))? {
         ForkResult::Parent { child } => {
             drop(ready_w);
             let mut ready = [0u8; 1];
@@ -116,6 +140,7 @@ fn setup(spec: &SandboxSpec) -> Result<()> {
             std::process::exit(0);
         }
         ForkResult::Child => {
+            drop(cgroup);
             // Let go of the pipes to the daemon: it reads until they close.
             if let Ok(null) = std::fs::OpenOptions::new()
                 .read(true)
@@ -136,6 +161,25 @@ fn setup(spec: &SandboxSpec) -> Result<()> {
             std::process::exit(code);
         }
     }
+}
+
+/// Makes the calling setup process die with its parent (`PR_SET_PDEATHSIG`): it lives in
+/// the daemon's cgroup, where no `cgroup.kill` of the branch reaches it, so a setup cut
+/// short above it (killed by the daemon, say) takes it along. With `parent` given, a parent
+/// already gone is an error. (A child of fork() does not inherit the setting: the init
+/// never has it.)
+fn die_with_parent(parent: Option<Pid>) -> Result<()> {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) with a signal number; no memory is passed.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) } != 0 {
+        return Err(Error::Sandbox(format!(
+            "prctl(PR_SET_PDEATHSIG): {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    if parent.is_some_and(|p| nix::unistd::getppid() != p) {
+        return Err(Error::Sandbox("the setup's parent is gone".into()));
+    }
+    Ok(())
 }
 
 /// The setup process of a pre-started sandbox once the rest is built: waits for the part
@@ -191,6 +235,8 @@ fn join_parent(parent_init: u32, host_proc: std::fs::File) -> Result<()> {
     // SAFETY: single-threaded (no runtime has started), so the child may run anything.
     match unsafe { fork() }.map_err(|e| Error::Sandbox(format!("fork: {e}")))? {
         ForkResult::Child => {
+            // (Its parent is outside its pid namespace: no pid to check.)
+            die_with_parent(None)?;
             // The host's /proc must not be reachable from here: this process is visible to
             // the parent branch's processes (as /proc/PID/fd of a process of their own uid).
             drop(host_proc);

@@ -27,7 +27,6 @@ pub mod terminal;
 
 use std::{
     io::{BufRead, BufReader, Write},
-    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Command, Stdio},
 };
@@ -80,6 +79,12 @@ pub struct SandboxSpec {
     /// ([`notify`]) that holds them for the daemon.
     #[serde(default)]
     pub defer: bool,
+    /// The branch's cgroup directory: the init is born in it (`clone3` with
+    /// `CLONE_INTO_CGROUP`); the setup processes before it stay in the daemon's cgroup, so
+    /// no process is ever moved (a move waits for an RCU grace period: about 6 ms). Set by
+    /// [`spawn`].
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
 }
 
 /// An overlay stack, serializable.
@@ -117,6 +122,7 @@ impl SandboxSpec {
                 .map(crate::policy::Policy::file_mounts)
                 .unwrap_or_default(),
             defer: policy.is_some_and(crate::policy::Policy::defers),
+            cgroup: None,
         }
     }
 }
@@ -193,23 +199,13 @@ pub fn start_warm(
     spec_file: &Path,
     cgroup: &Cgroup,
 ) -> Result<Warm> {
+    // (The setup process, left waiting to mount the overlays, is in the daemon's cgroup,
+    // not the sandbox's: a fork may freeze that cgroup while the overlays are being
+    // mounted, around the birth of a clone of a process without glibc.)
     let mut w = spawn(forkscope_bin, spec, spec_file, cgroup)?;
     w.to_setup.write_all(b"done\n")?;
     w.wait_ready()?;
-    // The setup process, left waiting to mount the overlays, leaves the sandbox's cgroup
-    // for the daemon's: a fork may freeze that cgroup (around the birth of a clone of a
-    // process without glibc) while the overlays are being mounted, which would hold the
-    // mount up. Where it cannot move, it stays: such a fork is then only slower.
-    if let Err(e) = join_own_cgroup(w.setup.id()) {
-        log::debug!("the waiting setup process stays in the sandbox's cgroup: {e}");
-    }
     Ok(w)
-}
-
-/// Moves process `pid` into the cgroup (v2) of the calling process.
-fn join_own_cgroup(pid: u32) -> Result<()> {
-    let procs = crate::cgroup::dir_of(None)?.join("cgroup.procs");
-    std::fs::write(&procs, pid.to_string()).at(&procs)
 }
 
 impl Warm {
@@ -279,26 +275,22 @@ fn spawn(
     spec_file: &Path,
     cgroup: &Cgroup,
 ) -> Result<Warm> {
-    let text = serde_json::to_string(spec).map_err(std::io::Error::from)?;
+    let spec = SandboxSpec {
+        cgroup: Some(cgroup.path().to_path_buf()),
+        ..spec.clone()
+    };
+    let text = serde_json::to_string(&spec).map_err(std::io::Error::from)?;
     std::fs::write(spec_file, text).at(spec_file)?;
     let (to_init_r, mut to_init_w) = std::io::pipe()?;
     let (from_init_r, from_init_w) = std::io::pipe()?;
-    let procs = cgroup.open_procs()?;
-    let mut cmd = Command::new(forkscope_bin);
-    cmd.arg("__init")
+    let mut setup = Command::new(forkscope_bin)
+        .arg("__init")
         .arg(spec_file)
         .stdin(Stdio::from(to_init_r))
         .stdout(Stdio::from(from_init_w))
-        .stderr(Stdio::inherit());
-    // SAFETY: the hook only calls write(2), async-signal-safe as pre_exec requires, on a
-    // descriptor that stays open until spawn returns.
-    unsafe {
-        cmd.pre_exec(Cgroup::enter_hook(&procs));
-    }
-    let mut setup = cmd
+        .stderr(Stdio::inherit())
         .spawn()
         .map_err(|e| Error::Sandbox(format!("starting {}: {e}", forkscope_bin.display())))?;
-    drop(procs);
     let pid = setup.id();
     // A setup that hangs (a mount blocked on a dead filesystem, say) must not hang the
     // daemon: past SETUP_TIMEOUT it is killed, its pipe closes and the reads below fail.
