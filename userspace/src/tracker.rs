@@ -4,8 +4,8 @@
 //!
 //! Events are attributed by the cgroup id the eBPF programs record: a branch's processes all
 //! live in its cgroup. The trace starts when the branch's cgroup is created, before its
-//! sandbox is built, so nothing the branch does is missed (the first events are the
-//! sandbox's own set-up by `forkscope __init`).
+//! init is born in it, so nothing the branch does is missed (the first events are the
+//! init's own: the sandbox's setup processes before it stay in the daemon's cgroup).
 
 use std::{
     collections::HashMap,

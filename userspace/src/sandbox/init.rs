@@ -50,15 +50,6 @@ pub fn main(spec_file: &Path) -> Result<()> {
 }
 
 fn setup(spec: &SandboxSpec) -> Result<()> {
-    // Opened from the host's view, before any namespace changes: the init is born in it.
-    let cgroup = spec
-        .cgroup
-        .as_ref()
-        .map(|p| {
-            std::fs::File::open(p)
-                .map_err(|e| Error::Sandbox(format!("the branch's cgroup {}: {e}", p.display())))
-        })
-        .transpose()?;
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -71,7 +62,21 @@ fn setup(spec: &SandboxSpec) -> Result<()> {
         Some(_) => Some(std::fs::File::open("/proc")?),
         None => None,
     };
-    if let Some(deferred) = mounts::setup(spec)? {
+    let deferred = mounts::setup(spec)?;
+    // The cgroup the init is born in, opened through the sandbox's read-only view of the
+    // host: a setup process below is visible to the parent branch's processes (its
+    // /proc/PID/fd), and a descriptor of the host's writable mount would let them climb out
+    // of it (`..` from a magic link). clone3 checks the cgroup's permissions, not its mount's.
+    let cgroup = match &spec.cgroup {
+        Some(p) => std::fs::File::open(p)
+            .map_err(|e| Error::Sandbox(format!("the branch's cgroup {}: {e}", p.display())))?,
+        None => {
+            return Err(Error::Sandbox(
+                "the sandbox spec names no cgroup for the init".into(),
+            ));
+        }
+    };
+    if let Some(deferred) = deferred {
         // This process stays in the host's user namespace to mount the overlays later (see
         // `mounter`); a child goes on to build the rest.
         let mounter_pid = Pid::this();
@@ -109,20 +114,19 @@ fn setup(spec: &SandboxSpec) -> Result<()> {
     // The init says when its /proc is mounted and its filter installed: only then may
     // processes be cloned into the branch (they find the init as pid 1 of that /proc).
     let (ready_r, ready_w) = std::io::pipe()?;
-    // The init is born in the branch's cgroup (older specs: in this process's).
-    let born = match &cgroup {
-        // SAFETY: this process is single-threaded (no runtime has started), so the child
-        // may run arbitrary code after the fork.
-        Some(dir) => unsafe { crate::cgroup::fork_into(dir) }.map(|pid| match pid {
-            0 => ForkResult::Child,
-            pid => ForkResult::Parent {
-                child: Pid::from_raw(pid),
-            },
-        }),
-        // SAFETY: as above.
-        None => unsafe { fork() }.map_err(std::io::Error::from),
+    // The init is born in the branch's cgroup.
+    // SAFETY: this process is single-threaded (no runtime has started), so the child may run
+    // arbitrary code after the fork.
+    let born = unsafe { crate::cgroup::fork_into(&cgroup) }
+        .map_err(|e| Error::Sandbox(format!("starting the init: {e}")))?;
+    let born = match born {
+        0 => ForkResult::Child,
+        pid => ForkResult::Parent {
+            child: Pid::from_raw(pid),
+        },
     };
-    match born.map_err(|e| Error::Sandbox(format!("starting the init: {e}")))? {
+    drop(cgroup);
+    match born {
         ForkResult::Parent { child } => {
             drop(ready_w);
             let mut ready = [0u8; 1];
@@ -140,7 +144,12 @@ fn setup(spec: &SandboxSpec) -> Result<()> {
             std::process::exit(0);
         }
         ForkResult::Child => {
-            drop(cgroup);
+            // Dumpable again (a nested setup was not): the branch's own processes, and the
+            // clones a fork places here, open its /proc/1/ns files.
+            if let Err(e) = set_dumpable(true) {
+                eprintln!("forkscope init: {e}");
+                std::process::exit(1);
+            }
             // Let go of the pipes to the daemon: it reads until they close.
             if let Ok(null) = std::fs::OpenOptions::new()
                 .read(true)
@@ -178,6 +187,20 @@ fn die_with_parent(parent: Option<Pid>) -> Result<()> {
     }
     if parent.is_some_and(|p| nix::unistd::getppid() != p) {
         return Err(Error::Sandbox("the setup's parent is gone".into()));
+    }
+    Ok(())
+}
+
+/// Sets whether this process is dumpable (`PR_SET_DUMPABLE`): a process that is not has
+/// its /proc files owned by root of the host, and open only to holders of CAP_SYS_PTRACE
+/// in the user namespace it was started in.
+fn set_dumpable(on: bool) -> Result<()> {
+    // SAFETY: prctl(PR_SET_DUMPABLE) with 0 or 1; no memory is passed.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, libc::c_ulong::from(on)) } != 0 {
+        return Err(Error::Sandbox(format!(
+            "prctl(PR_SET_DUMPABLE): {}",
+            std::io::Error::last_os_error()
+        )));
     }
     Ok(())
 }
@@ -237,8 +260,11 @@ fn join_parent(parent_init: u32, host_proc: std::fs::File) -> Result<()> {
         ForkResult::Child => {
             // (Its parent is outside its pid namespace: no pid to check.)
             die_with_parent(None)?;
-            // The host's /proc must not be reachable from here: this process is visible to
-            // the parent branch's processes (as /proc/PID/fd of a process of their own uid).
+            // This process is visible to the parent branch's processes: not dumpable, its
+            // /proc/PID/root, /fd and /mem are closed to them (they hold no capability in
+            // the host's user namespace); the init it forks makes itself dumpable again.
+            set_dumpable(false)?;
+            // The host's /proc must not be reachable from here either.
             drop(host_proc);
             drop((ready_r, mapped_w));
             let made = unshare(CloneFlags::CLONE_NEWUSER)

@@ -1,6 +1,7 @@
 //! A branch's sandbox: the namespaces, mounts and init process its programs run in.
 //!
-//! [`start`] launches `forkscope __init` (see [`init`]) in the branch's cgroup. As real root it
+//! [`start`] launches `forkscope __init` (see [`init`]); its setup processes stay in the
+//! daemon's cgroup and only the init is born in the branch's. As real root it
 //! makes a private mount namespace, mounts the branch's workspace and `/tmp` overlays, a
 //! private `/dev/shm`, and makes every other mount read-only. It then enters a new user
 //! namespace (uid and gid 0..2^32-1 mapped to themselves, written by [`start`]) and from there
@@ -267,8 +268,8 @@ impl Drop for Warm {
     }
 }
 
-/// Spawns `forkscope __init SPEC` in `cgroup` and takes it through the user namespace
-/// handshake up to the init's pid; the setup process then waits for `done`.
+/// Spawns `forkscope __init SPEC`, whose init is born in `cgroup`, and takes it through the
+/// user namespace handshake up to the init's pid; the setup process then waits for `done`.
 fn spawn(
     forkscope_bin: &Path,
     spec: &SandboxSpec,
