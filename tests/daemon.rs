@@ -204,14 +204,7 @@ fn a_commit_cut_by_a_crash_is_all_or_nothing() {
 
     // A commit that replaces files: its staging directory (which keeps the replaced files
     // until it goes) leaves the branch directory at once, and the state directory soon.
-    d.ok(&[
-        "exec",
-        "main",
-        "--",
-        "sh",
-        "-c",
-        "echo newer > a && echo newer > b",
-    ]);
+    d.sh("main", "echo newer > a && echo newer > b");
     d.ok(&["commit", "main"]);
     assert_eq!(std::fs::read_to_string(ws.join("a")).unwrap(), "newer\n");
     assert_eq!(std::fs::read_to_string(ws.join("b")).unwrap(), "newer\n");

@@ -101,6 +101,12 @@ impl Daemon {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Runs `sh -c script` in `branch` through `forkscope exec`; returns its stdout, failing
+    /// the test on a non-zero exit.
+    pub fn sh(&self, branch: &str, script: &str) -> String {
+        self.ok(&["exec", branch, "--", "sh", "-c", script])
+    }
+
     /// Starts a root branch `name` on `ws` whose command sleeps.
     pub fn run_sleeping(&self, name: &str, ws: &Path) {
         self.ok(&[

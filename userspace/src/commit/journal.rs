@@ -462,15 +462,21 @@ mod tests {
         fs::remove_dir_all(&dir).unwrap();
     }
 
-    #[test]
-    fn an_install_into_the_host_keeps_the_replaced_file_in_the_trash_until_the_staging_goes() {
-        let dir = scratch("trash");
+    /// A staged commit of "new" over a target file "f" holding "old".
+    fn replacing(tag: &str) -> (PathBuf, Journal) {
+        let dir = scratch(tag);
         let j = journal(&dir);
         fs::create_dir_all(&j.root).unwrap();
         fs::create_dir_all(j.staging.join("trash")).unwrap();
         fs::write(j.root.join("f"), "old").unwrap();
         fs::write(j.staging.join("0"), "new").unwrap();
         fs::write(marker_file(&dir), j.staging.as_os_str().as_encoded_bytes()).unwrap();
+        (dir, j)
+    }
+
+    #[test]
+    fn an_install_into_the_host_keeps_the_replaced_file_in_the_trash_until_the_staging_goes() {
+        let (dir, j) = replacing("trash");
         let applied = apply(&dir, &j).unwrap();
         assert_eq!(fs::read_to_string(j.root.join("f")).unwrap(), "new");
         assert_eq!(applied.staging, j.staging);
@@ -487,13 +493,8 @@ mod tests {
     fn a_replaced_file_with_another_name_is_not_kept_in_the_trash() {
         // (A base layer's hard link: the rename frees nothing, and the file's change time
         // moves with the commit, not later when the trash goes.)
-        let dir = scratch("linked");
-        let j = journal(&dir);
-        fs::create_dir_all(&j.root).unwrap();
-        fs::create_dir_all(j.staging.join("trash")).unwrap();
-        fs::write(j.root.join("f"), "old").unwrap();
+        let (dir, j) = replacing("linked");
         fs::hard_link(j.root.join("f"), dir.join("base-link")).unwrap();
-        fs::write(j.staging.join("0"), "new").unwrap();
         apply(&dir, &j).unwrap();
         assert_eq!(fs::read_to_string(j.root.join("f")).unwrap(), "new");
         assert!(!j.staging.join("trash/0").exists());
