@@ -28,8 +28,22 @@ use crate::{
     events::{TraceEvent, decode::decode, resolve::Resolver},
 };
 
-/// How often the reader drains the ring buffer.
+/// How often the reader drains the ring buffer (at once when [`Tracker::sync`] asks).
 const DRAIN_INTERVAL: Duration = Duration::from_millis(20);
+
+/// How long [`Tracker::sync`] waits for the reader at most.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Drains asked of the reader ([`Tracker::sync`]) and drains it finished: a drain counts
+/// when it began after the request.
+#[derive(Default)]
+struct Drains {
+    requested: u64,
+    done: u64,
+}
+
+/// The drain counters and the condition both sides wait on.
+type DrainSignal = Arc<(Mutex<Drains>, std::sync::Condvar)>;
 
 /// Where events go; the reader holds it while it writes a batch.
 struct Sinks {
@@ -53,6 +67,7 @@ pub struct Tracker {
     probe: Mutex<Probe>,
     sinks: Arc<Mutex<Sinks>>,
     stop: Arc<AtomicBool>,
+    drains: DrainSignal,
     /// The ring buffer until the reader starts.
     ring: Mutex<Option<RingBuf<MapData>>>,
     reader: Mutex<Option<JoinHandle<()>>>,
@@ -113,6 +128,7 @@ impl Tracker {
                 unattributed: 0,
             })),
             stop: Arc::new(AtomicBool::new(false)),
+            drains: Arc::default(),
             ring: Mutex::new(Some(ring)),
             reader: Mutex::new(None),
             pin_dir,
@@ -126,13 +142,45 @@ impl Tracker {
         let Some(ring) = self.ring.lock().unwrap_or_else(|p| p.into_inner()).take() else {
             return Ok(());
         };
-        let (sinks, stop) = (self.sinks.clone(), self.stop.clone());
+        let (sinks, stop, drains) = (self.sinks.clone(), self.stop.clone(), self.drains.clone());
         let handle = std::thread::Builder::new()
             .name("forkscope-tracer".into())
-            .spawn(move || read_loop(ring, &sinks, &stop))
+            .spawn(move || read_loop(ring, &sinks, &stop, &drains))
             .map_err(crate::Error::Other)?;
         *self.reader.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
         Ok(())
+    }
+
+    /// Waits until every event in the ring buffer now is in the trace files (a drain that
+    /// began after this call), at most [`SYNC_TIMEOUT`]: a trace read right after a
+    /// command exits then holds that command's events (the reader otherwise drains every
+    /// [`DRAIN_INTERVAL`]).
+    pub fn sync(&self) {
+        if self
+            .reader
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none()
+        {
+            return;
+        }
+        let (lock, cv) = &*self.drains;
+        let mut d = lock.lock().unwrap_or_else(|p| p.into_inner());
+        d.requested += 1;
+        let want = d.requested;
+        cv.notify_all();
+        let deadline = std::time::Instant::now() + SYNC_TIMEOUT;
+        while d.done < want {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                log::warn!("the trace reader did not drain within {SYNC_TIMEOUT:?}");
+                break;
+            }
+            d = cv
+                .wait_timeout(d, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
     }
 
     /// Removes the pins: the programs detach once this tracer is dropped.
@@ -324,9 +372,26 @@ fn write_line(out: &mut BufWriter<File>, ev: &TraceEvent) -> bool {
     serde_json::to_writer(&mut *out, ev).is_ok() && out.write_all(b"\n").is_ok()
 }
 
-fn read_loop(mut ring: RingBuf<MapData>, sinks: &Mutex<Sinks>, stop: &AtomicBool) {
+fn read_loop(
+    mut ring: RingBuf<MapData>,
+    sinks: &Mutex<Sinks>,
+    stop: &AtomicBool,
+    drains: &DrainSignal,
+) {
+    let (lock, cv) = &**drains;
     while !stop.load(Ordering::Relaxed) {
-        std::thread::sleep(DRAIN_INTERVAL);
+        // Every DRAIN_INTERVAL, or at once when asked; what was asked before this drain
+        // began is answered when it ends.
+        let asked = {
+            let mut d = lock.lock().unwrap_or_else(|p| p.into_inner());
+            if d.requested == d.done {
+                d = cv
+                    .wait_timeout(d, DRAIN_INTERVAL)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+            d.requested
+        };
         loop {
             let mut guard = sinks.lock().unwrap_or_else(|p| p.into_inner());
             let s = &mut *guard;
@@ -366,6 +431,9 @@ fn read_loop(mut ring: RingBuf<MapData>, sinks: &Mutex<Sinks>, stop: &AtomicBool
                 break;
             }
         }
+        let mut d = lock.lock().unwrap_or_else(|p| p.into_inner());
+        d.done = d.done.max(asked);
+        cv.notify_all();
     }
 }
 

@@ -304,17 +304,20 @@ async fn trace_stream(
     RawQuery(query): RawQuery,
 ) -> ApiResult<Response> {
     let follow = query_flag(query.as_deref(), "follow");
-    let (file, dir, traced) = with_manager(&app, &peer, move |m| {
+    let (file, dir, tracker) = with_manager(&app, &peer, move |m| {
         // (A retired branch's trace stays readable until it goes.)
         let b = m.get_any(&name)?;
-        Ok((crate::branch::trace_file(&b), b.dir.clone(), m.traced()))
+        Ok((crate::branch::trace_file(&b), b.dir.clone(), m.tracker()))
     })
     .await?;
-    if !traced {
+    let Some(tracker) = tracker else {
         return Err(ApiError(Error::Conflict(
             "this daemon does not trace branches (it was started with --no-trace)".into(),
         )));
-    }
+    };
+    // What the branch did until now is in the file before it is read (an `exec` that just
+    // returned: its events are in the ring buffer, drained every 20 ms otherwise).
+    let _ = tokio::task::spawn_blocking(move || tracker.sync()).await;
     let (tx, rx) = tokio::sync::mpsc::channel::<axum::body::Bytes>(16);
     tokio::spawn(async move {
         use tokio::io::AsyncReadExt;

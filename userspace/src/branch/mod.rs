@@ -552,6 +552,12 @@ impl Manager {
         self.tracker.is_some()
     }
 
+    /// The tracer, when branches are traced (to wait for its drain without holding the
+    /// manager: [`Tracker::sync`]).
+    pub fn tracker(&self) -> Option<std::sync::Arc<Tracker>> {
+        self.tracker.clone()
+    }
+
     /// The tracer's counters, when branches are traced.
     pub fn trace_status(&self) -> Result<Option<crate::api::TraceStatus>> {
         let Some(t) = &self.tracker else {

@@ -390,7 +390,7 @@ fn init(
     ready.write_all(b"1")?;
     drop(ready);
     // Processes that exec'd requests started, with the connection waiting for their status.
-    let mut running: HashMap<i32, OwnedFd> = HashMap::new();
+    let mut running: HashMap<i32, Running> = HashMap::new();
     let mut terminals = Terminals::default();
     let mut terminal_log = log.try_clone()?;
     if !spec.command.is_empty() {
@@ -407,7 +407,10 @@ fn init(
     }
     loop {
         let mut fds = vec![PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
-        let conns: Vec<(i32, RawFd)> = running.iter().map(|(p, c)| (*p, c.as_raw_fd())).collect();
+        let conns: Vec<(i32, RawFd)> = running
+            .iter()
+            .map(|(p, r)| (*p, r.conn.as_raw_fd()))
+            .collect();
         for (_, c) in &conns {
             // SAFETY: the descriptors are owned by `running` and outlive this poll.
             fds.push(PollFd::new(
@@ -415,13 +418,23 @@ fn init(
                 PollFlags::POLLIN,
             ));
         }
-        for (fd, events) in terminals.wanted() {
+        let wanted = terminals.wanted();
+        let terminals_end = 1 + conns.len() + wanted.len();
+        for (fd, events) in wanted {
             // SAFETY: the descriptors are owned by `terminals`, untouched until after the
             // poll.
             fds.push(PollFd::new(
                 unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
                 events,
             ));
+        }
+        // A started process's exit wakes the loop at once (its status is then sent); the
+        // timeout only paces the reaping of the rest (orphans, clones without an exit
+        // signal).
+        for r in running.values() {
+            if let Some(exited) = &r.exited {
+                fds.push(PollFd::new(exited.as_fd(), PollFlags::POLLIN));
+            }
         }
         let _ = poll(&mut fds, PollTimeout::from(100u16));
         let events: Vec<PollFlags> = fds
@@ -430,7 +443,7 @@ fn init(
             .collect();
         let ready: Vec<bool> = events.iter().map(|r| !r.is_empty()).collect();
         drop(fds);
-        terminals.serve(&events[1 + conns.len()..], &mut terminal_log);
+        terminals.serve(&events[1 + conns.len()..terminals_end], &mut terminal_log);
         // (Close-on-exec: a command started later must not hold the connection.)
         if ready[0]
             && let Ok(conn) = accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC)
@@ -439,7 +452,8 @@ fn init(
                 // SAFETY: accept returned a new descriptor that nothing else owns.
                 let conn = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(conn) };
                 if let Some(pid) = start_request(spec, &conn, &mut terminals) {
-                    running.insert(pid, conn);
+                    let exited = pidfd_open(pid);
+                    running.insert(pid, Running { conn, exited });
                 }
             }
         }
@@ -554,7 +568,24 @@ fn start_request(spec: &SandboxSpec, conn: &OwnedFd, terminals: &mut Terminals) 
 
 /// Reaps every exited process (the init adopts orphans too) and reports the ones a client
 /// waits for.
-fn reap(running: &mut HashMap<i32, OwnedFd>) {
+/// A process an exec request started.
+struct Running {
+    /// The client's connection, waiting for the exit status.
+    conn: OwnedFd,
+    /// Readable once the process has exited (a pidfd; none where the kernel has no
+    /// pidfd_open: then the loop's timeout paces the answer).
+    exited: Option<OwnedFd>,
+}
+
+/// A descriptor of process `pid` that becomes readable when it exits (`pidfd_open`).
+fn pidfd_open(pid: i32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags; it returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    // SAFETY: a descriptor pidfd_open just returned, owned by nothing else.
+    (fd >= 0).then(|| unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as RawFd) })
+}
+
+fn reap(running: &mut HashMap<i32, Running>) {
     loop {
         // __WALL: clones forked into child branches (exit signal 0) are this init's
         // children too (see crate::procfork).
@@ -564,7 +595,7 @@ fn reap(running: &mut HashMap<i32, OwnedFd>) {
             Ok(WaitStatus::StillAlive) | Err(_) => return,
             Ok(_) => continue,
         };
-        if let Some(conn) = running.remove(&pid) {
+        if let Some(Running { conn, .. }) = running.remove(&pid) {
             let _ = control::send(
                 conn.as_raw_fd(),
                 &serde_json::to_vec(&reply).unwrap_or_default(),
