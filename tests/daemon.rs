@@ -781,3 +781,75 @@ fn a_replayed_commit_never_removes_what_it_created() {
     );
     assert_eq!(d.ok(&["exec", "main", "--", "cat", "out/a"]), "inside\n");
 }
+
+#[test]
+fn a_command_that_exits_while_another_process_traces_it_leaves_the_init_idle() {
+    // The init wakes when an exec'd command exits (its pidfd); one it cannot reap yet (a
+    // zombie another process of the branch still traces) must not wake it again and again.
+    require_root();
+    let dir = TempDir::new("daemon-traced-zombie");
+    let ws = workspace(dir.path());
+    std::fs::write(
+        ws.join("tracer.py"),
+        "import ctypes, time\n\
+         pid = int(open('victim.pid').read())\n\
+         assert ctypes.CDLL(None).ptrace(0x4206, pid, 0, 0) == 0  # PTRACE_SEIZE\n\
+         open('seized', 'w').close()\n\
+         time.sleep(5)\n",
+    )
+    .unwrap();
+    let d = Daemon::start(dir.path());
+    d.run_sleeping("main", &ws);
+    let list: serde_json::Value = serde_json::from_str(&d.ok(&["ls", "--json"])).unwrap();
+    let init = list[0]["init_pid"].as_u64().unwrap();
+    let victim = d
+        .command(&[
+            "exec",
+            "main",
+            "--",
+            "sh",
+            "-c",
+            "echo $$ > victim.pid; exec sleep 1",
+        ])
+        .spawn()
+        .unwrap();
+    let view = |f: &str| {
+        d.cli(&["exec", "main", "--", "test", "-e", f])
+            .status
+            .success()
+    };
+    let start = Instant::now();
+    while !view("victim.pid") {
+        assert!(start.elapsed() < Duration::from_secs(10), "no victim");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let tracer = d
+        .command(&["exec", "main", "--", "python3", "tracer.py"])
+        .spawn()
+        .unwrap();
+    while !view("seized") {
+        assert!(start.elapsed() < Duration::from_secs(10), "not seized");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The victim exits (about a second after it started) and stays a traced zombie.
+    std::thread::sleep(Duration::from_millis(1500));
+    let cpu_ticks = || {
+        let stat = std::fs::read_to_string(format!("/proc/{init}/stat")).unwrap();
+        let f: Vec<u64> = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
+        f[11] + f[12] // utime + stime
+    };
+    let before = cpu_ticks();
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_ticks() - before;
+    // (A spinning init uses every tick: about 200 in 2 s.)
+    assert!(used < 40, "the init used {used} clock ticks in 2 s");
+    for mut c in [victim, tracer] {
+        let _ = c.wait();
+    }
+}

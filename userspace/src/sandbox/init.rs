@@ -431,9 +431,11 @@ fn init(
         // A started process's exit wakes the loop at once (its status is then sent); the
         // timeout only paces the reaping of the rest (orphans, clones without an exit
         // signal).
-        for r in running.values() {
+        let mut watched = Vec::new();
+        for (pid, r) in &running {
             if let Some(exited) = &r.exited {
                 fds.push(PollFd::new(exited.as_fd(), PollFlags::POLLIN));
+                watched.push(*pid);
             }
         }
         let _ = poll(&mut fds, PollTimeout::from(100u16));
@@ -464,6 +466,16 @@ fn init(
             }
         }
         reap(&mut running);
+        // An exited process the reaping did not get (a zombie another process still
+        // traces) keeps its pidfd readable: it is not polled again, or the loop would spin;
+        // the timeout paces it as before.
+        for (i, pid) in watched.iter().enumerate() {
+            if !events[terminals_end + i].is_empty()
+                && let Some(r) = running.get_mut(pid)
+            {
+                r.exited = None;
+            }
+        }
     }
 }
 
