@@ -312,10 +312,9 @@ impl Manager {
     /// rename. The state directory when it shares the host workspace's filesystem; else a
     /// hidden directory at the top of the target.
     fn staging_dir(&self, b: &BranchRecord, target: &Target) -> Result<PathBuf> {
-        use std::os::unix::fs::MetadataExt;
         if let Target::Host { dir, .. } = target {
-            let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev()).ok();
-            if dev(dir).is_some() && dev(dir) == dev(&b.dir) {
+            let dev = crate::commit::device_of(dir);
+            if dev.is_some() && dev == crate::commit::device_of(&b.dir) {
                 return Ok(b.dir.join("staging"));
             }
         }

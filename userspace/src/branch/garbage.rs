@@ -76,7 +76,7 @@ impl Garbage {
     }
 
     /// Waits until everything disposed of so far is removed.
-    pub(super) fn wait(&mut self) {
+    fn wait(&mut self) {
         for h in self.removing.drain(..) {
             let _ = h.join();
         }

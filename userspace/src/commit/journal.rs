@@ -38,7 +38,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use super::{
-    CommitState, Fingerprint,
+    CommitState, Fingerprint, device_of,
     plan::{Op, Plan},
     sync_dir,
 };
@@ -116,6 +116,15 @@ fn syncfs(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Flushes the filesystem holding `first`, and the one holding `second` when it is another.
+fn syncfs_both(first: &Path, second: &Path) -> Result<()> {
+    syncfs(first)?;
+    if device_of(first) != device_of(second) {
+        syncfs(second)?;
+    }
+    Ok(())
+}
+
 /// Steps 1 and 2: copies what `plan` installs into `staging` (created afresh). It is made
 /// durable together with the journal, by [`apply`].
 pub fn stage(branch_dir: &Path, plan: &Plan, staging: &Path) -> Result<()> {
@@ -142,14 +151,9 @@ pub fn apply(branch_dir: &Path, journal: &Journal) -> Result<Applied> {
     let mut text = serde_json::to_string(journal).map_err(std::io::Error::from)?;
     text.push('\n');
     let jf = journal_file(branch_dir);
-    let durable = fs::write(&jf, text.as_bytes()).at(&jf).and_then(|()| {
-        syncfs(&journal.staging)?;
-        let dev = |p: &Path| fs::metadata(p).map(|m| m.dev()).ok();
-        if dev(&journal.staging) != dev(branch_dir) {
-            syncfs(branch_dir)?;
-        }
-        Ok(())
-    });
+    let durable = fs::write(&jf, text.as_bytes())
+        .at(&jf)
+        .and_then(|()| syncfs_both(&journal.staging, branch_dir));
     if let Err(e) = durable {
         // Not a commit: the target is untouched, and no later recovery may apply it.
         let _ = fs::remove_file(&jf);
@@ -251,11 +255,7 @@ fn replay(branch_dir: &Path, j: &Journal) -> Result<()> {
     // The new state and the target are on disk before the journal goes: a crash in between
     // replays the journal (idempotent) rather than forgetting what was committed.
     state.write(branch_dir)?;
-    syncfs(&j.root)?;
-    let dev = |p: &Path| fs::metadata(p).map(|m| m.dev()).ok();
-    if dev(&j.root) != dev(branch_dir) {
-        syncfs(branch_dir)?;
-    }
+    syncfs_both(&j.root, branch_dir)?;
     let jf = journal_file(branch_dir);
     fs::rename(&jf, trash.join("commit-journal.json"))
         .or_else(|_| fs::remove_file(&jf))
@@ -267,7 +267,7 @@ fn replay(branch_dir: &Path, j: &Journal) -> Result<()> {
     // back too, and the next commit's cannot have replaced it. Across two filesystems
     // there is no such order: the removal is made durable before a next commit reuses the
     // staging path.
-    if dev(&j.staging) != dev(branch_dir) {
+    if device_of(&j.staging) != device_of(branch_dir) {
         sync_dir(branch_dir)?;
     }
     Ok(())

@@ -158,6 +158,11 @@ impl CommitState {
     }
 }
 
+/// The device of the filesystem holding `path` (`None`: it cannot be read).
+pub fn device_of(path: &Path) -> Option<u64> {
+    fs::metadata(path).map(|m| m.dev()).ok()
+}
+
 /// fsyncs a directory (so the entries created or renamed in it are durable).
 pub fn sync_dir(dir: &Path) -> Result<()> {
     fs::File::open(dir).and_then(|d| d.sync_all()).at(dir)

@@ -178,13 +178,11 @@ fn setup(spec: &SandboxSpec) -> Result<()> {
 /// already gone is an error. (A child of fork() does not inherit the setting: the init
 /// never has it.)
 fn die_with_parent(parent: Option<Pid>) -> Result<()> {
-    // SAFETY: prctl(PR_SET_PDEATHSIG) with a signal number; no memory is passed.
-    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) } != 0 {
-        return Err(Error::Sandbox(format!(
-            "prctl(PR_SET_PDEATHSIG): {}",
-            std::io::Error::last_os_error()
-        )));
-    }
+    prctl(
+        libc::PR_SET_PDEATHSIG,
+        libc::SIGKILL as libc::c_ulong,
+        "PR_SET_PDEATHSIG",
+    )?;
     if parent.is_some_and(|p| nix::unistd::getppid() != p) {
         return Err(Error::Sandbox("the setup's parent is gone".into()));
     }
@@ -195,10 +193,19 @@ fn die_with_parent(parent: Option<Pid>) -> Result<()> {
 /// its /proc files owned by root of the host, and open only to holders of CAP_SYS_PTRACE
 /// in the user namespace it was started in.
 fn set_dumpable(on: bool) -> Result<()> {
-    // SAFETY: prctl(PR_SET_DUMPABLE) with 0 or 1; no memory is passed.
-    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, libc::c_ulong::from(on)) } != 0 {
+    prctl(
+        libc::PR_SET_DUMPABLE,
+        libc::c_ulong::from(on),
+        "PR_SET_DUMPABLE",
+    )
+}
+
+/// `prctl(option, value)` for an option that takes one number (`name` for the error).
+fn prctl(option: libc::c_int, value: libc::c_ulong, name: &str) -> Result<()> {
+    // SAFETY: the options this is called with take a number and no memory.
+    if unsafe { libc::prctl(option, value) } != 0 {
         return Err(Error::Sandbox(format!(
-            "prctl(PR_SET_DUMPABLE): {}",
+            "prctl({name}): {}",
             std::io::Error::last_os_error()
         )));
     }
