@@ -853,3 +853,63 @@ fn a_command_that_exits_while_another_process_traces_it_leaves_the_init_idle() {
         let _ = c.wait();
     }
 }
+
+#[test]
+fn a_branch_that_writes_and_then_blocks_has_every_byte_in_its_trace() {
+    require_root();
+    let dir = TempDir::new("daemon-runs");
+    let ws = workspace(dir.path());
+    let d = Daemon::start(dir.path());
+    // The kernel merges the 300 writes into a run; the writing thread then blocks with no
+    // other traced call (which would end the run): what the run holds must reach the trace
+    // all the same. Another thread says when the writes are done.
+    let script = r#"
+import os, threading, time
+written = threading.Event()
+def mark():
+    written.wait()
+    os.close(os.open("done", os.O_CREAT | os.O_WRONLY, 0o644))
+threading.Thread(target=mark).start()
+f = open("log.bin", "wb", buffering=0)
+for _ in range(300):
+    f.write(b"x" * 4096)
+written.set()
+time.sleep(1000)
+"#;
+    d.ok(&[
+        "run",
+        "--name",
+        "w",
+        "--workspace",
+        ws.to_str().unwrap(),
+        "--",
+        "python3",
+        "-c",
+        script,
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while d.sh("w", "test -e done && echo yes || true").trim() != "yes" {
+        assert!(Instant::now() < deadline, "the writer never finished");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = format!("{}/log.bin", ws.display());
+    let events = forkscope_tests::parse_jsonl(&d.ok(&["trace", "--branch", "w"]));
+    let writes: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["kind"] == "file_write" && e["path"] == log.as_str())
+        .collect();
+    let bytes: u64 = writes.iter().map(|e| e["bytes"].as_u64().unwrap()).sum();
+    let calls: u64 = writes
+        .iter()
+        .map(|e| e["calls"].as_u64().unwrap_or(1))
+        .sum();
+    assert_eq!((bytes, calls), (300 * 4096, 300), "{writes:?}");
+    assert!(writes.len() < 300, "the writes were merged: {writes:?}");
+    assert_eq!(
+        d.sh("w", "pgrep -f time.sleep >/dev/null && echo alive")
+            .trim(),
+        "alive",
+        "the writer is still blocked"
+    );
+    d.ok(&["abort", "w"]);
+}

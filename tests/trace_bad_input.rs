@@ -186,7 +186,9 @@ fn lost_events_are_counted_and_shown() {
     );
     let child = Command::new(forkscope())
         .current_dir(dir.path())
-        .args(["trace", "--ring-mb", "1", "-o", events.to_str().unwrap()])
+        // One record per write, so the writes fill the ring buffer.
+        .args(["trace", "--every-write", "--ring-mb", "1"])
+        .args(["-o", events.to_str().unwrap()])
         .args([
             "--summary-json",
             summary.to_str().unwrap(),

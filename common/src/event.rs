@@ -154,7 +154,9 @@ pub struct FdEvent {
     pub family: u16,
     /// Sockets: destination port, host byte order.
     pub port: u16,
-    /// Syscall result for operations whose result is not a byte count (connect).
+    /// NetConnect: the syscall's result. FileWrite and NetSend: how many syscalls a record
+    /// merged from a run of writes stands for (0 for a record of one syscall; see
+    /// [`crate::run`]).
     pub ret: i32,
     /// Sockets: destination address (IPv4 in the first 4 bytes; IPv4-mapped IPv6 as sent).
     pub addr: [u8; 16],

@@ -78,6 +78,8 @@ mod pod {
     unsafe impl aya::Pod for super::DirtyPageKey {}
     // SAFETY: as above (KernelOffsets is all u32).
     unsafe impl aya::Pod for crate::config::KernelOffsets {}
+    // SAFETY: repr(C) plain data (integers and an FdEvent of integers), no padding.
+    unsafe impl aya::Pod for crate::run::WriteRun {}
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ pub mod config;
 pub mod event;
 pub mod keys;
 pub mod policy;
+pub mod run;
 pub mod stats;
 pub mod syscalls;
 

@@ -11,10 +11,13 @@ use forkscope_common::{
 
 use crate::maps::STATS;
 
-/// A header for an event of `kind` caused by syscall `syscall`, for the current task.
+/// A header for an event of `kind` caused by syscall `syscall`, for the current task. What
+/// the task's run of writes has pending is sent first ([`crate::write_run::end`]), so the
+/// trace keeps the thread's order and its timestamps.
 #[inline(always)]
 pub fn header(kind: EventKind, syscall: u32, cgroup: u64) -> EventHeader {
     let pid_tgid = bpf_get_current_pid_tgid();
+    crate::write_run::end(pid_tgid as u32);
     EventHeader {
         kind: kind as u32,
         syscall,

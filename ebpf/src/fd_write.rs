@@ -1,15 +1,19 @@
 //! Data written through a descriptor: `write`, `pwrite64`, `writev`, `pwritev(2)`,
 //! `copy_file_range`, `sendfile` and `splice`. A regular file gives a `FileWrite` with the
 //! offset and the bytes the syscall reports; a socket gives a `NetSend` to the socket's peer;
-//! pipes, terminals and devices are ignored.
+//! pipes, terminals and devices are ignored. A write that continues the thread's run (same
+//! file, next offset) is merged into it ([`crate::write_run`]).
 
-use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use aya_ebpf::{
+    helpers::bpf_get_current_pid_tgid, macros::tracepoint, programs::TracePointContext,
+};
 use forkscope_common::{EventKind, FdEvent, event::file_type, syscalls::*};
 
 use crate::{
     config,
     emit::{header, send},
-    kernel::{SysExit, fd_file, file_info, read_user, socket_peer, sys_exit},
+    kernel::{SysExit, fd_file, file_info, read, read_user, socket_peer, sys_exit},
+    write_run,
 };
 
 #[tracepoint]
@@ -41,6 +45,16 @@ fn try_fd_write(ctx: &TracePointContext) -> Option<()> {
     };
     let o = config::ready_offsets()?;
     let file = fd_file(&o, fd);
+    let tid = bpf_get_current_pid_tgid() as u32;
+    // The common case costs two reads: the file behind the descriptor and its position.
+    let start = if explicit >= 0 {
+        explicit
+    } else {
+        read::<i64>(file, o.file_pos).map_or(-1, |pos| pos - ret)
+    };
+    if write_run::extend(tid, file, start, ret) {
+        return Some(());
+    }
     let info = file_info(&o, file);
     let mut ev = FdEvent {
         file_type: info.ftype,
@@ -72,5 +86,8 @@ fn try_fd_write(ctx: &TracePointContext) -> Option<()> {
         _ => return None,
     }
     send(&ev);
+    if ev.hdr.kind == EventKind::NetSend as u32 || ev.offset >= 0 {
+        write_run::start(tid, file, ev.offset + ret, &ev);
+    }
     Some(())
 }

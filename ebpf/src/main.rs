@@ -11,8 +11,13 @@
 //! - [`process`]: fork, exec, exit;
 //! - [`pages`]: write page faults, deduplicated per (cgroup, process, page);
 //! - [`sock`]: the branches' network policies (cgroup socket-address hooks: deny, buffer).
+//! - [`write_run`]: runs of writes to one file or socket, merged into one record.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// Atomic read-modify-write operations (write_run.rs): the bpf target's core has no atomic
+// types with them, the intrinsics compile to BPF atomic instructions.
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 #[cfg(target_arch = "bpf")]
 mod cgroup;
@@ -38,6 +43,8 @@ mod path_op;
 mod process;
 #[cfg(target_arch = "bpf")]
 mod sock;
+#[cfg(target_arch = "bpf")]
+mod write_run;
 
 #[cfg(all(target_arch = "bpf", not(test)))]
 #[panic_handler]

@@ -7,6 +7,7 @@ use aya_ebpf::{
 use forkscope_common::{
     keys::{DirtyPageKey, ProcKey, VERDICT_SLOTS, VerdictSlot},
     policy::{DeferPass, NetPolicy, ProxyConfig, REDIRECT_SLOTS, Redirect},
+    run::{RUN_SLOTS, WriteRun},
     stats::STAT_COUNT,
 };
 
@@ -41,6 +42,14 @@ pub static PAGE_COUNTS: LruPerCpuHashMap<ProcKey, u64> =
 /// write-protected the cgroup's pages again.
 #[map]
 pub static EPOCHS: HashMap<u64, u32> = HashMap::with_max_entries(4096, 0);
+
+/// `BPF_F_MMAPABLE`: userspace maps the array into its memory.
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+/// Runs of writes merged in the kernel, one slot per thread (see forkscope_common::run).
+/// Memory-mapped by userspace, which swaps pending counts out of the slots atomically.
+#[map]
+pub static WRITE_RUNS: Array<WriteRun> = Array::with_max_entries(RUN_SLOTS, BPF_F_MMAPABLE);
 
 /// Counters (see forkscope_common::stats).
 #[map]

@@ -1,15 +1,19 @@
 //! Socket activity: `connect` (with the address asked for) and the send family (`sendto`,
 //! `sendmsg`, `sendmmsg`) with the bytes sent and their destination: the address passed with
 //! the call, or else the socket's connected peer. `write`/`writev` on sockets are handled in
-//! [`crate::fd_write`].
+//! [`crate::fd_write`]. A send without an address continues the thread's run of writes to the
+//! socket ([`crate::write_run`]).
 
-use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use aya_ebpf::{
+    helpers::bpf_get_current_pid_tgid, macros::tracepoint, programs::TracePointContext,
+};
 use forkscope_common::{EventKind, FdEvent, syscalls::*};
 
 use crate::{
     config,
     emit::{header, send},
     kernel::{Peer, SysExit, fd_file, file_info, read_user, socket_peer, sys_exit, user_sockaddr},
+    write_run,
 };
 
 /// Messages of one `sendmmsg` call reported individually (the rest are summed into the last).
@@ -34,13 +38,24 @@ fn try_net(ctx: &TracePointContext) -> Option<()> {
     let o = config::ready_offsets()?;
     let fd = a[0] as i64;
     let file = fd_file(&o, fd);
+    // A send without an address goes to the socket's peer: it can continue the thread's run.
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let unaddressed = ret > 0
+        && match nr {
+            SYS_SENDTO => a[4] == 0,
+            // struct user_msghdr starts with `void *msg_name`.
+            SYS_SENDMSG => read_user::<u64>(a[1]).unwrap_or(0) == 0,
+            _ => false,
+        };
+    if unaddressed && write_run::extend(tid, file, -1, ret) {
+        return Some(());
+    }
     let info = file_info(&o, file);
     let mut ev = FdEvent {
         file_type: info.ftype,
         ino: info.ino,
         dev: info.dev,
         bytes: ret,
-        ret: ret as i32,
         ..FdEvent::new(header(EventKind::NetSend, nr, cg), fd as i32)
     };
     let set_peer = |ev: &mut FdEvent, p: Peer| {
@@ -55,6 +70,7 @@ fn try_net(ctx: &TracePointContext) -> Option<()> {
             }
             ev.hdr.kind = EventKind::NetConnect as u32;
             ev.bytes = 0;
+            ev.ret = ret as i32;
             set_peer(
                 &mut ev,
                 user_sockaddr(a[1]).unwrap_or_else(|| socket_peer(&o, file)),
@@ -101,5 +117,8 @@ fn try_net(ctx: &TracePointContext) -> Option<()> {
         _ => return None,
     }
     send(&ev);
+    if unaddressed {
+        write_run::start(tid, file, -1, &ev);
+    }
     Some(())
 }

@@ -96,6 +96,8 @@ pub fn process_exit(ctx: TracePointContext) -> u32 {
 }
 
 fn try_exit(ctx: &TracePointContext) -> Option<()> {
+    // Before the cgroup check: a thread of a cgroup no longer traced still frees its slot.
+    crate::write_run::release(bpf_get_current_pid_tgid() as u32);
     let cg = cgroup::tracked()?;
     let o = config::ready_offsets()?;
     let last_thread = if o.tp_exit_group_dead != KernelOffsets::ABSENT {

@@ -19,7 +19,7 @@ use crate::{
     bpf::{Probe, ProbeOptions},
     cgroup::Cgroup,
     error::{Error, Result},
-    events::{Resolver, Summary, TraceEvent, decode},
+    events::{Resolver, Summary, TraceEvent, decode, runs::Runs},
 };
 
 /// What to trace and how.
@@ -59,6 +59,8 @@ struct Sink<'w, W: Write> {
     /// The command's pid until it has exec'd: before that it runs forkscope's own code
     /// (moving itself into the cgroup), which is not the command's doing.
     pre_exec_pid: Option<u32>,
+    /// Runs of writes the kernel is merging.
+    runs: Runs,
 }
 
 impl<W: Write> Sink<'_, W> {
@@ -74,6 +76,7 @@ impl<W: Write> Sink<'_, W> {
                         self.pre_exec_pid = None;
                     }
                     self.cgroups.insert(raw.header().cgroup);
+                    self.runs.note(&raw);
                     if let Some(ev) = self.resolver.event(&raw) {
                         self.emit(&ev)?;
                     }
@@ -82,6 +85,12 @@ impl<W: Write> Sink<'_, W> {
                     self.decode_errors += 1;
                     log::warn!("undecodable event: {e}");
                 }
+            }
+        }
+        // What runs of writes hold goes after what the ring buffer had.
+        for raw in self.runs.harvest(crate::events::record::now_ns()) {
+            if let Some(ev) = self.resolver.event(&raw) {
+                self.emit(&ev)?;
             }
         }
         self.out.flush()?;
@@ -127,6 +136,7 @@ pub async fn run<W: Write>(
         cgroups: [cgroup.id()].into(),
         decode_errors: 0,
         pre_exec_pid: None,
+        runs: Runs::new(probe.run_slots()?),
     };
     // The command inherits our stdio: name them in case they are files it writes to.
     for fd in 0..3 {

@@ -25,7 +25,7 @@ use aya::maps::{MapData, RingBuf};
 use crate::{
     bpf::{Probe, ProbeOptions, Stats},
     error::{IoContext, Result},
-    events::{TraceEvent, decode::decode, resolve::Resolver},
+    events::{RawEvent, TraceEvent, decode::decode, resolve::Resolver, runs::Runs},
 };
 
 /// How often the reader drains the ring buffer (at once when [`Tracker::sync`] asks).
@@ -56,6 +56,34 @@ struct Sinks {
     kinds: HashMap<std::borrow::Cow<'static, str>, u64>,
     /// Events written to traces, by cgroup (for the per-branch metrics).
     per_cgroup: HashMap<u64, u64>,
+    /// Runs of writes the kernel is merging.
+    runs: Runs,
+}
+
+impl Sinks {
+    /// Writes one event into the trace of the branch it belongs to.
+    fn route(&mut self, raw: &RawEvent) {
+        self.runs.note(raw);
+        let cgroup = raw.header().cgroup;
+        let Some(ev) = self.resolver.event(raw) else {
+            return;
+        };
+        match self.files.get_mut(&cgroup) {
+            Some((_, out)) => {
+                *self.per_cgroup.entry(cgroup).or_insert(0) += 1;
+                match self.kinds.get_mut(&ev.kind) {
+                    Some(n) => *n += 1,
+                    None => {
+                        self.kinds.insert(ev.kind.clone(), 1);
+                    }
+                }
+                if !write_line(out, &ev) {
+                    log::warn!("writing the trace of cgroup {cgroup} failed");
+                }
+            }
+            None => self.unattributed += 1,
+        }
+    }
 }
 
 /// Events written per hold of the sinks' lock, so tracking a new branch never waits long.
@@ -118,6 +146,7 @@ impl Tracker {
             }
         };
         let ring = probe.take_events()?;
+        let runs = Runs::new(probe.run_slots()?);
         Ok(Self {
             probe: Mutex::new(probe),
             sinks: Arc::new(Mutex::new(Sinks {
@@ -126,6 +155,7 @@ impl Tracker {
                 kinds: HashMap::new(),
                 per_cgroup: HashMap::new(),
                 unattributed: 0,
+                runs,
             })),
             stop: Arc::new(AtomicBool::new(false)),
             drains: Arc::default(),
@@ -401,27 +431,14 @@ fn read_loop(
                     break;
                 };
                 n += 1;
-                let Ok(raw) = decode(&item) else {
-                    continue;
-                };
-                let cgroup = raw.header().cgroup;
-                let Some(ev) = s.resolver.event(&raw) else {
-                    continue;
-                };
-                match s.files.get_mut(&cgroup) {
-                    Some((_, out)) => {
-                        *s.per_cgroup.entry(cgroup).or_insert(0) += 1;
-                        match s.kinds.get_mut(&ev.kind) {
-                            Some(n) => *n += 1,
-                            None => {
-                                s.kinds.insert(ev.kind.clone(), 1);
-                            }
-                        }
-                        if !write_line(out, &ev) {
-                            log::warn!("writing the trace of cgroup {cgroup} failed");
-                        }
-                    }
-                    None => s.unattributed += 1,
+                if let Ok(raw) = decode(&item) {
+                    s.route(&raw);
+                }
+            }
+            if n < BATCH {
+                // The ring is empty: what runs of writes hold goes after it.
+                for raw in s.runs.harvest(crate::events::record::now_ns()) {
+                    s.route(&raw);
                 }
             }
             for (_, out) in s.files.values_mut() {

@@ -3,6 +3,7 @@
 
 pub mod offsets;
 mod probe;
+pub mod run_slots;
 
 pub use probe::{Probe, ProbeOptions, Stats, unpin};
 
@@ -58,6 +59,7 @@ pub const MAPS: &[&str] = &[
     "REDIRECTS",
     "NEXT_REDIRECT",
     "DEFER_PASSES",
+    "WRITE_RUNS",
 ];
 
 /// Run time (ns) and run count of every loaded program named like one of forkscope's (the

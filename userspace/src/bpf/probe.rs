@@ -31,6 +31,9 @@ pub struct ProbeOptions {
     pub ring_bytes: u32,
     /// Capacity of the dirty-page set (pages across all traced processes).
     pub dirty_page_capacity: u32,
+    /// Merge runs of writes to one file or socket into one record (see
+    /// forkscope_common::run); false sends a record per syscall.
+    pub merge_writes: bool,
 }
 
 impl Default for ProbeOptions {
@@ -38,6 +41,7 @@ impl Default for ProbeOptions {
         Self {
             ring_bytes: 16 << 20,
             dirty_page_capacity: 1 << 18,
+            merge_writes: true,
         }
     }
 }
@@ -62,7 +66,7 @@ const COMPLETE: &str = "complete";
 type MapKind = fn(MapData) -> Map;
 
 /// The maps userspace uses (see [`super::MAPS`]), and how to rebuild each from a pinned copy.
-const MAPS: [(&str, MapKind); 13] = [
+const MAPS: [(&str, MapKind); 14] = [
     ("EVENTS", Map::RingBuf),
     ("TRACKED_CGROUPS", Map::HashMap),
     ("CGROUP_VERDICT", Map::Array),
@@ -76,6 +80,7 @@ const MAPS: [(&str, MapKind); 13] = [
     ("REDIRECTS", Map::Array),
     ("NEXT_REDIRECT", Map::PerCpuArray),
     ("DEFER_PASSES", Map::HashMap),
+    ("WRITE_RUNS", Map::Array),
 ];
 
 /// Loaded eBPF programs and their maps. Dropping it detaches and unloads everything, except
@@ -129,6 +134,7 @@ impl Probe {
         let offsets = offsets::from_running_kernel()?;
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", &offsets, true)
+            .override_global("MERGE_WRITES", &u32::from(opts.merge_writes), true)
             .map_max_entries("EVENTS", opts.ring_bytes)
             .map_max_entries("DIRTY_PAGES", opts.dirty_page_capacity)
             .load(EBPF_OBJECT)?;
@@ -378,6 +384,15 @@ impl Probe {
             .remove("EVENTS")
             .ok_or_else(|| Error::State("the event ring buffer was taken already".into()))?;
         RingBuf::try_from(map).map_err(map_err("EVENTS"))
+    }
+
+    /// The slots of the runs of writes merged in the kernel, mapped into memory.
+    pub fn run_slots(&self) -> Result<super::run_slots::RunSlots> {
+        let Map::Array(data) = self.map("WRITE_RUNS") else {
+            return Err(Error::Btf("WRITE_RUNS is not an array map".into()));
+        };
+        use std::os::fd::AsFd;
+        super::run_slots::RunSlots::map(data.fd().as_fd())
     }
 
     fn hash<K: aya::Pod, V: aya::Pod>(

@@ -42,6 +42,12 @@ pub struct TraceArgs {
     /// Print no summary on stderr.
     #[arg(short, long)]
     quiet: bool,
+    /// One file_write / net_send record per syscall. By default a thread's run of writes to
+    /// one file (at consecutive offsets) or to one connected socket is merged into records
+    /// whose `calls` field says how many syscalls each stands for: the same bytes, at a
+    /// fraction of the cost.
+    #[arg(long, conflicts_with = "branch")]
+    every_write: bool,
     /// Print the trace the daemon keeps of branch NAME instead of running a command.
     #[arg(long, value_name = "NAME", conflicts_with = "command")]
     branch: Option<String>,
@@ -119,6 +125,7 @@ pub fn run(args: TraceArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
         page_addresses: args.page_addresses,
         probe: ProbeOptions {
             ring_bytes: args.ring_mb << 20,
+            merge_writes: !args.every_write,
             ..ProbeOptions::default()
         },
     };

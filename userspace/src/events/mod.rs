@@ -1,10 +1,12 @@
 //! Events from the kernel, as userspace handles them: [`decode`] turns ring-buffer records
 //! into typed values, [`resolve`] names files and destinations (absolute paths, IP addresses),
-//! [`record`] is the JSON shape researchers read, and [`summary`] totals a trace.
+//! [`record`] is the JSON shape researchers read, [`summary`] totals a trace, and [`runs`]
+//! harvests the writes the kernel merged and has not sent yet.
 
 pub mod decode;
 pub mod record;
 pub mod resolve;
+pub mod runs;
 pub mod summary;
 
 pub use decode::{RawEvent, decode};

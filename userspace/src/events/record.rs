@@ -49,6 +49,12 @@ pub struct TraceEvent {
     /// Bytes written or sent (file_mmap: length of the mapping).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub bytes: Option<i64>,
+    /// file_write, net_send: how many syscalls a record merged from a run of writes stands
+    /// for (absent for a record of one syscall). A run is one thread writing one file at
+    /// consecutive offsets, or one connected socket; `offset` is where the record's bytes
+    /// start.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub calls: Option<u64>,
     /// file_truncate: the new size (truncate/ftruncate) or the length of the range (fallocate).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub size: Option<i64>,

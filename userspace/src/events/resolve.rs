@@ -221,6 +221,7 @@ impl Resolver {
                 t.port = matches!(e.family, 2 | 10).then_some(e.port);
                 if kind == EventKind::NetSend {
                     t.bytes = Some(e.bytes);
+                    t.calls = (e.ret > 0).then_some(e.ret as u64);
                 }
                 return Some(t);
             }
@@ -238,6 +239,7 @@ impl Resolver {
                 t.kind = "file_write".into();
                 t.offset = (e.offset >= 0).then_some(e.offset);
                 t.bytes = Some(e.bytes);
+                t.calls = (e.ret > 0).then_some(e.ret as u64);
             }
             EventKind::FileTruncate => {
                 t.kind = "file_truncate".into();

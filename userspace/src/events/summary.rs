@@ -72,12 +72,12 @@ impl Summary {
                 }
                 let f = self.files.get_mut(path).expect("inserted above");
                 f.bytes += e.bytes.unwrap_or(0).max(0) as u64;
-                f.writes += 1;
+                f.writes += e.calls.unwrap_or(1);
             }
             "net_send" => {
                 let d = self.destinations.entry(destination(e)).or_default();
                 d.bytes += e.bytes.unwrap_or(0).max(0) as u64;
-                d.sends += 1;
+                d.sends += e.calls.unwrap_or(1);
             }
             "net_connect" => {
                 self.destinations

@@ -1,0 +1,187 @@
+//! Runs of writes merged in the kernel (the protocol is in forkscope_common::run): a write
+//! that continues the current thread's run only adds to its slot's pending word; the first
+//! write of a run is sent as an ordinary record and becomes the run's template; what is
+//! pending is sent as one merged record when the run ends.
+
+use core::intrinsics::{AtomicOrdering::Relaxed, atomic_cxchg, atomic_xadd, atomic_xchg};
+
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use forkscope_common::{
+    FdEvent,
+    event::file_type,
+    run::{
+        PENDING_MAX_BYTES, PENDING_MAX_CALLS, PENDING_ONE_CALL, PENDING_TAG_MASK,
+        PENDING_TAG_SHIFT, RUN_SLOTS, WriteRun, pending_counts, pending_tag,
+    },
+};
+
+use crate::{
+    emit::{count_event, count_lost, wakeup_flags},
+    maps::{EVENTS, WRITE_RUNS},
+};
+
+/// Set by userspace at load: 0 sends every write as its own record (`trace --every-write`).
+#[unsafe(no_mangle)]
+static MERGE_WRITES: u32 = 0;
+
+#[inline(always)]
+fn merging() -> bool {
+    // SAFETY: a valid, aligned static; volatile only stops constant folding of the zero.
+    unsafe { core::ptr::read_volatile(&raw const MERGE_WRITES) != 0 }
+}
+
+/// The slot thread `tid` would use.
+#[inline(always)]
+fn slot(tid: u32) -> Option<*mut WriteRun> {
+    WRITE_RUNS.get_ptr_mut(tid & (RUN_SLOTS - 1))
+}
+
+// Atomic operations on a slot's words (the target has no `core::sync::atomic` types with
+// read-modify-write operations; the intrinsics compile to BPF atomic instructions).
+// SAFETY (all three): `run` points to a live, aligned array element, and map values stay
+// mapped while the program runs.
+
+/// Adds `v` to the slot's pending word.
+#[inline(always)]
+fn pending_add(run: *mut WriteRun, v: u64) {
+    // SAFETY: see above.
+    unsafe { atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*run).pending, v) };
+}
+
+/// Replaces the slot's pending word, returning what it held.
+#[inline(always)]
+fn pending_swap(run: *mut WriteRun, v: u64) -> u64 {
+    // SAFETY: see above.
+    unsafe { atomic_xchg::<u64, { Relaxed }>(&raw mut (*run).pending, v) }
+}
+
+/// Sets the slot's owner to `new` if it is `old`.
+#[inline(always)]
+fn owner_cas(run: *mut WriteRun, old: u64, new: u64) -> bool {
+    // SAFETY: see above.
+    unsafe { atomic_cxchg::<u64, { Relaxed }, { Relaxed }>(&raw mut (*run).owner, old, new).1 }
+}
+
+/// Adds a write of `bytes` starting at `start` (regular files) on `file` to thread `tid`'s
+/// run if it continues it; true when that is all there is to do.
+#[inline(always)]
+pub fn extend(tid: u32, file: u64, start: i64, bytes: i64) -> bool {
+    if file == 0 || bytes <= 0 || !merging() {
+        return false;
+    }
+    let Some(run) = slot(tid) else {
+        return false;
+    };
+    // SAFETY: `run` is a live array element; only thread `tid`'s programs write these
+    // fields while it owns the slot, and a program is not preempted.
+    unsafe {
+        if (*run).owner != tid as u64 || (*run).file != file {
+            return false;
+        }
+        let regular = (*run).first.file_type == file_type::REG;
+        if regular && start != (*run).next {
+            return false;
+        }
+        let (calls, pending_bytes) = pending_counts(core::ptr::read_volatile(&(*run).pending));
+        if calls >= PENDING_MAX_CALLS || pending_bytes >= PENDING_MAX_BYTES {
+            return false;
+        }
+        if regular {
+            (*run).next = start + bytes;
+        }
+        pending_add(run, PENDING_ONE_CALL + bytes as u64);
+    }
+    true
+}
+
+/// Sends what thread `tid`'s run has pending, if anything: called before any other record
+/// of the thread, so the trace keeps the thread's order.
+#[inline(always)]
+pub fn end(tid: u32) {
+    let Some(run) = slot(tid) else {
+        return;
+    };
+    // SAFETY: as in `extend`.
+    unsafe {
+        if (*run).owner != tid as u64 {
+            return;
+        }
+        let seen = core::ptr::read_volatile(&(*run).pending);
+        if pending_counts(seen).0 == 0 {
+            return;
+        }
+        // Userspace may take the count in between: the swap returns what is left.
+        let left = pending_swap(run, seen & PENDING_TAG_MASK);
+        send_pending(run, left);
+    }
+}
+
+/// Sends the merged record for the `left` part of `run` (the run's last bytes).
+#[inline(never)]
+fn send_pending(run: *mut WriteRun, left: u64) {
+    let (calls, bytes) = pending_counts(left);
+    if calls == 0 {
+        return;
+    }
+    // Built in the ring buffer itself: the stack is too small for a copy of the record in
+    // the socket hooks' call chains.
+    let Some(mut entry) = EVENTS.reserve::<FdEvent>(0) else {
+        count_lost();
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    // SAFETY: `e` is a reserved record of size_of::<FdEvent>() bytes, fully written before
+    // submit; `run` as in `extend`.
+    unsafe {
+        *e = (*run).first;
+        (*e).hdr.ts_ns = bpf_ktime_get_ns();
+        (*e).bytes = bytes as i64;
+        (*e).ret = calls as i32;
+        (*e).offset = if (*e).file_type == file_type::REG {
+            (*run).next - bytes as i64
+        } else {
+            -1
+        };
+    }
+    entry.submit(wakeup_flags());
+    count_event();
+}
+
+/// Makes `ev` (the record just sent for a write ending at `next` on `file`) the first
+/// record of thread `tid`'s run, when the thread holds its slot or can take a free one.
+#[inline(always)]
+pub fn start(tid: u32, file: u64, next: i64, ev: &FdEvent) {
+    if file == 0 || !merging() {
+        return;
+    }
+    let Some(run) = slot(tid) else {
+        return;
+    };
+    // SAFETY: as in `extend`; the slot is taken with a compare-and-swap so two threads
+    // sharing it cannot both write it.
+    unsafe {
+        if (*run).owner == tid as u64 {
+            end(tid); // the fields below are the previous run's until then
+        } else if !owner_cas(run, 0, tid as u64) {
+            return; // another live thread holds the slot
+        }
+        (*run).id = ev.hdr.ts_ns;
+        (*run).file = file;
+        (*run).next = next;
+        (*run).first = *ev;
+        // A new tag publishes the fields above (the swap is a full barrier): userspace only
+        // reads them after seeing the tag with a count.
+        // Nothing is pending after `end` (userspace only ever takes counts away).
+        let tag = (pending_tag(core::ptr::read_volatile(&(*run).pending)) + 1) & 0xff;
+        pending_swap(run, tag << PENDING_TAG_SHIFT);
+    }
+}
+
+/// Ends thread `tid`'s run and frees its slot (the thread exits).
+#[inline(always)]
+pub fn release(tid: u32) {
+    end(tid);
+    if let Some(run) = slot(tid) {
+        owner_cas(run, tid as u64, 0);
+    }
+}
