@@ -860,9 +860,10 @@ fn a_branch_that_writes_and_then_blocks_has_every_byte_in_its_trace() {
     let dir = TempDir::new("daemon-runs");
     let ws = workspace(dir.path());
     let d = Daemon::start(dir.path());
-    // The kernel merges the 300 writes into a run; the writing thread then blocks with no
-    // other traced call (which would end the run): what the run holds must reach the trace
-    // all the same. Another thread says when the writes are done.
+    // The kernel merges the 300 writes into one run (the pause in the middle lets the daemon
+    // take part of it); the writing thread then blocks with no other traced call (which
+    // would end the run): what the run holds must reach the trace all the same. Another
+    // thread says when the writes are done.
     let script = r#"
 import os, threading, time
 written = threading.Event()
@@ -871,8 +872,10 @@ def mark():
     os.close(os.open("done", os.O_CREAT | os.O_WRONLY, 0o644))
 threading.Thread(target=mark).start()
 f = open("log.bin", "wb", buffering=0)
-for _ in range(300):
+for i in range(300):
     f.write(b"x" * 4096)
+    if i == 150:
+        time.sleep(0.3)
 written.set()
 time.sleep(1000)
 "#;

@@ -151,6 +151,48 @@ fn merged_records_carry_every_byte_once_and_tile_the_file() {
 }
 
 #[test]
+fn sends_on_two_connections_one_after_the_other_go_to_their_own_peers() {
+    require_root();
+    let dir = TempDir::new("runs-conns");
+    // A server thread sends on a connection, closes it and sends on the next one: the kernel
+    // may give the second connection the first one's freed `struct file`; the run must not
+    // carry over.
+    let script = r#"
+import socket, threading
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen()
+port = srv.getsockname()[1]
+def client():
+    for _ in range(2):
+        c = socket.create_connection(("127.0.0.1", port))
+        while c.recv(65536):
+            pass
+        c.close()
+t = threading.Thread(target=client)
+t.start()
+for _ in range(2):
+    conn, _ = srv.accept()
+    for _ in range(20):
+        conn.send(b"s" * 64)
+    conn.close()
+t.join()
+"#;
+    let run = trace(dir.path(), &[], &["python3", "-c", script]);
+    assert_eq!(run.code(), Some(0), "{}", run.stderr());
+    let main = run.of_kind("proc_exec").next().expect("the exec")["pid"].clone();
+    let mut per_port: BTreeMap<u64, u64> = BTreeMap::new();
+    for e in run
+        .of_kind("net_send")
+        .filter(|e| e["tid"] == main && e["addr"] == "127.0.0.1")
+    {
+        *per_port.entry(e["port"].as_u64().unwrap()).or_default() += e["bytes"].as_u64().unwrap();
+    }
+    assert_eq!(per_port.len(), 2, "two peers: {per_port:?}");
+    assert!(per_port.values().all(|&b| b == 20 * 64), "{per_port:?}");
+}
+
+#[test]
 fn every_write_gives_a_record_per_syscall() {
     require_root();
     let dir = TempDir::new("every-write");

@@ -13,8 +13,8 @@
 //! - userspace harvests it (a few times a second and before answering a trace read): it
 //!   swaps the pending count out of the word with a compare-and-swap on the mmap'ed map.
 //!
-//! So every byte is reported exactly once, in per-thread order, and no write is held for
-//! longer than one harvest period. `pending` packs a tag (which run of the slot it belongs
+//! So every byte is reported exactly once, in per-thread order, and no write of a run whose
+//! first record userspace has read is held for longer than one harvest period. `pending` packs a tag (which run of the slot it belongs
 //! to), a syscall count and a byte count into one word, so that a swap can never mix two
 //! runs or two counts.
 
@@ -43,13 +43,14 @@ pub const PENDING_MAX_BYTES: u64 = 1 << 39;
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct WriteRun {
-    /// Thread id that holds the slot (0: free); 64 bits for the atomic compare-and-swap.
+    /// `tgid << 32 | tid` of the thread that holds the slot (0: free).
     pub owner: u64,
     /// tag << 56 | syscalls << 40 | bytes: what the run has not reported yet.
     pub pending: u64,
     /// `ts_ns` of the run's first record (tells runs of the same slot apart in userspace).
     pub id: u64,
-    /// The `struct file *` the run writes to.
+    /// The `struct file *` the run writes to; 0 once the run has ended (the slot stays its
+    /// thread's until the thread exits).
     pub file: u64,
     /// Offset where the next write must start to continue the run (regular files).
     pub next: i64,

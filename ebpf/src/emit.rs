@@ -17,7 +17,7 @@ use crate::maps::STATS;
 #[inline(always)]
 pub fn header(kind: EventKind, syscall: u32, cgroup: u64) -> EventHeader {
     let pid_tgid = bpf_get_current_pid_tgid();
-    crate::write_run::end(pid_tgid as u32);
+    crate::write_run::end(pid_tgid);
     EventHeader {
         kind: kind as u32,
         syscall,

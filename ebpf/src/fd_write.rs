@@ -12,7 +12,7 @@ use forkscope_common::{EventKind, FdEvent, event::file_type, syscalls::*};
 use crate::{
     config,
     emit::{header, send},
-    kernel::{SysExit, fd_file, file_info, read, read_user, socket_peer, sys_exit},
+    kernel::{SysExit, fd_file, file_info, file_pos_ino, read_user, socket_peer, sys_exit},
     write_run,
 };
 
@@ -45,17 +45,24 @@ fn try_fd_write(ctx: &TracePointContext) -> Option<()> {
     };
     let o = config::ready_offsets()?;
     let file = fd_file(&o, fd);
-    let tid = bpf_get_current_pid_tgid() as u32;
-    // The common case costs two reads: the file behind the descriptor and its position.
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // The common case: the file behind the descriptor, its position and inode number.
+    let (pos, ino) = file_pos_ino(&o, file);
     let start = if explicit >= 0 {
         explicit
+    } else if pos >= ret {
+        pos - ret
     } else {
-        read::<i64>(file, o.file_pos).map_or(-1, |pos| pos - ret)
+        -1
     };
-    if write_run::extend(tid, file, start, ret) {
+    if write_run::extend(pid_tgid, file, ino, start, ret) {
         return Some(());
     }
     let info = file_info(&o, file);
+    // Pipes, terminals and devices: nothing to report (and the thread's run goes on).
+    if info.ftype != file_type::REG && info.ftype != file_type::SOCK {
+        return None;
+    }
     let mut ev = FdEvent {
         file_type: info.ftype,
         ino: info.ino,
@@ -85,9 +92,9 @@ fn try_fd_write(ctx: &TracePointContext) -> Option<()> {
         }
         _ => return None,
     }
-    send(&ev);
     if ev.hdr.kind == EventKind::NetSend as u32 || ev.offset >= 0 {
-        write_run::start(tid, file, ev.offset + ret, &ev);
+        write_run::start(pid_tgid, file, ev.offset + ret, &ev);
     }
+    send(&ev);
     Some(())
 }

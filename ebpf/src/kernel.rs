@@ -222,6 +222,20 @@ pub fn file_info(o: &KernelOffsets, file: u64) -> FileInfo {
     info
 }
 
+/// The position and the inode number of `file`: all a write that continues a run needs
+/// (two reads; the inode number tells a reused `struct file` apart).
+#[inline(always)]
+pub fn file_pos_ino(o: &KernelOffsets, file: u64) -> (i64, u64) {
+    let Some(f) = read_chunk(file, |s| &mut s.file) else {
+        return (-1, 0);
+    };
+    let pos = field::<i64, FILE_CHUNK>(f, file, o.file_pos).unwrap_or(-1);
+    let ino = field::<u64, FILE_CHUNK>(f, file, o.file_inode)
+        .and_then(|inode| read::<u64>(inode, o.inode_ino))
+        .unwrap_or(0);
+    (pos, ino)
+}
+
 /// A socket's peer: family, port (host order), address bytes.
 #[derive(Clone, Copy, Default)]
 pub struct Peer {

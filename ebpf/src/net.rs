@@ -12,7 +12,10 @@ use forkscope_common::{EventKind, FdEvent, syscalls::*};
 use crate::{
     config,
     emit::{header, send},
-    kernel::{Peer, SysExit, fd_file, file_info, read_user, socket_peer, sys_exit, user_sockaddr},
+    kernel::{
+        Peer, SysExit, fd_file, file_info, file_pos_ino, read_user, socket_peer, sys_exit,
+        user_sockaddr,
+    },
     write_run,
 };
 
@@ -39,7 +42,7 @@ fn try_net(ctx: &TracePointContext) -> Option<()> {
     let fd = a[0] as i64;
     let file = fd_file(&o, fd);
     // A send without an address goes to the socket's peer: it can continue the thread's run.
-    let tid = bpf_get_current_pid_tgid() as u32;
+    let pid_tgid = bpf_get_current_pid_tgid();
     let unaddressed = ret > 0
         && match nr {
             SYS_SENDTO => a[4] == 0,
@@ -47,7 +50,7 @@ fn try_net(ctx: &TracePointContext) -> Option<()> {
             SYS_SENDMSG => read_user::<u64>(a[1]).unwrap_or(0) == 0,
             _ => false,
         };
-    if unaddressed && write_run::extend(tid, file, -1, ret) {
+    if unaddressed && write_run::extend(pid_tgid, file, file_pos_ino(&o, file).1, -1, ret) {
         return Some(());
     }
     let info = file_info(&o, file);
@@ -116,9 +119,9 @@ fn try_net(ctx: &TracePointContext) -> Option<()> {
         }
         _ => return None,
     }
-    send(&ev);
     if unaddressed {
-        write_run::start(tid, file, -1, &ev);
+        write_run::start(pid_tgid, file, -1, &ev);
     }
+    send(&ev);
     Some(())
 }

@@ -216,7 +216,7 @@ fn try_path_op(ctx: &TracePointContext) -> Option<()> {
     }
     // What the thread's run of writes holds goes first: the header below is written into the
     // reserved record, after the reservation that orders records in the ring.
-    crate::write_run::end(aya_ebpf::helpers::bpf_get_current_pid_tgid() as u32);
+    crate::write_run::end(aya_ebpf::helpers::bpf_get_current_pid_tgid());
     let Some(mut entry) = EVENTS.reserve::<PathEvent>(0) else {
         count_lost();
         return None;

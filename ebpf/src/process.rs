@@ -70,6 +70,15 @@ pub fn process_exec(ctx: TracePointContext) -> u32 {
 }
 
 fn try_exec(ctx: &TracePointContext) -> Option<()> {
+    // A thread other than the leader that execs takes the leader's id: the slot of its old
+    // id is freed (offset 16: old_pid), before the cgroup check like at exit.
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: offset 16 of sched_process_exec is `pid_t old_pid`.
+    if let Ok(old) = unsafe { ctx.read_at::<u32>(16) }
+        && old != pid_tgid as u32
+    {
+        crate::write_run::release((pid_tgid & !0xffff_ffff) | old as u64);
+    }
     let cg = cgroup::tracked()?;
     // SAFETY: offset 8 is the filename's __data_loc (u32: length << 16 | offset).
     let loc: u32 = unsafe { ctx.read_at(8) }.ok()?;
@@ -97,7 +106,7 @@ pub fn process_exit(ctx: TracePointContext) -> u32 {
 
 fn try_exit(ctx: &TracePointContext) -> Option<()> {
     // Before the cgroup check: a thread of a cgroup no longer traced still frees its slot.
-    crate::write_run::release(bpf_get_current_pid_tgid() as u32);
+    crate::write_run::release(bpf_get_current_pid_tgid());
     let cg = cgroup::tracked()?;
     let o = config::ready_offsets()?;
     let last_thread = if o.tp_exit_group_dead != KernelOffsets::ABSENT {

@@ -3,15 +3,18 @@
 //! write of a run is sent as an ordinary record and becomes the run's template; what is
 //! pending is sent as one merged record when the run ends.
 
-use core::intrinsics::{AtomicOrdering::Relaxed, atomic_cxchg, atomic_xadd, atomic_xchg};
+use core::intrinsics::{
+    AtomicOrdering::{Relaxed, Release},
+    atomic_cxchg, atomic_xadd, atomic_xchg,
+};
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use forkscope_common::{
     FdEvent,
     event::file_type,
     run::{
-        PENDING_MAX_BYTES, PENDING_MAX_CALLS, PENDING_ONE_CALL, PENDING_TAG_MASK,
-        PENDING_TAG_SHIFT, RUN_SLOTS, WriteRun, pending_counts, pending_tag,
+        PENDING_MAX_BYTES, PENDING_MAX_CALLS, PENDING_ONE_CALL, PENDING_TAG_SHIFT, RUN_SLOTS,
+        WriteRun, pending_counts, pending_tag,
     },
 };
 
@@ -30,10 +33,10 @@ fn merging() -> bool {
     unsafe { core::ptr::read_volatile(&raw const MERGE_WRITES) != 0 }
 }
 
-/// The slot thread `tid` would use.
+/// The slot thread `pid_tgid` would use (by its thread id).
 #[inline(always)]
-fn slot(tid: u32) -> Option<*mut WriteRun> {
-    WRITE_RUNS.get_ptr_mut(tid & (RUN_SLOTS - 1))
+fn slot(pid_tgid: u64) -> Option<*mut WriteRun> {
+    WRITE_RUNS.get_ptr_mut((pid_tgid as u32) & (RUN_SLOTS - 1))
 }
 
 // Atomic operations on a slot's words (the target has no `core::sync::atomic` types with
@@ -55,6 +58,13 @@ fn pending_swap(run: *mut WriteRun, v: u64) -> u64 {
     unsafe { atomic_xchg::<u64, { Relaxed }>(&raw mut (*run).pending, v) }
 }
 
+/// Replaces the slot's pending word after every store before it (a release swap).
+#[inline(always)]
+fn pending_publish(run: *mut WriteRun, v: u64) {
+    // SAFETY: see above.
+    unsafe { atomic_xchg::<u64, { Release }>(&raw mut (*run).pending, v) };
+}
+
 /// Sets the slot's owner to `new` if it is `old`.
 #[inline(always)]
 fn owner_cas(run: *mut WriteRun, old: u64, new: u64) -> bool {
@@ -62,20 +72,22 @@ fn owner_cas(run: *mut WriteRun, old: u64, new: u64) -> bool {
     unsafe { atomic_cxchg::<u64, { Relaxed }, { Relaxed }>(&raw mut (*run).owner, old, new).1 }
 }
 
-/// Adds a write of `bytes` starting at `start` (regular files) on `file` to thread `tid`'s
-/// run if it continues it; true when that is all there is to do.
+/// Adds a write of `bytes` starting at `start` (regular files) on `file` (inode `ino`) to
+/// the run of thread `pid_tgid` if it continues it; true when that is all there is to do.
+/// The inode number is part of the identity: a `struct file` closed and freed can be reused
+/// at once for another file or connection, which the run must not absorb.
 #[inline(always)]
-pub fn extend(tid: u32, file: u64, start: i64, bytes: i64) -> bool {
+pub fn extend(pid_tgid: u64, file: u64, ino: u64, start: i64, bytes: i64) -> bool {
     if file == 0 || bytes <= 0 || !merging() {
         return false;
     }
-    let Some(run) = slot(tid) else {
+    let Some(run) = slot(pid_tgid) else {
         return false;
     };
-    // SAFETY: `run` is a live array element; only thread `tid`'s programs write these
-    // fields while it owns the slot, and a program is not preempted.
+    // SAFETY: `run` is a live array element; while thread `pid_tgid` owns the slot only its
+    // own programs write these fields (userspace only swaps counts out of `pending`).
     unsafe {
-        if (*run).owner != tid as u64 || (*run).file != file {
+        if (*run).owner != pid_tgid || (*run).file != file || (*run).first.ino != ino {
             return false;
         }
         let regular = (*run).first.file_type == file_type::REG;
@@ -94,24 +106,28 @@ pub fn extend(tid: u32, file: u64, start: i64, bytes: i64) -> bool {
     true
 }
 
-/// Sends what thread `tid`'s run has pending, if anything: called before any other record
-/// of the thread, so the trace keeps the thread's order.
+/// Ends thread `pid_tgid`'s run, sending what it has pending: called before any other
+/// record of the thread, so the trace keeps the thread's order, and no later write joins a
+/// run that something else interrupted.
 #[inline(always)]
-pub fn end(tid: u32) {
-    let Some(run) = slot(tid) else {
+pub fn end(pid_tgid: u64) {
+    let Some(run) = slot(pid_tgid) else {
         return;
     };
     // SAFETY: as in `extend`.
     unsafe {
-        if (*run).owner != tid as u64 {
+        if (*run).owner != pid_tgid || (*run).file == 0 {
             return;
         }
+        (*run).file = 0; // nothing continues it any more
         let seen = core::ptr::read_volatile(&(*run).pending);
         if pending_counts(seen).0 == 0 {
             return;
         }
-        // Userspace may take the count in between: the swap returns what is left.
-        let left = pending_swap(run, seen & PENDING_TAG_MASK);
+        // Userspace may take the count in between: the swap returns what is left. The new
+        // tag makes any compare-and-swap userspace prepared on the old word fail.
+        let tag = (pending_tag(seen) + 1) & 0xff;
+        let left = pending_swap(run, tag << PENDING_TAG_SHIFT);
         send_pending(run, left);
     }
 }
@@ -147,41 +163,43 @@ fn send_pending(run: *mut WriteRun, left: u64) {
     count_event();
 }
 
-/// Makes `ev` (the record just sent for a write ending at `next` on `file`) the first
-/// record of thread `tid`'s run, when the thread holds its slot or can take a free one.
+/// Makes `ev` (the record about to be sent for a write ending at `next` on `file`) the first
+/// record of thread `pid_tgid`'s run, when the thread holds its slot or can take a free one.
+/// Called before the record is sent, so a reader that reads it finds the run published.
 #[inline(always)]
-pub fn start(tid: u32, file: u64, next: i64, ev: &FdEvent) {
+pub fn start(pid_tgid: u64, file: u64, next: i64, ev: &FdEvent) {
     if file == 0 || !merging() {
         return;
     }
-    let Some(run) = slot(tid) else {
+    let Some(run) = slot(pid_tgid) else {
         return;
     };
     // SAFETY: as in `extend`; the slot is taken with a compare-and-swap so two threads
     // sharing it cannot both write it.
     unsafe {
-        if (*run).owner == tid as u64 {
-            end(tid); // the fields below are the previous run's until then
-        } else if !owner_cas(run, 0, tid as u64) {
+        if (*run).owner == pid_tgid {
+            end(pid_tgid); // the fields below are the previous run's until then
+        } else if !owner_cas(run, 0, pid_tgid) {
             return; // another live thread holds the slot
         }
         (*run).id = ev.hdr.ts_ns;
-        (*run).file = file;
         (*run).next = next;
         (*run).first = *ev;
-        // A new tag publishes the fields above (the swap is a full barrier): userspace only
-        // reads them after seeing the tag with a count.
-        // Nothing is pending after `end` (userspace only ever takes counts away).
+        (*run).file = file;
+        // A new tag publishes the fields above (a release swap): userspace only reads them
+        // after seeing the tag with a count. Nothing is pending after `end` (userspace only
+        // ever takes counts away).
         let tag = (pending_tag(core::ptr::read_volatile(&(*run).pending)) + 1) & 0xff;
-        pending_swap(run, tag << PENDING_TAG_SHIFT);
+        pending_publish(run, tag << PENDING_TAG_SHIFT);
     }
 }
 
-/// Ends thread `tid`'s run and frees its slot (the thread exits).
+/// Ends thread `pid_tgid`'s run and frees its slot (the thread exits, or execs and gets
+/// another thread id).
 #[inline(always)]
-pub fn release(tid: u32) {
-    end(tid);
-    if let Some(run) = slot(tid) {
-        owner_cas(run, tid as u64, 0);
+pub fn release(pid_tgid: u64) {
+    end(pid_tgid);
+    if let Some(run) = slot(pid_tgid) {
+        owner_cas(run, pid_tgid, 0);
     }
 }

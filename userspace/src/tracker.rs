@@ -63,7 +63,6 @@ struct Sinks {
 impl Sinks {
     /// Writes one event into the trace of the branch it belongs to.
     fn route(&mut self, raw: &RawEvent) {
-        self.runs.note(raw);
         let cgroup = raw.header().cgroup;
         let Some(ev) = self.resolver.event(raw) else {
             return;
@@ -432,6 +431,7 @@ fn read_loop(
                 };
                 n += 1;
                 if let Ok(raw) = decode(&item) {
+                    s.runs.note(&raw);
                     s.route(&raw);
                 }
             }

@@ -48,7 +48,10 @@ impl RunSlots {
     /// Maps the array whose descriptor is `fd` (created with `BPF_F_MMAPABLE`).
     pub fn map(fd: BorrowedFd<'_>) -> Result<Self> {
         let bytes = RUN_SLOTS as usize * std::mem::size_of::<WriteRun>();
-        let page = 4096;
+        let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .ok()
+            .flatten()
+            .map_or(4096, |p| p as usize);
         let len = bytes.div_ceil(page) * page;
         // SAFETY: maps `len` bytes of the array (its whole value area, rounded up to a page as
         // the kernel allows) shared with the kernel; the result is checked.
@@ -86,19 +89,19 @@ impl RunSlots {
         unsafe { self.base.as_ptr().add((index & (RUN_SLOTS - 1)) as usize) }
     }
 
-    /// Whether slot `index` holds run `id` of thread `tid`.
-    pub fn holds(&self, index: u32, tid: u32, id: u64) -> bool {
+    /// Whether slot `index` holds run `id` of thread `owner` (`tgid << 32 | tid`).
+    pub fn holds(&self, index: u32, owner: u64, id: u64) -> bool {
         let s = self.slot(index);
         // SAFETY: `s` points into the mapping; volatile reads of fields the kernel may be
         // writing (a torn value only makes the comparison fail).
         unsafe {
-            std::ptr::read_volatile(&raw const (*s).owner) == tid as u64
+            std::ptr::read_volatile(&raw const (*s).owner) == owner
                 && std::ptr::read_volatile(&raw const (*s).id) == id
         }
     }
 
-    /// The run slot `index` holds, if any: (thread id, run id, first record).
-    pub fn current(&self, index: u32) -> Option<(u32, u64, forkscope_common::FdEvent)> {
+    /// The run slot `index` holds, if any: (owner, run id, first record).
+    pub fn current(&self, index: u32) -> Option<(u64, u64, forkscope_common::FdEvent)> {
         let s = self.slot(index);
         // SAFETY: `s` points into the mapping. The fields change only when the owner starts a
         // new run, after which `take` finds another run id and gives `Gone`; a copy taken in
@@ -108,7 +111,7 @@ impl RunSlots {
             let owner = std::ptr::read_volatile(&raw const (*s).owner);
             (owner != 0).then(|| {
                 (
-                    owner as u32,
+                    owner,
                     std::ptr::read_volatile(&raw const (*s).id),
                     std::ptr::read_volatile(&raw const (*s).first),
                 )
@@ -116,15 +119,15 @@ impl RunSlots {
         }
     }
 
-    /// Takes what run `id` of thread `tid` has pending in slot `index`.
-    pub fn take(&self, index: u32, tid: u32, id: u64) -> Take {
+    /// Takes what run `id` of thread `owner` has pending in slot `index`.
+    pub fn take(&self, index: u32, owner: u64, id: u64) -> Take {
         let s = self.slot(index);
         // SAFETY: `pending` is 8-byte aligned inside the mapping and only accessed atomically.
         let word = unsafe { AtomicU64::from_ptr(&raw mut (*s).pending) };
         loop {
             let seen = word.load(Ordering::Acquire);
             // Read after the word: the kernel publishes a run's fields before its tag.
-            if !self.holds(index, tid, id) {
+            if !self.holds(index, owner, id) {
                 return Take::Gone;
             }
             let (calls, bytes) = pending_counts(seen);

@@ -16,7 +16,8 @@ use crate::bpf::run_slots::{RunSlots, Take};
 
 /// A run whose first record was read.
 struct Open {
-    tid: u32,
+    /// `tgid << 32 | tid` of the thread whose run it is.
+    owner: u64,
     /// The first record's `ts_ns`, which names the run in its slot.
     id: u64,
     /// The first record: the template of the merged ones.
@@ -43,12 +44,12 @@ impl Runs {
     pub fn new(slots: RunSlots) -> Self {
         let open = (0..RUN_SLOTS)
             .filter_map(|index| {
-                let (tid, id, first) = slots.current(index)?;
+                let (owner, id, first) = slots.current(index)?;
                 let next_offset = -1;
                 Some((
                     index,
                     Open {
-                        tid,
+                        owner,
                         id,
                         first,
                         next_offset,
@@ -59,7 +60,8 @@ impl Runs {
         Self { slots, open }
     }
 
-    /// Notes a record read from the ring buffer.
+    /// Notes a record read from the ring buffer (never one [`Runs::harvest`] made: a merged
+    /// record from the ring means the kernel ended its run).
     pub fn note(&mut self, raw: &RawEvent) {
         let RawEvent::Fd(e) = raw else {
             return;
@@ -67,17 +69,18 @@ impl Runs {
         if !is_run_record(e) {
             return;
         }
-        let (tid, index) = (e.hdr.tid, e.hdr.tid & (RUN_SLOTS - 1));
+        let owner = (u64::from(e.hdr.pid) << 32) | u64::from(e.hdr.tid);
+        let index = e.hdr.tid & (RUN_SLOTS - 1);
         if e.ret > 0 {
             // The kernel's merged record: the rest of a run that has ended.
-            if self.open.get(&index).is_some_and(|o| o.tid == tid) {
+            if self.open.get(&index).is_some_and(|o| o.owner == owner) {
                 self.open.remove(&index);
             }
-        } else if self.slots.holds(index, tid, e.hdr.ts_ns) {
+        } else if self.slots.holds(index, owner, e.hdr.ts_ns) {
             self.open.insert(
                 index,
                 Open {
-                    tid,
+                    owner,
                     id: e.hdr.ts_ns,
                     first: *e,
                     next_offset: if e.offset >= 0 {
@@ -95,7 +98,7 @@ impl Runs {
         let mut out = Vec::new();
         let slots = &self.slots;
         self.open
-            .retain(|&index, o| match slots.take(index, o.tid, o.id) {
+            .retain(|&index, o| match slots.take(index, o.owner, o.id) {
                 Take::Counts(calls, bytes) => {
                     let mut ev = o.first;
                     ev.hdr.ts_ns = now_ns;
@@ -153,7 +156,7 @@ mod tests {
     /// Plays the kernel: thread `tid` starts run `ts` in its slot with tag `tag`.
     fn kernel_starts(slots: &mut RunSlots, ev: &FdEvent, tag: u64) {
         let s = slots.slot_mut(ev.hdr.tid);
-        s.owner = ev.hdr.tid as u64;
+        s.owner = (u64::from(ev.hdr.pid) << 32) | u64::from(ev.hdr.tid);
         s.id = ev.hdr.ts_ns;
         s.first = *ev;
         s.pending = tag << PENDING_TAG_SHIFT;
