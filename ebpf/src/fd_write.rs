@@ -47,16 +47,18 @@ fn try_fd_write(ctx: &TracePointContext) -> Option<()> {
     let file = fd_file(&o, fd);
     let pid_tgid = bpf_get_current_pid_tgid();
     // The common case: the file behind the descriptor, its position and inode number.
-    let (pos, ino) = file_pos_ino(&o, file);
-    let start = if explicit >= 0 {
-        explicit
-    } else if pos >= ret {
-        pos - ret
-    } else {
-        -1
-    };
-    if write_run::extend(pid_tgid, file, ino, start, ret) {
-        return Some(());
+    if write_run::merging() {
+        let (pos, ino) = file_pos_ino(&o, file);
+        let start = if explicit >= 0 {
+            explicit
+        } else if pos >= ret {
+            pos - ret
+        } else {
+            -1
+        };
+        if write_run::extend(pid_tgid, file, ino, start, ret) {
+            return Some(());
+        }
     }
     let info = file_info(&o, file);
     // Pipes, terminals and devices: nothing to report (and the thread's run goes on).

@@ -50,7 +50,10 @@ fn try_net(ctx: &TracePointContext) -> Option<()> {
             SYS_SENDMSG => read_user::<u64>(a[1]).unwrap_or(0) == 0,
             _ => false,
         };
-    if unaddressed && write_run::extend(pid_tgid, file, file_pos_ino(&o, file).1, -1, ret) {
+    if unaddressed
+        && write_run::merging()
+        && write_run::extend(pid_tgid, file, file_pos_ino(&o, file).1, -1, ret)
+    {
         return Some(());
     }
     let info = file_info(&o, file);

@@ -27,8 +27,9 @@ use crate::{
 #[unsafe(no_mangle)]
 static MERGE_WRITES: u32 = 0;
 
+/// Whether runs of writes are merged (`--every-write` turns it off).
 #[inline(always)]
-fn merging() -> bool {
+pub fn merging() -> bool {
     // SAFETY: a valid, aligned static; volatile only stops constant folding of the zero.
     unsafe { core::ptr::read_volatile(&raw const MERGE_WRITES) != 0 }
 }
