@@ -19,6 +19,26 @@
 //! - [`sys`]: start-up checks (root, BTF, tracefs);
 //! - [`error`]: the typed errors.
 
+/// Writes a line to stderr like `eprintln!`, but never panics: a closed or broken stderr (a
+/// reader that went away) must not crash the daemon, a branch's init or a command that is
+/// cleaning up.
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// [`say!`] without the newline.
+#[macro_export]
+macro_rules! say_raw {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 pub mod api;
 pub mod bpf;
 pub mod branch;

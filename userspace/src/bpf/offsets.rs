@@ -145,7 +145,7 @@ mod tests {
     #[test]
     fn offsets_resolve_from_this_kernels_btf() {
         let Ok(btf) = Btf::from_file(crate::sys::VMLINUX_BTF) else {
-            eprintln!(
+            crate::say!(
                 "skipped: this kernel has no BTF at {}",
                 crate::sys::VMLINUX_BTF
             );

@@ -51,14 +51,14 @@ pub fn run(args: AttachArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
         std::io::stdout().lock(),
         |path| {
             if shown {
-                eprint!("attached to {path} of {branch}; Ctrl-] detaches\r\n");
+                forkscope::say_raw!("attached to {path} of {branch}; Ctrl-] detaches\r\n");
             }
         },
     );
     drop(raw);
     attached?;
     if shown {
-        eprintln!("\ndetached from {}", args.branch);
+        forkscope::say!("\ndetached from {}", args.branch);
     }
     Ok(ExitCode::SUCCESS)
 }

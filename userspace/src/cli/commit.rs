@@ -63,9 +63,13 @@ pub fn run(args: CommitArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
         );
     }
     let ph = &done["phases"];
-    eprintln!(
+    forkscope::say!(
         "committed in: freeze {} us, plan {} us, stage {} us, apply {} us, thaw {} us",
-        ph["freeze_us"], ph["plan_us"], ph["stage_us"], ph["apply_us"], ph["thaw_us"]
+        ph["freeze_us"],
+        ph["plan_us"],
+        ph["stage_us"],
+        ph["apply_us"],
+        ph["thaw_us"]
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -54,7 +54,7 @@ pub fn run(args: DaemonArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
         .build()?;
     runtime.block_on(async {
         let stop = super::interrupted()?;
-        eprintln!(
+        forkscope::say!(
             "forkscope daemon: state in {}, listening on {}",
             args.state_dir.display(),
             socket.display()

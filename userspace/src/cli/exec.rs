@@ -51,7 +51,7 @@ pub fn run(args: ExecArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
         ExecReply::ExitCode(c) => ExitCode::from(c.clamp(0, 255) as u8),
         ExecReply::Signal(s) => ExitCode::from((128 + s).clamp(0, 255) as u8),
         ExecReply::Error(e) => {
-            eprintln!("forkscope exec: {e}");
+            forkscope::say!("forkscope exec: {e}");
             ExitCode::from(127)
         }
         ExecReply::Pid(_) | ExecReply::Terminal(_) | ExecReply::Attached(_) => ExitCode::FAILURE,

@@ -43,7 +43,7 @@ pub fn run(args: ForkArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
         println!("{}", b["name"].as_str().unwrap_or("?"));
     }
     let ph = &made["phases"];
-    eprintln!(
+    forkscope::say!(
         "forked in {} us: check {} us, freeze {} us, files {} us, seize {} us, thaw {} us, plan {} us, child sandboxes {} us, process clones {} us, record {} us (the parent's processes held {} us)",
         ph["total_us"],
         ph["check_us"],
@@ -65,16 +65,18 @@ pub fn run(args: ForkArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
                 .flatten()
                 .map(|c| c.as_array().map_or(0, |a| a.len()))
                 .collect();
-            eprintln!(
+            forkscope::say!(
                 "processes: cloned copy-on-write ({} per child)",
                 n.first().copied().unwrap_or(0)
             );
         }
-        Some("fresh") => eprintln!("processes: each child started the branch's command afresh"),
-        _ => eprintln!("processes: none (a checkpoint holds files only)"),
+        Some("fresh") => {
+            forkscope::say!("processes: each child started the branch's command afresh")
+        }
+        _ => forkscope::say!("processes: none (a checkpoint holds files only)"),
     }
     for note in made["notes"].as_array().into_iter().flatten() {
-        eprintln!("note: {}", note.as_str().unwrap_or("?"));
+        forkscope::say!("note: {}", note.as_str().unwrap_or("?"));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -93,7 +93,7 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("forkscope: {e:#}");
+            forkscope::say!("forkscope: {e:#}");
             ExitCode::from(EXIT_FORKSCOPE_FAILED)
         }
     }
@@ -122,7 +122,7 @@ fn init_logging(level: log::LevelFilter) {
         }
         fn log(&self, r: &log::Record) {
             if self.enabled(r.metadata()) {
-                eprintln!(
+                forkscope::say!(
                     "forkscope: {}: {}",
                     r.level().as_str().to_lowercase(),
                     r.args()

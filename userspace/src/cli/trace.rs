@@ -150,25 +150,25 @@ pub fn run(args: TraceArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
     let outcome = match result {
         Ok(o) => o,
         Err(Error::CommandNotFound(c)) => {
-            eprintln!("forkscope: command not found: {c}");
+            forkscope::say!("forkscope: command not found: {c}");
             return Ok(ExitCode::from(127));
         }
         Err(Error::CommandNotExecutable(c, e)) => {
-            eprintln!("forkscope: cannot execute {c}: {e}");
+            forkscope::say!("forkscope: cannot execute {c}: {e}");
             return Ok(ExitCode::from(126));
         }
         Err(e) => return Err(e.into()),
     };
     out.flush()?;
     if !args.quiet {
-        eprint!("{}", outcome.summary.render());
+        forkscope::say_raw!("{}", outcome.summary.render());
     }
     if let Some(p) = &args.summary_json {
         let f = File::create(p).with_context(|| format!("cannot create {}", p.display()))?;
         serde_json::to_writer_pretty(f, &outcome.summary)?;
     }
     if outcome.cancelled {
-        eprintln!("forkscope: interrupted; the command's processes were killed");
+        forkscope::say!("forkscope: interrupted; the command's processes were killed");
         return Ok(ExitCode::from(130));
     }
     Ok(ExitCode::from(outcome.exit_code.clamp(0, 255) as u8))

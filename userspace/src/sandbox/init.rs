@@ -147,7 +147,7 @@ fn setup(spec: &SandboxSpec) -> Result<()> {
             // Dumpable again (a nested setup was not): the branch's own processes, and the
             // clones a fork places here, open its /proc/1/ns files.
             if let Err(e) = set_dumpable(true) {
-                eprintln!("forkscope init: {e}");
+                crate::say!("forkscope init: {e}");
                 std::process::exit(1);
             }
             // Let go of the pipes to the daemon: it reads until they close.
@@ -163,7 +163,7 @@ fn setup(spec: &SandboxSpec) -> Result<()> {
             let code = match init(spec, listener, log, ready_w) {
                 Ok(()) => 0,
                 Err(e) => {
-                    eprintln!("forkscope init: {e}");
+                    crate::say!("forkscope init: {e}");
                     1
                 }
             };
@@ -375,7 +375,7 @@ fn init(
     ready: std::io::PipeWriter,
 ) -> Result<()> {
     if let Err(e) = mounts::mount_proc() {
-        eprintln!("forkscope init: {e} (the branch sees the host's /proc)");
+        crate::say!("forkscope init: {e} (the branch sees the host's /proc)");
     }
     if spec.net_isolated {
         loopback_up()?;
@@ -409,7 +409,7 @@ fn init(
             .stderr(Stdio::from(err))
             .spawn();
         if let Err(e) = started {
-            eprintln!("forkscope init: starting {:?}: {e}", spec.command);
+            crate::say!("forkscope init: starting {:?}: {e}", spec.command);
         }
     }
     loop {
