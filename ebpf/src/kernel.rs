@@ -9,9 +9,8 @@ use forkscope_common::{KernelOffsets, event::file_type};
 
 use crate::{emit::count_read_error, maps::SCRATCH};
 
-/// x86_64 `struct pt_regs` up to `di`, in u64 slots: r15 r14 r13 r12 bp bx r11 r10 r9 r8 ax
-/// cx dx si di. The layout is the kernel's user ABI for x86_64.
-const PT_REGS_SLOTS: usize = 15;
+/// Slots of x86_64 `struct pt_regs` (u64 each): r15 r14 r13 r12 bp bx r11 r10 r9 r8 ax cx dx
+/// si di. The layout is the kernel's user ABI for x86_64.
 const REG_R10: usize = 7;
 const REG_R9: usize = 8;
 const REG_R8: usize = 9;
@@ -36,11 +35,13 @@ pub struct SysExit {
 #[inline(always)]
 pub fn sys_exit(ctx: &aya_ebpf::programs::TracePointContext) -> Option<SysExit> {
     let cgroup = crate::cgroup::tracked()?;
-    // SAFETY: `__syscall_nr` (offset 8) and `ret` (offset 16) of every sys_exit_* record.
+    // SAFETY: `__syscall_nr` (offset 8, int) and `ret` (offset 16, long) of every sys_exit_*
+    // record, read straight from the context (the verifier checks the offsets; no helper).
     let (nr, ret) = unsafe {
+        let rec = aya_ebpf::EbpfContext::as_ptr(ctx) as *const u8;
         (
-            ctx.read_at::<i32>(8).ok()? as u32,
-            ctx.read_at::<i64>(16).ok()?,
+            core::ptr::read_volatile(rec.add(8).cast::<i32>()) as u32,
+            core::ptr::read_volatile(rec.add(16).cast::<i64>()),
         )
     };
     Some(SysExit {
@@ -56,20 +57,24 @@ pub fn sys_exit(ctx: &aya_ebpf::programs::TracePointContext) -> Option<SysExit> 
 #[inline(always)]
 pub fn syscall_args() -> Option<[u64; 6]> {
     // SAFETY: helpers valid in tracing programs; bpf_task_pt_regs returns the current task's
-    // saved user registers, and the read is bounds-checked by bpf_probe_read_kernel.
-    let regs = unsafe {
+    // saved user registers as a BTF pointer (`struct pt_regs`), whose fields the verifier
+    // lets the program load directly (as fault-safe loads, no helper call).
+    unsafe {
         let task = bpf_get_current_task_btf();
-        let regs = bpf_task_pt_regs(task) as *const [u64; PT_REGS_SLOTS];
-        bpf_probe_read_kernel(regs).ok()?
-    };
-    Some([
-        regs[REG_DI],
-        regs[REG_SI],
-        regs[REG_DX],
-        regs[REG_R10],
-        regs[REG_R8],
-        regs[REG_R9],
-    ])
+        let regs = bpf_task_pt_regs(task) as *const u64;
+        if regs.is_null() {
+            return None;
+        }
+        let reg = |slot: usize| core::ptr::read_volatile(regs.add(slot));
+        Some([
+            reg(REG_DI),
+            reg(REG_SI),
+            reg(REG_DX),
+            reg(REG_R10),
+            reg(REG_R8),
+            reg(REG_R9),
+        ])
+    }
 }
 
 /// Reads a `T` at `base + off` in kernel memory.
