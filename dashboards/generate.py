@@ -127,6 +127,9 @@ ebpf = dash("forkscope-ebpf", "forkscope: eBPF overhead", [
           [f"sum by (program) (rate({q('forkscope_bpf_program_run_time_seconds_total')}{RATE})) / "
            f"sum by (program) (rate({q('forkscope_bpf_program_runs_total')}{RATE}))"],
           12, 8, unit="s", legend=["{{program}}"]),
+    panel(4, "Syscall programs attached (1: a branch asks for per-write detail; every process on the host pays the slower syscall path)", "timeseries",
+          [f"max by (instance) ({q('forkscope_syscall_programs_attached')})"],
+          0, 16, w=24, unit="short", legend=["{{instance}}"]),
 ])
 
 for name, d in (("overview", overview), ("side-effects", effects), ("ebpf", ebpf)):

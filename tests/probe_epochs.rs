@@ -51,7 +51,7 @@ fn new_epoch_forgets_pages_and_a_fork_makes_them_count_again() {
     let mut probe = Probe::load(&ProbeOptions::default()).expect("load eBPF programs");
     probe.attach().expect("attach");
     let cg = Cgroup::create(&format!("epoch-test-{}", std::process::id())).unwrap();
-    probe.track(cg.id()).unwrap();
+    probe.track(cg.id(), true).unwrap();
     let procs = cg.path().join("cgroup.procs");
     let mut child = Command::new("sh")
         .args([

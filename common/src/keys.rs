@@ -28,7 +28,8 @@ crate::assert_size!(DirtyPageKey, 24);
 /// current generation in `id`; userspace bumps it whenever the tracked set changes, which
 /// invalidates every answer at once.
 ///
-/// `tag` = generation << 33 | verdict << 32 | fold(id). A reader that sees an `id` and a
+/// `tag` = generation << 34 | verdict << 32 | fold(id), the verdict one of [`NOT_TRACED`],
+/// [`TRACED`] and [`TRACED_NO_WRITES`]. A reader that sees an `id` and a
 /// `tag` written by different updates (two 8-byte stores are not one atomic write) finds
 /// that the fold does not match and treats the slot as empty.
 #[repr(C)]
@@ -38,6 +39,20 @@ pub struct VerdictSlot {
     pub tag: u64,
 }
 crate::assert_size!(VerdictSlot, 16);
+
+/// Verdict: the cgroup is not traced.
+pub const NOT_TRACED: u64 = 0;
+/// Verdict: the cgroup is traced, with per-write detail (the syscall programs report it).
+pub const TRACED: u64 = 1;
+/// Verdict: the cgroup is traced without per-write detail (the syscall programs skip it;
+/// process, page and socket-hook records still come).
+pub const TRACED_NO_WRITES: u64 = 2;
+
+/// Bit of a `TRACKED_CGROUPS` value: the cgroup asks for no per-write detail.
+pub const TRACK_NO_WRITE_DETAIL: u32 = 1;
+
+/// Generations are kept to this many bits (the tag holds 30 above the verdict).
+pub const GENERATION_MASK: u64 = 0x3fff_ffff;
 
 /// Number of cache slots in `CGROUP_VERDICT` (a power of two); one more slot holds the
 /// generation.
@@ -50,20 +65,20 @@ impl VerdictSlot {
         (id ^ (id >> 32) ^ 0x9e37_79b9) & 0xffff_ffff
     }
 
-    /// The slot recording `verdict` (0 or 1) for cgroup `id` in generation `generation`.
+    /// The slot recording `verdict` (0 to 3) for cgroup `id` in generation `generation`.
     #[inline(always)]
     pub fn new(id: u64, generation: u64, verdict: u64) -> Self {
         Self {
             id,
-            tag: (generation << 33) | (verdict << 32) | Self::fold(id),
+            tag: (generation << 34) | ((verdict & 3) << 32) | Self::fold(id),
         }
     }
 
     /// The verdict for `id` in `generation`, if this slot holds one.
     #[inline(always)]
     pub fn verdict(&self, id: u64, generation: u64) -> Option<u64> {
-        (self.id == id && self.tag & 0xffff_ffff == Self::fold(id) && self.tag >> 33 == generation)
-            .then_some((self.tag >> 32) & 1)
+        (self.id == id && self.tag & 0xffff_ffff == Self::fold(id) && self.tag >> 34 == generation)
+            .then_some((self.tag >> 32) & 3)
     }
 }
 
@@ -80,6 +95,10 @@ mod pod {
     unsafe impl aya::Pod for crate::config::KernelOffsets {}
     // SAFETY: repr(C) plain data (integers and an FdEvent of integers), no padding.
     unsafe impl aya::Pod for crate::run::WriteRun {}
+    // SAFETY: repr(C) integers with explicit padding fields, no implicit padding.
+    unsafe impl aya::Pod for crate::egress::EgressKey {}
+    // SAFETY: repr(C), two u64.
+    unsafe impl aya::Pod for crate::egress::EgressCount {}
 }
 
 #[cfg(test)]
@@ -101,6 +120,12 @@ mod tests {
             "another cgroup in the same slot"
         );
         assert_eq!(VerdictSlot::new(5, 0, 0).verdict(5, 0), Some(0));
+        let most = super::GENERATION_MASK;
+        assert_eq!(
+            VerdictSlot::new(9, most, super::TRACED_NO_WRITES).verdict(9, most),
+            Some(super::TRACED_NO_WRITES),
+            "the largest generation keeps the two-bit verdict"
+        );
         assert_eq!(
             VerdictSlot::default().verdict(0x42, 0),
             None,

@@ -6,6 +6,7 @@
 #![cfg_attr(not(test), no_std)]
 
 pub mod config;
+pub mod egress;
 pub mod event;
 pub mod keys;
 pub mod policy;

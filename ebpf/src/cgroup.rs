@@ -1,8 +1,11 @@
-//! Which tasks are traced: those in a registered cgroup or below one.
+//! Which tasks are traced: those in a registered cgroup or below one, and whether with
+//! per-write detail (the syscall programs) or without.
 
 use aya_ebpf::helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id};
 
-use forkscope_common::keys::{VERDICT_SLOTS, VerdictSlot};
+use forkscope_common::keys::{
+    NOT_TRACED, TRACED, TRACED_NO_WRITES, TRACK_NO_WRITE_DETAIL, VERDICT_SLOTS, VerdictSlot,
+};
 
 use crate::maps::{CGROUP_VERDICT, TRACKED_CGROUPS};
 
@@ -13,28 +16,73 @@ const MAX_DEPTH: i32 = 32;
 /// in a cgroup seen before, traced or not) costs one helper call and two inlined array reads.
 #[inline(always)]
 pub fn tracked() -> Option<u64> {
+    let (cg, verdict) = verdict();
+    if verdict != NOT_TRACED {
+        Some(cg)
+    } else {
+        None
+    }
+}
+
+/// The current task's cgroup id if it is traced with per-write detail (what the syscall
+/// programs report), `None` otherwise.
+#[inline(always)]
+pub fn tracked_writes() -> Option<u64> {
+    let (cg, verdict) = verdict();
+    if verdict == TRACED { Some(cg) } else { None }
+}
+
+/// The current task's cgroup id if it is traced without per-write detail (the socket
+/// hooks then report its connections), `None` otherwise.
+#[inline(always)]
+pub fn tracked_without_writes() -> Option<u64> {
+    let (cg, verdict) = verdict();
+    if verdict == TRACED_NO_WRITES {
+        Some(cg)
+    } else {
+        None
+    }
+}
+
+/// The current task's cgroup id and its verdict (cached).
+#[inline(always)]
+fn verdict() -> (u64, u64) {
     // SAFETY: helper without arguments.
     let cg = unsafe { bpf_get_current_cgroup_id() };
     let generation = CGROUP_VERDICT.get(VERDICT_SLOTS).map_or(0, |g| g.id);
-    let slot = CGROUP_VERDICT.get_ptr_mut((cg as u32) & (VERDICT_SLOTS - 1))?;
+    let Some(slot) = CGROUP_VERDICT.get_ptr_mut((cg as u32) & (VERDICT_SLOTS - 1)) else {
+        return (cg, NOT_TRACED);
+    };
     // SAFETY: `slot` points to a live array element; a torn read is detected by VerdictSlot.
     let cached = unsafe { core::ptr::read_volatile(slot) };
     let verdict = match cached.verdict(cg, generation) {
         Some(v) => v,
         None => {
-            let v = compute(cg) as u64;
+            let v = compute(cg);
             // SAFETY: as above; concurrent writers race benignly (each writes a valid slot).
             unsafe { core::ptr::write_volatile(slot, VerdictSlot::new(cg, generation, v)) };
             v
         }
     };
-    if verdict != 0 { Some(cg) } else { None }
+    (cg, verdict)
 }
 
+/// The verdict of a registered cgroup whose options are at `options`.
+#[inline(always)]
+fn registered(options: *const u32) -> u64 {
+    // SAFETY: `options` points to a live map value.
+    if unsafe { *options } & TRACK_NO_WRITE_DETAIL != 0 {
+        TRACED_NO_WRITES
+    } else {
+        TRACED
+    }
+}
+
+/// The verdict for `cg`, from the nearest registered cgroup at or above it.
 #[inline(never)]
-fn compute(cg: u64) -> u8 {
-    if TRACKED_CGROUPS.get_ptr(cg).is_some() {
-        return 1;
+fn compute(cg: u64) -> u64 {
+    if let Some(options) = TRACKED_CGROUPS.get_ptr(cg) {
+        return registered(options);
     }
     let mut level = 0;
     while level < MAX_DEPTH {
@@ -43,10 +91,10 @@ fn compute(cg: u64) -> u8 {
         if id == 0 || id == cg {
             break;
         }
-        if TRACKED_CGROUPS.get_ptr(id).is_some() {
-            return 1;
+        if let Some(options) = TRACKED_CGROUPS.get_ptr(id) {
+            return registered(options);
         }
         level += 1;
     }
-    0
+    NOT_TRACED
 }

@@ -31,10 +31,10 @@ pub struct SysExit {
 }
 
 /// Where every `sys_exit_*` program starts: the syscall the current task returns from, or
-/// `None` when the task is not traced.
+/// `None` when the task is not traced with per-write detail.
 #[inline(always)]
 pub fn sys_exit(ctx: &aya_ebpf::programs::TracePointContext) -> Option<SysExit> {
-    let cgroup = crate::cgroup::tracked()?;
+    let cgroup = crate::cgroup::tracked_writes()?;
     // SAFETY: `__syscall_nr` (offset 8, int) and `ret` (offset 16, long) of every sys_exit_*
     // record, read straight from the context (the verifier checks the offsets; no helper).
     let (nr, ret) = unsafe {

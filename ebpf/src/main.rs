@@ -10,8 +10,10 @@
 //! - [`net`]: connect and the send family;
 //! - [`process`]: fork, exec, exit;
 //! - [`pages`]: write page faults, deduplicated per (cgroup, process, page);
-//! - [`sock`]: the branches' network policies (cgroup socket-address hooks: deny, buffer).
-//! - [`write_run`]: runs of writes to one file or socket, merged into one record.
+//! - [`sock`]: the branches' network policies (cgroup socket-address hooks: deny, buffer);
+//! - [`write_run`]: runs of writes to one file or socket, merged into one record;
+//! - [`egress`]: bytes sent per destination by branches traced without per-write detail
+//!   (a cgroup_skb program: no syscall program runs for them).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 // Atomic read-modify-write operations (write_run.rs): the bpf target's core has no atomic
@@ -23,6 +25,8 @@
 mod cgroup;
 #[cfg(target_arch = "bpf")]
 mod config;
+#[cfg(target_arch = "bpf")]
+mod egress;
 #[cfg(target_arch = "bpf")]
 mod emit;
 #[cfg(target_arch = "bpf")]

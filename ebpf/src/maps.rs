@@ -5,6 +5,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
 };
 use forkscope_common::{
+    egress::{EGRESS_ENTRIES, EgressCount, EgressKey},
     keys::{DirtyPageKey, ProcKey, VERDICT_SLOTS, VerdictSlot},
     policy::{DeferPass, NetPolicy, ProxyConfig, REDIRECT_SLOTS, Redirect},
     run::{RUN_SLOTS, WriteRun},
@@ -78,3 +79,9 @@ pub static NEXT_REDIRECT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0)
 /// Deferred calls the daemon let go, by host thread id (see forkscope_common::policy::DeferPass).
 #[map]
 pub static DEFER_PASSES: HashMap<u32, DeferPass> = HashMap::with_max_entries(16_384, 0);
+
+/// Payload bytes and packets the branches traced without per-write detail sent, per
+/// (registered cgroup, destination) and CPU (see crate::egress).
+#[map]
+pub static EGRESS: LruPerCpuHashMap<EgressKey, EgressCount> =
+    LruPerCpuHashMap::with_max_entries(EGRESS_ENTRIES, 0);

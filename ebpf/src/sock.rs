@@ -17,6 +17,10 @@
 //! - allow: let through.
 //!
 //! An IPv4-mapped IPv6 destination (`::ffff:a.b.c.d`) is judged as the IPv4 address it is.
+//!
+//! For a branch traced without per-write detail (no syscall program reports its
+//! connections), a connect let through is reported here as NetConnect (fd -1: the hook does
+//! not know the descriptor).
 
 use aya_ebpf::{
     bindings::{bpf_sock_addr, sockaddr},
@@ -46,6 +50,8 @@ const SOCK_STREAM: u32 = 1;
 /// Let the call go on / fail it with EPERM.
 const PASS: i32 = 1;
 const REFUSE: i32 = 0;
+/// What `judge` answers for a call sent to the proxy (PASS to the kernel).
+const REDIRECTED: i32 = 2;
 /// Deepest cgroup nesting looked at for a branch's policy.
 const MAX_DEPTH: i32 = 8;
 /// CPUs that take slots of REDIRECTS (more share theirs).
@@ -100,29 +106,50 @@ fn policy() -> Option<(u64, &'static NetPolicy)> {
     None
 }
 
+/// The hook's answer (PASS or REFUSE), with the connection reported when its branch is
+/// traced without per-write detail and the call goes through unchanged.
 fn decide(ctx: &SockAddrContext, family: u16, syscall: u32) -> i32 {
+    let verdict = judge(ctx, family, syscall);
+    if verdict == PASS
+        && syscall == SYS_CONNECT
+        && let Some(cg) = crate::cgroup::tracked_without_writes()
+        // SAFETY: the kernel hands the program a valid context pointer for its run.
+        && let Some(sa) = unsafe { ctx.sock_addr.as_ref() }
+    {
+        let (family, addr, _) = destination(sa, family);
+        let port = u16::from_be(sa.user_port as u16);
+        report(EventKind::NetConnect, SYS_CONNECT, cg, family, &addr, port);
+    }
+    if verdict == REDIRECTED { PASS } else { verdict }
+}
+
+/// The destination of the call: (family, address, whether an IPv4-mapped IPv6 address was
+/// turned into the IPv4 address it is).
+#[inline(always)]
+fn destination(sa: &bpf_sock_addr, family: u16) -> (u16, [u32; 4], bool) {
+    if family == AF_INET {
+        return (AF_INET, [sa.user_ip4, 0, 0, 0], false);
+    }
+    let addr = sa.user_ip6;
+    // ::ffff:a.b.c.d is a.b.c.d.
+    if addr[0] == 0 && addr[1] == 0 && addr[2] == 0xffffu32.to_be() {
+        return (AF_INET, [addr[3], 0, 0, 0], true);
+    }
+    (family, addr, false)
+}
+
+/// PASS, REFUSE, or REDIRECTED (to the proxy: passed, already reported) by the branch's
+/// policy.
+fn judge(ctx: &SockAddrContext, family: u16, syscall: u32) -> i32 {
     let Some((branch, p)) = policy() else {
         return PASS;
     };
-    let mut mapped = false;
     // SAFETY: the kernel hands the program a valid context pointer for its run.
     let sa: &bpf_sock_addr = match unsafe { ctx.sock_addr.as_ref() } {
         Some(s) => s,
         None => return PASS,
     };
-    let mut addr = [0u32; 4];
-    let mut family = family;
-    if family == AF_INET {
-        addr[0] = sa.user_ip4;
-    } else {
-        addr = sa.user_ip6;
-        // ::ffff:a.b.c.d is a.b.c.d.
-        if addr[0] == 0 && addr[1] == 0 && addr[2] == 0xffffu32.to_be() {
-            addr = [addr[3], 0, 0, 0];
-            family = AF_INET;
-            mapped = true;
-        }
-    }
+    let (family, addr, mapped) = destination(sa, family);
     // user_port is in network order in its low 16 bits.
     let port = u16::from_be(sa.user_port as u16);
     let action = action_for(p, family, &addr, port);
@@ -190,7 +217,7 @@ fn action_for(p: &NetPolicy, family: u16, addr: &[u32; 4], port: u16) -> u16 {
     p.default_action
 }
 
-/// Sends the connection to the proxy (see the module doc).
+/// Sends the connection to the proxy (see the module doc): REDIRECTED, or REFUSE.
 #[inline(always)]
 fn redirect(ctx: &SockAddrContext, branch: u64, addr: &[u32; 4], port: u16) -> i32 {
     let proxy = match PROXY.get(0) {
@@ -277,7 +304,7 @@ fn redirect(ctx: &SockAddrContext, branch: u64, addr: &[u32; 4], port: u16) -> i
         addr,
         port,
     );
-    PASS
+    REDIRECTED
 }
 
 #[repr(C)]

@@ -51,6 +51,8 @@ pub struct Snapshot {
     pub oldest_held_s: Option<f64>,
     /// (program, run time in ns, runs) of forkscope's eBPF programs.
     pub programs: Vec<(String, u64, u64)>,
+    /// Whether the syscall programs (per-write detail) are attached.
+    pub syscall_hooks: bool,
 }
 
 fn err(e: prometheus::Error) -> Error {
@@ -67,6 +69,7 @@ pub struct Metrics {
     branches: IntGaugeVec,
     private_bytes: IntGauge,
     private_pages: IntGauge,
+    syscall_hooks: IntGauge,
     events: IntCounterVec,
     lost_events: IntCounter,
     effects: IntGaugeVec,
@@ -127,6 +130,11 @@ impl Metrics {
         .map_err(err)?;
         let private_pages =
             IntGauge::new("forkscope_private_memory_pages", "The same, in pages.").map_err(err)?;
+        let syscall_hooks = IntGauge::new(
+            "forkscope_syscall_programs_attached",
+            "1 while the syscall programs are attached (some branch asks for per-write detail): every process on the host then takes the kernel's slower syscall path; 0 otherwise.",
+        )
+        .map_err(err)?;
         let events = IntCounterVec::new(
             Opts::new(
                 "forkscope_events_total",
@@ -229,6 +237,7 @@ impl Metrics {
             Box::new(branch_events.clone()),
             Box::new(branch_effects.clone()),
             Box::new(build),
+            Box::new(syscall_hooks.clone()),
         ] {
             registry.register(c).map_err(err)?;
         }
@@ -248,6 +257,7 @@ impl Metrics {
             branches,
             private_bytes,
             private_pages,
+            syscall_hooks,
             events,
             lost_events,
             effects,
@@ -307,6 +317,7 @@ impl Metrics {
         }
         self.private_bytes.set(bytes as i64);
         self.private_pages.set(pages as i64);
+        self.syscall_hooks.set(i64::from(s.syscall_hooks));
         // Per-branch series: only the branches shown now (capped); a branch that went away
         // takes its series with it.
         self.branch_private_bytes.reset();

@@ -123,7 +123,7 @@ pub async fn run<W: Write>(
     }
     let seq = TRACE_SEQ.fetch_add(1, Ordering::Relaxed);
     let cgroup = Cgroup::create(&format!("trace-{}-{seq}", std::process::id()))?;
-    probe.track(cgroup.id())?;
+    probe.track(cgroup.id(), true)?;
     // SAFETY: the RingBuf owns its map descriptor, which stays open and unchanged until the
     // AsyncFd (and with it the RingBuf) is dropped.
     let mut ring =

@@ -2,13 +2,17 @@
 //! reader thread appends each event, as a JSON line, to the trace file of the branch whose
 //! cgroup it came from (`<branch dir>/trace.jsonl`).
 //!
+//! The syscall programs (per-write detail) are attached only while some tracked cgroup
+//! asks for them, and detached [`DETACH_GRACE`] after the last one goes (see
+//! [`crate::bpf::SyscallHooks`]).
+//!
 //! Events are attributed by the cgroup id the eBPF programs record: a branch's processes all
 //! live in its cgroup. The trace starts when the branch's cgroup is created, before its
 //! init is born in it, so nothing the branch does is missed (the first events are the
 //! init's own: the sandbox's setup processes before it stay in the daemon's cgroup).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     fs::{File, OpenOptions},
     io::{BufWriter, Write},
     path::Path,
@@ -23,13 +27,23 @@ use std::{
 use aya::maps::{MapData, RingBuf};
 
 use crate::{
-    bpf::{Probe, ProbeOptions, Stats},
+    bpf::egress_map::EgressMap,
+    bpf::{Probe, ProbeOptions, Stats, SyscallHooks},
     error::{IoContext, Result},
-    events::{RawEvent, TraceEvent, decode::decode, resolve::Resolver, runs::Runs},
+    events::{RawEvent, TraceEvent, decode::decode, egress::Egress, resolve::Resolver, runs::Runs},
 };
 
 /// How often the reader drains the ring buffer (at once when [`Tracker::sync`] asks).
 const DRAIN_INTERVAL: Duration = Duration::from_millis(20);
+
+/// How long the syscall programs stay attached after the last cgroup that asked for
+/// per-write detail stopped being tracked (a branch aborted and another started right
+/// after pays neither the detach nor the attach).
+const DETACH_GRACE: Duration = Duration::from_secs(3);
+
+/// How often the bytes sent by branches without per-write detail become `net_send`
+/// records (at once when [`Tracker::sync`] asks).
+const EGRESS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How long [`Tracker::sync`] waits for the reader at most.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(1);
@@ -58,6 +72,9 @@ struct Sinks {
     per_cgroup: HashMap<u64, u64>,
     /// Runs of writes the kernel is merging.
     runs: Runs,
+    /// What branches without per-write detail sent (none if the map could not be opened).
+    egress_map: Option<EgressMap>,
+    egress: Egress,
 }
 
 impl Sinks {
@@ -85,6 +102,45 @@ impl Sinks {
     }
 }
 
+/// Who needs the syscall programs, and whether they are attached.
+#[derive(Default)]
+struct Hooks {
+    /// Tracked cgroups that ask for per-write detail.
+    wanted_by: HashSet<u64>,
+    attached: bool,
+    /// Bumped whenever `wanted_by` changes: a delayed detach that finds another value
+    /// was overtaken.
+    changes: u64,
+    /// The thread releasing the links, while it runs.
+    detaching: Option<JoinHandle<()>>,
+}
+
+impl Sinks {
+    /// Writes `net_send` records for what the branches without per-write detail sent since
+    /// the last harvest.
+    fn harvest_egress(&mut self) {
+        let Some(map) = &self.egress_map else {
+            return;
+        };
+        let counts = map.counts();
+        let files = &self.files;
+        let records = self
+            .egress
+            .harvest(&counts, crate::events::record::now_ns(), |c| {
+                files.contains_key(&c)
+            });
+        for ev in records {
+            if let Some((_, out)) = self.files.get_mut(&ev.cgroup) {
+                *self.per_cgroup.entry(ev.cgroup).or_insert(0) += 1;
+                *self.kinds.entry(ev.kind.clone()).or_insert(0) += 1;
+                if !write_line(out, &ev) {
+                    log::warn!("writing the trace of cgroup {} failed", ev.cgroup);
+                }
+            }
+        }
+    }
+}
+
 /// Events written per hold of the sinks' lock, so tracking a new branch never waits long.
 const BATCH: usize = 4096;
 
@@ -103,6 +159,7 @@ pub struct Tracker {
     pub adopted: bool,
     /// Each branch's policy, by cgroup id (for the recording proxy's answers).
     policies: Mutex<HashMap<u64, crate::policy::Policy>>,
+    hooks: Arc<Mutex<Hooks>>,
 }
 
 impl Tracker {
@@ -133,10 +190,7 @@ impl Tracker {
             None => {
                 crate::bpf::unpin(&pin_dir)?; // an incomplete set
                 let mut probe = Probe::load(opts)?;
-                probe.attach()?;
-                for tp in &probe.missing_tracepoints {
-                    log::info!("this kernel has no {tp} tracepoint: that syscall is not traced");
-                }
+                probe.attach_base()?;
                 if let Err(e) = probe.pin(&pin_dir) {
                     let _ = crate::bpf::unpin(&pin_dir);
                     return Err(e);
@@ -144,8 +198,22 @@ impl Tracker {
                 (probe, false)
             }
         };
+        let attached = match Probe::syscall_hooks(&pin_dir) {
+            SyscallHooks::Attached => true,
+            SyscallHooks::Detached => false,
+            SyscallHooks::Partial => {
+                log::info!("detaching the syscall programs an earlier daemon left half attached");
+                Probe::detach_syscalls_pinned(&pin_dir);
+                false
+            }
+        };
         let ring = probe.take_events()?;
         let runs = Runs::new(probe.run_slots()?);
+        let egress_map = EgressMap::open(&pin_dir)
+            .inspect_err(|e| {
+                log::warn!("sends of branches without per-write detail will not be traced: {e}")
+            })
+            .ok();
         Ok(Self {
             probe: Mutex::new(probe),
             sinks: Arc::new(Mutex::new(Sinks {
@@ -155,6 +223,8 @@ impl Tracker {
                 per_cgroup: HashMap::new(),
                 unattributed: 0,
                 runs,
+                egress_map,
+                egress: Egress::default(),
             })),
             stop: Arc::new(AtomicBool::new(false)),
             drains: Arc::default(),
@@ -163,6 +233,10 @@ impl Tracker {
             pin_dir,
             adopted,
             policies: Mutex::new(HashMap::new()),
+            hooks: Arc::new(Mutex::new(Hooks {
+                attached,
+                ..Hooks::default()
+            })),
         })
     }
 
@@ -225,8 +299,21 @@ impl Tracker {
         self.sinks.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Starts appending the events of cgroup `id` to `file`.
-    pub fn track(&self, id: u64, file: &Path) -> Result<()> {
+    /// Starts appending the events of cgroup `id` to `file`; with `write_detail`, every
+    /// write, send, open and path change too (the syscall programs are attached first if
+    /// they were not).
+    pub fn track(&self, id: u64, file: &Path, write_detail: bool) -> Result<()> {
+        if write_detail {
+            self.want_syscall_hooks(id)?;
+        }
+        let tracked = self.track_file(id, file, write_detail);
+        if tracked.is_err() && write_detail {
+            self.release_syscall_hooks(id);
+        }
+        tracked
+    }
+
+    fn track_file(&self, id: u64, file: &Path, write_detail: bool) -> Result<()> {
         let out = OpenOptions::new()
             .create(true)
             .append(true)
@@ -235,11 +322,83 @@ impl Tracker {
         self.sinks()
             .files
             .insert(id, (file.to_path_buf(), BufWriter::new(out)));
-        if let Err(e) = self.probe().track(id) {
+        if let Err(e) = self.probe().track(id, write_detail) {
             self.sinks().files.remove(&id);
             return Err(e);
         }
         Ok(())
+    }
+
+    /// Notes that cgroup `id` needs the syscall programs, attaching them if they are not.
+    fn want_syscall_hooks(&self, id: u64) -> Result<()> {
+        let mut hooks = self.hooks.lock().unwrap_or_else(|p| p.into_inner());
+        if !hooks.attached {
+            if let Some(d) = hooks.detaching.take() {
+                let _ = d.join();
+            }
+            let t = std::time::Instant::now();
+            self.probe().attach_syscalls_pinned(&self.pin_dir)?;
+            log::info!(
+                "syscall programs attached in {:?} (a branch asks for per-write detail)",
+                t.elapsed()
+            );
+            hooks.attached = true;
+        }
+        hooks.wanted_by.insert(id);
+        hooks.changes += 1;
+        Ok(())
+    }
+
+    /// Notes that cgroup `id` no longer needs the syscall programs; when nothing does, they
+    /// are detached after [`DETACH_GRACE`] unless something asks for them meanwhile.
+    fn release_syscall_hooks(&self, id: u64) {
+        let mut hooks = self.hooks.lock().unwrap_or_else(|p| p.into_inner());
+        if hooks.wanted_by.remove(&id) {
+            hooks.changes += 1;
+        }
+        self.detach_later(&mut hooks);
+    }
+
+    /// Detaches the syscall programs after [`DETACH_GRACE`] if nothing wants them then
+    /// (called once the branches are tracked again after a restart, too).
+    pub fn settle(&self) {
+        let mut hooks = self.hooks.lock().unwrap_or_else(|p| p.into_inner());
+        self.detach_later(&mut hooks);
+    }
+
+    fn detach_later(&self, hooks: &mut Hooks) {
+        if !hooks.wanted_by.is_empty() || !hooks.attached {
+            return;
+        }
+        let (shared, seen, dir) = (self.hooks.clone(), hooks.changes, self.pin_dir.clone());
+        let timer = std::thread::Builder::new()
+            .name("forkscope-detach".into())
+            .spawn(move || {
+                std::thread::sleep(DETACH_GRACE);
+                let mut hooks = shared.lock().unwrap_or_else(|p| p.into_inner());
+                if hooks.changes != seen || !hooks.attached {
+                    return;
+                }
+                hooks.attached = false;
+                hooks.detaching = Some(std::thread::spawn(move || {
+                    let t = std::time::Instant::now();
+                    Probe::detach_syscalls_pinned(&dir);
+                    log::info!(
+                        "syscall programs detached in {:?} (no branch asks for per-write detail)",
+                        t.elapsed()
+                    );
+                }));
+            });
+        if let Err(e) = timer {
+            log::warn!("could not schedule detaching the syscall programs: {e}");
+        }
+    }
+
+    /// Whether the syscall programs are attached now (also while they are being detached:
+    /// the kernel releases them one by one).
+    pub fn syscall_hooks_attached(&self) -> bool {
+        let hooks = self.hooks.lock().unwrap_or_else(|p| p.into_inner());
+        hooks.attached || hooks.detaching.as_ref().is_some_and(|d| !d.is_finished())
     }
 
     /// Enforces `policy`'s network rules for the branch whose cgroup is `id` (none: allow
@@ -317,7 +476,13 @@ impl Tracker {
     /// file (after writing what was read).
     pub fn untrack(&self, id: u64) {
         let _ = self.probe().untrack(id);
+        self.release_syscall_hooks(id);
         let mut sinks = self.sinks();
+        sinks.harvest_egress(); // what it sent last
+        sinks.egress.forget(id);
+        if let Some(m) = sinks.egress_map.as_mut() {
+            m.forget(id);
+        }
         sinks.per_cgroup.remove(&id);
         if let Some((_, mut out)) = sinks.files.remove(&id) {
             let _ = out.flush();
@@ -381,6 +546,15 @@ impl Drop for Tracker {
         if let Some(r) = self.reader.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = r.join();
         }
+        let detaching = self
+            .hooks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .detaching
+            .take();
+        if let Some(d) = detaching {
+            let _ = d.join();
+        }
     }
 }
 
@@ -408,10 +582,11 @@ fn read_loop(
     drains: &DrainSignal,
 ) {
     let (lock, cv) = &**drains;
+    let mut egress_at = std::time::Instant::now();
     while !stop.load(Ordering::Relaxed) {
         // Every DRAIN_INTERVAL, or at once when asked; what was asked before this drain
         // began is answered when it ends.
-        let asked = {
+        let (asked, syncing) = {
             let mut d = lock.lock().unwrap_or_else(|p| p.into_inner());
             if d.requested == d.done {
                 d = cv
@@ -419,7 +594,7 @@ fn read_loop(
                     .unwrap_or_else(|p| p.into_inner())
                     .0;
             }
-            d.requested
+            (d.requested, d.requested != d.done)
         };
         loop {
             let mut guard = sinks.lock().unwrap_or_else(|p| p.into_inner());
@@ -439,6 +614,10 @@ fn read_loop(
                 // The ring is empty: what runs of writes hold goes after it.
                 for raw in s.runs.harvest(crate::events::record::now_ns()) {
                     s.route(&raw);
+                }
+                if syncing || egress_at.elapsed() >= EGRESS_INTERVAL {
+                    s.harvest_egress();
+                    egress_at = std::time::Instant::now();
                 }
             }
             for (_, out) in s.files.values_mut() {

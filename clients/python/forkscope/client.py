@@ -104,11 +104,15 @@ class Sandbox:
         self.socket = socket_path(socket)
 
     @classmethod
-    def run(cls, workspace, cmd=(), name=None, net=None, policy=None, socket=None):
-        """Starts a root branch on ``workspace`` running ``cmd``; returns it."""
+    def run(cls, workspace, cmd=(), name=None, net=None, policy=None, write_detail=None, socket=None):
+        """Starts a root branch on ``workspace`` running ``cmd``; returns it.
+
+        ``write_detail``: "on" (the default: every write, send and open is in its trace) or
+        "off" (no syscall program is attached on its behalf; its files come from ``diff()``,
+        its sends per destination from its packets)."""
         s = cls(socket)
         body = {"workspace": str(workspace), "command": list(cmd)}
-        for k, v in (("name", name), ("net", net), ("policy", policy)):
+        for k, v in (("name", name), ("net", net), ("policy", policy), ("write_detail", write_detail)):
             if v is not None:
                 body[k] = v
         return Branch(s.socket, call(s.socket, "POST", "/v1/branches", body))

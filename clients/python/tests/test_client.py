@@ -93,6 +93,19 @@ class ClientTest(unittest.TestCase):
         self.assertEqual(hits, [b"ping"])
         br.abort()
 
+    def test_a_branch_without_per_write_detail(self):
+        ws = workspace("quiet", {})
+        br = Sandbox.run(workspace=ws, cmd=["sleep", "1000"], write_detail="off")
+        br.exec(["sh", "-c", "echo data > out.txt"])
+        kinds = {e["kind"] for e in br.trace()}
+        self.assertIn("proc_exec", kinds)
+        self.assertNotIn("file_write", kinds)
+        self.assertEqual([(c["kind"], c["path"]) for c in br.diff()], [("added", "out.txt")])
+        with self.assertRaises(BadRequest) as e:
+            Sandbox.run(workspace=ws, cmd=["true"], write_detail="sometimes")
+        self.assertIn("write_detail", e.exception.message)
+        br.abort()
+
     def test_errors_carry_the_daemons_message(self):
         with self.assertRaises(BranchNotFound) as e:
             Sandbox().branch("no-such-branch")

@@ -37,6 +37,12 @@ pub struct RunRequest {
     /// network namespace of its own with loopback only, inherited by its forks).
     #[serde(default)]
     pub net: Option<String>,
+    /// `on` (the default: every write, send, open and path change is a trace event; the
+    /// syscall programs are attached while any such branch lives, at a cost to every
+    /// process on the host) or `off` (files known from the branch's layers; inherited by
+    /// its forks).
+    #[serde(default)]
+    pub write_detail: Option<String>,
     /// The side-effect policy, in TOML (see [`crate::policy`]); none allows everything.
     #[serde(default)]
     pub policy: Option<String>,
@@ -75,6 +81,9 @@ pub struct TraceStatus {
     pub lost: u64,
     /// Events from cgroups no live branch owned.
     pub unattributed: u64,
+    /// Whether the syscall programs are attached (some branch asks for per-write detail).
+    #[serde(default)]
+    pub syscall_programs_attached: bool,
 }
 
 /// Default socket path.

@@ -144,12 +144,26 @@ async fn run(
                 )));
             }
         };
+        let write_detail = match req.write_detail.as_deref() {
+            None | Some("on") => true,
+            Some("off") => false,
+            Some(other) => {
+                return Err(Error::Invalid(format!(
+                    "write_detail {other:?}: use \"on\" (the default) or \"off\""
+                )));
+            }
+        };
         let policy = req
             .policy
             .as_deref()
             .map(crate::policy::parse)
             .transpose()?;
-        m.run_net(req.name, &req.workspace, req.command, isolated, policy)
+        let options = crate::branch::RunOptions {
+            net_isolated: isolated,
+            write_detail,
+            policy,
+        };
+        m.run_with(req.name, &req.workspace, req.command, options)
     })
     .await?;
     prewarm(&app, b.name.clone());

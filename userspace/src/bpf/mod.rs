@@ -1,11 +1,14 @@
 //! The eBPF side as userspace sees it: the embedded object, kernel offsets from BTF, and
 //! [`Probe`], which loads the programs, attaches them, registers cgroups and reads the maps.
 
+pub mod egress_map;
 pub mod offsets;
 mod probe;
 pub mod run_slots;
+mod syscall_hooks;
 
 pub use probe::{Probe, ProbeOptions, Stats, unpin};
+pub use syscall_hooks::SyscallHooks;
 
 /// Where pinned programs and maps live on the BPF filesystem.
 pub const PIN_ROOT: &str = "/sys/fs/bpf/forkscope";
@@ -39,6 +42,7 @@ pub const PROGRAMS: &[&str] = &[
     "connect6",
     "sendmsg4",
     "sendmsg6",
+    "egress",
 ];
 
 /// The socket-address hooks (policy), attached to forkscope's parent cgroup.
@@ -60,6 +64,7 @@ pub const MAPS: &[&str] = &[
     "NEXT_REDIRECT",
     "DEFER_PASSES",
     "WRITE_RUNS",
+    "EGRESS",
 ];
 
 /// Run time (ns) and run count of every loaded program named like one of forkscope's (the

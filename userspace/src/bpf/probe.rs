@@ -6,7 +6,9 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, ProgramError, RawTracePoint, TracePoint,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError,
+        RawTracePoint, TracePoint,
+        cgroup_skb::CgroupSkbLinkId,
         cgroup_sock_addr::CgroupSockAddrLinkId,
         links::{FdLink, PinnedLink},
         raw_trace_point::RawTracePointLinkId,
@@ -15,7 +17,7 @@ use aya::{
 };
 use forkscope_common::{
     DirtyPageKey, ProcKey, VerdictSlot,
-    keys::VERDICT_SLOTS,
+    keys::{GENERATION_MASK, TRACK_NO_WRITE_DETAIL, VERDICT_SLOTS},
     policy::{DeferPass, NetPolicy, ProxyConfig, Redirect},
     stats::{STAT_EVENTS, STAT_LOST, STAT_PAGES_OVERFLOW, STAT_READ_ERRORS},
     syscalls::{Family, TRACED},
@@ -66,7 +68,7 @@ const COMPLETE: &str = "complete";
 type MapKind = fn(MapData) -> Map;
 
 /// The maps userspace uses (see [`super::MAPS`]), and how to rebuild each from a pinned copy.
-const MAPS: [(&str, MapKind); 14] = [
+const MAPS: [(&str, MapKind); 15] = [
     ("EVENTS", Map::RingBuf),
     ("TRACKED_CGROUPS", Map::HashMap),
     ("CGROUP_VERDICT", Map::Array),
@@ -81,13 +83,14 @@ const MAPS: [(&str, MapKind); 14] = [
     ("NEXT_REDIRECT", Map::PerCpuArray),
     ("DEFER_PASSES", Map::HashMap),
     ("WRITE_RUNS", Map::Array),
+    ("EGRESS", Map::PerCpuLruHashMap),
 ];
 
 /// Loaded eBPF programs and their maps. Dropping it detaches and unloads everything, except
 /// what was pinned (see [`Probe::pin`]).
 pub struct Probe {
     /// The programs, when this instance loaded them (not when adopted from pins).
-    ebpf: Option<Ebpf>,
+    pub(super) ebpf: Option<Ebpf>,
     maps: StdHashMap<&'static str, Map>,
     /// Tracepoints this kernel does not have (skipped at attach; the syscall is not traced).
     pub missing_tracepoints: Vec<String>,
@@ -95,9 +98,52 @@ pub struct Probe {
     tracepoint_links: Vec<(&'static str, TracePointLinkId)>,
     raw_links: Vec<(&'static str, RawTracePointLinkId)>,
     sock_links: Vec<(&'static str, CgroupSockAddrLinkId)>,
+    skb_links: Vec<CgroupSkbLinkId>,
+    /// Syscall programs taken back from their pins (an adopted probe has no `ebpf`).
+    pub(super) pinned_programs: StdHashMap<&'static str, TracePoint>,
 }
 
-fn refused(program: &str, what: &str) -> impl FnOnce(ProgramError) -> Error {
+/// The syscall programs, attached apart from the rest (see [`Probe::attach_syscalls`]).
+pub(super) const SYSCALL_PROGRAMS: &[&str] = &[
+    "sys_exit_fd_write",
+    "sys_exit_fd_op",
+    "sys_exit_path_op",
+    "sys_exit_net",
+];
+
+/// Where [`Probe::pin`] pins the syscall programs, under the pin directory.
+pub(super) const PROGS: &str = "progs";
+
+/// Where [`Probe::attach_syscalls_pinned`] pins the syscall links, under the pin directory.
+pub(super) const SYSCALL_LINKS: &str = "syscall-links";
+
+/// The (program, `sys_exit_*` tracepoint) pairs to attach on this kernel, and the
+/// tracepoints of [`TRACED`] it lacks.
+pub(super) fn syscall_tracepoints() -> (Vec<(&'static str, String)>, Vec<String>) {
+    let mut present = Vec::new();
+    let mut missing = Vec::new();
+    for &(_, tp, family) in TRACED {
+        let prog = match family {
+            Family::FdWrite => SYSCALL_PROGRAMS[0],
+            Family::FdOp => SYSCALL_PROGRAMS[1],
+            Family::PathOp => SYSCALL_PROGRAMS[2],
+            Family::Net => SYSCALL_PROGRAMS[3],
+        };
+        let event = format!("sys_exit_{tp}");
+        if std::path::Path::new(crate::sys::TRACEFS)
+            .join("events/syscalls")
+            .join(&event)
+            .exists()
+        {
+            present.push((prog, event));
+        } else {
+            missing.push(event);
+        }
+    }
+    (present, missing)
+}
+
+pub(super) fn refused(program: &str, what: &str) -> impl FnOnce(ProgramError) -> Error {
     let (program, what) = (program.to_string(), what.to_string());
     move |source| Error::ProgramRefused {
         program,
@@ -107,7 +153,7 @@ fn refused(program: &str, what: &str) -> impl FnOnce(ProgramError) -> Error {
 }
 
 /// A link as one that can be pinned, or why this kernel cannot make one.
-fn pinnable(
+pub(super) fn pinnable(
     prog: &str,
     link: std::result::Result<FdLink, aya::programs::links::LinkError>,
 ) -> Result<FdLink> {
@@ -146,7 +192,8 @@ impl Probe {
                 aya::programs::Program::TracePoint(p) => p.load(),
                 aya::programs::Program::RawTracePoint(p) => p.load(),
                 aya::programs::Program::CgroupSockAddr(p) => p.load(),
-                _ => unreachable!("forkscope builds tracepoint and socket-address programs"),
+                aya::programs::Program::CgroupSkb(p) => p.load(),
+                _ => unreachable!("forkscope builds tracepoint, socket-address and skb programs"),
             }
             .map_err(refused(name, "load"))?;
         }
@@ -164,11 +211,14 @@ impl Probe {
             tracepoint_links: Vec::new(),
             raw_links: Vec::new(),
             sock_links: Vec::new(),
+            skb_links: Vec::new(),
+            pinned_programs: StdHashMap::new(),
         })
     }
 
-    /// Pins the maps (`DIR/maps/NAME`) and every attachment (`DIR/links/N`) under `dir` on
-    /// a BPF filesystem: the programs stay attached, and keep recording into the maps, when
+    /// Pins the maps (`DIR/maps/NAME`), the syscall programs (`DIR/progs/NAME`, attached
+    /// later by [`Probe::attach_syscalls_pinned`]) and every attachment (`DIR/links/N`)
+    /// under `dir` on a BPF filesystem: the programs stay attached, and keep recording into the maps, when
     /// this process exits, until [`unpin`] removes them. [`Probe::adopt`] takes them back.
     pub fn pin(&mut self, dir: &std::path::Path) -> Result<()> {
         let pin_err =
@@ -182,6 +232,15 @@ impl Probe {
         for (name, map) in &self.maps {
             map.pin(dir.join("maps").join(name))
                 .map_err(pin_err(format!("map {name}")))?;
+        }
+        std::fs::create_dir_all(dir.join(PROGS)).map_err(|e| Error::Io {
+            path: dir.join(PROGS),
+            cause: e,
+        })?;
+        for &prog in SYSCALL_PROGRAMS {
+            self.tracepoint(prog)
+                .pin(dir.join(PROGS).join(prog))
+                .map_err(pin_err(format!("program {prog}")))?;
         }
         let mut links: Vec<FdLink> = Vec::new();
         for (prog, id) in std::mem::take(&mut self.tracepoint_links) {
@@ -206,6 +265,13 @@ impl Probe {
                 .take_link(id)
                 .map_err(refused(prog, "pin"))?;
             links.push(pinnable(prog, FdLink::try_from(link))?);
+        }
+        for id in std::mem::take(&mut self.skb_links) {
+            let link = self
+                .skb_program()
+                .take_link(id)
+                .map_err(refused("egress", "pin"))?;
+            links.push(pinnable("egress", FdLink::try_from(link))?);
         }
         for (n, link) in links.into_iter().enumerate() {
             let pinned: PinnedLink = link
@@ -243,10 +309,12 @@ impl Probe {
             tracepoint_links: Vec::new(),
             raw_links: Vec::new(),
             sock_links: Vec::new(),
+            skb_links: Vec::new(),
+            pinned_programs: StdHashMap::new(),
         }))
     }
 
-    fn tracepoint(&mut self, name: &str) -> &mut TracePoint {
+    pub(super) fn tracepoint(&mut self, name: &str) -> &mut TracePoint {
         let p: &mut TracePoint = self
             .ebpf
             .as_mut()
@@ -266,6 +334,16 @@ impl Probe {
         p
     }
 
+    fn skb_program(&mut self) -> &mut CgroupSkb {
+        let p: &mut CgroupSkb = self
+            .ebpf
+            .as_mut()
+            .and_then(|e| e.program_mut("egress"))
+            .and_then(|p| p.try_into().ok())
+            .expect("cgroup_skb program");
+        p
+    }
+
     fn map(&self, name: &'static str) -> &Map {
         self.maps.get(name).expect("map taken at load")
     }
@@ -274,32 +352,33 @@ impl Probe {
         self.maps.get_mut(name).expect("map taken at load")
     }
 
-    /// Attaches every program: the per-syscall `sys_exit_*` tracepoints, the scheduler's
-    /// process tracepoints and the page-fault tracepoints. Syscalls this kernel lacks are
-    /// recorded in `missing_tracepoints`.
+    /// Attaches every program: the per-syscall `sys_exit_*` tracepoints (see
+    /// [`Probe::attach_syscalls`]) and the rest (see [`Probe::attach_base`]).
     pub fn attach(&mut self) -> Result<()> {
-        for &(_, tp, family) in TRACED {
-            let prog = match family {
-                Family::FdWrite => "sys_exit_fd_write",
-                Family::FdOp => "sys_exit_fd_op",
-                Family::PathOp => "sys_exit_path_op",
-                Family::Net => "sys_exit_net",
-            };
-            let event = format!("sys_exit_{tp}");
-            if !std::path::Path::new(crate::sys::TRACEFS)
-                .join("events/syscalls")
-                .join(&event)
-                .exists()
-            {
-                self.missing_tracepoints.push(event);
-                continue;
-            }
+        self.attach_syscalls()?;
+        self.attach_base()
+    }
+
+    /// Attaches the syscall programs to the `sys_exit_*` tracepoints of [`TRACED`]; those
+    /// this kernel lacks are recorded in `missing_tracepoints`. While any is attached, every
+    /// task on the host takes the kernel's slower syscall path.
+    pub fn attach_syscalls(&mut self) -> Result<()> {
+        let (present, missing) = syscall_tracepoints();
+        self.missing_tracepoints = missing;
+        for (prog, event) in present {
             let id = self
                 .tracepoint(prog)
                 .attach("syscalls", &event)
                 .map_err(refused(prog, &event))?;
             self.tracepoint_links.push((prog, id));
         }
+        Ok(())
+    }
+
+    /// Attaches what costs the rest of the host (almost) nothing: the scheduler's process
+    /// tracepoints, the page-fault tracepoints and the socket-address hooks on forkscope's
+    /// parent cgroup.
+    pub fn attach_base(&mut self) -> Result<()> {
         for (prog, category, event) in [
             ("process_exec", "sched", "sched_process_exec"),
             ("process_exit", "sched", "sched_process_exit"),
@@ -342,6 +421,11 @@ impl Probe {
                 .map_err(refused(prog, "attach to the forkscope cgroup"))?;
             self.sock_links.push((prog, id));
         }
+        let id = self
+            .skb_program()
+            .attach(&dir, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
+            .map_err(refused("egress", "attach to the forkscope cgroup"))?;
+        self.skb_links.push(id);
         Ok(())
     }
 
@@ -367,6 +451,11 @@ impl Probe {
         }
         for (prog, id) in std::mem::take(&mut self.sock_links) {
             if let Ok(link) = self.sock_program(prog).take_link(id) {
+                owned.push(Box::new(link));
+            }
+        }
+        for id in std::mem::take(&mut self.skb_links) {
+            if let Ok(link) = self.skb_program().take_link(id) {
                 owned.push(Box::new(link));
             }
         }
@@ -402,10 +491,17 @@ impl Probe {
         HashMap::try_from(self.map_mut(name)).map_err(map_err(name))
     }
 
-    /// Starts tracing the tasks of cgroup `id` and of its descendants.
-    pub fn track(&mut self, id: u64) -> Result<()> {
+    /// Starts tracing the tasks of cgroup `id` and of its descendants; without
+    /// `write_detail`, the syscall programs skip them (process, page and socket-hook
+    /// records still come).
+    pub fn track(&mut self, id: u64, write_detail: bool) -> Result<()> {
+        let options = if write_detail {
+            0
+        } else {
+            TRACK_NO_WRITE_DETAIL
+        };
         self.hash::<u64, u32>("TRACKED_CGROUPS")?
-            .insert(id, 0, 0)
+            .insert(id, options, 0)
             .map_err(map_err("TRACKED_CGROUPS"))?;
         self.clear_verdicts()
     }
@@ -469,7 +565,7 @@ impl Probe {
             .map_err(map_err("CGROUP_VERDICT"))?
             .id;
         let next = VerdictSlot {
-            id: (generation + 1) & 0x7fff_ffff,
+            id: (generation + 1) & GENERATION_MASK,
             tag: 0,
         };
         cache

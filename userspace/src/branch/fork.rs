@@ -320,6 +320,7 @@ impl Manager {
                     nest_in: cloning.then_some(p.init_pid),
                     warm,
                     net_isolated: p.net_isolated,
+                    write_detail: p.write_detail,
                     policy: p.policy.clone(),
                 };
                 let t_start = Instant::now();
@@ -514,6 +515,7 @@ impl Manager {
             fork_ns,
             flattened: None,
             net_isolated: p.net_isolated,
+            write_detail: p.write_detail,
             policy: p.policy.clone(),
             retired: false,
         };

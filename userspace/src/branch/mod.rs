@@ -91,6 +91,13 @@ pub struct BranchRecord {
     /// A network namespace of its own, loopback only (`run --net isolated`; forks inherit).
     #[serde(default)]
     pub net_isolated: bool,
+    /// Every write, send, open and path change is an event in its trace (`run
+    /// --write-detail on`, the default; forks inherit). While any branch asks for it, the
+    /// syscall programs are attached and every process on the host pays for them; without
+    /// it, the branch's files are known from its layers (`diff`) and no syscall program
+    /// runs on its behalf.
+    #[serde(default = "yes")]
+    pub write_detail: bool,
     /// Its side-effect policy (`run --policy`; forks inherit): none allows everything.
     #[serde(default)]
     pub policy: Option<Policy>,
@@ -100,6 +107,11 @@ pub struct BranchRecord {
     /// aborted (see [`Manager::abort`]).
     #[serde(default)]
     pub retired: bool,
+}
+
+/// The default of [`BranchRecord::write_detail`] (records made before it existed had it).
+fn yes() -> bool {
+    true
 }
 
 /// A branch's layer chain as merged for its children: `ws` and `tmp` replace its deltas
@@ -151,7 +163,29 @@ struct Start {
     /// A pre-started sandbox to use (its overlays are mounted on the branch's stacks).
     warm: Option<warm::WarmChild>,
     net_isolated: bool,
+    write_detail: bool,
     policy: Option<Policy>,
+}
+
+/// How a root branch runs (see [`Manager::run_with`]); its forks inherit all of it.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// A network namespace of its own, loopback only.
+    pub net_isolated: bool,
+    /// Per-write detail in its trace (see [`BranchRecord::write_detail`]).
+    pub write_detail: bool,
+    /// Its side-effect policy (none allows everything).
+    pub policy: Option<Policy>,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            net_isolated: false,
+            write_detail: true,
+            policy: None,
+        }
+    }
 }
 
 /// What `fork` makes.
@@ -311,6 +345,7 @@ pub fn metrics_snapshot(src: MetricsSources) -> crate::metrics::Snapshot {
         snap.events = t.event_counts();
         snap.lost_events = t.stats().map(|(s, _)| s.lost).unwrap_or(0);
         snap.programs = crate::bpf::program_stats();
+        snap.syscall_hooks = t.syscall_hooks_attached();
     }
     if let Some(j) = &src.effects {
         for ((cg, state), n) in j.counts_per_cgroup().unwrap_or_default() {
@@ -443,10 +478,12 @@ impl Manager {
                 continue;
             }
             if let Ok(cg) = Cgroup::open(&b.cgroup) {
-                tracker.track(cg.id(), &trace_file(&b))?;
+                tracker.track(cg.id(), &trace_file(&b), b.write_detail)?;
                 tracker.set_net_policy(cg.id(), b.policy.as_ref())?;
             }
         }
+        // Syscall programs an earlier daemon left attached go if no branch wants them.
+        tracker.settle();
         self.tracker = Some(tracker);
         Ok(())
     }
@@ -568,6 +605,7 @@ impl Manager {
             events: stats.events,
             lost: stats.lost,
             unattributed,
+            syscall_programs_attached: t.syscall_hooks_attached(),
         }))
     }
 
@@ -629,19 +667,22 @@ impl Manager {
         workspace: &Path,
         command: Vec<String>,
     ) -> Result<BranchRecord> {
-        self.run_net(name, workspace, command, false, None)
+        self.run_with(name, workspace, command, RunOptions::default())
     }
 
-    /// Starts a root branch; with `net_isolated`, in a network namespace of its own; with
-    /// `policy`, under that side-effect policy.
-    pub fn run_net(
+    /// Starts a root branch as `options` say.
+    pub fn run_with(
         &mut self,
         name: Option<String>,
         workspace: &Path,
         command: Vec<String>,
-        net_isolated: bool,
-        policy: Option<Policy>,
+        options: RunOptions,
     ) -> Result<BranchRecord> {
+        let RunOptions {
+            net_isolated,
+            write_detail,
+            policy,
+        } = options;
         let started = trace_notes::now_ns();
         let workspace = workspace
             .canonicalize()
@@ -703,6 +744,7 @@ impl Manager {
                 nest_in: None,
                 warm: None,
                 net_isolated,
+                write_detail,
                 policy,
             },
         )?;

@@ -78,7 +78,7 @@ impl Manager {
         };
         let started = match &self.tracker {
             Some(t) => t
-                .track(cgroup.id(), &dir.join("trace.jsonl"))
+                .track(cgroup.id(), &dir.join("trace.jsonl"), how.write_detail)
                 .and_then(|()| t.set_net_policy(cgroup.id(), how.policy.as_ref())),
             None => Ok(()),
         };
@@ -118,6 +118,7 @@ impl Manager {
             fork_ns,
             flattened: None,
             net_isolated: how.net_isolated,
+            write_detail: how.write_detail,
             policy: how.policy,
             retired: false,
         };

@@ -1,5 +1,5 @@
-//! `forkscope run [--name N] [--net host|isolated] [--policy FILE] --workspace DIR -- CMD...`:
-//! a new root branch.
+//! `forkscope run [--name N] [--net host|isolated] [--write-detail on|off] [--policy FILE]
+//! --workspace DIR -- CMD...`: a new root branch.
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -22,6 +22,13 @@ pub struct RunArgs {
     /// theirs, and listening sockets are recreated in clones); `host` (default): the host's.
     #[arg(long, value_parser = ["host", "isolated"], default_value = "host")]
     net: String,
+    /// `on` (default): every write, send, open and path change is in the branch's trace;
+    /// the syscall programs that see them are attached while any such branch lives, and
+    /// every process on the host pays for them. `off`: none run on this branch's behalf;
+    /// its files are known from its layers (`diff`), its processes, connections and dirtied
+    /// pages are still traced. Forks inherit it.
+    #[arg(long, value_parser = ["on", "off"], default_value = "on")]
+    write_detail: String,
     /// A side-effect policy file (TOML: allow, deny, defer or buffer network destinations,
     /// share or deny host paths); its forks inherit it. See docs/policy.md.
     #[arg(long, value_name = "FILE")]
@@ -47,6 +54,7 @@ pub fn run(args: RunArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
         "workspace": workspace,
         "command": args.command,
         "net": args.net,
+        "write_detail": args.write_detail,
         "policy": policy,
     });
     let b = super::client::call(&socket, Method::POST, "/v1/branches", Some(body))?;

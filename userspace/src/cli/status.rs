@@ -27,10 +27,20 @@ pub fn run(args: StatusArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
         s["state_dir"].as_str().unwrap_or("?")
     );
     match s["trace"].as_object() {
-        Some(t) => println!(
-            "tracing branches: {} events, {} lost, {} from no live branch",
-            t["events"], t["lost"], t["unattributed"]
-        ),
+        Some(t) => {
+            println!(
+                "tracing branches: {} events, {} lost, {} from no live branch",
+                t["events"], t["lost"], t["unattributed"]
+            );
+            println!(
+                "{}",
+                if t["syscall_programs_attached"].as_bool() == Some(true) {
+                    "syscall programs attached: a branch asks for per-write detail (every process on the host pays for them)"
+                } else {
+                    "syscall programs detached: no branch asks for per-write detail"
+                }
+            );
+        }
         None => println!("not tracing branches (daemon started with --no-trace)"),
     }
     match s["metrics_addr"].as_str() {

@@ -55,6 +55,11 @@ pub struct TraceEvent {
     /// start.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub calls: Option<u64>,
+    /// net_send of a branch traced without per-write detail: the packets that carried
+    /// `bytes` since the previous such record (counted as they left the branch's sockets;
+    /// `pid` and `tid` are 0, `comm` is empty).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub packets: Option<u64>,
     /// file_truncate: the new size (truncate/ftruncate) or the length of the range (fallocate).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub size: Option<i64>,

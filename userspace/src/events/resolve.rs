@@ -203,7 +203,7 @@ impl Resolver {
     fn fd_event(&mut self, e: &FdEvent, mut t: TraceEvent) -> Option<TraceEvent> {
         let kind = EventKind::from_u32(e.hdr.kind)?;
         let pid = e.hdr.pid;
-        t.fd = Some(e.fd);
+        t.fd = (e.fd >= 0).then_some(e.fd); // -1: the socket hooks do not know it
         match kind {
             EventKind::NetConnect
             | EventKind::NetSend

@@ -1,0 +1,117 @@
+//! Bytes a branch traced without per-write detail sends, per destination: a `cgroup_skb`
+//! egress program on forkscope's parent cgroup (so it runs for the branches' packets only,
+//! never for the rest of the host) adds each packet's transport payload to `EGRESS`, keyed
+//! by the registered cgroup the sending socket belongs to and the destination. Branches
+//! with per-write detail are skipped: their sends come from the syscall programs.
+
+use aya_ebpf::{
+    bindings::__sk_buff,
+    helpers::{bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id},
+    macros::cgroup_skb,
+    programs::SkBuffContext,
+};
+use forkscope_common::{
+    egress::{EgressCount, EgressKey},
+    keys::TRACK_NO_WRITE_DETAIL,
+};
+
+use crate::maps::{EGRESS, TRACKED_CGROUPS};
+
+/// Let the packet go (the program only counts).
+const PASS: i32 = 1;
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+/// Deepest cgroup nesting looked at for the registered cgroup.
+const MAX_DEPTH: i32 = 8;
+
+#[cgroup_skb(egress)]
+pub fn egress(ctx: SkBuffContext) -> i32 {
+    let _ = count(&ctx);
+    PASS
+}
+
+fn count(ctx: &SkBuffContext) -> Option<()> {
+    let cgroup = quiet_branch(ctx.skb.skb)?;
+    // cgroup_skb sees the packet from its network header.
+    let first: u8 = ctx.load(0).ok()?;
+    let mut key = EgressKey {
+        cgroup,
+        ..EgressKey::default()
+    };
+    let (l4, total) = match first >> 4 {
+        4 => {
+            key.family = AF_INET;
+            key.protocol = ctx.load(9).ok()?;
+            let daddr: [u8; 4] = ctx.load(16).ok()?;
+            key.addr[..4].copy_from_slice(&daddr);
+            (u32::from(first & 0x0f) * 4, ctx.skb.len())
+        }
+        6 => {
+            key.family = AF_INET6;
+            // (Extension headers are not followed: such packets are not counted.)
+            key.protocol = ctx.load(6).ok()?;
+            key.addr = ctx.load(24).ok()?;
+            (40, ctx.skb.len())
+        }
+        _ => return None,
+    };
+    let header = match key.protocol {
+        IPPROTO_TCP => {
+            let off: u8 = ctx.load(l4 as usize + 12).ok()?;
+            u32::from(off >> 4) * 4
+        }
+        IPPROTO_UDP => 8,
+        _ => return None,
+    };
+    let port: u16 = ctx.load(l4 as usize + 2).ok()?;
+    key.port = u16::from_be(port);
+    let payload = u64::from(total.checked_sub(l4 + header)?);
+    if payload == 0 {
+        return None; // a bare ACK, SYN or FIN
+    }
+    match EGRESS.get_ptr_mut(key) {
+        // SAFETY: a per-CPU value: only this CPU writes it while the program runs.
+        Some(c) => unsafe {
+            (*c).bytes += payload;
+            (*c).packets += 1;
+        },
+        None => {
+            let _ = EGRESS.insert(
+                key,
+                EgressCount {
+                    bytes: payload,
+                    packets: 1,
+                },
+                0,
+            );
+        }
+    }
+    Some(())
+}
+
+/// The registered cgroup (at or above the socket's) if it asked for no per-write detail.
+#[inline(always)]
+fn quiet_branch(skb: *mut __sk_buff) -> Option<u64> {
+    // SAFETY: helper taking the program's own context.
+    let own = unsafe { bpf_skb_cgroup_id(skb) };
+    let mut level = 0;
+    let mut id = own;
+    loop {
+        if let Some(options) = TRACKED_CGROUPS.get_ptr(id) {
+            // SAFETY: `options` points to a live map value.
+            return (unsafe { *options } & TRACK_NO_WRITE_DETAIL != 0).then_some(id);
+        }
+        if level >= MAX_DEPTH {
+            return None;
+        }
+        // SAFETY: helper taking the program's own context and an integer level; 0 past
+        // the socket's own level.
+        id = unsafe { bpf_skb_ancestor_cgroup_id(skb, level) };
+        if id == 0 || id == own {
+            return None;
+        }
+        level += 1;
+    }
+}

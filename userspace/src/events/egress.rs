@@ -1,0 +1,130 @@
+//! `net_send` records for branches traced without per-write detail, made from what the
+//! `egress` cgroup_skb program counted in `EGRESS` (bytes and packets per branch and
+//! destination): each harvest writes what was sent since the last one. The kernel side
+//! knows no process: `pid` and `tid` are 0 and `comm` is empty.
+
+use std::collections::HashMap;
+
+use forkscope_common::egress::{EgressCount, EgressKey};
+
+use super::TraceEvent;
+
+/// The counts last turned into records, per key.
+#[derive(Default)]
+pub struct Egress {
+    seen: HashMap<EgressKey, EgressCount>,
+}
+
+impl Egress {
+    /// Records for what `counts` (the map's current totals, summed over CPUs) holds beyond
+    /// what the last harvest saw; only for cgroups `wanted` accepts. A total below the last
+    /// one (the LRU map dropped and restarted the entry) counts from zero.
+    pub fn harvest(
+        &mut self,
+        counts: &[(EgressKey, EgressCount)],
+        now_ns: u64,
+        wanted: impl Fn(u64) -> bool,
+    ) -> Vec<TraceEvent> {
+        let mut out = Vec::new();
+        for (key, now) in counts {
+            if !wanted(key.cgroup) {
+                continue;
+            }
+            let last = self.seen.insert(*key, *now).unwrap_or_default();
+            let (bytes, packets) = if now.bytes >= last.bytes && now.packets >= last.packets {
+                (now.bytes - last.bytes, now.packets - last.packets)
+            } else {
+                (now.bytes, now.packets)
+            };
+            if bytes == 0 {
+                continue;
+            }
+            out.push(record(key, bytes, packets, now_ns));
+        }
+        out
+    }
+
+    /// Forgets the counts of cgroup `id` (no longer traced).
+    pub fn forget(&mut self, id: u64) {
+        self.seen.retain(|k, _| k.cgroup != id);
+    }
+}
+
+fn record(key: &EgressKey, bytes: u64, packets: u64, ts_ns: u64) -> TraceEvent {
+    let addr = match key.family {
+        2 => Some(
+            std::net::Ipv4Addr::new(key.addr[0], key.addr[1], key.addr[2], key.addr[3]).to_string(),
+        ),
+        10 => Some(std::net::Ipv6Addr::from(key.addr).to_string()),
+        _ => None,
+    };
+    TraceEvent {
+        ts_ns,
+        cgroup: key.cgroup,
+        kind: "net_send".into(),
+        family: Some(if key.family == 2 { "inet" } else { "inet6" }.into()),
+        addr,
+        port: Some(key.port),
+        bytes: Some(bytes as i64),
+        packets: Some(packets),
+        ..TraceEvent::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(cgroup: u64, port: u16) -> EgressKey {
+        EgressKey {
+            cgroup,
+            addr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            port,
+            family: 2,
+            protocol: 6,
+            _pad: [0; 3],
+        }
+    }
+
+    fn count(bytes: u64, packets: u64) -> EgressCount {
+        EgressCount { bytes, packets }
+    }
+
+    #[test]
+    fn each_harvest_writes_what_was_sent_since_the_last() {
+        let mut e = Egress::default();
+        let first = e.harvest(&[(key(7, 80), count(1000, 2))], 1, |_| true);
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].bytes, Some(1000));
+        assert_eq!(first[0].packets, Some(2));
+        assert_eq!(first[0].addr.as_deref(), Some("127.0.0.1"));
+        assert_eq!(first[0].port, Some(80));
+        assert_eq!(first[0].kind, "net_send");
+        assert!(
+            e.harvest(&[(key(7, 80), count(1000, 2))], 2, |_| true)
+                .is_empty(),
+            "nothing new"
+        );
+        let more = e.harvest(&[(key(7, 80), count(1500, 3))], 3, |_| true);
+        assert_eq!((more[0].bytes, more[0].packets), (Some(500), Some(1)));
+    }
+
+    #[test]
+    fn a_restarted_entry_counts_from_zero_and_unwanted_cgroups_are_skipped() {
+        let mut e = Egress::default();
+        e.harvest(&[(key(7, 80), count(1000, 2))], 1, |_| true);
+        let again = e.harvest(&[(key(7, 80), count(300, 1))], 2, |_| true);
+        assert_eq!(
+            again[0].bytes,
+            Some(300),
+            "the LRU map dropped the entry in between"
+        );
+        assert!(
+            e.harvest(&[(key(8, 80), count(5, 1))], 3, |c| c == 7)
+                .is_empty()
+        );
+        e.forget(7);
+        let after = e.harvest(&[(key(7, 80), count(300, 1))], 4, |_| true);
+        assert_eq!(after[0].bytes, Some(300), "forgotten: counted from zero");
+    }
+}
