@@ -53,13 +53,14 @@ fn syscall_links(d: &Daemon) -> usize {
         .count()
 }
 
-/// Waits up to `within` for `syscall_links` to be `want` (detaching happens a few seconds
-/// after the last branch that asked goes).
-fn wait_links(d: &Daemon, want: impl Fn(usize) -> bool, within: Duration) -> usize {
+/// Waits up to `within` until the kernel holds none of the daemon's syscall links and the
+/// daemon says so too (the kernel drops a link's id before it has released it); returns
+/// the links left.
+fn wait_detached(d: &Daemon, within: Duration) -> usize {
     let start = Instant::now();
     loop {
         let n = syscall_links(d);
-        if want(n) || start.elapsed() > within {
+        if (n == 0 && !attached_in_status(d)) || start.elapsed() > within {
             return n;
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -141,7 +142,7 @@ fn syscall_programs_are_attached_only_while_a_branch_asks_for_per_write_detail()
         "--",
         "sh",
         "-c",
-        "echo early > early.txt; sleep 1000",
+        "echo early > early.txt; exec sleep 1000",
     ]);
     let attached = syscall_links(&d);
     assert!(
@@ -179,15 +180,25 @@ fn syscall_programs_are_attached_only_while_a_branch_asks_for_per_write_detail()
         rec["write_detail"], false,
         "the fork of a quiet branch is quiet: {rec}"
     );
+    d.sh(&kid, "echo kid > kid.txt");
+    let kid_trace = trace(&d, &kid);
+    assert!(
+        !kinds(&kid_trace).iter().any(|k| k.starts_with("file_")),
+        "the quiet fork has no per-write events while the programs are attached: {:?}",
+        kinds(&kid_trace)
+    );
 
-    // The last branch that asked goes: detached a few seconds later.
+    // A checkpoint of the loud branch holds processes that never run: it does not keep
+    // the programs attached.
+    d.ok(&["fork", "loud", "--frozen", "--name", "cp"]);
+
+    // The last running branch that asked goes: detached a few seconds later.
     d.ok(&["abort", "loud"]);
-    let left = wait_links(&d, |n| n == 0, Duration::from_secs(20));
+    let left = wait_detached(&d, Duration::from_secs(20));
     assert_eq!(
         left, 0,
-        "detached after the last branch asking for detail was aborted"
+        "detached after the last branch asking for detail was aborted (a checkpoint of it left)"
     );
-    assert!(!attached_in_status(&d));
     // And attached again when another asks.
     d.run_sleeping("loud2", &ws);
     assert_eq!(
@@ -202,6 +213,7 @@ fn a_restarted_daemon_keeps_or_drops_the_syscall_programs_as_its_branches_need()
     require_root();
     let dir = TempDir::new("write-detail-restart");
     let ws = workspace(dir.path());
+    let socket = dir.path().join("api.sock");
     let mut d = Daemon::start(dir.path());
     d.run_sleeping("loud", &ws);
     let attached = syscall_links(&d);
@@ -215,7 +227,8 @@ fn a_restarted_daemon_keeps_or_drops_the_syscall_programs_as_its_branches_need()
         attached,
         "pinned: still attached with no daemon"
     );
-    let d2 = Daemon::start(dir.path());
+    // (A long grace period: the next kill surely lands inside it.)
+    let mut d2 = Daemon::start_full(dir.path(), &socket, &[], &["--detach-grace", "600"]);
     assert_eq!(syscall_links(&d2), attached);
     d2.sh("loud", "echo after > after.txt");
     assert!(
@@ -224,19 +237,51 @@ fn a_restarted_daemon_keeps_or_drops_the_syscall_programs_as_its_branches_need()
         "writes after the restart are traced"
     );
 
-    // Killed right after the last such branch went (inside the grace period): the next
-    // daemon finds them attached with nobody asking, and detaches them.
+    // Killed inside the grace period after the last such branch went: the next daemon
+    // finds them attached with nobody asking, and detaches them (after its own grace).
     d2.ok(&["abort", "loud"]);
-    let mut d2 = d2;
     d2.kill9();
     assert_eq!(
         syscall_links(&d2),
         attached,
         "the grace period had not ended"
     );
-    let d3 = Daemon::start(dir.path());
-    let left = wait_links(&d3, |n| n == 0, Duration::from_secs(20));
+    let mut d3 = Daemon::start_on(dir.path(), &socket);
+    let left = wait_detached(&d3, Duration::from_secs(20));
     assert_eq!(left, 0, "a restarted daemon detaches what no branch needs");
+    d3.stop();
+
+    // Stopped (SIGTERM, a branch without detail still running, so its pins stay) inside
+    // the grace period: no process is left to detach them later, so the stop does.
+    let mut d4 = Daemon::start_full(dir.path(), &socket, &[], &["--detach-grace", "600"]);
+    d4.ok(&[
+        "run",
+        "--name",
+        "quiet",
+        "--write-detail",
+        "off",
+        "--workspace",
+        ws.to_str().unwrap(),
+        "--",
+        "sleep",
+        "1000",
+    ]);
+    d4.run_sleeping("loud2", &ws);
+    assert_eq!(syscall_links(&d4), attached);
+    d4.ok(&["abort", "loud2"]);
+    d4.stop();
+    assert_eq!(
+        syscall_links(&d4),
+        0,
+        "a daemon stopped inside the grace period detaches them"
+    );
+    let d5 = Daemon::start_on(dir.path(), &socket);
+    assert_eq!(
+        d5.ok(&["ls"]).lines().count(),
+        2,
+        "the quiet branch lives on"
+    );
+    assert_eq!(syscall_links(&d5), 0);
     drop(d);
 }
 
@@ -342,18 +387,51 @@ fn a_branch_without_per_write_detail_has_its_connections_and_bytes_sent_per_dest
             .all(|e| e["packets"].as_u64().is_some_and(|p| p > 0) && e["pid"] == 0),
         "the quiet branch's sends are counted from its packets"
     );
-    // Sends of the host (outside any branch) to the same listener are not charged to it.
+    // Another quiet branch sending to the same listener: each trace has its own bytes.
     let before = sent(&trace(&d, "quiet"));
-    {
-        use std::io::Write;
-        let mut c = std::net::TcpStream::connect(("127.0.0.1", tcp)).unwrap();
-        c.write_all(&[0u8; 5000]).unwrap();
-    }
-    assert_eq!(got.recv_timeout(Duration::from_secs(10)).unwrap(), 5000);
+    d.ok(&[
+        "run",
+        "--name",
+        "quiet2",
+        "--write-detail",
+        "off",
+        "--workspace",
+        w,
+        "--",
+        "sleep",
+        "1000",
+    ]);
+    let other = format!(
+        "import socket\ns = socket.create_connection(('127.0.0.1', {tcp}))\ns.sendall(b'z' * 7000)\ns.close()\n"
+    );
+    d.ok(&["exec", "quiet2", "--", "python3", "-c", &other]);
+    assert_eq!(got.recv_timeout(Duration::from_secs(10)).unwrap(), 7000);
+    assert_eq!(
+        sent(&trace(&d, "quiet2"))
+            .get(&format!("127.0.0.1:{tcp}"))
+            .copied(),
+        Some(7000),
+        "the second branch's bytes are its own"
+    );
     assert_eq!(
         sent(&trace(&d, "quiet")),
         before,
-        "the host's own sends are not in a branch's trace"
+        "and not charged to the first"
+    );
+
+    // A restarted daemon writes only what was sent since (the counters are pinned and
+    // outlive it).
+    let mut d = d;
+    d.kill9();
+    let d = Daemon::start(dir.path());
+    d.ok(&["exec", "quiet", "--", "python3", "-c", &other]);
+    assert_eq!(got.recv_timeout(Duration::from_secs(10)).unwrap(), 7000);
+    let mut want = before.clone();
+    *want.get_mut(&format!("127.0.0.1:{tcp}")).unwrap() += 7000;
+    assert_eq!(
+        sent(&trace(&d, "quiet")),
+        want,
+        "nothing written twice across a restart"
     );
     drop(udp);
 }

@@ -4,8 +4,10 @@
 //! by the registered cgroup the sending socket belongs to and the destination. Branches
 //! with per-write detail are skipped: their sends come from the syscall programs.
 
+use core::intrinsics::{AtomicOrdering::Relaxed, atomic_xadd};
+
 use aya_ebpf::{
-    bindings::__sk_buff,
+    bindings::{__sk_buff, BPF_NOEXIST},
     helpers::{bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id},
     macros::cgroup_skb,
     programs::SkBuffContext,
@@ -71,22 +73,17 @@ fn count(ctx: &SkBuffContext) -> Option<()> {
     if payload == 0 {
         return None; // a bare ACK, SYN or FIN
     }
-    match EGRESS.get_ptr_mut(key) {
-        // SAFETY: a per-CPU value: only this CPU writes it while the program runs.
-        Some(c) => unsafe {
-            (*c).bytes += payload;
-            (*c).packets += 1;
-        },
-        None => {
-            let _ = EGRESS.insert(
-                key,
-                EgressCount {
-                    bytes: payload,
-                    packets: 1,
-                },
-                0,
-            );
-        }
+    if EGRESS.get_ptr_mut(key).is_none() {
+        // BPF_NOEXIST: a program that raced here first (a softirq on this CPU) keeps its
+        // count; this one adds to it below.
+        let _ = EGRESS.insert(key, EgressCount::default(), u64::from(BPF_NOEXIST));
+    }
+    let c = EGRESS.get_ptr_mut(key)?;
+    // SAFETY: `c` points to this CPU's value of a live entry. The adds are atomic: a
+    // softirq sending on this CPU can run this program in the middle of another run.
+    unsafe {
+        atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*c).bytes, payload);
+        atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*c).packets, 1);
     }
     Some(())
 }

@@ -3,7 +3,8 @@
 //! cgroup it came from (`<branch dir>/trace.jsonl`).
 //!
 //! The syscall programs (per-write detail) are attached only while some tracked cgroup
-//! asks for them, and detached [`DETACH_GRACE`] after the last one goes (see
+//! asks for them, and detached a grace period ([`DETACH_GRACE`] by default) after the last
+//! one goes, or when the daemon stops with none asking (see
 //! [`crate::bpf::SyscallHooks`]).
 //!
 //! Events are attributed by the cgroup id the eBPF programs record: a branch's processes all
@@ -36,10 +37,10 @@ use crate::{
 /// How often the reader drains the ring buffer (at once when [`Tracker::sync`] asks).
 const DRAIN_INTERVAL: Duration = Duration::from_millis(20);
 
-/// How long the syscall programs stay attached after the last cgroup that asked for
-/// per-write detail stopped being tracked (a branch aborted and another started right
+/// How long the syscall programs stay attached by default after the last cgroup that asked
+/// for per-write detail stopped being tracked (a branch aborted and another started right
 /// after pays neither the detach nor the attach).
-const DETACH_GRACE: Duration = Duration::from_secs(3);
+pub const DETACH_GRACE: Duration = Duration::from_secs(3);
 
 /// How often the bytes sent by branches without per-write detail become `net_send`
 /// records (at once when [`Tracker::sync`] asks).
@@ -129,6 +130,7 @@ impl Sinks {
             .harvest(&counts, crate::events::record::now_ns(), |c| {
                 files.contains_key(&c)
             });
+        let mut written = HashSet::new();
         for ev in records {
             if let Some((_, out)) = self.files.get_mut(&ev.cgroup) {
                 *self.per_cgroup.entry(ev.cgroup).or_insert(0) += 1;
@@ -136,9 +138,25 @@ impl Sinks {
                 if !write_line(out, &ev) {
                     log::warn!("writing the trace of cgroup {} failed", ev.cgroup);
                 }
+                written.insert(ev.cgroup);
+            }
+        }
+        // The trace first, then the totals it now holds (see events::egress).
+        for cgroup in written {
+            if let Some((path, out)) = self.files.get_mut(&cgroup) {
+                let _ = out.flush();
+                let saved = egress_seen_path(path);
+                if let Err(e) = self.egress.save(cgroup, &saved) {
+                    log::warn!("writing {}: {e}", saved.display());
+                }
             }
         }
     }
+}
+
+/// Where the egress totals written to the trace at `trace` are kept (see events::egress).
+fn egress_seen_path(trace: &Path) -> std::path::PathBuf {
+    trace.with_file_name("egress-seen.json")
 }
 
 /// Events written per hold of the sinks' lock, so tracking a new branch never waits long.
@@ -160,6 +178,8 @@ pub struct Tracker {
     /// Each branch's policy, by cgroup id (for the recording proxy's answers).
     policies: Mutex<HashMap<u64, crate::policy::Policy>>,
     hooks: Arc<Mutex<Hooks>>,
+    /// How long the syscall programs stay attached once nothing asks for them.
+    detach_grace: Duration,
 }
 
 impl Tracker {
@@ -175,7 +195,9 @@ impl Tracker {
     /// Adopts the programs pinned for `instance` (the state directory's tag), or loads,
     /// attaches and pins them. Events are read once [`Tracker::start_reading`] is called
     /// (after the branches are registered, so what waited in the ring buffer reaches them).
-    pub fn start(opts: &ProbeOptions, instance: &str) -> Result<Self> {
+    /// The syscall programs stay attached `detach_grace` after the last branch that asked
+    /// for them goes.
+    pub fn start(opts: &ProbeOptions, instance: &str, detach_grace: Duration) -> Result<Self> {
         crate::sys::ensure_tracefs()?;
         crate::sys::ensure_bpffs()?;
         let root = Path::new(crate::bpf::PIN_ROOT);
@@ -237,6 +259,7 @@ impl Tracker {
                 attached,
                 ..Hooks::default()
             })),
+            detach_grace,
         })
     }
 
@@ -319,9 +342,13 @@ impl Tracker {
             .append(true)
             .open(file)
             .at(file)?;
-        self.sinks()
-            .files
-            .insert(id, (file.to_path_buf(), BufWriter::new(out)));
+        {
+            let mut sinks = self.sinks();
+            sinks.egress.load(id, &egress_seen_path(file));
+            sinks
+                .files
+                .insert(id, (file.to_path_buf(), BufWriter::new(out)));
+        }
         if let Err(e) = self.probe().track(id, write_detail) {
             self.sinks().files.remove(&id);
             return Err(e);
@@ -337,11 +364,15 @@ impl Tracker {
                 let _ = d.join();
             }
             let t = std::time::Instant::now();
-            self.probe().attach_syscalls_pinned(&self.pin_dir)?;
+            let mut probe = self.probe();
+            probe.attach_syscalls_pinned(&self.pin_dir)?;
             log::info!(
                 "syscall programs attached in {:?} (a branch asks for per-write detail)",
                 t.elapsed()
             );
+            for tp in &probe.missing_tracepoints {
+                log::info!("this kernel has no {tp} tracepoint: that syscall is not traced");
+            }
             hooks.attached = true;
         }
         hooks.wanted_by.insert(id);
@@ -350,7 +381,7 @@ impl Tracker {
     }
 
     /// Notes that cgroup `id` no longer needs the syscall programs; when nothing does, they
-    /// are detached after [`DETACH_GRACE`] unless something asks for them meanwhile.
+    /// are detached after the grace period unless something asks for them meanwhile.
     fn release_syscall_hooks(&self, id: u64) {
         let mut hooks = self.hooks.lock().unwrap_or_else(|p| p.into_inner());
         if hooks.wanted_by.remove(&id) {
@@ -359,7 +390,7 @@ impl Tracker {
         self.detach_later(&mut hooks);
     }
 
-    /// Detaches the syscall programs after [`DETACH_GRACE`] if nothing wants them then
+    /// Detaches the syscall programs after the grace period if nothing wants them then
     /// (called once the branches are tracked again after a restart, too).
     pub fn settle(&self) {
         let mut hooks = self.hooks.lock().unwrap_or_else(|p| p.into_inner());
@@ -371,10 +402,11 @@ impl Tracker {
             return;
         }
         let (shared, seen, dir) = (self.hooks.clone(), hooks.changes, self.pin_dir.clone());
+        let grace = self.detach_grace;
         let timer = std::thread::Builder::new()
             .name("forkscope-detach".into())
             .spawn(move || {
-                std::thread::sleep(DETACH_GRACE);
+                std::thread::sleep(grace);
                 let mut hooks = shared.lock().unwrap_or_else(|p| p.into_inner());
                 if hooks.changes != seen || !hooks.attached {
                     return;
@@ -546,14 +578,14 @@ impl Drop for Tracker {
         if let Some(r) = self.reader.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = r.join();
         }
-        let detaching = self
-            .hooks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .detaching
-            .take();
-        if let Some(d) = detaching {
+        let mut hooks = self.hooks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(d) = hooks.detaching.take() {
             let _ = d.join();
+        }
+        // Stopping inside a grace period: no timer would detach them after this process.
+        if hooks.attached && hooks.wanted_by.is_empty() {
+            hooks.attached = false;
+            Probe::detach_syscalls_pinned(&self.pin_dir);
         }
     }
 }

@@ -104,7 +104,7 @@ class Sandbox:
         self.socket = socket_path(socket)
 
     @classmethod
-    def run(cls, workspace, cmd=(), name=None, net=None, policy=None, write_detail=None, socket=None):
+    def run(cls, workspace, cmd=(), name=None, net=None, policy=None, socket=None, write_detail=None):
         """Starts a root branch on ``workspace`` running ``cmd``; returns it.
 
         ``write_detail``: "on" (the default: every write, send and open is in its trace) or

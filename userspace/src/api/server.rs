@@ -427,6 +427,9 @@ pub struct ServeOptions {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Per-branch metric series allowed (0: none).
     pub metrics_branch_labels: usize,
+    /// How long the syscall programs stay attached after the last branch that asked for
+    /// per-write detail goes.
+    pub detach_grace: std::time::Duration,
 }
 
 /// `GET /metrics`: the figures read now (see [`crate::metrics`]). One scrape runs at a
@@ -511,6 +514,7 @@ pub async fn serve(
         let tracker = crate::tracker::Tracker::start(
             &crate::bpf::ProbeOptions::default(),
             &manager.instance_tag(),
+            opts.detach_grace,
         )
         .map_err(|e| {
             Error::State(format!(

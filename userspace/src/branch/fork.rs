@@ -321,6 +321,7 @@ impl Manager {
                     warm,
                     net_isolated: p.net_isolated,
                     write_detail: p.write_detail,
+                    checkpoint: opts.frozen,
                     policy: p.policy.clone(),
                 };
                 let t_start = Instant::now();

@@ -164,6 +164,9 @@ struct Start {
     warm: Option<warm::WarmChild>,
     net_isolated: bool,
     write_detail: bool,
+    /// A checkpoint: its processes never run, so its cgroup is traced without per-write
+    /// detail whatever `write_detail` (which its forks inherit) says.
+    checkpoint: bool,
     policy: Option<Policy>,
 }
 
@@ -478,7 +481,19 @@ impl Manager {
                 continue;
             }
             if let Ok(cg) = Cgroup::open(&b.cgroup) {
-                tracker.track(cg.id(), &trace_file(&b), b.write_detail)?;
+                let tracked = tracker.track(cg.id(), &trace_file(&b), b.write_detail);
+                if let Err(e) = tracked {
+                    if !b.write_detail {
+                        return Err(e);
+                    }
+                    // The branch goes on, traced without per-write detail, rather than
+                    // the daemon not starting.
+                    log::error!(
+                        "branch {}: per-write detail unavailable ({e}); traced without it",
+                        b.name
+                    );
+                    tracker.track(cg.id(), &trace_file(&b), false)?;
+                }
                 tracker.set_net_policy(cg.id(), b.policy.as_ref())?;
             }
         }
@@ -745,6 +760,7 @@ impl Manager {
                 warm: None,
                 net_isolated,
                 write_detail,
+                checkpoint: false,
                 policy,
             },
         )?;

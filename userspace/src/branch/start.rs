@@ -78,7 +78,11 @@ impl Manager {
         };
         let started = match &self.tracker {
             Some(t) => t
-                .track(cgroup.id(), &dir.join("trace.jsonl"), how.write_detail)
+                .track(
+                    cgroup.id(),
+                    &dir.join("trace.jsonl"),
+                    how.write_detail && !how.checkpoint,
+                )
                 .and_then(|()| t.set_net_policy(cgroup.id(), how.policy.as_ref())),
             None => Ok(()),
         };

@@ -29,6 +29,18 @@ pub struct DaemonArgs {
     /// Export per-branch series (labelled `branch`), for at most N branches.
     #[arg(long, value_name = "N", default_value_t = 0, num_args = 0..=1, default_missing_value = "100")]
     metrics_branch_labels: usize,
+    /// How long the syscall programs (per-write detail, a cost to every process on the
+    /// host) stay attached after the last branch that asked for them goes, in seconds: a
+    /// branch started within it does not wait for them to be attached again.
+    #[arg(long, value_name = "SECONDS", default_value_t = forkscope::tracker::DETACH_GRACE.as_secs_f64(), value_parser = grace)]
+    detach_grace: f64,
+}
+
+fn grace(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.0..=86_400.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?}: give a number of seconds from 0 to 86400")),
+    }
 }
 
 /// `--metrics-addr`: an address, or off.
@@ -68,6 +80,7 @@ pub fn run(args: DaemonArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
             proxy_addr: args.proxy_addr,
             metrics_addr: args.metrics_addr.0,
             metrics_branch_labels: args.metrics_branch_labels,
+            detach_grace: std::time::Duration::from_secs_f64(args.detach_grace),
         };
         forkscope::api::server::serve(&opts, stop).await?;
         anyhow::Ok(())

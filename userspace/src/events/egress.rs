@@ -2,8 +2,12 @@
 //! `egress` cgroup_skb program counted in `EGRESS` (bytes and packets per branch and
 //! destination): each harvest writes what was sent since the last one. The kernel side
 //! knows no process: `pid` and `tid` are 0 and `comm` is empty.
+//!
+//! The map's entries are running totals that outlive a daemon (the map is pinned), so the
+//! totals already written for a branch are kept next to its trace ([`Egress::save`]) and read
+//! back when a restarted daemon tracks it again ([`Egress::load`]): nothing is written twice.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, path::Path};
 
 use forkscope_common::egress::{EgressCount, EgressKey};
 
@@ -44,10 +48,71 @@ impl Egress {
         out
     }
 
+    /// Takes back the totals [`Egress::save`] wrote for cgroup `id` in `path` (none there:
+    /// nothing written yet).
+    pub fn load(&mut self, id: u64, path: &Path) {
+        let Ok(text) = std::fs::read_to_string(path) else {
+            return;
+        };
+        let Ok(saved) = serde_json::from_str::<Vec<Saved>>(&text) else {
+            log::warn!("{}: unreadable, ignored", path.display());
+            return;
+        };
+        for s in saved {
+            let key = EgressKey {
+                cgroup: id,
+                addr: s.addr,
+                port: s.port,
+                family: s.family,
+                protocol: s.protocol,
+                _pad: [0; 3],
+            };
+            self.seen.insert(
+                key,
+                EgressCount {
+                    bytes: s.bytes,
+                    packets: s.packets,
+                },
+            );
+        }
+    }
+
+    /// Writes the totals already turned into records for cgroup `id` to `path` (replaced
+    /// whole, by a rename).
+    pub fn save(&self, id: u64, path: &Path) -> std::io::Result<()> {
+        let saved: Vec<Saved> = self
+            .seen
+            .iter()
+            .filter(|(k, _)| k.cgroup == id)
+            .map(|(k, c)| Saved {
+                addr: k.addr,
+                port: k.port,
+                family: k.family,
+                protocol: k.protocol,
+                bytes: c.bytes,
+                packets: c.packets,
+            })
+            .collect();
+        let tmp = path.with_extension("json.new");
+        std::fs::write(&tmp, serde_json::to_vec(&saved)?)?;
+        std::fs::rename(&tmp, path)
+    }
+
     /// Forgets the counts of cgroup `id` (no longer traced).
     pub fn forget(&mut self, id: u64) {
         self.seen.retain(|k, _| k.cgroup != id);
     }
+}
+
+/// One destination's totals as [`Egress::save`] keeps them.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Saved {
+    addr: [u8; 16],
+    port: u16,
+    family: u16,
+    protocol: u8,
+    bytes: u64,
+    packets: u64,
 }
 
 fn record(key: &EgressKey, bytes: u64, packets: u64, ts_ns: u64) -> TraceEvent {
@@ -126,5 +191,26 @@ mod tests {
         e.forget(7);
         let after = e.harvest(&[(key(7, 80), count(300, 1))], 4, |_| true);
         assert_eq!(after[0].bytes, Some(300), "forgotten: counted from zero");
+    }
+
+    #[test]
+    fn saved_totals_taken_back_by_a_new_harvester_are_not_written_again() {
+        let dir = std::env::temp_dir().join(format!("egress-saved-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("egress-seen.json");
+        let mut before = Egress::default();
+        before.harvest(
+            &[(key(7, 80), count(1000, 2)), (key(8, 80), count(9, 1))],
+            1,
+            |_| true,
+        );
+        before.save(7, &path).unwrap();
+        // A restarted daemon: the pinned map still holds the totals, plus what came since.
+        let mut after = Egress::default();
+        after.load(7, &path);
+        let records = after.harvest(&[(key(7, 80), count(1200, 3))], 2, |c| c == 7);
+        assert_eq!(records.len(), 1);
+        assert_eq!((records[0].bytes, records[0].packets), (Some(200), Some(1)));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
