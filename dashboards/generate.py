@@ -129,7 +129,10 @@ ebpf = dash("forkscope-ebpf", "forkscope: eBPF overhead", [
           12, 8, unit="s", legend=["{{program}}"]),
     panel(4, "Syscall programs attached (1: a branch asks for per-write detail; every process on the host pays the slower syscall path)", "timeseries",
           [f"max by (instance) ({q('forkscope_syscall_programs_attached')})"],
-          0, 16, w=24, unit="short", legend=["{{instance}}"]),
+          0, 16, unit="short", legend=["{{instance}}"]),
+    panel(5, "Page-fault programs attached (1: some branch is traced; every page fault on the host runs them)", "timeseries",
+          [f"max by (instance) ({q('forkscope_page_fault_programs_attached')})"],
+          12, 16, unit="short", legend=["{{instance}}"]),
 ])
 
 for name, d in (("overview", overview), ("side-effects", effects), ("ebpf", ebpf)):

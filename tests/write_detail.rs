@@ -33,18 +33,35 @@ fn bpftool(args: &[&str]) -> Value {
 
 /// Kernel links of this daemon's syscall programs (those pinned under its pin directory).
 fn syscall_links(d: &Daemon) -> usize {
+    links_of(
+        d,
+        &[
+            "sys_exit_fd_write",
+            "sys_exit_fd_op",
+            "sys_exit_path_op",
+            "sys_exit_net",
+        ],
+    )
+}
+
+/// Kernel links of this daemon's page-fault program.
+fn fault_links(d: &Daemon) -> usize {
+    links_of(d, &["page_fault"])
+}
+
+/// Kernel links of the daemon's programs `names` (pinned under its pin directory).
+fn links_of(d: &Daemon, names: &[&str]) -> usize {
     let pins = d.pins();
     assert_eq!(pins.len(), 1, "one pin set per daemon: {pins:?}");
-    let progs: Vec<u64> = std::fs::read_dir(pins[0].join("progs"))
-        .expect("the syscall programs are pinned")
-        .flatten()
-        .map(|e| {
-            bpftool(&["prog", "show", "pinned", e.path().to_str().unwrap()])["id"]
+    let progs: Vec<u64> = names
+        .iter()
+        .map(|n| {
+            let pin = pins[0].join("progs").join(n);
+            bpftool(&["prog", "show", "pinned", pin.to_str().unwrap()])["id"]
                 .as_u64()
                 .unwrap()
         })
         .collect();
-    assert_eq!(progs.len(), 4, "four syscall programs: {progs:?}");
     bpftool(&["link", "list"])
         .as_array()
         .unwrap()
@@ -92,6 +109,7 @@ fn syscall_programs_are_attached_only_while_a_branch_asks_for_per_write_detail()
         0,
         "an idle daemon attaches no syscall program"
     );
+    assert_eq!(fault_links(&d), 0, "nor a page-fault program");
     assert!(!attached_in_status(&d));
 
     // A branch without per-write detail: still none.
@@ -111,7 +129,12 @@ fn syscall_programs_are_attached_only_while_a_branch_asks_for_per_write_detail()
     assert_eq!(
         syscall_links(&d),
         0,
-        "a branch with --write-detail off attaches nothing"
+        "a branch with --write-detail off attaches no syscall program"
+    );
+    assert_eq!(
+        fault_links(&d),
+        2,
+        "but the page-fault programs (user and kernel faults), for its dirtied pages"
     );
     let quiet = trace(&d, "quiet");
     assert!(
@@ -205,6 +228,23 @@ fn syscall_programs_are_attached_only_while_a_branch_asks_for_per_write_detail()
         syscall_links(&d),
         attached,
         "attached again for a new branch"
+    );
+
+    // No branch left: the page-fault programs go too.
+    for b in ["loud2", kid.as_str(), "cp"] {
+        d.ok(&["abort", b]);
+    }
+    d.ok(&["abort", "--recursive", "quiet"]);
+    let start = Instant::now();
+    while (fault_links(&d) != 0 || syscall_links(&d) != 0)
+        && start.elapsed() < Duration::from_secs(20)
+    {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        (fault_links(&d), syscall_links(&d)),
+        (0, 0),
+        "a daemon with no branch left keeps nothing attached that costs the host"
     );
 }
 

@@ -35,13 +35,10 @@ pub fn egress(ctx: SkBuffContext) -> i32 {
 }
 
 fn count(ctx: &SkBuffContext) -> Option<()> {
-    let cgroup = quiet_branch(ctx.skb.skb)?;
-    // cgroup_skb sees the packet from its network header.
+    // Headers first: most packets without payload (ACKs) stop here, before the cgroup
+    // lookups. cgroup_skb sees the packet from its network header.
     let first: u8 = ctx.load(0).ok()?;
-    let mut key = EgressKey {
-        cgroup,
-        ..EgressKey::default()
-    };
+    let mut key = EgressKey::default();
     let (l4, total) = match first >> 4 {
         4 => {
             key.family = AF_INET;
@@ -67,12 +64,13 @@ fn count(ctx: &SkBuffContext) -> Option<()> {
         IPPROTO_UDP => 8,
         _ => return None,
     };
-    let port: u16 = ctx.load(l4 as usize + 2).ok()?;
-    key.port = u16::from_be(port);
     let payload = u64::from(total.checked_sub(l4 + header)?);
     if payload == 0 {
         return None; // a bare ACK, SYN or FIN
     }
+    key.cgroup = quiet_branch(ctx.skb.skb)?;
+    let port: u16 = ctx.load(l4 as usize + 2).ok()?;
+    key.port = u16::from_be(port);
     if EGRESS.get_ptr_mut(key).is_none() {
         // BPF_NOEXIST: a program that raced here first (a softirq on this CPU) keeps its
         // count; this one adds to it below.

@@ -50,6 +50,7 @@ pub mod events;
 pub mod inject;
 pub mod layers;
 pub mod metrics;
+pub mod on_demand;
 pub mod perfetto;
 pub mod policy;
 pub mod procfork;

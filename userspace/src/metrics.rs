@@ -53,6 +53,8 @@ pub struct Snapshot {
     pub programs: Vec<(String, u64, u64)>,
     /// Whether the syscall programs (per-write detail) are attached.
     pub syscall_hooks: bool,
+    /// Whether the page-fault programs are attached.
+    pub fault_hooks: bool,
 }
 
 fn err(e: prometheus::Error) -> Error {
@@ -70,6 +72,7 @@ pub struct Metrics {
     private_bytes: IntGauge,
     private_pages: IntGauge,
     syscall_hooks: IntGauge,
+    fault_hooks: IntGauge,
     events: IntCounterVec,
     lost_events: IntCounter,
     effects: IntGaugeVec,
@@ -133,6 +136,11 @@ impl Metrics {
         let syscall_hooks = IntGauge::new(
             "forkscope_syscall_programs_attached",
             "1 while the syscall programs are attached (some branch asks for per-write detail): every process on the host then takes the kernel's slower syscall path; 0 otherwise.",
+        )
+        .map_err(err)?;
+        let fault_hooks = IntGauge::new(
+            "forkscope_page_fault_programs_attached",
+            "1 while the page-fault programs are attached (some branch is traced): every page fault on the host runs them; 0 otherwise.",
         )
         .map_err(err)?;
         let events = IntCounterVec::new(
@@ -238,6 +246,7 @@ impl Metrics {
             Box::new(branch_effects.clone()),
             Box::new(build),
             Box::new(syscall_hooks.clone()),
+            Box::new(fault_hooks.clone()),
         ] {
             registry.register(c).map_err(err)?;
         }
@@ -258,6 +267,7 @@ impl Metrics {
             private_bytes,
             private_pages,
             syscall_hooks,
+            fault_hooks,
             events,
             lost_events,
             effects,
@@ -318,6 +328,7 @@ impl Metrics {
         self.private_bytes.set(bytes as i64);
         self.private_pages.set(pages as i64);
         self.syscall_hooks.set(i64::from(s.syscall_hooks));
+        self.fault_hooks.set(i64::from(s.fault_hooks));
         // Per-branch series: only the branches shown now (capped); a branch that went away
         // takes its series with it.
         self.branch_private_bytes.reset();

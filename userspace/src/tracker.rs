@@ -3,9 +3,9 @@
 //! cgroup it came from (`<branch dir>/trace.jsonl`).
 //!
 //! The syscall programs (per-write detail) are attached only while some tracked cgroup
-//! asks for them, and detached a grace period ([`DETACH_GRACE`] by default) after the last
-//! one goes, or when the daemon stops with none asking (see
-//! [`crate::bpf::SyscallHooks`]).
+//! asks for them, the page-fault programs only while any cgroup is tracked; each set is
+//! detached a grace period ([`DETACH_GRACE`] by default) after the last cgroup that needed
+//! it goes, or when the daemon stops with none needing it (see [`crate::on_demand`]).
 //!
 //! Events are attributed by the cgroup id the eBPF programs record: a branch's processes all
 //! live in its cgroup. The trace starts when the branch's cgroup is created, before its
@@ -29,9 +29,10 @@ use aya::maps::{MapData, RingBuf};
 
 use crate::{
     bpf::egress_map::EgressMap,
-    bpf::{Probe, ProbeOptions, Stats, SyscallHooks},
+    bpf::{HookSet, Probe, ProbeOptions, Stats},
     error::{IoContext, Result},
     events::{RawEvent, TraceEvent, decode::decode, egress::Egress, resolve::Resolver, runs::Runs},
+    on_demand::OnDemand,
 };
 
 /// How often the reader drains the ring buffer (at once when [`Tracker::sync`] asks).
@@ -103,19 +104,6 @@ impl Sinks {
     }
 }
 
-/// Who needs the syscall programs, and whether they are attached.
-#[derive(Default)]
-struct Hooks {
-    /// Tracked cgroups that ask for per-write detail.
-    wanted_by: HashSet<u64>,
-    attached: bool,
-    /// Bumped whenever `wanted_by` changes: a delayed detach that finds another value
-    /// was overtaken.
-    changes: u64,
-    /// The thread releasing the links, while it runs.
-    detaching: Option<JoinHandle<()>>,
-}
-
 impl Sinks {
     /// Writes `net_send` records for what the branches without per-write detail sent since
     /// the last harvest.
@@ -177,9 +165,10 @@ pub struct Tracker {
     pub adopted: bool,
     /// Each branch's policy, by cgroup id (for the recording proxy's answers).
     policies: Mutex<HashMap<u64, crate::policy::Policy>>,
-    hooks: Arc<Mutex<Hooks>>,
-    /// How long the syscall programs stay attached once nothing asks for them.
-    detach_grace: Duration,
+    /// The syscall programs: wanted by cgroups that ask for per-write detail.
+    syscalls: OnDemand,
+    /// The page-fault programs: wanted by every traced cgroup.
+    faults: OnDemand,
 }
 
 impl Tracker {
@@ -220,15 +209,8 @@ impl Tracker {
                 (probe, false)
             }
         };
-        let attached = match Probe::syscall_hooks(&pin_dir) {
-            SyscallHooks::Attached => true,
-            SyscallHooks::Detached => false,
-            SyscallHooks::Partial => {
-                log::info!("detaching the syscall programs an earlier daemon left half attached");
-                Probe::detach_syscalls_pinned(&pin_dir);
-                false
-            }
-        };
+        let syscalls = OnDemand::new(HookSet::Syscalls, pin_dir.clone(), detach_grace);
+        let faults = OnDemand::new(HookSet::PageFaults, pin_dir.clone(), detach_grace);
         let ring = probe.take_events()?;
         let runs = Runs::new(probe.run_slots()?);
         let egress_map = EgressMap::open(&pin_dir)
@@ -255,11 +237,8 @@ impl Tracker {
             pin_dir,
             adopted,
             policies: Mutex::new(HashMap::new()),
-            hooks: Arc::new(Mutex::new(Hooks {
-                attached,
-                ..Hooks::default()
-            })),
-            detach_grace,
+            syscalls,
+            faults,
         })
     }
 
@@ -326,14 +305,18 @@ impl Tracker {
     /// write, send, open and path change too (the syscall programs are attached first if
     /// they were not).
     pub fn track(&self, id: u64, file: &Path, write_detail: bool) -> Result<()> {
-        if write_detail {
-            self.want_syscall_hooks(id)?;
+        let wanted = (|| {
+            self.faults.want(id, &self.probe)?;
+            if write_detail {
+                self.syscalls.want(id, &self.probe)?;
+            }
+            self.track_file(id, file, write_detail)
+        })();
+        if wanted.is_err() {
+            self.faults.release(id);
+            self.syscalls.release(id);
         }
-        let tracked = self.track_file(id, file, write_detail);
-        if tracked.is_err() && write_detail {
-            self.release_syscall_hooks(id);
-        }
-        tracked
+        wanted
     }
 
     fn track_file(&self, id: u64, file: &Path, write_detail: bool) -> Result<()> {
@@ -356,81 +339,21 @@ impl Tracker {
         Ok(())
     }
 
-    /// Notes that cgroup `id` needs the syscall programs, attaching them if they are not.
-    fn want_syscall_hooks(&self, id: u64) -> Result<()> {
-        let mut hooks = self.hooks.lock().unwrap_or_else(|p| p.into_inner());
-        if !hooks.attached {
-            if let Some(d) = hooks.detaching.take() {
-                let _ = d.join();
-            }
-            let t = std::time::Instant::now();
-            let mut probe = self.probe();
-            probe.attach_syscalls_pinned(&self.pin_dir)?;
-            log::info!(
-                "syscall programs attached in {:?} (a branch asks for per-write detail)",
-                t.elapsed()
-            );
-            for tp in &probe.missing_tracepoints {
-                log::info!("this kernel has no {tp} tracepoint: that syscall is not traced");
-            }
-            hooks.attached = true;
-        }
-        hooks.wanted_by.insert(id);
-        hooks.changes += 1;
-        Ok(())
-    }
-
-    /// Notes that cgroup `id` no longer needs the syscall programs; when nothing does, they
-    /// are detached after the grace period unless something asks for them meanwhile.
-    fn release_syscall_hooks(&self, id: u64) {
-        let mut hooks = self.hooks.lock().unwrap_or_else(|p| p.into_inner());
-        if hooks.wanted_by.remove(&id) {
-            hooks.changes += 1;
-        }
-        self.detach_later(&mut hooks);
-    }
-
-    /// Detaches the syscall programs after the grace period if nothing wants them then
-    /// (called once the branches are tracked again after a restart, too).
+    /// Detaches what no branch needs after the grace period (called once the branches are
+    /// tracked again after a restart).
     pub fn settle(&self) {
-        let mut hooks = self.hooks.lock().unwrap_or_else(|p| p.into_inner());
-        self.detach_later(&mut hooks);
+        self.syscalls.settle();
+        self.faults.settle();
     }
 
-    fn detach_later(&self, hooks: &mut Hooks) {
-        if !hooks.wanted_by.is_empty() || !hooks.attached {
-            return;
-        }
-        let (shared, seen, dir) = (self.hooks.clone(), hooks.changes, self.pin_dir.clone());
-        let grace = self.detach_grace;
-        let timer = std::thread::Builder::new()
-            .name("forkscope-detach".into())
-            .spawn(move || {
-                std::thread::sleep(grace);
-                let mut hooks = shared.lock().unwrap_or_else(|p| p.into_inner());
-                if hooks.changes != seen || !hooks.attached {
-                    return;
-                }
-                hooks.attached = false;
-                hooks.detaching = Some(std::thread::spawn(move || {
-                    let t = std::time::Instant::now();
-                    Probe::detach_syscalls_pinned(&dir);
-                    log::info!(
-                        "syscall programs detached in {:?} (no branch asks for per-write detail)",
-                        t.elapsed()
-                    );
-                }));
-            });
-        if let Err(e) = timer {
-            log::warn!("could not schedule detaching the syscall programs: {e}");
-        }
-    }
-
-    /// Whether the syscall programs are attached now (also while they are being detached:
-    /// the kernel releases them one by one).
+    /// Whether the syscall programs are attached now.
     pub fn syscall_hooks_attached(&self) -> bool {
-        let hooks = self.hooks.lock().unwrap_or_else(|p| p.into_inner());
-        hooks.attached || hooks.detaching.as_ref().is_some_and(|d| !d.is_finished())
+        self.syscalls.attached()
+    }
+
+    /// Whether the page-fault programs are attached now.
+    pub fn fault_hooks_attached(&self) -> bool {
+        self.faults.attached()
     }
 
     /// Enforces `policy`'s network rules for the branch whose cgroup is `id` (none: allow
@@ -508,7 +431,8 @@ impl Tracker {
     /// file (after writing what was read).
     pub fn untrack(&self, id: u64) {
         let _ = self.probe().untrack(id);
-        self.release_syscall_hooks(id);
+        self.syscalls.release(id);
+        self.faults.release(id);
         let mut sinks = self.sinks();
         sinks.harvest_egress(); // what it sent last
         sinks.egress.forget(id);
@@ -578,15 +502,8 @@ impl Drop for Tracker {
         if let Some(r) = self.reader.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = r.join();
         }
-        let mut hooks = self.hooks.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(d) = hooks.detaching.take() {
-            let _ = d.join();
-        }
-        // Stopping inside a grace period: no timer would detach them after this process.
-        if hooks.attached && hooks.wanted_by.is_empty() {
-            hooks.attached = false;
-            Probe::detach_syscalls_pinned(&self.pin_dir);
-        }
+        self.syscalls.stop();
+        self.faults.stop();
     }
 }
 

@@ -84,6 +84,9 @@ pub struct TraceStatus {
     /// Whether the syscall programs are attached (some branch asks for per-write detail).
     #[serde(default)]
     pub syscall_programs_attached: bool,
+    /// Whether the page-fault programs are attached (some branch is traced).
+    #[serde(default)]
+    pub page_fault_programs_attached: bool,
 }
 
 /// Default socket path.

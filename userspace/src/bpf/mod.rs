@@ -1,14 +1,14 @@
 //! The eBPF side as userspace sees it: the embedded object, kernel offsets from BTF, and
 //! [`Probe`], which loads the programs, attaches them, registers cgroups and reads the maps.
 
+mod demand_hooks;
 pub mod egress_map;
 pub mod offsets;
 mod probe;
 pub mod run_slots;
-mod syscall_hooks;
 
+pub use demand_hooks::{HookSet, HooksState};
 pub use probe::{Probe, ProbeOptions, Stats, unpin};
-pub use syscall_hooks::SyscallHooks;
 
 /// Where pinned programs and maps live on the BPF filesystem.
 pub const PIN_ROOT: &str = "/sys/fs/bpf/forkscope";

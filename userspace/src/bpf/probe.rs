@@ -114,9 +114,6 @@ pub(super) const SYSCALL_PROGRAMS: &[&str] = &[
 /// Where [`Probe::pin`] pins the syscall programs, under the pin directory.
 pub(super) const PROGS: &str = "progs";
 
-/// Where [`Probe::attach_syscalls_pinned`] pins the syscall links, under the pin directory.
-pub(super) const SYSCALL_LINKS: &str = "syscall-links";
-
 /// The (program, `sys_exit_*` tracepoint) pairs to attach on this kernel, and the
 /// tracepoints of [`TRACED`] it lacks.
 pub(super) fn syscall_tracepoints() -> (Vec<(&'static str, String)>, Vec<String>) {
@@ -216,8 +213,8 @@ impl Probe {
         })
     }
 
-    /// Pins the maps (`DIR/maps/NAME`), the syscall programs (`DIR/progs/NAME`, attached
-    /// later by [`Probe::attach_syscalls_pinned`]) and every attachment (`DIR/links/N`)
+    /// Pins the maps (`DIR/maps/NAME`), the programs attached on demand (`DIR/progs/NAME`,
+    /// see [`Probe::attach_pinned`]) and every attachment (`DIR/links/N`)
     /// under `dir` on a BPF filesystem: the programs stay attached, and keep recording into the maps, when
     /// this process exits, until [`unpin`] removes them. [`Probe::adopt`] takes them back.
     pub fn pin(&mut self, dir: &std::path::Path) -> Result<()> {
@@ -237,7 +234,11 @@ impl Probe {
             path: dir.join(PROGS),
             cause: e,
         })?;
-        for &prog in SYSCALL_PROGRAMS {
+        let on_demand = super::HookSet::Syscalls
+            .programs()
+            .iter()
+            .chain(super::HookSet::PageFaults.programs());
+        for &prog in on_demand {
             self.tracepoint(prog)
                 .pin(dir.join(PROGS).join(prog))
                 .map_err(pin_err(format!("program {prog}")))?;
@@ -353,9 +354,18 @@ impl Probe {
     }
 
     /// Attaches every program: the per-syscall `sys_exit_*` tracepoints (see
-    /// [`Probe::attach_syscalls`]) and the rest (see [`Probe::attach_base`]).
+    /// [`Probe::attach_syscalls`]), the page-fault tracepoints and the rest (see
+    /// [`Probe::attach_base`]).
     pub fn attach(&mut self) -> Result<()> {
         self.attach_syscalls()?;
+        for event in ["page_fault_user", "page_fault_kernel"] {
+            let prog = super::demand_hooks::PAGE_FAULT_PROGRAM;
+            let id = self
+                .tracepoint(prog)
+                .attach("exceptions", event)
+                .map_err(refused(prog, event))?;
+            self.tracepoint_links.push((prog, id));
+        }
         self.attach_base()
     }
 
@@ -376,14 +386,13 @@ impl Probe {
     }
 
     /// Attaches what costs the rest of the host (almost) nothing: the scheduler's process
-    /// tracepoints, the page-fault tracepoints and the socket-address hooks on forkscope's
-    /// parent cgroup.
+    /// tracepoints and the cgroup hooks (socket addresses, egress) on forkscope's parent
+    /// cgroup. The syscall and page-fault programs are attached apart (see
+    /// [`Probe::attach`] and [`super::HookSet`]).
     pub fn attach_base(&mut self) -> Result<()> {
         for (prog, category, event) in [
             ("process_exec", "sched", "sched_process_exec"),
             ("process_exit", "sched", "sched_process_exit"),
-            ("page_fault", "exceptions", "page_fault_user"),
-            ("page_fault", "exceptions", "page_fault_kernel"),
         ] {
             let id = self
                 .tracepoint(prog)

@@ -349,6 +349,7 @@ pub fn metrics_snapshot(src: MetricsSources) -> crate::metrics::Snapshot {
         snap.lost_events = t.stats().map(|(s, _)| s.lost).unwrap_or(0);
         snap.programs = crate::bpf::program_stats();
         snap.syscall_hooks = t.syscall_hooks_attached();
+        snap.fault_hooks = t.fault_hooks_attached();
     }
     if let Some(j) = &src.effects {
         for ((cg, state), n) in j.counts_per_cgroup().unwrap_or_default() {
@@ -621,6 +622,7 @@ impl Manager {
             lost: stats.lost,
             unattributed,
             syscall_programs_attached: t.syscall_hooks_attached(),
+            page_fault_programs_attached: t.fault_hooks_attached(),
         }))
     }
 

@@ -40,6 +40,14 @@ pub fn run(args: StatusArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
                     "syscall programs detached: no branch asks for per-write detail"
                 }
             );
+            println!(
+                "{}",
+                if t["page_fault_programs_attached"].as_bool() == Some(true) {
+                    "page-fault programs attached: branches are traced (every page fault on the host runs them)"
+                } else {
+                    "page-fault programs detached: no branch is traced"
+                }
+            );
         }
         None => println!("not tracing branches (daemon started with --no-trace)"),
     }
