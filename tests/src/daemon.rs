@@ -165,10 +165,33 @@ impl Drop for Daemon {
                 .filter(|o| o.status.success())
         };
         // (Retried once: a daemon just restarted by the test may still be settling.)
-        let listed = ls().or_else(|| {
+        let mut listed = ls().or_else(|| {
             std::thread::sleep(std::time::Duration::from_millis(500));
             ls()
         });
+        // No daemon serves the state directory (this one was killed and the test failed
+        // before starting the next): one is started to clean up, so a failed test leaves
+        // no branch, and no pinned program attached, behind.
+        let mut cleaner = None;
+        if listed.is_none() && self.child.try_wait().ok().flatten().is_some() {
+            let spawned = Command::new(forkscope())
+                .args(["daemon", "--state-dir"])
+                .arg(&self.state)
+                .arg("--socket")
+                .arg(&self.socket)
+                .args(["--metrics-addr", "off", "--detach-grace", "0"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn();
+            if let Ok(c) = spawned {
+                let start = Instant::now();
+                while listed.is_none() && start.elapsed() < Duration::from_secs(30) {
+                    std::thread::sleep(Duration::from_millis(100));
+                    listed = ls();
+                }
+                cleaner = Some(c);
+            }
+        }
         if listed.is_none() {
             eprintln!(
                 "cleanup: the daemon at {} did not list its branches",
@@ -206,6 +229,9 @@ impl Drop for Daemon {
                     );
                 }
             }
+        }
+        if let Some(c) = cleaner {
+            self.child = c;
         }
         self.stop();
     }

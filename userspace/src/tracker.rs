@@ -147,6 +147,16 @@ fn egress_seen_path(trace: &Path) -> std::path::PathBuf {
     trace.with_file_name("egress-seen.json")
 }
 
+/// What a tracked cgroup needs watched beyond its processes, connections and sends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Watch {
+    /// Every write, send, open and path change (the syscall programs).
+    pub write_detail: bool,
+    /// The pages its processes dirty (the page-fault programs): false for a checkpoint,
+    /// whose processes never run.
+    pub dirty_pages: bool,
+}
+
 /// Events written per hold of the sinks' lock, so tracking a new branch never waits long.
 const BATCH: usize = 4096;
 
@@ -301,12 +311,15 @@ impl Tracker {
         self.sinks.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Starts appending the events of cgroup `id` to `file`; with `write_detail`, every
-    /// write, send, open and path change too (the syscall programs are attached first if
-    /// they were not).
-    pub fn track(&self, id: u64, file: &Path, write_detail: bool) -> Result<()> {
+    /// Starts appending the events of cgroup `id` to `file`, with what `watch` asks for
+    /// (the on-demand programs it needs are attached first if they were not). `id` must not
+    /// be tracked already.
+    pub fn track(&self, id: u64, file: &Path, watch: Watch) -> Result<()> {
+        let write_detail = watch.write_detail;
         let wanted = (|| {
-            self.faults.want(id, &self.probe)?;
+            if watch.dirty_pages {
+                self.faults.want(id, &self.probe)?;
+            }
             if write_detail {
                 self.syscalls.want(id, &self.probe)?;
             }
@@ -327,7 +340,11 @@ impl Tracker {
             .at(file)?;
         {
             let mut sinks = self.sinks();
-            sinks.egress.load(id, &egress_seen_path(file));
+            // Saved totals belong to the pinned map they were read from: a freshly loaded
+            // map (another build, an incomplete pin set) counts from zero.
+            if self.adopted {
+                sinks.egress.load(id, &egress_seen_path(file));
+            }
             sinks
                 .files
                 .insert(id, (file.to_path_buf(), BufWriter::new(out)));

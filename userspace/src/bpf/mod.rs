@@ -13,11 +13,15 @@ pub use probe::{Probe, ProbeOptions, Stats, unpin};
 /// Where pinned programs and maps live on the BPF filesystem.
 pub const PIN_ROOT: &str = "/sys/fs/bpf/forkscope";
 
-/// A short identity of the embedded object (FNV-1a of its bytes): pins made by another
-/// build are never adopted.
+/// The layout of a pin set (which programs are pinned and where their links are): a
+/// change to it changes [`object_id`], so a set of another layout is never adopted.
+const PIN_LAYOUT: &[u8] = b"pins-2: links/, progs/, syscall-links/, fault-links/";
+
+/// A short identity of the embedded object and the pin layout (FNV-1a of their bytes):
+/// pins made by another build are never adopted.
 pub fn object_id() -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in EBPF_OBJECT {
+    for b in PIN_LAYOUT.iter().chain(EBPF_OBJECT) {
         h = (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3);
     }
     format!("{h:016x}")

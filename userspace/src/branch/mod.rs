@@ -482,7 +482,11 @@ impl Manager {
                 continue;
             }
             if let Ok(cg) = Cgroup::open(&b.cgroup) {
-                let tracked = tracker.track(cg.id(), &trace_file(&b), b.write_detail);
+                let watch = |write_detail| crate::tracker::Watch {
+                    write_detail,
+                    dirty_pages: true,
+                };
+                let tracked = tracker.track(cg.id(), &trace_file(&b), watch(b.write_detail));
                 if let Err(e) = tracked {
                     if !b.write_detail {
                         return Err(e);
@@ -493,7 +497,7 @@ impl Manager {
                         "branch {}: per-write detail unavailable ({e}); traced without it",
                         b.name
                     );
-                    tracker.track(cg.id(), &trace_file(&b), false)?;
+                    tracker.track(cg.id(), &trace_file(&b), watch(false))?;
                 }
                 tracker.set_net_policy(cg.id(), b.policy.as_ref())?;
             }

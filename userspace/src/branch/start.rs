@@ -81,7 +81,10 @@ impl Manager {
                 .track(
                     cgroup.id(),
                     &dir.join("trace.jsonl"),
-                    how.write_detail && !how.checkpoint,
+                    crate::tracker::Watch {
+                        write_detail: how.write_detail && !how.checkpoint,
+                        dirty_pages: !how.checkpoint,
+                    },
                 )
                 .and_then(|()| t.set_net_policy(cgroup.id(), how.policy.as_ref())),
             None => Ok(()),

@@ -29,9 +29,9 @@ pub struct DaemonArgs {
     /// Export per-branch series (labelled `branch`), for at most N branches.
     #[arg(long, value_name = "N", default_value_t = 0, num_args = 0..=1, default_missing_value = "100")]
     metrics_branch_labels: usize,
-    /// How long the syscall programs (per-write detail, a cost to every process on the
-    /// host) stay attached after the last branch that asked for them goes, in seconds: a
-    /// branch started within it does not wait for them to be attached again.
+    /// How long the syscall programs (per-write detail) and the page-fault programs, each a
+    /// cost to every process on the host, stay attached after the last branch that needed
+    /// them goes, in seconds: a branch started within it does not wait for them again.
     #[arg(long, value_name = "SECONDS", default_value_t = forkscope::tracker::DETACH_GRACE.as_secs_f64(), value_parser = grace)]
     detach_grace: f64,
 }
