@@ -84,6 +84,22 @@ fn wait_detached(d: &Daemon, within: Duration) -> (usize, bool) {
     }
 }
 
+/// Starts a root branch `name` on `ws` whose command sleeps, with `--write-detail detail`.
+fn run_sleeping_with(d: &Daemon, name: &str, ws: &Path, detail: &str) {
+    d.ok(&[
+        "run",
+        "--name",
+        name,
+        "--write-detail",
+        detail,
+        "--workspace",
+        ws.to_str().unwrap(),
+        "--",
+        "sleep",
+        "1000",
+    ]);
+}
+
 fn trace(d: &Daemon, branch: &str) -> Vec<Value> {
     parse_jsonl(&d.ok(&["trace", "--branch", branch]))
 }
@@ -113,18 +129,7 @@ fn syscall_programs_are_attached_only_while_a_branch_asks_for_per_write_detail()
     assert!(!attached_in_status(&d));
 
     // A branch without per-write detail: still none.
-    d.ok(&[
-        "run",
-        "--name",
-        "quiet",
-        "--write-detail",
-        "off",
-        "--workspace",
-        w,
-        "--",
-        "sleep",
-        "1000",
-    ]);
+    run_sleeping_with(&d, "quiet", &ws, "off");
     d.sh("quiet", "echo quiet > quiet.txt");
     assert_eq!(
         syscall_links(&d),
@@ -304,18 +309,7 @@ fn a_restarted_daemon_keeps_or_drops_the_syscall_programs_as_its_branches_need()
     // Stopped (SIGTERM, a branch without detail still running, so its pins stay) inside
     // the grace period: no process is left to detach them later, so the stop does.
     let mut d4 = Daemon::start_full(dir.path(), &socket, &[], &["--detach-grace", "600"]);
-    d4.ok(&[
-        "run",
-        "--name",
-        "quiet",
-        "--write-detail",
-        "off",
-        "--workspace",
-        ws.to_str().unwrap(),
-        "--",
-        "sleep",
-        "1000",
-    ]);
+    run_sleeping_with(&d4, "quiet", &ws, "off");
     d4.run_sleeping("loud2", &ws);
     assert_eq!(syscall_links(&d4), attached);
     d4.ok(&["abort", "loud2"]);
@@ -381,7 +375,6 @@ fn a_branch_without_per_write_detail_has_its_connections_and_bytes_sent_per_dest
     require_root();
     let dir = TempDir::new("write-detail-net");
     let ws = workspace(dir.path());
-    let w = ws.to_str().unwrap();
     let d = Daemon::start(dir.path());
     let (tcp, got) = counting_listener();
     // A UDP port nobody listens on: the datagrams still leave the socket.
@@ -397,18 +390,7 @@ fn a_branch_without_per_write_detail_has_its_connections_and_bytes_sent_per_dest
     );
     let want_tcp: u64 = (0..300).map(|i| 1000 + i).sum();
     for (name, detail) in [("quiet", "off"), ("loud", "on")] {
-        d.ok(&[
-            "run",
-            "--name",
-            name,
-            "--write-detail",
-            detail,
-            "--workspace",
-            w,
-            "--",
-            "sleep",
-            "1000",
-        ]);
+        run_sleeping_with(&d, name, &ws, detail);
         d.ok(&["exec", name, "--", "python3", "-c", &script]);
         assert_eq!(
             got.recv_timeout(Duration::from_secs(10)).unwrap(),
@@ -444,18 +426,7 @@ fn a_branch_without_per_write_detail_has_its_connections_and_bytes_sent_per_dest
     );
     // Another quiet branch sending to the same listener: each trace has its own bytes.
     let before = sent(&trace(&d, "quiet"));
-    d.ok(&[
-        "run",
-        "--name",
-        "quiet2",
-        "--write-detail",
-        "off",
-        "--workspace",
-        w,
-        "--",
-        "sleep",
-        "1000",
-    ]);
+    run_sleeping_with(&d, "quiet2", &ws, "off");
     let other = format!(
         "import socket\ns = socket.create_connection(('127.0.0.1', {tcp}))\ns.sendall(b'z' * 7000)\ns.close()\n"
     );
