@@ -24,24 +24,13 @@ pub fn tracked() -> Option<u64> {
     }
 }
 
-/// The current task's cgroup id if it is traced with per-write detail (what the syscall
-/// programs report), `None` otherwise.
+/// The current task's cgroup id if its verdict is `want`: [`TRACED`] (with per-write
+/// detail: what the syscall programs report) or [`TRACED_NO_WRITES`] (without: the socket
+/// hooks then report its connections); `None` otherwise.
 #[inline(always)]
-pub fn tracked_writes() -> Option<u64> {
+pub fn tracked_as(want: u64) -> Option<u64> {
     let (cg, verdict) = verdict();
-    if verdict == TRACED { Some(cg) } else { None }
-}
-
-/// The current task's cgroup id if it is traced without per-write detail (the socket
-/// hooks then report its connections), `None` otherwise.
-#[inline(always)]
-pub fn tracked_without_writes() -> Option<u64> {
-    let (cg, verdict) = verdict();
-    if verdict == TRACED_NO_WRITES {
-        Some(cg)
-    } else {
-        None
-    }
+    if verdict == want { Some(cg) } else { None }
 }
 
 /// The current task's cgroup id and its verdict (cached).

@@ -17,12 +17,13 @@ use forkscope_common::{
     keys::TRACK_NO_WRITE_DETAIL,
 };
 
-use crate::maps::{EGRESS, TRACKED_CGROUPS};
+use crate::{
+    kernel::{AF_INET, AF_INET6},
+    maps::{EGRESS, TRACKED_CGROUPS},
+};
 
 /// Let the packet go (the program only counts).
 const PASS: i32 = 1;
-const AF_INET: u16 = 2;
-const AF_INET6: u16 = 10;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 /// Deepest cgroup nesting looked at for the registered cgroup.

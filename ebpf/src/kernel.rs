@@ -34,7 +34,7 @@ pub struct SysExit {
 /// `None` when the task is not traced with per-write detail.
 #[inline(always)]
 pub fn sys_exit(ctx: &aya_ebpf::programs::TracePointContext) -> Option<SysExit> {
-    let cgroup = crate::cgroup::tracked_writes()?;
+    let cgroup = crate::cgroup::tracked_as(forkscope_common::keys::TRACED)?;
     // SAFETY: `__syscall_nr` (offset 8, int) and `ret` (offset 16, long) of every sys_exit_*
     // record, read straight from the context (the verifier checks the offsets; no helper).
     let (nr, ret) = unsafe {

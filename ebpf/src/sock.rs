@@ -33,6 +33,7 @@ use aya_ebpf::{
 };
 use forkscope_common::{
     EventKind, FdEvent,
+    keys::TRACED_NO_WRITES,
     policy::{
         ACTION_BUFFER, ACTION_DEFER, ACTION_DENY, MAX_NET_RULES, NetPolicy, REDIRECT_SLOTS,
         Redirect,
@@ -41,11 +42,10 @@ use forkscope_common::{
 
 use crate::{
     emit::{header, send},
+    kernel::{AF_INET, AF_INET6},
     maps::{DEFER_PASSES, NET_POLICIES, NEXT_REDIRECT, PROXY, REDIRECTS},
 };
 
-const AF_INET: u16 = 2;
-const AF_INET6: u16 = 10;
 const SOCK_STREAM: u32 = 1;
 /// Let the call go on / fail it with EPERM.
 const PASS: i32 = 1;
@@ -112,7 +112,7 @@ fn decide(ctx: &SockAddrContext, family: u16, syscall: u32) -> i32 {
     let verdict = judge(ctx, family, syscall);
     if verdict == PASS
         && syscall == SYS_CONNECT
-        && let Some(cg) = crate::cgroup::tracked_without_writes()
+        && let Some(cg) = crate::cgroup::tracked_as(TRACED_NO_WRITES)
         // SAFETY: the kernel hands the program a valid context pointer for its run.
         && let Some(sa) = unsafe { ctx.sock_addr.as_ref() }
     {

@@ -33,12 +33,8 @@ impl Daemon {
     pub fn start_full(dir: &Path, socket: &Path, env: &[(&str, &str)], args: &[&str]) -> Self {
         let socket = socket.to_path_buf();
         let state = dir.join("state");
-        let child = Command::new(forkscope())
+        let child = daemon_command(&state, &socket)
             .envs(env.iter().copied())
-            .args(["daemon", "--state-dir"])
-            .arg(&state)
-            .arg("--socket")
-            .arg(&socket)
             // Many test daemons run at once: each its own metrics port unless told.
             .args(if args.contains(&"--metrics-addr") {
                 &[][..]
@@ -174,11 +170,7 @@ impl Drop for Daemon {
         // no branch, and no pinned program attached, behind.
         let mut cleaner = None;
         if listed.is_none() && self.child.try_wait().ok().flatten().is_some() {
-            let spawned = Command::new(forkscope())
-                .args(["daemon", "--state-dir"])
-                .arg(&self.state)
-                .arg("--socket")
-                .arg(&self.socket)
+            let spawned = daemon_command(&self.state, &self.socket)
                 .args(["--metrics-addr", "off", "--detach-grace", "0"])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -235,6 +227,16 @@ impl Drop for Daemon {
         }
         self.stop();
     }
+}
+
+/// `forkscope daemon` on `state` and `socket`, to be given more arguments and started.
+fn daemon_command(state: &Path, socket: &Path) -> Command {
+    let mut c = Command::new(forkscope());
+    c.args(["daemon", "--state-dir"])
+        .arg(state)
+        .arg("--socket")
+        .arg(socket);
+    c
 }
 
 /// Sends `sig` to `pid`.

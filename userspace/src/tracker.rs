@@ -82,25 +82,29 @@ struct Sinks {
 impl Sinks {
     /// Writes one event into the trace of the branch it belongs to.
     fn route(&mut self, raw: &RawEvent) {
-        let cgroup = raw.header().cgroup;
-        let Some(ev) = self.resolver.event(raw) else {
-            return;
-        };
-        match self.files.get_mut(&cgroup) {
-            Some((_, out)) => {
-                *self.per_cgroup.entry(cgroup).or_insert(0) += 1;
-                match self.kinds.get_mut(&ev.kind) {
-                    Some(n) => *n += 1,
-                    None => {
-                        self.kinds.insert(ev.kind.clone(), 1);
-                    }
-                }
-                if !write_line(out, &ev) {
-                    log::warn!("writing the trace of cgroup {cgroup} failed");
-                }
-            }
-            None => self.unattributed += 1,
+        if let Some(ev) = self.resolver.event(raw) {
+            self.write(&ev);
         }
+    }
+
+    /// Writes `ev` into the trace of the branch whose cgroup is `ev.cgroup`, counted for
+    /// the metrics; false (and counted as unattributed) when no branch owns that cgroup.
+    fn write(&mut self, ev: &TraceEvent) -> bool {
+        let Some((_, out)) = self.files.get_mut(&ev.cgroup) else {
+            self.unattributed += 1;
+            return false;
+        };
+        *self.per_cgroup.entry(ev.cgroup).or_insert(0) += 1;
+        match self.kinds.get_mut(&ev.kind) {
+            Some(n) => *n += 1,
+            None => {
+                self.kinds.insert(ev.kind.clone(), 1);
+            }
+        }
+        if !write_line(out, ev) {
+            log::warn!("writing the trace of cgroup {} failed", ev.cgroup);
+        }
+        true
     }
 }
 
@@ -120,12 +124,7 @@ impl Sinks {
             });
         let mut written = HashSet::new();
         for ev in records {
-            if let Some((_, out)) = self.files.get_mut(&ev.cgroup) {
-                *self.per_cgroup.entry(ev.cgroup).or_insert(0) += 1;
-                *self.kinds.entry(ev.kind.clone()).or_insert(0) += 1;
-                if !write_line(out, &ev) {
-                    log::warn!("writing the trace of cgroup {} failed", ev.cgroup);
-                }
+            if self.write(&ev) {
                 written.insert(ev.cgroup);
             }
         }

@@ -29,7 +29,7 @@ pub enum HookSet {
 }
 
 /// The page-fault program and its tracepoints.
-pub(super) const PAGE_FAULT_PROGRAM: &str = "page_fault";
+const PAGE_FAULT_PROGRAM: &str = "page_fault";
 const PAGE_FAULT_TRACEPOINTS: [&str; 2] = ["page_fault_user", "page_fault_kernel"];
 
 impl HookSet {

@@ -103,7 +103,7 @@ pub struct Probe {
     pub(super) pinned_programs: StdHashMap<&'static str, TracePoint>,
 }
 
-/// The syscall programs, attached apart from the rest (see [`Probe::attach_syscalls`]).
+/// The syscall programs, attached apart from the rest (see [`super::HookSet`]).
 pub(super) const SYSCALL_PROGRAMS: &[&str] = &[
     "sys_exit_fd_write",
     "sys_exit_fd_op",
@@ -353,32 +353,26 @@ impl Probe {
         self.maps.get_mut(name).expect("map taken at load")
     }
 
-    /// Attaches every program: the per-syscall `sys_exit_*` tracepoints (see
-    /// [`Probe::attach_syscalls`]), the page-fault tracepoints and the rest (see
-    /// [`Probe::attach_base`]).
+    /// Attaches every program: the syscall and page-fault programs (see
+    /// [`super::HookSet`]) and the rest (see [`Probe::attach_base`]).
     pub fn attach(&mut self) -> Result<()> {
-        self.attach_syscalls()?;
-        for event in ["page_fault_user", "page_fault_kernel"] {
-            let prog = super::demand_hooks::PAGE_FAULT_PROGRAM;
-            let id = self
-                .tracepoint(prog)
-                .attach("exceptions", event)
-                .map_err(refused(prog, event))?;
-            self.tracepoint_links.push((prog, id));
-        }
+        self.attach_set(super::HookSet::Syscalls)?;
+        self.attach_set(super::HookSet::PageFaults)?;
         self.attach_base()
     }
 
-    /// Attaches the syscall programs to the `sys_exit_*` tracepoints of [`TRACED`]; those
-    /// this kernel lacks are recorded in `missing_tracepoints`. While any is attached, every
-    /// task on the host takes the kernel's slower syscall path.
-    pub fn attach_syscalls(&mut self) -> Result<()> {
-        let (present, missing) = syscall_tracepoints();
-        self.missing_tracepoints = missing;
-        for (prog, event) in present {
+    /// Attaches `set`'s programs, unpinned (detached with the probe); syscall tracepoints
+    /// this kernel lacks are recorded in `missing_tracepoints`. While the syscall programs
+    /// are attached, every task on the host takes the kernel's slower syscall path.
+    fn attach_set(&mut self, set: super::HookSet) -> Result<()> {
+        let (present, missing) = set.attachments();
+        if set == super::HookSet::Syscalls {
+            self.missing_tracepoints = missing;
+        }
+        for (prog, category, event) in present {
             let id = self
                 .tracepoint(prog)
-                .attach("syscalls", &event)
+                .attach(category, &event)
                 .map_err(refused(prog, &event))?;
             self.tracepoint_links.push((prog, id));
         }

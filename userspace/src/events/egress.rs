@@ -11,7 +11,10 @@ use std::{collections::HashMap, path::Path};
 
 use forkscope_common::egress::{EgressCount, EgressKey};
 
-use super::TraceEvent;
+use super::{
+    TraceEvent,
+    resolve::{addr_text, family_name},
+};
 
 /// The counts last turned into records, per key.
 #[derive(Default)]
@@ -116,19 +119,12 @@ struct Saved {
 }
 
 fn record(key: &EgressKey, bytes: u64, packets: u64, ts_ns: u64) -> TraceEvent {
-    let addr = match key.family {
-        2 => Some(
-            std::net::Ipv4Addr::new(key.addr[0], key.addr[1], key.addr[2], key.addr[3]).to_string(),
-        ),
-        10 => Some(std::net::Ipv6Addr::from(key.addr).to_string()),
-        _ => None,
-    };
     TraceEvent {
         ts_ns,
         cgroup: key.cgroup,
         kind: "net_send".into(),
-        family: Some(if key.family == 2 { "inet" } else { "inet6" }.into()),
-        addr,
+        family: Some(family_name(key.family)),
+        addr: addr_text(key.family, &key.addr),
         port: Some(key.port),
         bytes: Some(bytes as i64),
         packets: Some(packets),

@@ -67,7 +67,8 @@ pub fn join(base: &str, path: &str) -> String {
     }
 }
 
-fn family_name(family: u16) -> String {
+/// A socket family's name in traces (`inet`, `inet6`, `unix`, ...).
+pub(super) fn family_name(family: u16) -> String {
     match family {
         1 => "unix".into(),
         2 => "inet".into(),
@@ -77,7 +78,8 @@ fn family_name(family: u16) -> String {
     }
 }
 
-fn addr_text(family: u16, addr: &[u8; 16]) -> Option<String> {
+/// An IP address as text (IPv4 in the first 4 bytes); none for other families.
+pub(super) fn addr_text(family: u16, addr: &[u8; 16]) -> Option<String> {
     match family {
         2 => Some(Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]).to_string()),
         10 => Some(Ipv6Addr::from(*addr).to_string()),
