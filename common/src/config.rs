@@ -48,6 +48,17 @@ pub struct KernelOffsets {
     pub sk_dport: u32,
     /// `sock.__sk_common.skc_v6_daddr`
     pub sk_v6_daddr: u32,
+    /// `task_struct.thread_info.status` (holds `TS_COMPAT` during a 32-bit syscall), or
+    /// ABSENT on kernels whose `thread_info` is not in the task.
+    pub task_thread_status: u32,
+    /// `task_struct.cgroups` (the task's `css_set`)
+    pub task_cgroups: u32,
+    /// `css_set.dfl_cgrp` (its cgroup on the unified hierarchy)
+    pub css_set_dfl_cgrp: u32,
+    /// `cgroup.kn`
+    pub cgroup_kn: u32,
+    /// `kernfs_node.id` (the cgroup id)
+    pub kernfs_node_id: u32,
     /// Offset of `group_dead` in the `sched_process_exit` tracepoint record, or ABSENT on
     /// kernels whose record lacks it (the programs then report the thread-group leader's exit).
     pub tp_exit_group_dead: u32,
@@ -60,4 +71,4 @@ impl KernelOffsets {
     pub const ABSENT: u32 = u32::MAX;
 }
 
-crate::assert_size!(KernelOffsets, 88);
+crate::assert_size!(KernelOffsets, 108);

@@ -54,10 +54,13 @@ pub struct WriteRun {
     pub file: u64,
     /// Offset where the next write must start to continue the run (regular files).
     pub next: i64,
+    /// The `struct inode *` of the run's file: with `file`, its identity (a `struct file`
+    /// closed and freed can be reused at once for another file or connection).
+    pub inode: u64,
     /// The run's first record, as sent: the template of its merged records.
     pub first: FdEvent,
 }
-crate::assert_size!(WriteRun, 40 + 128);
+crate::assert_size!(WriteRun, 48 + 128);
 
 /// The run tag carried by a `pending` word.
 #[inline(always)]

@@ -1,8 +1,9 @@
-//! The syscalls forkscope traces: x86_64 numbers, tracepoint names, and which eBPF program
-//! (hook family) handles each. One table so the programs, the attach code and the JSON names
-//! cannot disagree.
+//! The syscalls forkscope traces: x86_64 numbers, names, and which eBPF program (hook
+//! family) handles each. One table so the programs, the dispatcher and the JSON names cannot
+//! disagree.
 
-/// Which `sys_exit_*` program handles a syscall.
+/// Which family program handles a syscall: the index of that program in the
+/// `SYSCALL_FAMILIES` program array the `syscall_exit` dispatcher tail-calls into.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Family {
@@ -16,11 +17,41 @@ pub enum Family {
     Net = 3,
 }
 
+/// Number of [`Family`] values (entries of the `SYSCALL_FAMILIES` program array).
+pub const FAMILY_COUNT: u32 = 4;
+
+/// What the `syscall_exit` dispatcher hands the family program it tail-calls, through a
+/// per-CPU slot (`SYSCALL_PASS`): found once, not again by each family.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SyscallPass {
+    /// The calling task's cgroup id (traced with per-write detail).
+    pub cgroup: u64,
+    /// Its `tgid << 32 | pid`.
+    pub pid_tgid: u64,
+    /// Its descriptor table: the address of the array of `struct file *` (0: none).
+    pub fd_array: u64,
+    /// The number of slots of that array.
+    pub max_fds: u32,
+    pub _pad: u32,
+}
+
+crate::assert_size!(SyscallPass, 32);
+
 macro_rules! syscalls {
     ($($name:ident = $nr:literal, $tp:literal, $fam:ident;)*) => {
         $(pub const $name: u32 = $nr;)*
-        /// (number, tracepoint name without `sys_exit_`, family) of every traced syscall.
+        /// (number, name (as in `sys_exit_NAME`), family) of every traced syscall.
         pub const TRACED: &[(u32, &str, Family)] = &[$(($nr, $tp, Family::$fam)),*];
+
+        /// The family of syscall `nr` (x86_64 numbering), or `None` when it is not traced.
+        #[inline(always)]
+        pub const fn family_of(nr: u32) -> Option<Family> {
+            match nr {
+                $($nr => Some(Family::$fam),)*
+                _ => None,
+            }
+        }
     };
 }
 
@@ -116,3 +147,21 @@ pub const MAP_SHARED: u64 = 0x1;
 pub const MAP_SHARED_VALIDATE: u64 = 0x3;
 /// -EINPROGRESS: a non-blocking connect that has started.
 pub const EINPROGRESS_RET: i64 = -115;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The dispatcher's `match` and the table agree, and untraced syscalls have no family.
+    #[test]
+    fn family_of_matches_the_table() {
+        for &(nr, name, family) in TRACED {
+            assert_eq!(family_of(nr), Some(family), "{name} ({nr})");
+        }
+        // read, close, getpid, exit_group: not traced.
+        for nr in [0, 3, 39, 231] {
+            assert_eq!(family_of(nr), None, "syscall {nr}");
+        }
+        assert!(TRACED.iter().all(|&(_, _, f)| (f as u32) < FAMILY_COUNT));
+    }
+}

@@ -38,13 +38,28 @@ pub fn tracked_as(want: u64) -> Option<u64> {
 fn verdict() -> (u64, u64) {
     // SAFETY: helper without arguments.
     let cg = unsafe { bpf_get_current_cgroup_id() };
+    (cg, verdict_of(cg))
+}
+
+/// The verdict for the task `task` (the typed current task) and its cgroup id, found with
+/// plain loads instead of a helper call: the syscall dispatcher's test, which every syscall
+/// on the host pays while it is attached.
+#[inline(always)]
+pub fn task_tracked_as(task: *const u8, want: u64) -> Option<u64> {
+    let cg = crate::kernel::task_cgroup_id(task)?;
+    (verdict_of(cg) == want).then_some(cg)
+}
+
+/// The verdict for cgroup `cg` (cached).
+#[inline(always)]
+fn verdict_of(cg: u64) -> u64 {
     let generation = CGROUP_VERDICT.get(VERDICT_SLOTS).map_or(0, |g| g.id);
     let Some(slot) = CGROUP_VERDICT.get_ptr_mut((cg as u32) & (VERDICT_SLOTS - 1)) else {
-        return (cg, NOT_TRACED);
+        return NOT_TRACED;
     };
     // SAFETY: `slot` points to a live array element; a torn read is detected by VerdictSlot.
     let cached = unsafe { core::ptr::read_volatile(slot) };
-    let verdict = match cached.verdict(cg, generation) {
+    match cached.verdict(cg, generation) {
         Some(v) => v,
         None => {
             let v = compute(cg);
@@ -52,8 +67,7 @@ fn verdict() -> (u64, u64) {
             unsafe { core::ptr::write_volatile(slot, VerdictSlot::new(cg, generation, v)) };
             v
         }
-    };
-    (cg, verdict)
+    }
 }
 
 /// The verdict of a registered cgroup whose options are at `options`.

@@ -25,6 +25,11 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     sk_daddr: 0,
     sk_dport: 0,
     sk_v6_daddr: 0,
+    task_thread_status: 0,
+    task_cgroups: 0,
+    css_set_dfl_cgrp: 0,
+    cgroup_kn: 0,
+    kernfs_node_id: 0,
     tp_exit_group_dead: 0,
     ready: 0,
 };

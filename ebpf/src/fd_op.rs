@@ -2,27 +2,28 @@
 //! `fchown`, `fsetxattr`, `fremovexattr`, the reflink ioctls (`FICLONE`, `FICLONERANGE`),
 //! writable shared file mappings (`mmap`: the stores themselves make no syscall) and `fchdir`.
 
-use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 use forkscope_common::{EventKind, FdEvent, event::file_type, syscalls::*};
 
 use crate::{
     config,
     emit::{header, send},
-    kernel::{SysExit, fd_file, file_info, read_user, sys_exit},
+    kernel::{SysExit, fd_file, file_info, read_user, sys_exit, task_btf},
 };
 
-#[tracepoint]
-pub fn sys_exit_fd_op(ctx: TracePointContext) -> u32 {
+#[btf_tracepoint(function = "sys_exit")]
+pub fn sys_exit_fd_op(ctx: BtfTracePointContext) -> i32 {
     let _ = try_fd_op(&ctx);
     0
 }
 
-fn try_fd_op(ctx: &TracePointContext) -> Option<()> {
+fn try_fd_op(ctx: &BtfTracePointContext) -> Option<()> {
     let SysExit {
         cgroup: cg,
         nr,
         ret,
         args: a,
+        ..
     } = sys_exit(ctx)?;
     // (kind, fd, offset, bytes, flags, source fd)
     let (kind, fd, offset, bytes, flags, src_fd) = match nr {
@@ -81,12 +82,12 @@ fn try_fd_op(ctx: &TracePointContext) -> Option<()> {
         _ => return None,
     };
     let o = config::ready_offsets()?;
-    let info = file_info(&o, fd_file(&o, fd));
+    let info = file_info(&o, fd_file(task_btf(), &o, fd));
     if kind == EventKind::FileMmap && info.ftype != file_type::REG {
         return None;
     }
     let src = if src_fd >= 0 {
-        file_info(&o, fd_file(&o, src_fd))
+        file_info(&o, fd_file(task_btf(), &o, src_fd))
     } else {
         Default::default()
     };

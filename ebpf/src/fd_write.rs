@@ -4,31 +4,32 @@
 //! pipes, terminals and devices are ignored. A write that continues the thread's run (same
 //! file, next offset) is merged into it ([`crate::write_run`]).
 
-use aya_ebpf::{
-    helpers::bpf_get_current_pid_tgid, macros::tracepoint, programs::TracePointContext,
-};
+use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 use forkscope_common::{EventKind, FdEvent, event::file_type, syscalls::*};
 
 use crate::{
     config,
     emit::{header, send},
-    kernel::{SysExit, fd_file, file_info, file_pos_ino, read_user, socket_peer, sys_exit},
+    kernel::{SysExit, file_info, file_pos_inode, read_user, socket_peer, sys_exit},
     write_run,
 };
 
-#[tracepoint]
-pub fn sys_exit_fd_write(ctx: TracePointContext) -> u32 {
+#[btf_tracepoint(function = "sys_exit")]
+pub fn sys_exit_fd_write(ctx: BtfTracePointContext) -> i32 {
     let _ = try_fd_write(&ctx);
     0
 }
 
-fn try_fd_write(ctx: &TracePointContext) -> Option<()> {
+fn try_fd_write(ctx: &BtfTracePointContext) -> Option<()> {
+    let sc = sys_exit(ctx)?;
     let SysExit {
         cgroup: cg,
         nr,
         ret,
         args: a,
-    } = sys_exit(ctx)?;
+        pid_tgid,
+        ..
+    } = sc;
     if ret <= 0 {
         return None;
     }
@@ -44,11 +45,10 @@ fn try_fd_write(ctx: &TracePointContext) -> Option<()> {
         _ => return None,
     };
     let o = config::ready_offsets()?;
-    let file = fd_file(&o, fd);
-    let pid_tgid = bpf_get_current_pid_tgid();
+    let file = sc.fd_file(fd);
     // The common case: the file behind the descriptor, its position and inode number.
     if write_run::merging() {
-        let (pos, ino) = file_pos_ino(&o, file);
+        let (pos, inode) = file_pos_inode(&o, file);
         let start = if explicit >= 0 {
             explicit
         } else if pos >= ret {
@@ -56,7 +56,7 @@ fn try_fd_write(ctx: &TracePointContext) -> Option<()> {
         } else {
             -1
         };
-        if write_run::extend(pid_tgid, file, ino, start, ret) {
+        if write_run::extend(pid_tgid, file, inode, start, ret) {
             return Some(());
         }
     }
@@ -95,7 +95,7 @@ fn try_fd_write(ctx: &TracePointContext) -> Option<()> {
         _ => return None,
     }
     if ev.hdr.kind == EventKind::NetSend as u32 || ev.offset >= 0 {
-        write_run::start(pid_tgid, file, ev.offset + ret, &ev);
+        write_run::start(pid_tgid, file, info.inode, ev.offset + ret, &ev);
     }
     send(&ev);
     Some(())

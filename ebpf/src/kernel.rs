@@ -3,25 +3,38 @@
 
 use aya_ebpf::helpers::{
     bpf_get_current_task, bpf_get_current_task_btf, bpf_probe_read_kernel,
-    bpf_probe_read_kernel_buf, bpf_probe_read_user, bpf_task_pt_regs,
+    bpf_probe_read_kernel_buf, bpf_probe_read_user,
 };
-use forkscope_common::{KernelOffsets, event::file_type};
+use aya_ebpf::programs::BtfTracePointContext;
+use forkscope_common::{KernelOffsets, event::file_type, syscalls::SyscallPass};
 
-use crate::{emit::count_read_error, maps::SCRATCH};
+use crate::{
+    emit::count_read_error,
+    maps::{SCRATCH, SYSCALL_PASS},
+};
 
 /// Slots of x86_64 `struct pt_regs` (u64 each): r15 r14 r13 r12 bp bx r11 r10 r9 r8 ax cx dx
-/// si di. The layout is the kernel's user ABI for x86_64.
+/// si di orig_ax. The layout is the kernel's user ABI for x86_64.
 const REG_R10: usize = 7;
 const REG_R9: usize = 8;
 const REG_R8: usize = 9;
 const REG_DX: usize = 12;
 const REG_SI: usize = 13;
 const REG_DI: usize = 14;
+const REG_ORIG_AX: usize = 15;
+
+/// `TS_COMPAT` in x86 `thread_info.status`: the task is in a 32-bit syscall, numbered in
+/// the i386 table.
+const TS_COMPAT: u32 = 0x0002;
 
 /// A syscall a traced task is returning from.
 pub struct SysExit {
     /// The task's cgroup id.
     pub cgroup: u64,
+    /// The task's `tgid << 32 | pid`.
+    pub pid_tgid: u64,
+    /// Its descriptor table (array address, slots), for [`SysExit::fd_file`].
+    pub fds: (u64, u32),
     /// The syscall number.
     pub nr: u32,
     /// Its result.
@@ -30,51 +43,146 @@ pub struct SysExit {
     pub args: [u64; 6],
 }
 
-/// Where every `sys_exit_*` program starts: the syscall the current task returns from, or
-/// `None` when the task is not traced with per-write detail.
+/// Where every family program (tail-called by [`crate::syscall_exit`] on the `sys_exit`
+/// tracepoint, whose arguments are `(struct pt_regs *regs, long ret)`) starts: the syscall
+/// the current task returns from, with the cgroup the dispatcher found traced.
 #[inline(always)]
-pub fn sys_exit(ctx: &aya_ebpf::programs::TracePointContext) -> Option<SysExit> {
-    let cgroup = crate::cgroup::tracked_as(forkscope_common::keys::TRACED)?;
-    // SAFETY: `__syscall_nr` (offset 8, int) and `ret` (offset 16, long) of every sys_exit_*
-    // record, read straight from the context (the verifier checks the offsets; no helper).
-    let (nr, ret) = unsafe {
-        let rec = aya_ebpf::EbpfContext::as_ptr(ctx) as *const u8;
-        (
-            core::ptr::read_volatile(rec.add(8).cast::<i32>()) as u32,
-            core::ptr::read_volatile(rec.add(16).cast::<i64>()),
-        )
-    };
+pub fn sys_exit(ctx: &BtfTracePointContext) -> Option<SysExit> {
+    let pass = SYSCALL_PASS.get_ptr(0)?;
+    // SAFETY: this CPU's slot, written by the dispatcher just before the tail call.
+    let pass = unsafe { *pass };
+    let regs: *const u64 = ctx.arg(0);
+    let ret: i64 = ctx.arg(1);
+    // SAFETY: `regs` is the tracepoint's typed `struct pt_regs *`; the verifier turns these
+    // loads into fault-safe ones (no helper call).
+    let reg = |slot: usize| unsafe { core::ptr::read_volatile(regs.add(slot)) };
     Some(SysExit {
-        cgroup,
-        nr,
+        cgroup: pass.cgroup,
+        pid_tgid: pass.pid_tgid,
+        fds: (pass.fd_array, pass.max_fds),
+        nr: reg(REG_ORIG_AX) as u32,
         ret,
-        args: syscall_args()?,
-    })
-}
-
-/// The six arguments of the syscall the current task is returning from. At syscall exit the
-/// saved user registers still hold the arguments (only `ax` carries the result).
-#[inline(always)]
-pub fn syscall_args() -> Option<[u64; 6]> {
-    // SAFETY: helpers valid in tracing programs; bpf_task_pt_regs returns the current task's
-    // saved user registers as a BTF pointer (`struct pt_regs`), whose fields the verifier
-    // lets the program load directly (as fault-safe loads, no helper call).
-    unsafe {
-        let task = bpf_get_current_task_btf();
-        let regs = bpf_task_pt_regs(task) as *const u64;
-        if regs.is_null() {
-            return None;
-        }
-        let reg = |slot: usize| core::ptr::read_volatile(regs.add(slot));
-        Some([
+        args: [
             reg(REG_DI),
             reg(REG_SI),
             reg(REG_DX),
             reg(REG_R10),
             reg(REG_R8),
             reg(REG_R9),
-        ])
+        ],
+    })
+}
+
+impl SysExit {
+    /// The `struct file *` behind the task's descriptor `fd`, or 0 (one read: the
+    /// dispatcher found the table).
+    #[inline(always)]
+    pub fn fd_file(&self, fd: i64) -> u64 {
+        let (array, max) = self.fds;
+        if !(0..max as i64).contains(&fd) {
+            return 0;
+        }
+        read::<u64>(array, (fd as u32) * 8).unwrap_or(0)
     }
+}
+
+/// What the dispatcher hands a family program about the typed current task `task`: its
+/// cgroup `cgroup` and what [`SysExit`] carries, read with plain loads.
+#[inline(always)]
+pub fn syscall_pass(task: *const u8, cgroup: u64, o: &KernelOffsets) -> SyscallPass {
+    let (fd_array, max_fds) = fd_table(task, o).unwrap_or((0, 0));
+    SyscallPass {
+        cgroup,
+        pid_tgid: task_pid_tgid(task, o),
+        fd_array,
+        max_fds,
+        _pad: 0,
+    }
+}
+
+/// `task`'s descriptor table: `files->fdt->fd` and `max_fds`, with plain loads.
+#[inline(always)]
+fn fd_table(task: *const u8, o: &KernelOffsets) -> Option<(u64, u32)> {
+    let files: *const u8 = load(task, o.task_files);
+    if files.is_null() {
+        return None;
+    }
+    let fdt: *const u8 = load(files, o.files_fdt);
+    if fdt.is_null() {
+        return None;
+    }
+    // `struct file **`: the verifier gives a plain number for it, read through a helper.
+    Some((load(fdt, o.fdt_fd), load(fdt, o.fdt_max_fds)))
+}
+
+/// The number (x86_64 table) of the syscall `ctx` (the `sys_exit` tracepoint) returns
+/// from, or `None` when none is under way (-1) or it is an x32 one.
+#[inline(always)]
+pub fn syscall_nr(ctx: &BtfTracePointContext) -> Option<u32> {
+    let regs: *const u64 = ctx.arg(0);
+    // SAFETY: as in `sys_exit`.
+    let nr = unsafe { core::ptr::read_volatile(regs.add(REG_ORIG_AX)) } as i64;
+    (0..1024).contains(&nr).then_some(nr as u32)
+}
+
+/// The current task, typed (`struct task_struct *` as the verifier knows it from BTF): the
+/// fields below are read from it with plain loads, which the verifier makes fault-safe,
+/// instead of a helper call each (what costs most in a program on this path).
+#[inline(always)]
+pub fn task_btf() -> *const u8 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_get_current_task_btf() as *const u8 }
+}
+
+/// A field `T` at `off` of the typed kernel object `base`. `off` comes from the read-only
+/// configuration, whose values the verifier knows, and it checks each access against the
+/// kernel's BTF: a load at the offset of a pointer member gives a typed pointer again.
+#[inline(always)]
+fn load<T>(base: *const u8, off: u32) -> T {
+    // SAFETY: `base` is a typed kernel pointer (see above): the verifier only accepts the
+    // load if `off` is a member of that type, and turns it into a fault-safe load.
+    unsafe { core::ptr::read_volatile(base.add(off as usize).cast::<T>()) }
+}
+
+/// The id of `task`'s cgroup on the unified hierarchy (`task->cgroups->dfl_cgrp->kn->id`,
+/// what `bpf_get_current_cgroup_id` returns), with plain loads.
+#[inline(always)]
+pub fn task_cgroup_id(task: *const u8) -> Option<u64> {
+    let o = crate::config::ready_offsets()?;
+    let css_set: *const u8 = load(task, o.task_cgroups);
+    if css_set.is_null() {
+        return None;
+    }
+    let cgroup: *const u8 = load(css_set, o.css_set_dfl_cgrp);
+    if cgroup.is_null() {
+        return None;
+    }
+    let kn: *const u8 = load(cgroup, o.cgroup_kn);
+    if kn.is_null() {
+        return None;
+    }
+    Some(load(kn, o.kernfs_node_id))
+}
+
+/// `task`'s ids as `bpf_get_current_pid_tgid` gives them (tgid << 32 | pid), with plain
+/// loads.
+#[inline(always)]
+pub fn task_pid_tgid(task: *const u8, o: &KernelOffsets) -> u64 {
+    let pid: i32 = load(task, o.task_pid);
+    let tgid: i32 = load(task, o.task_tgid);
+    ((tgid as u32 as u64) << 32) | pid as u32 as u64
+}
+
+/// Whether `task` (the typed current task) is in a 32-bit syscall (numbered in the i386
+/// table, which forkscope does not trace: neither do the kernel's `syscalls:*`
+/// tracepoints).
+#[inline(always)]
+pub fn in_compat_syscall(task: *const u8) -> bool {
+    let o = crate::config::offsets();
+    if o.task_thread_status == KernelOffsets::ABSENT {
+        return false;
+    }
+    load::<u32>(task, o.task_thread_status) & TS_COMPAT != 0
 }
 
 /// Reads a `T` at `base + off` in kernel memory.
@@ -165,30 +273,16 @@ pub struct Scratch {
     pub inode: [u8; INODE_CHUNK],
 }
 
-/// The `struct file *` behind descriptor `fd` of the current task, or 0.
+/// The `struct file *` behind descriptor `fd` of `task` (the typed current task), or 0:
+/// its table with plain loads, then one read of the descriptor's slot.
 #[inline(always)]
-pub fn fd_file(o: &KernelOffsets, fd: i64) -> u64 {
-    if !(0..=0x7fff_ffff).contains(&fd) {
+pub fn fd_file(task: *const u8, o: &KernelOffsets, fd: i64) -> u64 {
+    let Some((array, max)) = fd_table(task, o) else {
+        return 0;
+    };
+    if !(0..max as i64).contains(&fd) {
         return 0;
     }
-    let Some(files) = read::<u64>(current_task(), o.task_files) else {
-        return 0;
-    };
-    let Some(fdt) = read::<u64>(files, o.files_fdt) else {
-        return 0;
-    };
-    let Some(chunk) = read_chunk(fdt, |s| &mut s.fdt) else {
-        return 0;
-    };
-    let Some(max) = field::<u32, FDT_CHUNK>(chunk, fdt, o.fdt_max_fds) else {
-        return 0;
-    };
-    if fd as u64 >= max as u64 {
-        return 0;
-    }
-    let Some(array) = field::<u64, FDT_CHUNK>(chunk, fdt, o.fdt_fd) else {
-        return 0;
-    };
     read::<u64>(array, (fd as u32) * 8).unwrap_or(0)
 }
 
@@ -201,6 +295,8 @@ pub struct FileInfo {
     pub ino: u64,
     pub pos: i64,
     pub flags: u32,
+    /// The `struct inode *` (0 when unknown).
+    pub inode: u64,
 }
 
 /// Reads type, identity, position and flags of `file` (a `struct file *`; 0 gives defaults).
@@ -215,6 +311,7 @@ pub fn file_info(o: &KernelOffsets, file: u64) -> FileInfo {
     let Some(inode) = field::<u64, FILE_CHUNK>(f, file, o.file_inode) else {
         return info;
     };
+    info.inode = inode;
     let Some(i) = read_chunk(inode, |s| &mut s.inode) else {
         return info;
     };
@@ -227,18 +324,16 @@ pub fn file_info(o: &KernelOffsets, file: u64) -> FileInfo {
     info
 }
 
-/// The position and the inode number of `file`: all a write that continues a run needs
-/// (two reads; the inode number tells a reused `struct file` apart).
+/// The position of `file` and its `struct inode *`: all a write that continues a run needs
+/// (one read: both lie in the first [`FILE_CHUNK`] bytes on 6.x).
 #[inline(always)]
-pub fn file_pos_ino(o: &KernelOffsets, file: u64) -> (i64, u64) {
+pub fn file_pos_inode(o: &KernelOffsets, file: u64) -> (i64, u64) {
     let Some(f) = read_chunk(file, |s| &mut s.file) else {
         return (-1, 0);
     };
     let pos = field::<i64, FILE_CHUNK>(f, file, o.file_pos).unwrap_or(-1);
-    let ino = field::<u64, FILE_CHUNK>(f, file, o.file_inode)
-        .and_then(|inode| read::<u64>(inode, o.inode_ino))
-        .unwrap_or(0);
-    (pos, ino)
+    let inode = field::<u64, FILE_CHUNK>(f, file, o.file_inode).unwrap_or(0);
+    (pos, inode)
 }
 
 /// A socket's peer: family, port (host order), address bytes.

@@ -4,6 +4,8 @@
 //! the controller registered (or one of its descendants) and returns at once if not. Events go
 //! to userspace through one ring buffer ([`maps::EVENTS`]); losses are counted in
 //! [`maps::STATS`]. One module per hook family:
+//! - [`syscall_exit`]: the one program on the raw `sys_exit` tracepoint, which tail-calls
+//!   the family program of the syscall (the next four) for tasks traced with per-write detail;
 //! - [`fd_write`]: data written through a descriptor (files and sockets);
 //! - [`fd_op`]: other descriptor operations (ftruncate, fchmod, shared mmap, reflink, fchdir);
 //! - [`path_op`]: operations naming paths (open, rename, unlink, mkdir, chmod, link, ...);
@@ -47,6 +49,8 @@ mod path_op;
 mod process;
 #[cfg(target_arch = "bpf")]
 mod sock;
+#[cfg(target_arch = "bpf")]
+mod syscall_exit;
 #[cfg(target_arch = "bpf")]
 mod write_run;
 

@@ -2,7 +2,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use forkscope_common::{
     egress::{EGRESS_ENTRIES, EgressCount, EgressKey},
@@ -10,11 +10,22 @@ use forkscope_common::{
     policy::{DeferPass, NetPolicy, ProxyConfig, REDIRECT_SLOTS, Redirect},
     run::{RUN_SLOTS, WriteRun},
     stats::STAT_COUNT,
+    syscalls::FAMILY_COUNT,
 };
 
 /// Events to userspace. Userspace may resize it at load time.
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024 * 1024, 0);
+
+/// The family programs the `syscall_exit` dispatcher tail-calls, indexed by
+/// forkscope_common::syscalls::Family; userspace fills it at load.
+#[map]
+pub static SYSCALL_FAMILIES: ProgramArray = ProgramArray::with_max_entries(FAMILY_COUNT, 0);
+
+/// What the dispatcher hands the family program it tail-calls (one slot per CPU).
+#[map]
+pub static SYSCALL_PASS: PerCpuArray<forkscope_common::syscalls::SyscallPass> =
+    PerCpuArray::with_max_entries(1, 0);
 
 /// cgroup ids the controller registered: their tasks and their descendants' are traced.
 /// The value is reserved for per-cgroup options (0 today).

@@ -4,17 +4,14 @@
 //! [`crate::fd_write`]. A send without an address continues the thread's run of writes to the
 //! socket ([`crate::write_run`]).
 
-use aya_ebpf::{
-    helpers::bpf_get_current_pid_tgid, macros::tracepoint, programs::TracePointContext,
-};
+use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 use forkscope_common::{EventKind, FdEvent, syscalls::*};
 
 use crate::{
     config,
     emit::{header, send},
     kernel::{
-        Peer, SysExit, fd_file, file_info, file_pos_ino, read_user, socket_peer, sys_exit,
-        user_sockaddr,
+        Peer, SysExit, file_info, file_pos_inode, read_user, socket_peer, sys_exit, user_sockaddr,
     },
     write_run,
 };
@@ -25,24 +22,26 @@ const MAX_MMSG: u64 = 16;
 const MMSGHDR_SIZE: u64 = 64;
 const MMSG_LEN_OFFSET: u64 = 56;
 
-#[tracepoint]
-pub fn sys_exit_net(ctx: TracePointContext) -> u32 {
+#[btf_tracepoint(function = "sys_exit")]
+pub fn sys_exit_net(ctx: BtfTracePointContext) -> i32 {
     let _ = try_net(&ctx);
     0
 }
 
-fn try_net(ctx: &TracePointContext) -> Option<()> {
+fn try_net(ctx: &BtfTracePointContext) -> Option<()> {
+    let sc = sys_exit(ctx)?;
     let SysExit {
         cgroup: cg,
         nr,
         ret,
         args: a,
-    } = sys_exit(ctx)?;
+        pid_tgid,
+        ..
+    } = sc;
     let o = config::ready_offsets()?;
     let fd = a[0] as i64;
-    let file = fd_file(&o, fd);
+    let file = sc.fd_file(fd);
     // A send without an address goes to the socket's peer: it can continue the thread's run.
-    let pid_tgid = bpf_get_current_pid_tgid();
     let unaddressed = ret > 0
         && match nr {
             SYS_SENDTO => a[4] == 0,
@@ -52,7 +51,7 @@ fn try_net(ctx: &TracePointContext) -> Option<()> {
         };
     if unaddressed
         && write_run::merging()
-        && write_run::extend(pid_tgid, file, file_pos_ino(&o, file).1, -1, ret)
+        && write_run::extend(pid_tgid, file, file_pos_inode(&o, file).1, -1, ret)
     {
         return Some(());
     }
@@ -123,7 +122,7 @@ fn try_net(ctx: &TracePointContext) -> Option<()> {
         _ => return None,
     }
     if unaddressed {
-        write_run::start(pid_tgid, file, -1, &ev);
+        write_run::start(pid_tgid, file, info.inode, -1, &ev);
     }
     send(&ev);
     Some(())

@@ -1,12 +1,13 @@
-//! Dirtied pages: write faults from `exceptions/page_fault_user` (the process stores) and
-//! `exceptions/page_fault_kernel` (the kernel writing into user memory, as read() does),
+//! Dirtied pages: write faults from the raw tracepoints `page_fault_user` (the process
+//! stores) and `page_fault_kernel` (the kernel writing into user memory, as read() does),
+//! raw so that no perf record is built for every fault on the host,
 //! recorded once per (cgroup, process, page) per epoch of the cgroup (EPOCHS) in DIRTY_PAGES,
 //! with a count per process in PAGE_COUNTS. Writes through pinned pages (O_DIRECT, process_vm_writev,
 //! io_uring fixed buffers) do not fault and are not seen.
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST, helpers::bpf_get_current_pid_tgid, macros::tracepoint,
-    programs::TracePointContext,
+    bindings::BPF_NOEXIST, helpers::bpf_get_current_pid_tgid, macros::raw_tracepoint,
+    programs::RawTracePointContext,
 };
 use forkscope_common::{DirtyPageKey, PAGE_SHIFT, ProcKey, stats::STAT_PAGES_OVERFLOW};
 
@@ -22,16 +23,16 @@ const USER_END: u64 = 0x0000_8000_0000_0000;
 /// -EEXIST from a map insert with BPF_NOEXIST: the page is already in the set.
 const EEXIST: i32 = -17;
 
-#[tracepoint]
-pub fn page_fault(ctx: TracePointContext) -> u32 {
+/// Both raw tracepoints pass (unsigned long address, struct pt_regs *regs, unsigned long
+/// error_code).
+#[raw_tracepoint]
+pub fn page_fault(ctx: RawTracePointContext) -> i32 {
     let _ = try_page_fault(&ctx);
     0
 }
 
-fn try_page_fault(ctx: &TracePointContext) -> Option<()> {
-    // SAFETY: `address` at offset 8 and `error_code` at 24 in both exceptions/page_fault_*
-    // records.
-    let (address, error) = unsafe { (ctx.read_at::<u64>(8).ok()?, ctx.read_at::<u64>(24).ok()?) };
+fn try_page_fault(ctx: &RawTracePointContext) -> Option<()> {
+    let (address, error): (u64, u64) = (ctx.arg(0), ctx.arg(2));
     if error & FAULT_WRITE == 0 || address >= USER_END {
         return None;
     }

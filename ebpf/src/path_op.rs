@@ -5,7 +5,7 @@
 //! relative to is sent as (device, inode) and resolved to a path in userspace.
 
 use aya_ebpf::{
-    helpers::bpf_probe_read_user_str_bytes, macros::tracepoint, programs::TracePointContext,
+    helpers::bpf_probe_read_user_str_bytes, macros::btf_tracepoint, programs::BtfTracePointContext,
 };
 use forkscope_common::{
     EventKind, KernelOffsets, PATH_LEN, PathEvent,
@@ -16,7 +16,7 @@ use forkscope_common::{
 use crate::{
     config,
     emit::{count_event, count_lost, header},
-    kernel::{SysExit, fd_file, file_info, read_user, sys_exit},
+    kernel::{SysExit, fd_file, file_info, read_user, sys_exit, task_btf},
     maps::EVENTS,
 };
 
@@ -36,8 +36,8 @@ const CWD: i64 = AT_FDCWD as i64;
 /// `AT_REMOVEDIR`, reported in `flags` for rmdir.
 const AT_REMOVEDIR: u32 = 0x200;
 
-#[tracepoint]
-pub fn sys_exit_path_op(ctx: TracePointContext) -> u32 {
+#[btf_tracepoint(function = "sys_exit")]
+pub fn sys_exit_path_op(ctx: BtfTracePointContext) -> i32 {
     let _ = try_path_op(&ctx);
     0
 }
@@ -182,12 +182,13 @@ fn decode(nr: u32, a: &[u64; 6]) -> Option<PathOp> {
     })
 }
 
-fn try_path_op(ctx: &TracePointContext) -> Option<()> {
+fn try_path_op(ctx: &BtfTracePointContext) -> Option<()> {
     let SysExit {
         cgroup: cg,
         nr,
         ret,
         args: a,
+        ..
     } = sys_exit(ctx)?;
     let d = decode(nr, &a)?;
     let is_open = d.kind == EventKind::FileOpen;
@@ -203,7 +204,7 @@ fn try_path_op(ctx: &TracePointContext) -> Option<()> {
         return None;
     }
     let opened = if is_open {
-        file_info(&o, fd_file(&o, ret))
+        file_info(&o, fd_file(task_btf(), &o, ret))
     } else {
         Default::default()
     };
@@ -280,6 +281,6 @@ fn dir_identity(o: &KernelOffsets, dirfd: i64, relative: bool) -> (u32, u64) {
     if !relative || dirfd == CWD || dirfd < 0 {
         return (0, 0);
     }
-    let info = file_info(o, fd_file(o, dirfd));
+    let info = file_info(o, fd_file(task_btf(), o, dirfd));
     (info.dev, info.ino)
 }

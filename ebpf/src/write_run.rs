@@ -73,12 +73,13 @@ fn owner_cas(run: *mut WriteRun, old: u64, new: u64) -> bool {
     unsafe { atomic_cxchg::<u64, { Relaxed }, { Relaxed }>(&raw mut (*run).owner, old, new).1 }
 }
 
-/// Adds a write of `bytes` starting at `start` (regular files) on `file` (inode `ino`) to
-/// the run of thread `pid_tgid` if it continues it; true when that is all there is to do.
-/// The inode number is part of the identity: a `struct file` closed and freed can be reused
-/// at once for another file or connection, which the run must not absorb.
+/// Adds a write of `bytes` starting at `start` (regular files) on `file` (whose
+/// `struct inode *` is `inode`) to the run of thread `pid_tgid` if it continues it; true
+/// when that is all there is to do. The inode is part of the identity: a `struct file`
+/// closed and freed can be reused at once for another file or connection, which the run
+/// must not absorb.
 #[inline(always)]
-pub fn extend(pid_tgid: u64, file: u64, ino: u64, start: i64, bytes: i64) -> bool {
+pub fn extend(pid_tgid: u64, file: u64, inode: u64, start: i64, bytes: i64) -> bool {
     if file == 0 || bytes <= 0 || !merging() {
         return false;
     }
@@ -88,7 +89,7 @@ pub fn extend(pid_tgid: u64, file: u64, ino: u64, start: i64, bytes: i64) -> boo
     // SAFETY: `run` is a live array element; while thread `pid_tgid` owns the slot only its
     // own programs write these fields (userspace only swaps counts out of `pending`).
     unsafe {
-        if (*run).owner != pid_tgid || (*run).file != file || (*run).first.ino != ino {
+        if (*run).owner != pid_tgid || (*run).file != file || (*run).inode != inode {
             return false;
         }
         let regular = (*run).first.file_type == file_type::REG;
@@ -164,11 +165,12 @@ fn send_pending(run: *mut WriteRun, left: u64) {
     count_event();
 }
 
-/// Makes `ev` (the record about to be sent for a write ending at `next` on `file`) the first
-/// record of thread `pid_tgid`'s run, when the thread holds its slot or can take a free one.
-/// Called before the record is sent, so a reader that reads it finds the run published.
+/// Makes `ev` (the record about to be sent for a write ending at `next` on `file`, whose
+/// `struct inode *` is `inode`) the first record of thread `pid_tgid`'s run, when the
+/// thread holds its slot or can take a free one. Called before the record is sent, so a
+/// reader that reads it finds the run published.
 #[inline(always)]
-pub fn start(pid_tgid: u64, file: u64, next: i64, ev: &FdEvent) {
+pub fn start(pid_tgid: u64, file: u64, inode: u64, next: i64, ev: &FdEvent) {
     if file == 0 || !merging() {
         return;
     }
@@ -185,6 +187,7 @@ pub fn start(pid_tgid: u64, file: u64, next: i64, ev: &FdEvent) {
         }
         (*run).id = ev.hdr.ts_ns;
         (*run).next = next;
+        (*run).inode = inode;
         (*run).first = *ev;
         (*run).file = file;
         // A new tag publishes the fields above (a release swap): userspace only reads them

@@ -79,11 +79,6 @@ impl OnDemand {
             let mut probe = probe.lock().unwrap_or_else(|p| p.into_inner());
             probe.attach_pinned(&self.pin_dir, self.set)?;
             log::info!("{} attached in {:?}", self.set.describe(), t.elapsed());
-            if self.set == HookSet::Syscalls {
-                for tp in &probe.missing_tracepoints {
-                    log::info!("this kernel has no {tp} tracepoint: that syscall is not traced");
-                }
-            }
             state.attached = true;
         }
         state.wanted_by.insert(id);

@@ -118,9 +118,6 @@ pub async fn run<W: Write>(
     }
     let mut probe = Probe::load(&opts.probe)?;
     probe.attach()?;
-    for tp in &probe.missing_tracepoints {
-        log::info!("this kernel has no {tp} tracepoint: that syscall is not traced");
-    }
     let seq = TRACE_SEQ.fetch_add(1, Ordering::Relaxed);
     let cgroup = Cgroup::create(&format!("trace-{}-{seq}", std::process::id()))?;
     probe.track(cgroup.id(), true)?;

@@ -1,11 +1,12 @@
 //! The programs of a pinned [`Probe`] (the daemon's) that cost every process on the host
 //! while attached, attached only while some branch needs them ([`HookSet`]):
 //!
-//! - the syscall programs ([`HookSet::Syscalls`]), while a branch asks for per-write
-//!   detail: any program on a syscall tracepoint sends every task on the host down the
-//!   kernel's slower syscall path;
-//! - the page-fault programs ([`HookSet::PageFaults`]), while any branch is traced: every
-//!   page fault on the host runs them (a cgroup check each).
+//! - the syscall dispatcher ([`HookSet::Syscalls`], one program on the raw `sys_exit`
+//!   tracepoint), while a branch asks for per-write detail: a program there sends every
+//!   task on the host down the kernel's slower syscall path and runs for each syscall;
+//! - the page-fault program ([`HookSet::PageFaults`], on the raw `page_fault_user` and
+//!   `page_fault_kernel` tracepoints), while any branch is traced: every page fault on the
+//!   host runs it (a cgroup check each).
 //!
 //! The links are pinned one by one under `<pin dir>/<set>-links/N`, so they survive a
 //! daemon restart like the rest; the programs are pinned under `<pin dir>/progs/NAME` by
@@ -14,11 +15,11 @@
 use std::path::Path;
 
 use aya::programs::{
-    TracePoint,
+    BtfTracePoint, RawTracePoint,
     links::{FdLink, PinnedLink},
 };
 
-use super::probe::{PROGS, Probe, SYSCALL_PROGRAMS, pinnable, refused, syscall_tracepoints};
+use super::probe::{PROGS, Probe, refused};
 use crate::error::{Error, Result};
 
 /// A set of programs attached on demand (see the module doc).
@@ -28,9 +29,24 @@ pub enum HookSet {
     PageFaults,
 }
 
-/// The page-fault program and its tracepoints.
+/// An on-demand program taken back from its pin.
+pub(super) enum DemandProgram {
+    /// The syscall dispatcher (`tp_btf/sys_exit`).
+    Typed(BtfTracePoint),
+    /// The page-fault program.
+    Raw(RawTracePoint),
+}
+
+/// The syscall dispatcher and its (typed) raw tracepoint.
+const SYSCALL_PROGRAM: &str = "syscall_exit";
+const SYSCALL_ATTACHMENTS: [(&str, &str); 1] = [(SYSCALL_PROGRAM, "sys_exit")];
+
+/// The page-fault program and its raw tracepoints.
 const PAGE_FAULT_PROGRAM: &str = "page_fault";
-const PAGE_FAULT_TRACEPOINTS: [&str; 2] = ["page_fault_user", "page_fault_kernel"];
+const PAGE_FAULT_ATTACHMENTS: [(&str, &str); 2] = [
+    (PAGE_FAULT_PROGRAM, "page_fault_user"),
+    (PAGE_FAULT_PROGRAM, "page_fault_kernel"),
+];
 
 impl HookSet {
     /// Where its links are pinned, under the pin directory.
@@ -44,30 +60,16 @@ impl HookSet {
     /// Its programs (pinned under `progs/`).
     pub(super) fn programs(self) -> &'static [&'static str] {
         match self {
-            HookSet::Syscalls => SYSCALL_PROGRAMS,
+            HookSet::Syscalls => &[SYSCALL_PROGRAM],
             HookSet::PageFaults => &[PAGE_FAULT_PROGRAM],
         }
     }
 
-    /// The (program, category, tracepoint) triples to attach on this kernel, and the
-    /// tracepoints it lacks.
-    pub(super) fn attachments(self) -> (Vec<(&'static str, &'static str, String)>, Vec<String>) {
+    /// The (program, raw tracepoint) pairs to attach.
+    pub(super) fn attachments(self) -> &'static [(&'static str, &'static str)] {
         match self {
-            HookSet::Syscalls => {
-                let (present, missing) = syscall_tracepoints();
-                let present = present
-                    .into_iter()
-                    .map(|(prog, event)| (prog, "syscalls", event))
-                    .collect();
-                (present, missing)
-            }
-            HookSet::PageFaults => (
-                PAGE_FAULT_TRACEPOINTS
-                    .iter()
-                    .map(|e| (PAGE_FAULT_PROGRAM, "exceptions", e.to_string()))
-                    .collect(),
-                Vec::new(),
-            ),
+            HookSet::Syscalls => &SYSCALL_ATTACHMENTS,
+            HookSet::PageFaults => &PAGE_FAULT_ATTACHMENTS,
         }
     }
 
@@ -85,7 +87,7 @@ impl HookSet {
 pub enum HooksState {
     /// None is attached.
     Detached,
-    /// Every tracepoint this kernel has is attached.
+    /// Every one of its tracepoints is attached.
     Attached,
     /// Some are (a daemon died while attaching or detaching them).
     Partial,
@@ -99,27 +101,22 @@ impl Probe {
             .unwrap_or(0);
         match pinned {
             0 => HooksState::Detached,
-            n if n == set.attachments().0.len() => HooksState::Attached,
+            n if n == set.attachments().len() => HooksState::Attached,
             _ => HooksState::Partial,
         }
     }
 
-    /// Attaches `set`'s programs to every tracepoint of it this kernel has and pins each
-    /// link under `dir` (the directory [`Probe::pin`] used). On an error, whatever was
-    /// attached is detached again.
+    /// Attaches `set`'s programs to its tracepoints and pins each link under `dir` (the
+    /// directory [`Probe::pin`] used). On an error, whatever was attached is detached again.
     pub fn attach_pinned(&mut self, dir: &Path, set: HookSet) -> Result<()> {
         let links = dir.join(set.links_dir());
         std::fs::create_dir_all(&links).map_err(|e| Error::Io {
             path: links.clone(),
             cause: e,
         })?;
-        let (present, missing) = set.attachments();
-        if set == HookSet::Syscalls {
-            self.missing_tracepoints = missing;
-        }
-        for (n, (prog, category, event)) in present.into_iter().enumerate() {
+        for (n, &(prog, tracepoint)) in set.attachments().iter().enumerate() {
             let pin = links.join(n.to_string());
-            if let Err(e) = self.attach_one(dir, prog, category, &event, &pin) {
+            if let Err(e) = self.attach_one(dir, prog, tracepoint, &pin) {
                 Self::detach_pinned(dir, set);
                 return Err(e);
             }
@@ -131,24 +128,26 @@ impl Probe {
         &mut self,
         dir: &Path,
         prog: &'static str,
-        category: &str,
-        event: &str,
+        tracepoint: &str,
         pin: &Path,
     ) -> Result<()> {
-        let program = self.pinnable_program(dir, prog)?;
-        let id = program
-            .attach(category, event)
-            .map_err(refused(prog, event))?;
-        let link = program.take_link(id).map_err(refused(prog, "pin"))?;
-        let link = pinnable(prog, FdLink::try_from(link))?;
+        let link: FdLink = match self.pinnable_program(dir, prog)? {
+            Pinnable::Typed(p) => {
+                let id = p.attach().map_err(refused(prog, tracepoint))?;
+                p.take_link(id).map_err(refused(prog, "pin"))?.into()
+            }
+            Pinnable::Raw(p) => {
+                let id = p.attach(tracepoint).map_err(refused(prog, tracepoint))?;
+                p.take_link(id).map_err(refused(prog, "pin"))?.into()
+            }
+        };
         link.pin(pin)
-            .map_err(|e| Error::Btf(format!("pinning the link of {prog} to {event}: {e}")))?;
+            .map_err(|e| Error::Btf(format!("pinning the link of {prog} to {tracepoint}: {e}")))?;
         Ok(())
     }
 
-    /// Detaches `set`'s links pinned under `dir`. The kernel waits for RCU grace periods
-    /// per link: they are released from parallel threads (about 2 s in all for the
-    /// syscall programs here).
+    /// Detaches `set`'s links pinned under `dir`. The kernel waits for an RCU grace period
+    /// per link: they are released from parallel threads.
     pub fn detach_pinned(dir: &Path, set: HookSet) {
         let links = dir.join(set.links_dir());
         let owned: Vec<FdLink> = std::fs::read_dir(&links)
@@ -176,15 +175,36 @@ impl Probe {
     }
 
     /// The on-demand program `name`: the loaded one, or the one pinned under `dir`.
-    fn pinnable_program(&mut self, dir: &Path, name: &'static str) -> Result<&mut TracePoint> {
+    fn pinnable_program(&mut self, dir: &Path, name: &'static str) -> Result<Pinnable<'_>> {
+        let typed = name == SYSCALL_PROGRAM;
         if self.ebpf.is_some() {
-            return Ok(self.tracepoint(name));
+            return Ok(if typed {
+                Pinnable::Typed(self.btf_program(name))
+            } else {
+                Pinnable::Raw(self.raw_program(name))
+            });
         }
         if !self.pinned_programs.contains_key(name) {
             let path = dir.join(PROGS).join(name);
-            let p = TracePoint::from_pin(&path).map_err(refused(name, "take back from its pin"))?;
+            let taken = refused(name, "take back from its pin");
+            let p = if typed {
+                DemandProgram::Typed(BtfTracePoint::from_pin(&path).map_err(taken)?)
+            } else {
+                DemandProgram::Raw(RawTracePoint::from_pin(&path).map_err(taken)?)
+            };
             self.pinned_programs.insert(name, p);
         }
-        Ok(self.pinned_programs.get_mut(name).expect("inserted above"))
+        Ok(
+            match self.pinned_programs.get_mut(name).expect("inserted above") {
+                DemandProgram::Typed(p) => Pinnable::Typed(p),
+                DemandProgram::Raw(p) => Pinnable::Raw(p),
+            },
+        )
     }
+}
+
+/// An on-demand program, borrowed to be attached.
+enum Pinnable<'a> {
+    Typed(&'a mut BtfTracePoint),
+    Raw(&'a mut RawTracePoint),
 }

@@ -15,7 +15,8 @@ pub const PIN_ROOT: &str = "/sys/fs/bpf/forkscope";
 
 /// The layout of a pin set (which programs are pinned and where their links are): a
 /// change to it changes [`object_id`], so a set of another layout is never adopted.
-const PIN_LAYOUT: &[u8] = b"pins-2: links/, progs/, syscall-links/, fault-links/";
+const PIN_LAYOUT: &[u8] =
+    b"pins-3: links/, progs/, syscall-links/ (tp_btf), fault-links/ (raw_tp), SYSCALL_FAMILIES";
 
 /// A short identity of the embedded object and the pin layout (FNV-1a of their bytes):
 /// pins made by another build are never adopted.
@@ -31,8 +32,9 @@ pub fn object_id() -> String {
 pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/forkscope-ebpf"));
 
-/// Program names in the object, with the tracepoints each one is attached to.
+/// Program names in the object.
 pub const PROGRAMS: &[&str] = &[
+    "syscall_exit",
     "sys_exit_fd_write",
     "sys_exit_fd_op",
     "sys_exit_path_op",
@@ -69,6 +71,8 @@ pub const MAPS: &[&str] = &[
     "DEFER_PASSES",
     "WRITE_RUNS",
     "EGRESS",
+    "SYSCALL_FAMILIES",
+    "SYSCALL_PASS",
 ];
 
 /// Run time (ns) and run count of every loaded program named like one of forkscope's (the

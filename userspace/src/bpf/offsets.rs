@@ -44,6 +44,12 @@ pub fn from_btf(btf: &Btf, exit_format: &str) -> Result<KernelOffsets> {
         sk_daddr: f("sock", &["__sk_common", "skc_daddr"])?,
         sk_dport: f("sock", &["__sk_common", "skc_dport"])?,
         sk_v6_daddr: f("sock", &["__sk_common", "skc_v6_daddr"]).unwrap_or(KernelOffsets::ABSENT),
+        task_thread_status: f("task_struct", &["thread_info", "status"])
+            .unwrap_or(KernelOffsets::ABSENT),
+        task_cgroups: f("task_struct", &["cgroups"])?,
+        css_set_dfl_cgrp: f("css_set", &["dfl_cgrp"])?,
+        cgroup_kn: f("cgroup", &["kn"])?,
+        kernfs_node_id: f("kernfs_node", &["id"])?,
         tp_exit_group_dead: tracepoint_field_offset(exit_format, "group_dead")
             .unwrap_or(KernelOffsets::ABSENT),
         ready: 1,
@@ -157,6 +163,8 @@ mod tests {
         assert_eq!(o.sk_daddr, 0);
         assert!(o.sk_dport > o.sk_daddr && o.sk_family > o.sk_dport);
         assert!(o.fdt_fd > o.fdt_max_fds);
+        // x86_64: thread_info leads task_struct (flags, syscall_work, then status).
+        assert_eq!(o.task_thread_status, 16);
         assert_eq!(o.ready, 1);
     }
 }

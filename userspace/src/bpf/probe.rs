@@ -4,14 +4,15 @@ use std::collections::HashMap as StdHashMap;
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf},
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError,
-        RawTracePoint, TracePoint,
+        BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr,
+        ProgramError, RawTracePoint, TracePoint,
         cgroup_skb::CgroupSkbLinkId,
         cgroup_sock_addr::CgroupSockAddrLinkId,
         links::{FdLink, PinnedLink},
         raw_trace_point::RawTracePointLinkId,
+        tp_btf::BtfTracePointLinkId,
         trace_point::TracePointLinkId,
     },
 };
@@ -20,7 +21,7 @@ use forkscope_common::{
     keys::{GENERATION_MASK, TRACK_NO_WRITE_DETAIL, VERDICT_SLOTS},
     policy::{DeferPass, NetPolicy, ProxyConfig, Redirect},
     stats::{STAT_EVENTS, STAT_LOST, STAT_PAGES_OVERFLOW, STAT_READ_ERRORS},
-    syscalls::{Family, TRACED},
+    syscalls::Family,
 };
 
 use super::{EBPF_OBJECT, offsets};
@@ -68,7 +69,7 @@ const COMPLETE: &str = "complete";
 type MapKind = fn(MapData) -> Map;
 
 /// The maps userspace uses (see [`super::MAPS`]), and how to rebuild each from a pinned copy.
-const MAPS: [(&str, MapKind); 15] = [
+const MAPS: [(&str, MapKind); 17] = [
     ("EVENTS", Map::RingBuf),
     ("TRACKED_CGROUPS", Map::HashMap),
     ("CGROUP_VERDICT", Map::Array),
@@ -84,6 +85,8 @@ const MAPS: [(&str, MapKind); 15] = [
     ("DEFER_PASSES", Map::HashMap),
     ("WRITE_RUNS", Map::Array),
     ("EGRESS", Map::PerCpuLruHashMap),
+    ("SYSCALL_FAMILIES", Map::ProgramArray),
+    ("SYSCALL_PASS", Map::PerCpuArray),
 ];
 
 /// Loaded eBPF programs and their maps. Dropping it detaches and unloads everything, except
@@ -92,53 +95,31 @@ pub struct Probe {
     /// The programs, when this instance loaded them (not when adopted from pins).
     pub(super) ebpf: Option<Ebpf>,
     maps: StdHashMap<&'static str, Map>,
-    /// Tracepoints this kernel does not have (skipped at attach; the syscall is not traced).
-    pub missing_tracepoints: Vec<String>,
     /// Attachments, by program name, so they can be detached all at once (see `detach`).
     tracepoint_links: Vec<(&'static str, TracePointLinkId)>,
     raw_links: Vec<(&'static str, RawTracePointLinkId)>,
+    btf_links: Vec<(&'static str, BtfTracePointLinkId)>,
     sock_links: Vec<(&'static str, CgroupSockAddrLinkId)>,
     skb_links: Vec<CgroupSkbLinkId>,
-    /// Syscall programs taken back from their pins (an adopted probe has no `ebpf`).
-    pub(super) pinned_programs: StdHashMap<&'static str, TracePoint>,
+    /// On-demand programs taken back from their pins (an adopted probe has no `ebpf`).
+    pub(super) pinned_programs: StdHashMap<&'static str, super::demand_hooks::DemandProgram>,
 }
 
-/// The syscall programs, attached apart from the rest (see [`super::HookSet`]).
-pub(super) const SYSCALL_PROGRAMS: &[&str] = &[
-    "sys_exit_fd_write",
-    "sys_exit_fd_op",
-    "sys_exit_path_op",
-    "sys_exit_net",
+/// The family programs the `syscall_exit` dispatcher tail-calls (never attached
+/// themselves), by [`Family`].
+const FAMILY_PROGRAMS: [(Family, &str); 4] = [
+    (Family::FdWrite, "sys_exit_fd_write"),
+    (Family::FdOp, "sys_exit_fd_op"),
+    (Family::PathOp, "sys_exit_path_op"),
+    (Family::Net, "sys_exit_net"),
 ];
 
-/// Where [`Probe::pin`] pins the syscall programs, under the pin directory.
-pub(super) const PROGS: &str = "progs";
+/// The tracepoint of the dispatcher and of the family programs it tail-calls (typed raw
+/// tracepoints: `tp_btf/sys_exit`).
+pub(super) const SYSCALL_TRACEPOINT: &str = "sys_exit";
 
-/// The (program, `sys_exit_*` tracepoint) pairs to attach on this kernel, and the
-/// tracepoints of [`TRACED`] it lacks.
-pub(super) fn syscall_tracepoints() -> (Vec<(&'static str, String)>, Vec<String>) {
-    let mut present = Vec::new();
-    let mut missing = Vec::new();
-    for &(_, tp, family) in TRACED {
-        let prog = match family {
-            Family::FdWrite => SYSCALL_PROGRAMS[0],
-            Family::FdOp => SYSCALL_PROGRAMS[1],
-            Family::PathOp => SYSCALL_PROGRAMS[2],
-            Family::Net => SYSCALL_PROGRAMS[3],
-        };
-        let event = format!("sys_exit_{tp}");
-        if std::path::Path::new(crate::sys::TRACEFS)
-            .join("events/syscalls")
-            .join(&event)
-            .exists()
-        {
-            present.push((prog, event));
-        } else {
-            missing.push(event);
-        }
-    }
-    (present, missing)
-}
+/// Where [`Probe::pin`] pins the programs attached on demand, under the pin directory.
+pub(super) const PROGS: &str = "progs";
 
 pub(super) fn refused(program: &str, what: &str) -> impl FnOnce(ProgramError) -> Error {
     let (program, what) = (program.to_string(), what.to_string());
@@ -161,6 +142,25 @@ pub(super) fn pinnable(
     })
 }
 
+/// Puts each family program into the dispatcher's program array (`SYSCALL_FAMILIES`), at
+/// its [`Family`] index. The pinned array keeps them loaded and in place for an adopting
+/// daemon.
+fn fill_families(ebpf: &Ebpf, map: &mut Map) -> Result<()> {
+    let mut families: ProgramArray<&mut MapData> =
+        ProgramArray::try_from(map).map_err(map_err("SYSCALL_FAMILIES"))?;
+    for (family, name) in FAMILY_PROGRAMS {
+        let fd = ebpf
+            .program(name)
+            .ok_or_else(|| Error::Btf(format!("program {name} missing from the embedded object")))?
+            .fd()
+            .map_err(refused(name, "take the descriptor of"))?;
+        families
+            .set(family as u32, fd, 0)
+            .map_err(map_err("SYSCALL_FAMILIES"))?;
+    }
+    Ok(())
+}
+
 fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> Error {
     move |source| Error::Map {
         name,
@@ -181,6 +181,9 @@ impl Probe {
             .map_max_entries("EVENTS", opts.ring_bytes)
             .map_max_entries("DIRTY_PAGES", opts.dirty_page_capacity)
             .load(EBPF_OBJECT)?;
+        // The syscall programs are typed raw tracepoints: the kernel's BTF names their hook.
+        let btf = aya::Btf::from_sys_fs()
+            .map_err(|e| Error::Btf(format!("{}: {e}", crate::sys::VMLINUX_BTF)))?;
         for name in super::PROGRAMS {
             let prog = ebpf.program_mut(name).ok_or_else(|| {
                 Error::Btf(format!("program {name} missing from the embedded object"))
@@ -188,6 +191,7 @@ impl Probe {
             match prog {
                 aya::programs::Program::TracePoint(p) => p.load(),
                 aya::programs::Program::RawTracePoint(p) => p.load(),
+                aya::programs::Program::BtfTracePoint(p) => p.load(SYSCALL_TRACEPOINT, &btf),
                 aya::programs::Program::CgroupSockAddr(p) => p.load(),
                 aya::programs::Program::CgroupSkb(p) => p.load(),
                 _ => unreachable!("forkscope builds tracepoint, socket-address and skb programs"),
@@ -201,12 +205,16 @@ impl Probe {
             })?;
             maps.insert(name, map);
         }
+        fill_families(
+            &ebpf,
+            maps.get_mut("SYSCALL_FAMILIES").expect("taken above"),
+        )?;
         Ok(Self {
             ebpf: Some(ebpf),
             maps,
-            missing_tracepoints: Vec::new(),
             tracepoint_links: Vec::new(),
             raw_links: Vec::new(),
+            btf_links: Vec::new(),
             sock_links: Vec::new(),
             skb_links: Vec::new(),
             pinned_programs: StdHashMap::new(),
@@ -239,7 +247,10 @@ impl Probe {
             .iter()
             .chain(super::HookSet::PageFaults.programs());
         for &prog in on_demand {
-            self.tracepoint(prog)
+            self.ebpf
+                .as_mut()
+                .and_then(|e| e.program_mut(prog))
+                .expect("on-demand program")
                 .pin(dir.join(PROGS).join(prog))
                 .map_err(pin_err(format!("program {prog}")))?;
         }
@@ -252,13 +263,18 @@ impl Probe {
             links.push(pinnable(prog, FdLink::try_from(link))?);
         }
         for (prog, id) in std::mem::take(&mut self.raw_links) {
-            let raw: &mut RawTracePoint = self
-                .ebpf
-                .as_mut()
-                .and_then(|e| e.program_mut(prog))
-                .and_then(|p| p.try_into().ok())
-                .expect("raw tracepoint program");
-            links.push(raw.take_link(id).map_err(refused(prog, "pin"))?.into());
+            let link = self
+                .raw_program(prog)
+                .take_link(id)
+                .map_err(refused(prog, "pin"))?;
+            links.push(link.into());
+        }
+        for (prog, id) in std::mem::take(&mut self.btf_links) {
+            let link = self
+                .btf_program(prog)
+                .take_link(id)
+                .map_err(refused(prog, "pin"))?;
+            links.push(link.into());
         }
         for (prog, id) in std::mem::take(&mut self.sock_links) {
             let link = self
@@ -306,9 +322,9 @@ impl Probe {
         Ok(Some(Self {
             ebpf: None,
             maps,
-            missing_tracepoints: Vec::new(),
             tracepoint_links: Vec::new(),
             raw_links: Vec::new(),
+            btf_links: Vec::new(),
             sock_links: Vec::new(),
             skb_links: Vec::new(),
             pinned_programs: StdHashMap::new(),
@@ -322,6 +338,26 @@ impl Probe {
             .and_then(|e| e.program_mut(name))
             .and_then(|p| p.try_into().ok())
             .expect("tracepoint program");
+        p
+    }
+
+    pub(super) fn raw_program(&mut self, name: &str) -> &mut RawTracePoint {
+        let p: &mut RawTracePoint = self
+            .ebpf
+            .as_mut()
+            .and_then(|e| e.program_mut(name))
+            .and_then(|p| p.try_into().ok())
+            .expect("raw tracepoint program");
+        p
+    }
+
+    pub(super) fn btf_program(&mut self, name: &str) -> &mut BtfTracePoint {
+        let p: &mut BtfTracePoint = self
+            .ebpf
+            .as_mut()
+            .and_then(|e| e.program_mut(name))
+            .and_then(|p| p.try_into().ok())
+            .expect("typed raw tracepoint program");
         p
     }
 
@@ -361,20 +397,23 @@ impl Probe {
         self.attach_base()
     }
 
-    /// Attaches `set`'s programs, unpinned (detached with the probe); syscall tracepoints
-    /// this kernel lacks are recorded in `missing_tracepoints`. While the syscall programs
-    /// are attached, every task on the host takes the kernel's slower syscall path.
+    /// Attaches `set`'s programs, unpinned (detached with the probe). While the syscall
+    /// program is attached, every task on the host takes the kernel's slower syscall path.
     fn attach_set(&mut self, set: super::HookSet) -> Result<()> {
-        let (present, missing) = set.attachments();
-        if set == super::HookSet::Syscalls {
-            self.missing_tracepoints = missing;
-        }
-        for (prog, category, event) in present {
-            let id = self
-                .tracepoint(prog)
-                .attach(category, &event)
-                .map_err(refused(prog, &event))?;
-            self.tracepoint_links.push((prog, id));
+        for &(prog, tracepoint) in set.attachments() {
+            if set == super::HookSet::Syscalls {
+                let id = self
+                    .btf_program(prog)
+                    .attach()
+                    .map_err(refused(prog, tracepoint))?;
+                self.btf_links.push((prog, id));
+            } else {
+                let id = self
+                    .raw_program(prog)
+                    .attach(tracepoint)
+                    .map_err(refused(prog, tracepoint))?;
+                self.raw_links.push((prog, id));
+            }
         }
         Ok(())
     }
@@ -394,13 +433,8 @@ impl Probe {
                 .map_err(refused(prog, event))?;
             self.tracepoint_links.push((prog, id));
         }
-        let fork: &mut RawTracePoint = self
-            .ebpf
-            .as_mut()
-            .and_then(|e| e.program_mut("process_fork"))
-            .and_then(|p| p.try_into().ok())
-            .expect("raw tracepoint program");
-        let id = fork
+        let id = self
+            .raw_program("process_fork")
             .attach("sched_process_fork")
             .map_err(refused("process_fork", "attach"))?;
         self.raw_links.push(("process_fork", id));
@@ -443,12 +477,12 @@ impl Probe {
             }
         }
         for (prog, id) in std::mem::take(&mut self.raw_links) {
-            let raw: Option<&mut RawTracePoint> = self
-                .ebpf
-                .as_mut()
-                .and_then(|e| e.program_mut(prog))
-                .and_then(|p| p.try_into().ok());
-            if let Some(Ok(link)) = raw.map(|p| p.take_link(id)) {
+            if let Ok(link) = self.raw_program(prog).take_link(id) {
+                owned.push(Box::new(link));
+            }
+        }
+        for (prog, id) in std::mem::take(&mut self.btf_links) {
+            if let Ok(link) = self.btf_program(prog).take_link(id) {
                 owned.push(Box::new(link));
             }
         }
