@@ -151,31 +151,34 @@ fn merged_records_carry_every_byte_once_and_tile_the_file() {
 }
 
 #[test]
-fn sends_on_two_connections_one_after_the_other_go_to_their_own_peers() {
+fn sends_on_connections_one_after_the_other_go_to_their_own_peers() {
     require_root();
     let dir = TempDir::new("runs-conns");
-    // A server thread sends on a connection, closes it and sends on the next one: the kernel
-    // may give the second connection the first one's freed `struct file`; the run must not
-    // carry over.
+    // A server thread sends on a connection, closes it and, a while later (longer than an
+    // RCU grace period, after which the kernel frees the socket's inode), sends on the
+    // next one: the kernel may give the next connection the previous one's freed
+    // `struct file` and `struct inode` memory; the run must not carry over.
     let script = r#"
-import socket, threading
+import socket, threading, time
+N = 4
 srv = socket.socket()
 srv.bind(("127.0.0.1", 0))
 srv.listen()
 port = srv.getsockname()[1]
 def client():
-    for _ in range(2):
+    for _ in range(N):
         c = socket.create_connection(("127.0.0.1", port))
         while c.recv(65536):
             pass
         c.close()
 t = threading.Thread(target=client)
 t.start()
-for _ in range(2):
+for _ in range(N):
     conn, _ = srv.accept()
     for _ in range(20):
         conn.send(b"s" * 64)
     conn.close()
+    time.sleep(0.2)
 t.join()
 "#;
     let run = trace(dir.path(), &[], &["python3", "-c", script]);
@@ -188,7 +191,7 @@ t.join()
     {
         *per_port.entry(e["port"].as_u64().unwrap()).or_default() += e["bytes"].as_u64().unwrap();
     }
-    assert_eq!(per_port.len(), 2, "two peers: {per_port:?}");
+    assert_eq!(per_port.len(), 4, "four peers: {per_port:?}");
     assert!(per_port.values().all(|&b| b == 20 * 64), "{per_port:?}");
 }
 

@@ -10,7 +10,7 @@ use forkscope_common::{EventKind, FdEvent, event::file_type, syscalls::*};
 use crate::{
     config,
     emit::{header, send},
-    kernel::{SysExit, file_info, file_pos_inode, read_user, socket_peer, sys_exit},
+    kernel::{SysExit, file_info, file_pos_inode, inode_number, read_user, socket_peer, sys_exit},
     write_run,
 };
 
@@ -56,7 +56,14 @@ fn try_fd_write(ctx: &BtfTracePointContext) -> Option<()> {
         } else {
             -1
         };
-        if write_run::extend(pid_tgid, file, inode, start, ret) {
+        if write_run::extend(
+            pid_tgid,
+            file,
+            inode,
+            || inode_number(&o, inode),
+            start,
+            ret,
+        ) {
             return Some(());
         }
     }

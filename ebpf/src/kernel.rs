@@ -258,8 +258,6 @@ fn field<T: Copy, const N: usize>(chunk: &[u8; N], base: u64, off: u32) -> Optio
     }
 }
 
-/// Bytes of `struct fdtable` read at once (max_fds and fd are its first fields).
-pub const FDT_CHUNK: usize = 16;
 /// Bytes of `struct file` read at once (private_data, f_inode, f_flags, f_pos on 6.x).
 pub const FILE_CHUNK: usize = 128;
 /// Bytes of `struct inode` read at once (i_mode, i_sb, i_ino on 6.x).
@@ -268,7 +266,6 @@ pub const INODE_CHUNK: usize = 80;
 /// Per-CPU buffers for chunked reads of kernel structures (see [`read_chunk`]).
 #[repr(C)]
 pub struct Scratch {
-    pub fdt: [u8; FDT_CHUNK],
     pub file: [u8; FILE_CHUNK],
     pub inode: [u8; INODE_CHUNK],
 }
@@ -334,6 +331,12 @@ pub fn file_pos_inode(o: &KernelOffsets, file: u64) -> (i64, u64) {
     let pos = field::<i64, FILE_CHUNK>(f, file, o.file_pos).unwrap_or(-1);
     let inode = field::<u64, FILE_CHUNK>(f, file, o.file_inode).unwrap_or(0);
     (pos, inode)
+}
+
+/// The inode number of the `struct inode *` `inode` (0 when unreadable).
+#[inline(always)]
+pub fn inode_number(o: &KernelOffsets, inode: u64) -> u64 {
+    read::<u64>(inode, o.inode_ino).unwrap_or(0)
 }
 
 /// A socket's peer: family, port (host order), address bytes.

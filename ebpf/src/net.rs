@@ -11,7 +11,8 @@ use crate::{
     config,
     emit::{header, send},
     kernel::{
-        Peer, SysExit, file_info, file_pos_inode, read_user, socket_peer, sys_exit, user_sockaddr,
+        Peer, SysExit, file_info, file_pos_inode, inode_number, read_user, socket_peer, sys_exit,
+        user_sockaddr,
     },
     write_run,
 };
@@ -49,10 +50,10 @@ fn try_net(ctx: &BtfTracePointContext) -> Option<()> {
             SYS_SENDMSG => read_user::<u64>(a[1]).unwrap_or(0) == 0,
             _ => false,
         };
-    if unaddressed
-        && write_run::merging()
-        && write_run::extend(pid_tgid, file, file_pos_inode(&o, file).1, -1, ret)
-    {
+    if unaddressed && write_run::merging() && {
+        let inode = file_pos_inode(&o, file).1;
+        write_run::extend(pid_tgid, file, inode, || inode_number(&o, inode), -1, ret)
+    } {
         return Some(());
     }
     let info = file_info(&o, file);

@@ -40,9 +40,9 @@ pub fn syscall_exit(ctx: BtfTracePointContext) -> i32 {
     let Some(pass) = SYSCALL_PASS.get_ptr_mut(0) else {
         return 0;
     };
-    // SAFETY: this CPU's slot of a live per-CPU array; the program runs with migration
-    // disabled, and only the tail-called family program reads it, on this CPU, before
-    // anything else can run the dispatcher here.
+    // SAFETY: this CPU's slot of a live per-CPU array. The kernel runs BPF programs on the
+    // syscall tracepoints with preemption disabled (as SCRATCH also needs), so nothing else
+    // runs the dispatcher on this CPU before the tail-called family program has read it.
     unsafe { *pass = kernel::syscall_pass(task, cgroup, &o) };
     // SAFETY: a tail call with this program's own context; a missing entry just returns.
     unsafe { SYSCALL_FAMILIES.tail_call(&ctx, family as u32) };

@@ -75,11 +75,22 @@ fn owner_cas(run: *mut WriteRun, old: u64, new: u64) -> bool {
 
 /// Adds a write of `bytes` starting at `start` (regular files) on `file` (whose
 /// `struct inode *` is `inode`) to the run of thread `pid_tgid` if it continues it; true
-/// when that is all there is to do. The inode is part of the identity: a `struct file`
-/// closed and freed can be reused at once for another file or connection, which the run
-/// must not absorb.
+/// when that is all there is to do. The identity is the `struct file` and its inode: a
+/// `struct file` closed and freed can be reused at once for another file or connection,
+/// which the run must not absorb. For a regular file the inode pointer and the offset tell
+/// (an inode is freed only once no file uses it and the cache evicts it, and another file's
+/// writes would have to start at this run's next offset). A socket has no offset and its
+/// inode is freed with it, one grace period after the close, to be reused by the next
+/// socket: there `inode_number` (read only then) must also be the run's.
 #[inline(always)]
-pub fn extend(pid_tgid: u64, file: u64, inode: u64, start: i64, bytes: i64) -> bool {
+pub fn extend(
+    pid_tgid: u64,
+    file: u64,
+    inode: u64,
+    inode_number: impl FnOnce() -> u64,
+    start: i64,
+    bytes: i64,
+) -> bool {
     if file == 0 || bytes <= 0 || !merging() {
         return false;
     }
@@ -93,7 +104,11 @@ pub fn extend(pid_tgid: u64, file: u64, inode: u64, start: i64, bytes: i64) -> b
             return false;
         }
         let regular = (*run).first.file_type == file_type::REG;
-        if regular && start != (*run).next {
+        if regular {
+            if start != (*run).next {
+                return false;
+            }
+        } else if inode_number() != (*run).first.ino {
             return false;
         }
         let (calls, pending_bytes) = pending_counts(core::ptr::read_volatile(&(*run).pending));
