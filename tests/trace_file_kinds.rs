@@ -161,3 +161,49 @@ fn reflink_clones_are_reported() {
     assert!(clone.is_some(), "no file_clone of {b}: {:?}", run.events);
     assert_eq!(clone.unwrap()["syscall"], "ioctl");
 }
+
+/// A 32-bit syscall (`int $0x80`, numbered in the i386 table) is not read as the x86_64
+/// syscall of the same number: i386 20 is getpid, x86_64 20 is writev, and with the
+/// descriptor of a traced file in `rdi` a decoder that ignored the difference would report
+/// a write of "pid" bytes to it. The kernel's own syscall tracepoints skip such calls too.
+#[test]
+fn a_32_bit_syscall_is_not_taken_for_the_64_bit_one_of_the_same_number() {
+    require_root();
+    let dir = TempDir::new("compat");
+    let script = r#"
+import ctypes, mmap, os
+fd = os.open("target.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+os.write(fd, b"x")
+# mov eax, 20; int 0x80; ret: the descriptor, the first argument, is in rdi.
+code = bytes([0xB8, 20, 0, 0, 0, 0xCD, 0x80, 0xC3])
+m = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+m.write(code)
+call = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_long)(ctypes.addressof(ctypes.c_char.from_buffer(m)))
+with open("result", "w") as f:
+    f.write(f"{call(fd)} {os.getpid()}")
+"#;
+    let untraced = std::process::Command::new("python3")
+        .args(["-c", script])
+        .current_dir(dir.path())
+        .status()
+        .expect("python3");
+    if !untraced.success() {
+        eprintln!("skipped: this kernel runs no 32-bit syscalls (ia32 emulation is off)");
+        return;
+    }
+    let run = trace(dir.path(), &[], &["python3", "-c", script]);
+    assert_eq!(run.code(), Some(0), "{}", run.stderr());
+    let result = std::fs::read_to_string(dir.path().join("result")).unwrap();
+    let (got, pid) = result.split_once(' ').unwrap();
+    assert_eq!(got, pid, "the int 0x80 was the i386 getpid");
+    let writes: Vec<&Value> = run
+        .of_kind("file_write")
+        .filter(|e| {
+            e["path"]
+                .as_str()
+                .is_some_and(|p| p.ends_with("/target.txt"))
+        })
+        .collect();
+    assert_eq!(writes.len(), 1, "only the native write: {writes:?}");
+    assert_eq!(writes[0]["bytes"], 1);
+}
