@@ -308,3 +308,41 @@ try_("clone_newns", 56, 0x00020000 | 17, 0, 0, 0, 0)
     assert_eq!(code, 0, "{out}");
     assert_eq!(out, "\nchild\n1\n");
 }
+
+/// The filter is for x86_64 syscalls: a 32-bit one (`int $0x80`, i386 numbering: 310 is
+/// unshare there, and 21 mount) must not slip past it. The process is killed (SIGSYS) or
+/// the call fails; it never runs.
+#[test]
+fn a_32_bit_syscall_does_not_slip_past_the_filter() {
+    let b = branch("seccomp-i386");
+    // push rbx; mov eax, 310; mov ebx, 0x20000 (CLONE_NEWNS); int 0x80; pop rbx; ret
+    let probe = r#"
+import ctypes, mmap, os
+before = os.readlink("/proc/self/ns/mnt")
+code = bytes([0x53, 0xB8, 0x36, 0x01, 0, 0, 0xBB, 0, 0, 0x02, 0, 0xCD, 0x80, 0x5B, 0xC3])
+m = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+m.write(code)
+r = ctypes.CFUNCTYPE(ctypes.c_long)(ctypes.addressof(ctypes.c_char.from_buffer(m)))()
+print("returned", r, before == os.readlink("/proc/self/ns/mnt"))
+"#;
+    let (code, out) = sh(&b, &format!("python3 -c '{probe}'; echo status $?"));
+    assert_eq!(code, 0, "{out}");
+    let killed = out.contains("status 159"); // 128 + SIGSYS
+    let refused = out.lines().any(|l| {
+        l.strip_prefix("returned ")
+            .and_then(|r| r.split_once(' '))
+            .is_some_and(|(ret, same)| ret.starts_with('-') && same == "True")
+    });
+    assert!(
+        killed || refused,
+        "an i386 unshare from inside a branch must be killed or refused: {out}"
+    );
+    eprintln!(
+        "i386 unshare in a branch: {}",
+        if killed {
+            "killed by SIGSYS"
+        } else {
+            "refused"
+        }
+    );
+}
