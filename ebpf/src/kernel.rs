@@ -103,14 +103,8 @@ pub fn syscall_pass(task: *const u8, cgroup: u64, o: &KernelOffsets) -> SyscallP
 /// `task`'s descriptor table: `files->fdt->fd` and `max_fds`, with plain loads.
 #[inline(always)]
 fn fd_table(task: *const u8, o: &KernelOffsets) -> Option<(u64, u32)> {
-    let files: *const u8 = load(task, o.task_files);
-    if files.is_null() {
-        return None;
-    }
-    let fdt: *const u8 = load(files, o.files_fdt);
-    if fdt.is_null() {
-        return None;
-    }
+    let files = load_ptr(task, o.task_files)?;
+    let fdt = load_ptr(files, o.files_fdt)?;
     // `struct file **`: the verifier gives a plain number for it, read through a helper.
     Some((load(fdt, o.fdt_fd), load(fdt, o.fdt_max_fds)))
 }
@@ -144,23 +138,22 @@ fn load<T>(base: *const u8, off: u32) -> T {
     unsafe { core::ptr::read_volatile(base.add(off as usize).cast::<T>()) }
 }
 
+/// A pointer member at `off` of the typed kernel object `base` (typed again), or `None`
+/// when it is null.
+#[inline(always)]
+fn load_ptr(base: *const u8, off: u32) -> Option<*const u8> {
+    let p: *const u8 = load(base, off);
+    (!p.is_null()).then_some(p)
+}
+
 /// The id of `task`'s cgroup on the unified hierarchy (`task->cgroups->dfl_cgrp->kn->id`,
 /// what `bpf_get_current_cgroup_id` returns), with plain loads.
 #[inline(always)]
 pub fn task_cgroup_id(task: *const u8) -> Option<u64> {
     let o = crate::config::ready_offsets()?;
-    let css_set: *const u8 = load(task, o.task_cgroups);
-    if css_set.is_null() {
-        return None;
-    }
-    let cgroup: *const u8 = load(css_set, o.css_set_dfl_cgrp);
-    if cgroup.is_null() {
-        return None;
-    }
-    let kn: *const u8 = load(cgroup, o.cgroup_kn);
-    if kn.is_null() {
-        return None;
-    }
+    let css_set = load_ptr(task, o.task_cgroups)?;
+    let cgroup = load_ptr(css_set, o.css_set_dfl_cgrp)?;
+    let kn = load_ptr(cgroup, o.cgroup_kn)?;
     Some(load(kn, o.kernfs_node_id))
 }
 
