@@ -21,7 +21,9 @@ pub enum Family {
 pub const FAMILY_COUNT: u32 = 4;
 
 /// What the `syscall_exit` dispatcher hands the family program it tail-calls, through a
-/// per-CPU slot (`SYSCALL_PASS`): found once, not again by each family.
+/// per-CPU slot (`SYSCALL_PASS`): found once with plain loads, so the hot families (writes
+/// and sends) need not walk the task again (the rarer ones still look up the descriptors of
+/// a path operation themselves).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SyscallPass {

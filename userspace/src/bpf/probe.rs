@@ -194,7 +194,10 @@ impl Probe {
                 aya::programs::Program::BtfTracePoint(p) => p.load(SYSCALL_TRACEPOINT, &btf),
                 aya::programs::Program::CgroupSockAddr(p) => p.load(),
                 aya::programs::Program::CgroupSkb(p) => p.load(),
-                _ => unreachable!("forkscope builds tracepoint, socket-address and skb programs"),
+                _ => unreachable!(
+                    "forkscope builds tracepoint, raw and typed raw tracepoint, socket-address \
+                     and skb programs"
+                ),
             }
             .map_err(refused(name, "load"))?;
         }
@@ -466,9 +469,9 @@ impl Probe {
         Ok(())
     }
 
-    /// Detaches every program. Each detach waits for an RCU grace period in the kernel
-    /// (tens of milliseconds); done one after another, 60 of them take seconds, so they are
-    /// done from parallel threads, which share grace periods.
+    /// Detaches every program (a dozen links), from parallel threads: a link whose release
+    /// waits in the kernel (a tracepoint's, for an RCU grace period) does not hold up the
+    /// others.
     pub fn detach(&mut self) {
         let mut owned: Vec<Box<dyn Send>> = Vec::new();
         for (prog, id) in std::mem::take(&mut self.tracepoint_links) {
