@@ -45,8 +45,12 @@ fn verdict() -> (u64, u64) {
 /// plain loads instead of a helper call: the syscall dispatcher's test, which every syscall
 /// on the host pays while it is attached.
 #[inline(always)]
-pub fn task_tracked_as(task: *const u8, want: u64) -> Option<u64> {
-    let cg = crate::kernel::task_cgroup_id(task)?;
+pub fn task_tracked_as(
+    task: *const u8,
+    o: &forkscope_common::KernelOffsets,
+    want: u64,
+) -> Option<u64> {
+    let cg = crate::kernel::task_cgroup_id(task, o)?;
     (verdict_of(cg) == want).then_some(cg)
 }
 

@@ -78,12 +78,17 @@ impl SysExit {
     /// dispatcher found the table).
     #[inline(always)]
     pub fn fd_file(&self, fd: i64) -> u64 {
-        let (array, max) = self.fds;
-        if !(0..max as i64).contains(&fd) {
-            return 0;
-        }
-        read::<u64>(array, (fd as u32) * 8).unwrap_or(0)
+        slot_file(self.fds, fd)
     }
+}
+
+/// The `struct file *` in slot `fd` of a descriptor table (array address, slots), or 0.
+#[inline(always)]
+fn slot_file((array, max): (u64, u32), fd: i64) -> u64 {
+    if !(0..max as i64).contains(&fd) {
+        return 0;
+    }
+    read::<u64>(array, (fd as u32) * 8).unwrap_or(0)
 }
 
 /// What the dispatcher hands a family program about the typed current task `task`: its
@@ -149,8 +154,7 @@ fn load_ptr(base: *const u8, off: u32) -> Option<*const u8> {
 /// The id of `task`'s cgroup on the unified hierarchy (`task->cgroups->dfl_cgrp->kn->id`,
 /// what `bpf_get_current_cgroup_id` returns), with plain loads.
 #[inline(always)]
-pub fn task_cgroup_id(task: *const u8) -> Option<u64> {
-    let o = crate::config::ready_offsets()?;
+pub fn task_cgroup_id(task: *const u8, o: &KernelOffsets) -> Option<u64> {
     let css_set = load_ptr(task, o.task_cgroups)?;
     let cgroup = load_ptr(css_set, o.css_set_dfl_cgrp)?;
     let kn = load_ptr(cgroup, o.cgroup_kn)?;
@@ -170,8 +174,7 @@ pub fn task_pid_tgid(task: *const u8, o: &KernelOffsets) -> u64 {
 /// table, which forkscope does not trace: neither do the kernel's `syscalls:*`
 /// tracepoints).
 #[inline(always)]
-pub fn in_compat_syscall(task: *const u8) -> bool {
-    let o = crate::config::offsets();
+pub fn in_compat_syscall(task: *const u8, o: &KernelOffsets) -> bool {
     if o.task_thread_status == KernelOffsets::ABSENT {
         return false;
     }
@@ -267,13 +270,7 @@ pub struct Scratch {
 /// its table with plain loads, then one read of the descriptor's slot.
 #[inline(always)]
 pub fn fd_file(task: *const u8, o: &KernelOffsets, fd: i64) -> u64 {
-    let Some((array, max)) = fd_table(task, o) else {
-        return 0;
-    };
-    if !(0..max as i64).contains(&fd) {
-        return 0;
-    }
-    read::<u64>(array, (fd as u32) * 8).unwrap_or(0)
+    fd_table(task, o).map_or(0, |table| slot_file(table, fd))
 }
 
 /// What the eBPF programs need to know about an open file.

@@ -24,19 +24,19 @@ use crate::{
 
 #[btf_tracepoint(function = "sys_exit")]
 pub fn syscall_exit(ctx: BtfTracePointContext) -> i32 {
+    let Some(o) = config::ready_offsets() else {
+        return 0;
+    };
     let task = kernel::task_btf();
-    let Some(cgroup) = cgroup::task_tracked_as(task, TRACED) else {
+    let Some(cgroup) = cgroup::task_tracked_as(task, &o, TRACED) else {
         return 0;
     };
     let Some(family) = kernel::syscall_nr(&ctx).and_then(family_of) else {
         return 0;
     };
-    if kernel::in_compat_syscall(task) {
+    if kernel::in_compat_syscall(task, &o) {
         return 0;
     }
-    let Some(o) = config::ready_offsets() else {
-        return 0;
-    };
     let Some(pass) = SYSCALL_PASS.get_ptr_mut(0) else {
         return 0;
     };

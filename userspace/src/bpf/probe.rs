@@ -334,54 +334,36 @@ impl Probe {
         }))
     }
 
-    pub(super) fn tracepoint(&mut self, name: &str) -> &mut TracePoint {
-        let p: &mut TracePoint = self
-            .ebpf
+    /// Loaded program `name` as its type `P` (only for a probe that loaded the object).
+    fn program_as<P>(&mut self, name: &str) -> &mut P
+    where
+        for<'a> &'a mut P: TryFrom<&'a mut aya::programs::Program>,
+    {
+        self.ebpf
             .as_mut()
             .and_then(|e| e.program_mut(name))
             .and_then(|p| p.try_into().ok())
-            .expect("tracepoint program");
-        p
+            .unwrap_or_else(|| panic!("program {name} of the expected type in the loaded object"))
+    }
+
+    pub(super) fn tracepoint(&mut self, name: &str) -> &mut TracePoint {
+        self.program_as(name)
     }
 
     pub(super) fn raw_program(&mut self, name: &str) -> &mut RawTracePoint {
-        let p: &mut RawTracePoint = self
-            .ebpf
-            .as_mut()
-            .and_then(|e| e.program_mut(name))
-            .and_then(|p| p.try_into().ok())
-            .expect("raw tracepoint program");
-        p
+        self.program_as(name)
     }
 
     pub(super) fn btf_program(&mut self, name: &str) -> &mut BtfTracePoint {
-        let p: &mut BtfTracePoint = self
-            .ebpf
-            .as_mut()
-            .and_then(|e| e.program_mut(name))
-            .and_then(|p| p.try_into().ok())
-            .expect("typed raw tracepoint program");
-        p
+        self.program_as(name)
     }
 
     fn sock_program(&mut self, name: &str) -> &mut CgroupSockAddr {
-        let p: &mut CgroupSockAddr = self
-            .ebpf
-            .as_mut()
-            .and_then(|e| e.program_mut(name))
-            .and_then(|p| p.try_into().ok())
-            .expect("socket-address program");
-        p
+        self.program_as(name)
     }
 
     fn skb_program(&mut self) -> &mut CgroupSkb {
-        let p: &mut CgroupSkb = self
-            .ebpf
-            .as_mut()
-            .and_then(|e| e.program_mut("egress"))
-            .and_then(|p| p.try_into().ok())
-            .expect("cgroup_skb program");
-        p
+        self.program_as("egress")
     }
 
     fn map(&self, name: &'static str) -> &Map {

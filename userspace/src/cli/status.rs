@@ -32,21 +32,25 @@ pub fn run(args: StatusArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
                 "tracing branches: {} events, {} lost, {} from no live branch",
                 t["events"], t["lost"], t["unattributed"]
             );
-            println!(
-                "{}",
-                if t["syscall_programs_attached"].as_bool() == Some(true) {
-                    "syscall programs attached: a branch asks for per-write detail (every process on the host pays for them)"
-                } else {
-                    "syscall programs detached: no branch asks for per-write detail"
-                }
+            let attached = |key: &str, yes: &'static str, no: &'static str| {
+                println!(
+                    "{}",
+                    if t[key].as_bool() == Some(true) {
+                        yes
+                    } else {
+                        no
+                    }
+                );
+            };
+            attached(
+                "syscall_programs_attached",
+                "syscall programs attached: a branch asks for per-write detail (every process on the host pays for them)",
+                "syscall programs detached: no branch asks for per-write detail",
             );
-            println!(
-                "{}",
-                if t["page_fault_programs_attached"].as_bool() == Some(true) {
-                    "page-fault programs attached: branches are traced (every page fault on the host runs them)"
-                } else {
-                    "page-fault programs detached: no branch is traced"
-                }
+            attached(
+                "page_fault_programs_attached",
+                "page-fault programs attached: branches are traced (every page fault on the host runs them)",
+                "page-fault programs detached: no branch is traced",
             );
         }
         None => println!("not tracing branches (daemon started with --no-trace)"),
