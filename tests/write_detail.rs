@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use forkscope_tests::{TempDir, daemon::Daemon, parse_jsonl, require_root};
+use forkscope_tests::{TempDir, daemon::Daemon, lossy::LossyListener, parse_jsonl, require_root};
 use serde_json::Value;
 
 fn workspace(dir: &Path) -> PathBuf {
@@ -327,32 +327,6 @@ fn a_restarted_daemon_keeps_or_drops_the_syscall_programs_as_its_branches_need()
     drop(d);
 }
 
-/// A loopback TCP listener that counts what each connection sends; the totals arrive on
-/// the channel, one per connection.
-fn counting_listener() -> (u16, std::sync::mpsc::Receiver<u64>) {
-    use std::io::Read;
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for c in l.incoming() {
-            let Ok(mut c) = c else { return };
-            let mut buf = vec![0u8; 1 << 16];
-            let mut n = 0u64;
-            while let Ok(k) = c.read(&mut buf) {
-                if k == 0 {
-                    break;
-                }
-                n += k as u64;
-            }
-            if tx.send(n).is_err() {
-                return;
-            }
-        }
-    });
-    (port, rx)
-}
-
 /// Bytes sent per "addr:port" in a branch's trace.
 fn sent(events: &[Value]) -> std::collections::BTreeMap<String, u64> {
     let mut out = std::collections::BTreeMap::new();
@@ -369,14 +343,20 @@ fn a_branch_without_per_write_detail_has_its_connections_and_bytes_sent_per_dest
     let dir = TempDir::new("write-detail-net");
     let ws = workspace(dir.path());
     let d = Daemon::start(dir.path());
-    let (tcp, got) = counting_listener();
+    // The listener drops some packets on arrival: the branches' TCP segments leave again,
+    // and a retransmission must not count as bytes sent twice.
+    let (listener, got) = LossyListener::start();
+    let tcp = listener.port;
     // A UDP port nobody listens on: the datagrams still leave the socket.
     let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let udp_port = udp.local_addr().unwrap().port();
     let script = format!(
-        "import socket\n\
+        "import socket, struct\n\
          s = socket.create_connection(('127.0.0.1', {tcp}))\n\
          for i in range(300): s.sendall(b'x' * (1000 + i))\n\
+         s.shutdown(socket.SHUT_WR)\n\
+         s.recv(1)\n\
+         print(struct.unpack_from('I', s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104), 100)[0])\n\
          s.close()\n\
          u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
          for i in range(20): u.sendto(b'y' * 333, ('127.0.0.1', {udp_port}))\n"
@@ -384,7 +364,16 @@ fn a_branch_without_per_write_detail_has_its_connections_and_bytes_sent_per_dest
     let want_tcp: u64 = (0..300).map(|i| 1000 + i).sum();
     for (name, detail) in [("quiet", "off"), ("loud", "on")] {
         run_sleeping_with(&d, name, &ws, detail);
-        d.ok(&["exec", name, "--", "python3", "-c", &script]);
+        // (tcpi_total_retrans, once the listener has read everything and closed.)
+        let retransmitted: u64 = d
+            .ok(&["exec", name, "--", "python3", "-c", &script])
+            .trim()
+            .parse()
+            .expect("the client prints its retransmission count");
+        assert!(
+            retransmitted > 0,
+            "{name}: the lossy listener made the client retransmit (total_retrans {retransmitted})"
+        );
         assert_eq!(
             got.recv_timeout(Duration::from_secs(10)).unwrap(),
             want_tcp,
@@ -453,4 +442,5 @@ fn a_branch_without_per_write_detail_has_its_connections_and_bytes_sent_per_dest
         "nothing written twice across a restart"
     );
     drop(udp);
+    drop(listener);
 }

@@ -25,10 +25,11 @@ crate::assert_size!(EgressKey, 32);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EgressCount {
-    /// Transport payload bytes (IP packet length less the IP and TCP/UDP headers).
-    /// Retransmitted TCP segments count again.
+    /// Transport payload bytes (IP packet length less the IP and TCP/UDP headers), each
+    /// TCP byte once: a retransmitted segment adds only bytes its socket had not sent.
     pub bytes: u64,
-    /// Packets with a payload (a TCP segmentation-offload packet counts once).
+    /// Packets that carried bytes counted in `bytes` (a TCP segmentation-offload packet
+    /// counts once; a retransmission of bytes already counted, not at all).
     pub packets: u64,
 }
 crate::assert_size!(EgressCount, 16);

@@ -2,13 +2,16 @@
 //! egress program on forkscope's parent cgroup (so it runs for the branches' packets only,
 //! never for the rest of the host) adds each packet's transport payload to `EGRESS`, keyed
 //! by the registered cgroup the sending socket belongs to and the destination. Branches
-//! with per-write detail are skipped: their sends come from the syscall programs.
+//! with per-write detail are skipped: their sends come from the syscall programs. A TCP
+//! segment counts only its bytes past what its socket already sent (`TCP_SENT`), so a
+//! retransmission adds nothing: the count is what the program sent, as a trace of its
+//! syscalls would have it.
 
 use core::intrinsics::{AtomicOrdering::Relaxed, atomic_xadd};
 
 use aya_ebpf::{
     bindings::{__sk_buff, BPF_NOEXIST},
-    helpers::{bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id},
+    helpers::{bpf_get_socket_cookie, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id},
     macros::cgroup_skb,
     programs::SkBuffContext,
 };
@@ -19,13 +22,15 @@ use forkscope_common::{
 
 use crate::{
     kernel::{AF_INET, AF_INET6},
-    maps::{EGRESS, TRACKED_CGROUPS},
+    maps::{EGRESS, TCP_SENT, TRACKED_CGROUPS},
 };
 
 /// Let the packet go (the program only counts).
 const PASS: i32 = 1;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
+/// The SYN flag in the TCP header's flags byte (it takes one sequence number).
+const TCP_SYN: u8 = 0x02;
 /// Deepest cgroup nesting looked at for the registered cgroup.
 const MAX_DEPTH: i32 = 8;
 
@@ -65,11 +70,15 @@ fn count(ctx: &SkBuffContext) -> Option<()> {
         IPPROTO_UDP => 8,
         _ => return None,
     };
-    let payload = u64::from(total.checked_sub(l4 + header)?);
+    let mut payload = total.checked_sub(l4 + header)?;
     if payload == 0 {
         return None; // a bare ACK, SYN or FIN
     }
     key.cgroup = quiet_branch(ctx.skb.skb)?;
+    if key.protocol == IPPROTO_TCP {
+        payload = new_tcp_bytes(ctx, l4 as usize, payload)?;
+    }
+    let payload = u64::from(payload);
     let port: u16 = ctx.load(l4 as usize + 2).ok()?;
     key.port = u16::from_be(port);
     if EGRESS.get_ptr_mut(key).is_none() {
@@ -85,6 +94,39 @@ fn count(ctx: &SkBuffContext) -> Option<()> {
         atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*c).packets, 1);
     }
     Some(())
+}
+
+/// How many of a TCP segment's `payload` bytes its socket sends for the first time (None:
+/// none, the whole segment was sent before), recording how far the socket has sent.
+#[inline(always)]
+fn new_tcp_bytes(ctx: &SkBuffContext, l4: usize, payload: u32) -> Option<u32> {
+    let seq: u32 = ctx.load(l4 + 4).ok()?;
+    let flags: u8 = ctx.load(l4 + 13).ok()?;
+    // The payload's first byte: a SYN (TCP Fast Open) takes a sequence number before it.
+    let start = u32::from_be(seq).wrapping_add(u32::from(flags & TCP_SYN != 0));
+    let end = start.wrapping_add(payload);
+    // SAFETY: helper taking the program's own context; 0 for a packet without a socket.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+    let Some(sent) = TCP_SENT.get_ptr_mut(cookie) else {
+        // The socket's first payload seen (or its entry was evicted): all of it is new.
+        let _ = TCP_SENT.insert(cookie, end, 0);
+        return Some(payload);
+    };
+    // SAFETY: `sent` points to a live map value; a socket's segments are sent one at a
+    // time (under its lock), so nothing else updates it meanwhile.
+    let upto = unsafe { *sent };
+    // Sequence numbers wrap: compare by the signed difference.
+    if end.wrapping_sub(upto) as i32 <= 0 {
+        return None; // sent before
+    }
+    let from = if start.wrapping_sub(upto) as i32 > 0 {
+        start
+    } else {
+        upto
+    };
+    // SAFETY: as above.
+    unsafe { *sent = end };
+    Some(end.wrapping_sub(from))
 }
 
 /// The registered cgroup (at or above the socket's) if it asked for no per-write detail.

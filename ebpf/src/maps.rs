@@ -96,3 +96,10 @@ pub static DEFER_PASSES: HashMap<u32, DeferPass> = HashMap::with_max_entries(16_
 #[map]
 pub static EGRESS: LruPerCpuHashMap<EgressKey, EgressCount> =
     LruPerCpuHashMap::with_max_entries(EGRESS_ENTRIES, 0);
+
+/// Where each TCP socket of a branch without per-write detail has sent up to: the sequence
+/// number after the last payload byte `egress` counted, by socket cookie. A segment sent
+/// again (a retransmission) adds only bytes past it. Sockets that closed make way as the
+/// map evicts its least recently used.
+#[map]
+pub static TCP_SENT: LruHashMap<u64, u32> = LruHashMap::with_max_entries(65_536, 0);

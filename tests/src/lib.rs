@@ -7,6 +7,7 @@
 pub mod branches;
 pub mod daemon;
 pub mod http;
+pub mod lossy;
 pub mod strace;
 
 use std::{

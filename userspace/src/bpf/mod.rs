@@ -71,6 +71,7 @@ pub const MAPS: &[&str] = &[
     "DEFER_PASSES",
     "WRITE_RUNS",
     "EGRESS",
+    "TCP_SENT",
     "SYSCALL_FAMILIES",
     "SYSCALL_PASS",
 ];
