@@ -34,6 +34,27 @@ fn db_err(e: rusqlite::Error) -> Error {
     Error::State(e.to_string())
 }
 
+/// How long a held lock is waited for before the state directory is declared in use.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Takes the exclusive lock on `lock`, waiting up to [`LOCK_WAIT`] for it. The wait is for
+/// a lock that is going away: a registry just closed in this process stays locked while a
+/// child forked meanwhile (by another thread) holds a copy of the descriptor until it
+/// execs; a daemon restarted by systemd right after the old one exited waits the same way.
+fn take_lock(lock: &fs::File) -> bool {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 impl Registry {
     /// Opens (creating if needed) the registry in `dir`, taking its lock.
     pub fn open(dir: &Path) -> Result<Self> {
@@ -51,8 +72,7 @@ impl Registry {
             .write(true)
             .open(&lock_path)
             .map_err(unusable)?;
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        if !take_lock(&lock) {
             return Err(Error::State(format!(
                 "another forkscope daemon uses the state directory {} (it holds {}); stop it or pick another --state-dir",
                 dir.display(),
