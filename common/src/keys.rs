@@ -13,15 +13,43 @@ pub struct ProcKey {
 }
 crate::assert_size!(ProcKey, 16);
 
-/// One page dirtied by one process of one cgroup in one epoch (in `proc`).
+/// Pages per region of the dirty-page set: one map entry holds a bitmap of this many
+/// consecutive pages (2 MiB of 4 KiB pages), so a fault on a region already in the map
+/// sets a bit instead of inserting an entry.
+pub const REGION_PAGES: u64 = 512;
+/// log2 of [`REGION_PAGES`].
+pub const REGION_SHIFT: u32 = 9;
+
+/// One region of the address space of one process of one cgroup in one epoch (in `proc`):
+/// key of map `DIRTY_PAGES`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct DirtyPageKey {
+pub struct DirtyRegionKey {
     pub proc: ProcKey,
-    /// Page number (virtual address >> PAGE_SHIFT).
-    pub page: u64,
+    /// Region number (page number >> REGION_SHIFT).
+    pub region: u64,
 }
-crate::assert_size!(DirtyPageKey, 24);
+crate::assert_size!(DirtyRegionKey, 24);
+
+/// Which pages of a region were dirtied: bit `p % 64` of word `p / 64` for the region's
+/// page `p` (0 to 511).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PageBitmap {
+    pub words: [u64; (REGION_PAGES / 64) as usize],
+}
+crate::assert_size!(PageBitmap, 64);
+
+impl PageBitmap {
+    /// The page numbers set in the bitmap of region `region`.
+    pub fn pages(&self, region: u64) -> impl Iterator<Item = u64> + '_ {
+        self.words.iter().enumerate().flat_map(move |(w, &bits)| {
+            (0..64u64)
+                .filter(move |b| bits & (1 << b) != 0)
+                .map(move |b| (region << REGION_SHIFT) | (w as u64 * 64 + b))
+        })
+    }
+}
 
 /// One slot of the direct-mapped cache of "is this cgroup traced" answers (map
 /// `CGROUP_VERDICT`, indexed by the low bits of the cgroup id). The last slot holds the
@@ -90,7 +118,9 @@ mod pod {
     // and there are no implicit padding bytes.
     unsafe impl aya::Pod for super::ProcKey {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for super::DirtyPageKey {}
+    unsafe impl aya::Pod for super::DirtyRegionKey {}
+    // SAFETY: repr(C), eight u64.
+    unsafe impl aya::Pod for super::PageBitmap {}
     // SAFETY: as above (KernelOffsets is all u32).
     unsafe impl aya::Pod for crate::config::KernelOffsets {}
     // SAFETY: repr(C) plain data (integers and an FdEvent of integers), no padding.
@@ -104,6 +134,16 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::VerdictSlot;
+
+    #[test]
+    fn a_bitmap_names_its_pages() {
+        let mut b = super::PageBitmap::default();
+        b.words[0] = 0b101;
+        b.words[7] = 1 << 63;
+        let pages: Vec<u64> = b.pages(3).collect();
+        assert_eq!(pages, [3 * 512, 3 * 512 + 2, 3 * 512 + 511]);
+        assert_eq!(super::PageBitmap::default().pages(1).count(), 0);
+    }
 
     #[test]
     fn verdict_slots_answer_only_for_their_id_and_generation() {

@@ -16,7 +16,7 @@ pub mod syscalls;
 
 pub use config::KernelOffsets;
 pub use event::{EventHeader, EventKind, FdEvent, PathEvent, ProcEvent};
-pub use keys::{DirtyPageKey, ProcKey, VerdictSlot};
+pub use keys::{DirtyRegionKey, PageBitmap, ProcKey, REGION_SHIFT, VerdictSlot};
 
 /// Length of a task's `comm` (TASK_COMM_LEN).
 pub const COMM_LEN: usize = 16;

@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use forkscope_common::{
     egress::{EGRESS_ENTRIES, EgressCount, EgressKey},
-    keys::{DirtyPageKey, ProcKey, VERDICT_SLOTS, VerdictSlot},
+    keys::{DirtyRegionKey, PageBitmap, ProcKey, VERDICT_SLOTS, VerdictSlot},
     policy::{DeferPass, NetPolicy, ProxyConfig, REDIRECT_SLOTS, Redirect},
     run::{RUN_SLOTS, WriteRun},
     stats::STAT_COUNT,
@@ -38,13 +38,15 @@ pub static TRACKED_CGROUPS: HashMap<u64, u32> = HashMap::with_max_entries(4096, 
 #[map]
 pub static CGROUP_VERDICT: Array<VerdictSlot> = Array::with_max_entries(VERDICT_SLOTS + 1, 0);
 
-/// The pages dirtied per (cgroup, process, epoch). Userspace reads the current epoch's and
-/// starts a new epoch by bumping the cgroup's in EPOCHS: older entries are never matched
-/// again and make way as the map evicts its least recently used. Resizable at load time.
+/// The pages dirtied per (cgroup, process, epoch), as a bitmap per 2 MiB region of the
+/// process's address space. Userspace reads the current epoch's and starts a new epoch by
+/// bumping the cgroup's in EPOCHS: older entries are never matched again and make way as
+/// the map evicts its least recently used. Resizable at load time.
 #[map]
-pub static DIRTY_PAGES: LruHashMap<DirtyPageKey, u8> = LruHashMap::with_max_entries(262_144, 0);
+pub static DIRTY_PAGES: LruHashMap<DirtyRegionKey, PageBitmap> =
+    LruHashMap::with_max_entries(131_072, 0);
 
-/// Number of entries per (cgroup, process, epoch) in DIRTY_PAGES, counted per CPU (sum the
+/// Number of pages per (cgroup, process, epoch) in DIRTY_PAGES, counted per CPU (sum the
 /// slots).
 #[map]
 pub static PAGE_COUNTS: LruPerCpuHashMap<ProcKey, u64> =

@@ -1,6 +1,6 @@
 //! The one program on the `sys_exit` tracepoint while some branch asks for per-write
-//! detail (a BTF-typed raw tracepoint, `tp_btf`): it returns at once for a task that is not
-//! traced with detail (a cached per-cgroup verdict) or a syscall no family handles, and
+//! detail (a BTF-typed raw tracepoint, `tp_btf`): it returns at once for a syscall no
+//! family handles or a task that is not traced with detail (a cached per-cgroup verdict), and
 //! otherwise tail-calls the syscall's family program ([`crate::fd_write`],
 //! [`crate::fd_op`], [`crate::path_op`], [`crate::net`]) through
 //! [`crate::maps::SYSCALL_FAMILIES`], handing it the cgroup, the thread's ids and its
@@ -9,8 +9,8 @@
 //! A raw tracepoint runs the program straight from the tracepoint: no perf record is built
 //! per syscall, as the `syscalls:sys_exit_*` tracepoints do for any program attached to
 //! them; typed, it reads the saved registers with plain loads. The price: it runs for every
-//! syscall of every task while attached, so its first test (the verdict) is the cheapest
-//! forkscope has. Helper calls are what costs here (see BENCHMARKS.md), so the path to a
+//! syscall of every task while attached, so its first tests (the syscall number, then the
+//! verdict) are the cheapest forkscope has. Helper calls are what costs here (see BENCHMARKS.md), so the path to a
 //! family program makes one: the typed current task, from which the cgroup id and the rest
 //! are plain loads.
 
@@ -24,14 +24,16 @@ use crate::{
 
 #[btf_tracepoint(function = "sys_exit")]
 pub fn syscall_exit(ctx: BtfTracePointContext) -> i32 {
+    // Most syscalls (reads, stats, polls) belong to no family: the number, a plain load
+    // from the saved registers, settles them before anything else.
+    let Some(family) = kernel::syscall_nr(&ctx).and_then(family_of) else {
+        return 0;
+    };
     let Some(o) = config::ready_offsets() else {
         return 0;
     };
     let task = kernel::task_btf();
     let Some(cgroup) = cgroup::task_tracked_as(task, &o, TRACED) else {
-        return 0;
-    };
-    let Some(family) = kernel::syscall_nr(&ctx).and_then(family_of) else {
         return 0;
     };
     if kernel::in_compat_syscall(task, &o) {

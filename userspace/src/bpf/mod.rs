@@ -8,7 +8,7 @@ mod probe;
 pub mod run_slots;
 
 pub use demand_hooks::{HookSet, HooksState};
-pub use probe::{Probe, ProbeOptions, Stats, unpin};
+pub use probe::{DirtyPage, Probe, ProbeOptions, Stats, unpin};
 
 /// Where pinned programs and maps live on the BPF filesystem.
 pub const PIN_ROOT: &str = "/sys/fs/bpf/forkscope";

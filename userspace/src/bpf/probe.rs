@@ -17,7 +17,7 @@ use aya::{
     },
 };
 use forkscope_common::{
-    DirtyPageKey, ProcKey, VerdictSlot,
+    DirtyRegionKey, PageBitmap, ProcKey, VerdictSlot,
     keys::{GENERATION_MASK, TRACK_NO_WRITE_DETAIL, VERDICT_SLOTS},
     policy::{DeferPass, NetPolicy, ProxyConfig, Redirect},
     stats::{STAT_EVENTS, STAT_LOST, STAT_PAGES_OVERFLOW, STAT_READ_ERRORS},
@@ -32,8 +32,9 @@ use crate::error::{Error, Result};
 pub struct ProbeOptions {
     /// Ring buffer size in bytes (a power of two, multiple of the page size).
     pub ring_bytes: u32,
-    /// Capacity of the dirty-page set (pages across all traced processes).
-    pub dirty_page_capacity: u32,
+    /// Capacity of the dirty-page set, in 2 MiB regions (of one process each) across all
+    /// traced processes.
+    pub dirty_region_capacity: u32,
     /// Merge runs of writes to one file or socket into one record (see
     /// forkscope_common::run); false sends a record per syscall.
     pub merge_writes: bool,
@@ -43,10 +44,18 @@ impl Default for ProbeOptions {
     fn default() -> Self {
         Self {
             ring_bytes: 16 << 20,
-            dirty_page_capacity: 1 << 18,
+            dirty_region_capacity: 1 << 17,
             merge_writes: true,
         }
     }
+}
+
+/// One page dirtied by one process of one cgroup in the cgroup's current epoch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DirtyPage {
+    pub proc: ProcKey,
+    /// Page number (virtual address >> PAGE_SHIFT).
+    pub page: u64,
 }
 
 /// Counters kept by the eBPF programs, summed over CPUs.
@@ -179,7 +188,7 @@ impl Probe {
             .override_global("OFFSETS", &offsets, true)
             .override_global("MERGE_WRITES", &u32::from(opts.merge_writes), true)
             .map_max_entries("EVENTS", opts.ring_bytes)
-            .map_max_entries("DIRTY_PAGES", opts.dirty_page_capacity)
+            .map_max_entries("DIRTY_PAGES", opts.dirty_region_capacity)
             .load(EBPF_OBJECT)?;
         // The syscall programs are typed raw tracepoints: the kernel's BTF names their hook.
         let btf = aya::Btf::from_sys_fs()
@@ -637,15 +646,21 @@ impl Probe {
 
     /// The set of dirtied pages (page numbers) of the current epoch, for processes whose
     /// cgroup satisfies `cgroup_filter`.
-    pub fn dirty_pages(&self, cgroup_filter: impl Fn(u64) -> bool) -> Result<Vec<DirtyPageKey>> {
+    pub fn dirty_pages(&self, cgroup_filter: impl Fn(u64) -> bool) -> Result<Vec<DirtyPage>> {
         let epochs = self.epochs()?;
-        let map: HashMap<&MapData, DirtyPageKey, u8> =
+        let map: HashMap<&MapData, DirtyRegionKey, PageBitmap> =
             HashMap::try_from(self.map("DIRTY_PAGES")).map_err(map_err("DIRTY_PAGES"))?;
-        Ok(map
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| cgroup_filter(k.proc.cgroup) && current(&epochs, &k.proc))
-            .collect())
+        let mut out = Vec::new();
+        for (k, bitmap) in map.iter().filter_map(|kv| kv.ok()) {
+            if cgroup_filter(k.proc.cgroup) && current(&epochs, &k.proc) {
+                out.extend(
+                    bitmap
+                        .pages(k.region)
+                        .map(|page| DirtyPage { proc: k.proc, page }),
+                );
+            }
+        }
+        Ok(out)
     }
 
     /// Starts a new epoch for the cgroups matching `cgroup_filter`: their dirtied pages are
