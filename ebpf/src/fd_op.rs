@@ -8,7 +8,7 @@ use forkscope_common::{EventKind, FdEvent, event::file_type, syscalls::*};
 use crate::{
     config,
     emit::{header, send},
-    kernel::{SysExit, fd_file, file_info, read_user, sys_exit, task_btf},
+    kernel::{SysExit, file_info, read_user, sys_exit},
 };
 
 #[btf_tracepoint(function = "sys_exit")]
@@ -18,13 +18,14 @@ pub fn sys_exit_fd_op(ctx: BtfTracePointContext) -> i32 {
 }
 
 fn try_fd_op(ctx: &BtfTracePointContext) -> Option<()> {
+    let sc = sys_exit(ctx)?;
     let SysExit {
         cgroup: cg,
         nr,
         ret,
         args: a,
         ..
-    } = sys_exit(ctx)?;
+    } = sc;
     // (kind, fd, offset, bytes, flags, source fd)
     let (kind, fd, offset, bytes, flags, src_fd) = match nr {
         SYS_MMAP => {
@@ -82,12 +83,12 @@ fn try_fd_op(ctx: &BtfTracePointContext) -> Option<()> {
         _ => return None,
     };
     let o = config::ready_offsets()?;
-    let info = file_info(&o, fd_file(task_btf(), &o, fd));
+    let info = file_info(&o, sc.fd_file(fd));
     if kind == EventKind::FileMmap && info.ftype != file_type::REG {
         return None;
     }
     let src = if src_fd >= 0 {
-        file_info(&o, fd_file(task_btf(), &o, src_fd))
+        file_info(&o, sc.fd_file(src_fd))
     } else {
         Default::default()
     };

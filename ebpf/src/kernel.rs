@@ -28,6 +28,7 @@ const REG_ORIG_AX: usize = 15;
 const TS_COMPAT: u32 = 0x0002;
 
 /// A syscall a traced task is returning from.
+#[derive(Clone, Copy)]
 pub struct SysExit {
     /// The task's cgroup id.
     pub cgroup: u64,
@@ -264,13 +265,6 @@ pub const INODE_CHUNK: usize = 80;
 pub struct Scratch {
     pub file: [u8; FILE_CHUNK],
     pub inode: [u8; INODE_CHUNK],
-}
-
-/// The `struct file *` behind descriptor `fd` of `task` (the typed current task), or 0:
-/// its table with plain loads, then one read of the descriptor's slot.
-#[inline(always)]
-pub fn fd_file(task: *const u8, o: &KernelOffsets, fd: i64) -> u64 {
-    fd_table(task, o).map_or(0, |table| slot_file(table, fd))
 }
 
 /// What the eBPF programs need to know about an open file.

@@ -16,7 +16,7 @@ use forkscope_common::{
 use crate::{
     config,
     emit::{count_event, count_lost, header},
-    kernel::{SysExit, fd_file, file_info, read_user, sys_exit, task_btf},
+    kernel::{SysExit, file_info, read_user, sys_exit},
     maps::EVENTS,
 };
 
@@ -183,13 +183,14 @@ fn decode(nr: u32, a: &[u64; 6]) -> Option<PathOp> {
 }
 
 fn try_path_op(ctx: &BtfTracePointContext) -> Option<()> {
+    let sc = sys_exit(ctx)?;
     let SysExit {
         cgroup: cg,
         nr,
         ret,
         args: a,
         ..
-    } = sys_exit(ctx)?;
+    } = sc;
     let d = decode(nr, &a)?;
     let is_open = d.kind == EventKind::FileOpen;
     if ret < 0 || (!is_open && ret != 0) {
@@ -204,7 +205,7 @@ fn try_path_op(ctx: &BtfTracePointContext) -> Option<()> {
         return None;
     }
     let opened = if is_open {
-        file_info(&o, fd_file(task_btf(), &o, ret))
+        file_info(&o, sc.fd_file(ret))
     } else {
         Default::default()
     };
@@ -243,10 +244,10 @@ fn try_path_op(ctx: &BtfTracePointContext) -> Option<()> {
         (*e).trunc = if t1 { PATH1_TRUNCATED } else { 0 } | if t2 { PATH2_TRUNCATED } else { 0 };
         // The symlink target text is not a path the kernel resolves: never look up its dirfd.
         let rel1 = rel1 && d.kind != EventKind::FileSymlink;
-        let (dev, ino) = dir_identity(&o, d.dirfd, rel1);
+        let (dev, ino) = dir_identity(&o, &sc, d.dirfd, rel1);
         (*e).dir_dev = dev;
         (*e).dir_ino = ino;
-        let (dev2, ino2) = dir_identity(&o, d.dirfd2, rel2);
+        let (dev2, ino2) = dir_identity(&o, &sc, d.dirfd2, rel2);
         (*e).dir2_dev = dev2;
         (*e).dir2_ino = ino2;
     }
@@ -277,10 +278,10 @@ fn read_path(ptr: u64, buf: &mut [u8; PATH_LEN]) -> (bool, bool) {
 /// (device, inode) of the directory a relative path is resolved against when that directory
 /// is given as a descriptor; (0, 0) for absolute paths and paths relative to the cwd.
 #[inline(always)]
-fn dir_identity(o: &KernelOffsets, dirfd: i64, relative: bool) -> (u32, u64) {
+fn dir_identity(o: &KernelOffsets, sc: &SysExit, dirfd: i64, relative: bool) -> (u32, u64) {
     if !relative || dirfd == CWD || dirfd < 0 {
         return (0, 0);
     }
-    let info = file_info(o, fd_file(task_btf(), o, dirfd));
+    let info = file_info(o, sc.fd_file(dirfd));
     (info.dev, info.ino)
 }
