@@ -61,6 +61,9 @@ struct Sink<'w, W: Write> {
     pre_exec_pid: Option<u32>,
     /// Runs of writes the kernel is merging.
     runs: Runs,
+    /// One JSON line, serialized here and handed to `out` in one write: serde_json writing
+    /// token by token into `out` cost the consumer more than the serializing.
+    line: Vec<u8>,
 }
 
 impl<W: Write> Sink<'_, W> {
@@ -98,8 +101,10 @@ impl<W: Write> Sink<'_, W> {
     }
 
     fn emit(&mut self, ev: &TraceEvent) -> Result<()> {
-        serde_json::to_writer(&mut *self.out, ev).map_err(std::io::Error::from)?;
-        self.out.write_all(b"\n")?;
+        self.line.clear();
+        serde_json::to_writer(&mut self.line, ev).map_err(std::io::Error::from)?;
+        self.line.push(b'\n');
+        self.out.write_all(&self.line)?;
         self.summary.add(ev);
         Ok(())
     }
@@ -134,6 +139,7 @@ pub async fn run<W: Write>(
         decode_errors: 0,
         pre_exec_pid: None,
         runs: Runs::new(probe.run_slots()?),
+        line: Vec::with_capacity(1024),
     };
     // The command inherits our stdio: name them in case they are files it writes to.
     for fd in 0..3 {

@@ -535,9 +535,17 @@ fn pin_sets(instance: &str) -> Vec<std::path::PathBuf> {
         .collect()
 }
 
-/// Appends `ev` to a trace as one JSON line; false if it could not be written.
+/// Appends `ev` to a trace as one JSON line; false if it could not be written. The line is
+/// serialized first and written whole (cheaper than serde_json's token-by-token writes, and
+/// a line that fails to serialize leaves nothing behind).
 fn write_line(out: &mut BufWriter<File>, ev: &TraceEvent) -> bool {
-    serde_json::to_writer(&mut *out, ev).is_ok() && out.write_all(b"\n").is_ok()
+    match serde_json::to_vec(ev) {
+        Ok(mut line) => {
+            line.push(b'\n');
+            out.write_all(&line).is_ok()
+        }
+        Err(_) => false,
+    }
 }
 
 fn read_loop(
