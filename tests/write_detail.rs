@@ -344,7 +344,8 @@ fn a_branch_without_per_write_detail_has_its_connections_and_bytes_sent_per_dest
     let ws = workspace(dir.path());
     let d = Daemon::start(dir.path());
     // The listener drops some packets on arrival: the branches' TCP segments leave again,
-    // and a retransmission must not count as bytes sent twice.
+    // and a retransmission must not count as bytes sent twice. (TCP_NODELAY: each send is
+    // its own segment, about 300 of them, so that some are dropped is all but certain.)
     let (listener, got) = LossyListener::start();
     let tcp = listener.port;
     // A UDP port nobody listens on: the datagrams still leave the socket.
@@ -353,6 +354,7 @@ fn a_branch_without_per_write_detail_has_its_connections_and_bytes_sent_per_dest
     let script = format!(
         "import socket, struct\n\
          s = socket.create_connection(('127.0.0.1', {tcp}))\n\
+         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)\n\
          for i in range(300): s.sendall(b'x' * (1000 + i))\n\
          s.shutdown(socket.SHUT_WR)\n\
          s.recv(1)\n\
@@ -442,5 +444,56 @@ fn a_branch_without_per_write_detail_has_its_connections_and_bytes_sent_per_dest
         "nothing written twice across a restart"
     );
     drop(udp);
+    drop(listener);
+}
+
+#[test]
+fn a_socket_connected_again_counts_its_second_connection_in_a_branch_without_detail() {
+    require_root();
+    let dir = TempDir::new("write-detail-reconnect");
+    let ws = workspace(dir.path());
+    let d = Daemon::start(dir.path());
+    let (listener, got) = LossyListener::start();
+    let port = listener.port;
+    // One socket, two connections: connect(AF_UNSPEC) dissolves the first. Linux numbers
+    // the second's bytes on past the first's (tcp_disconnect moves write_seq ahead by more
+    // than a window), so the egress program, which compares sequence numbers per socket,
+    // counts them as new.
+    let script = format!(
+        "import ctypes, socket, struct\n\
+         libc = ctypes.CDLL(None, use_errno=True)\n\
+         s = socket.create_connection(('127.0.0.1', {port}))\n\
+         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)\n\
+         s.sendall(b'a' * 2_000_000)\n\
+         s.shutdown(socket.SHUT_WR)\n\
+         s.recv(1)\n\
+         unspec = struct.pack('H14x', socket.AF_UNSPEC)\n\
+         assert libc.connect(s.fileno(), unspec, len(unspec)) == 0, ctypes.get_errno()\n\
+         s.connect(('127.0.0.1', {port}))\n\
+         s.sendall(b'b' * 7000)\n\
+         s.shutdown(socket.SHUT_WR)\n\
+         s.recv(1)\n\
+         s.close()\n"
+    );
+    run_sleeping_with(&d, "again", &ws, "off");
+    d.ok(&["exec", "again", "--", "python3", "-c", &script]);
+    let wait = Duration::from_secs(10);
+    assert_eq!(
+        got.recv_timeout(wait).unwrap(),
+        2_000_000,
+        "the first connection"
+    );
+    assert_eq!(
+        got.recv_timeout(wait).unwrap(),
+        7000,
+        "the second connection"
+    );
+    assert_eq!(
+        sent(&trace(&d, "again"))
+            .get(&format!("127.0.0.1:{port}"))
+            .copied(),
+        Some(2_007_000),
+        "both connections' bytes, each once"
+    );
     drop(listener);
 }

@@ -41,6 +41,27 @@ pub struct PageBitmap {
 crate::assert_size!(PageBitmap, 64);
 
 impl PageBitmap {
+    /// The runs of consecutive pages set in the bitmap of region `region`, as [first, end)
+    /// page numbers, in order.
+    pub fn runs(&self, region: u64) -> impl Iterator<Item = [u64; 2]> + '_ {
+        let base = region << REGION_SHIFT;
+        let bit = move |p: u64| self.words[(p / 64) as usize] & (1 << (p % 64)) != 0;
+        let mut p = 0u64;
+        core::iter::from_fn(move || {
+            while p < REGION_PAGES && !bit(p) {
+                p += 1;
+            }
+            if p == REGION_PAGES {
+                return None;
+            }
+            let first = p;
+            while p < REGION_PAGES && bit(p) {
+                p += 1;
+            }
+            Some([base + first, base + p])
+        })
+    }
+
     /// The page numbers set in the bitmap of region `region`.
     pub fn pages(&self, region: u64) -> impl Iterator<Item = u64> + '_ {
         self.words.iter().enumerate().flat_map(move |(w, &bits)| {
@@ -142,6 +163,14 @@ mod tests {
         b.words[7] = 1 << 63;
         let pages: Vec<u64> = b.pages(3).collect();
         assert_eq!(pages, [3 * 512, 3 * 512 + 2, 3 * 512 + 511]);
+        let runs: Vec<[u64; 2]> = b.runs(3).collect();
+        assert_eq!(runs, [[1536, 1537], [1538, 1539], [2047, 2048]]);
+        let mut full = super::PageBitmap {
+            words: [u64::MAX; 8],
+        };
+        full.words[1] = !(1 << 5);
+        let runs: Vec<[u64; 2]> = full.runs(0).collect();
+        assert_eq!(runs, [[0, 69], [70, 512]]);
         assert_eq!(super::PageBitmap::default().pages(1).count(), 0);
     }
 

@@ -8,7 +8,10 @@
 
 use std::{
     io::{BufRead, BufReader},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::process::CommandExt,
+    },
     path::PathBuf,
     process::{Child, Command, Stdio},
     sync::mpsc::Receiver,
@@ -90,7 +93,10 @@ while True:
     c, _ = l.accept()
     n = 0
     while True:
-        b = c.recv(65536)
+        try:
+            b = c.recv(65536)
+        except OSError:
+            break
         if not b:
             break
         n += len(b)
@@ -128,13 +134,23 @@ impl LossyListener {
         // The program stays attached to the cgroup; it goes when the cgroup is removed.
         drop(program);
         let procs = cgroup.join("cgroup.procs");
-        let mut child = Command::new("sh")
+        let mut command = Command::new("sh");
+        command
             .args(["-c", "echo $$ > \"$1\" && exec python3 -c \"$2\"", "sh"])
             .arg(&procs)
             .arg(LISTENER)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("python3");
+            .stdout(Stdio::piped());
+        // SAFETY: prctl is async-signal-safe, as a pre_exec hook must be. The listener dies
+        // with the test even when the test is killed (its Drop never runs then).
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().expect("python3");
         let stdout = child.stdout.take().unwrap();
         let mut listener = Self {
             port: 0,

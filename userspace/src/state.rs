@@ -27,31 +27,35 @@ use crate::{
 /// The registry of live branches.
 pub struct Registry {
     db: Connection,
-    _lock: fs::File,
+    /// `lock` in the state directory, held (flock) while the registry is open.
+    lock: fs::File,
 }
 
 fn db_err(e: rusqlite::Error) -> Error {
     Error::State(e.to_string())
 }
 
-/// How long a held lock is waited for before the state directory is declared in use.
-const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// Takes the exclusive lock on `lock`: Ok(false) if another open file holds it.
+fn take_lock(lock: &fs::File) -> std::io::Result<bool> {
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    if e.kind() == std::io::ErrorKind::WouldBlock {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
 
-/// Takes the exclusive lock on `lock`, waiting up to [`LOCK_WAIT`] for it. The wait is for
-/// a lock that is going away: a registry just closed in this process stays locked while a
-/// child forked meanwhile (by another thread) holds a copy of the descriptor until it
-/// execs; a daemon restarted by systemd right after the old one exited waits the same way.
-fn take_lock(lock: &fs::File) -> bool {
-    let deadline = std::time::Instant::now() + LOCK_WAIT;
-    loop {
+impl Drop for Registry {
+    /// Releases the lock now: closing the descriptor alone would not while a child forked
+    /// meanwhile by another thread (a spawn, before its exec) holds a copy of it, and a
+    /// registry opened again at once (a restart in the same process) would be refused.
+    fn drop(&mut self) {
         // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-            return true;
-        }
-        if std::time::Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
+        unsafe { libc::flock(self.lock.as_raw_fd(), libc::LOCK_UN) };
     }
 }
 
@@ -72,7 +76,7 @@ impl Registry {
             .write(true)
             .open(&lock_path)
             .map_err(unusable)?;
-        if !take_lock(&lock) {
+        if !take_lock(&lock).map_err(unusable)? {
             return Err(Error::State(format!(
                 "another forkscope daemon uses the state directory {} (it holds {}); stop it or pick another --state-dir",
                 dir.display(),
@@ -91,7 +95,7 @@ impl Registry {
              CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);",
         )
         .map_err(db_err)?;
-        Ok(Self { db, _lock: lock })
+        Ok(Self { db, lock })
     }
 
     /// A new branch id, never reused.

@@ -257,28 +257,28 @@ fn emit_page_summaries<W: Write>(
 /// Dirtied address ranges per (cgroup, process id).
 type RangesByProcess = std::collections::HashMap<(u64, u32), Vec<[u64; 2]>>;
 
-/// Dirtied pages grouped per (cgroup, process) into [start, end) address ranges.
+/// Dirtied pages grouped per (cgroup, process) into [start, end) address ranges, built from
+/// the runs of each region's bitmap (never one item per page).
 fn page_ranges(probe: &Probe, filter: &impl Fn(u64) -> bool) -> Result<RangesByProcess> {
-    let mut pages: std::collections::HashMap<(u64, u32), Vec<u64>> = Default::default();
-    for k in probe.dirty_pages(filter)? {
-        pages
-            .entry((k.proc.cgroup, k.proc.tgid))
+    let mut runs: RangesByProcess = Default::default();
+    for (proc, region, bitmap) in probe.dirty_regions(filter)? {
+        runs.entry((proc.cgroup, proc.tgid))
             .or_default()
-            .push(k.page);
+            .extend(bitmap.runs(region));
     }
-    Ok(pages.into_iter().map(|(k, v)| (k, coalesce(v))).collect())
+    Ok(runs.into_iter().map(|(k, v)| (k, coalesce(v))).collect())
 }
 
-/// Sorted page numbers to [start, end) address ranges of consecutive pages.
-pub fn coalesce(mut pages: Vec<u64>) -> Vec<[u64; 2]> {
-    pages.sort_unstable();
-    pages.dedup();
+/// Runs of page numbers ([first, end)) to sorted [start, end) address ranges, runs that
+/// touch merged.
+pub fn coalesce(mut runs: Vec<[u64; 2]>) -> Vec<[u64; 2]> {
+    runs.sort_unstable();
     let shift = forkscope_common::PAGE_SHIFT;
     let mut out: Vec<[u64; 2]> = Vec::new();
-    for p in pages {
+    for [first, end] in runs {
         match out.last_mut() {
-            Some(r) if r[1] == p << shift => r[1] = (p + 1) << shift,
-            _ => out.push([p << shift, (p + 1) << shift]),
+            Some(r) if r[1] >= first << shift => r[1] = r[1].max(end << shift),
+            _ => out.push([first << shift, end << shift]),
         }
     }
     out
@@ -289,10 +289,11 @@ mod tests {
     use super::coalesce;
 
     #[test]
-    fn coalesces_consecutive_pages_into_ranges() {
+    fn coalesces_runs_of_pages_into_ranges() {
+        // Runs of adjacent regions (page 512 starts the next) join; overlapping ones too.
         assert_eq!(
-            coalesce(vec![5, 1, 2, 3, 5]),
-            vec![[0x1000, 0x4000], [0x5000, 0x6000]]
+            coalesce(vec![[5, 6], [1, 3], [3, 4], [510, 512], [512, 515], [5, 6]]),
+            vec![[0x1000, 0x4000], [0x5000, 0x6000], [0x1fe000, 0x203000]]
         );
         assert!(coalesce(vec![]).is_empty());
     }

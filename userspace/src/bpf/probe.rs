@@ -645,22 +645,36 @@ impl Probe {
     }
 
     /// The set of dirtied pages (page numbers) of the current epoch, for processes whose
-    /// cgroup satisfies `cgroup_filter`.
+    /// cgroup satisfies `cgroup_filter`: one item per page (see [`Probe::dirty_regions`]
+    /// for the compact form).
     pub fn dirty_pages(&self, cgroup_filter: impl Fn(u64) -> bool) -> Result<Vec<DirtyPage>> {
+        Ok(self
+            .dirty_regions(cgroup_filter)?
+            .into_iter()
+            .flat_map(|(proc, region, bitmap)| {
+                bitmap
+                    .pages(region)
+                    .map(move |page| DirtyPage { proc, page })
+                    .collect::<Vec<_>>()
+            })
+            .collect())
+    }
+
+    /// The dirtied pages of the current epoch as the kernel keeps them: (process, region,
+    /// bitmap of the region's pages), for processes whose cgroup satisfies `cgroup_filter`.
+    pub fn dirty_regions(
+        &self,
+        cgroup_filter: impl Fn(u64) -> bool,
+    ) -> Result<Vec<(ProcKey, u64, PageBitmap)>> {
         let epochs = self.epochs()?;
         let map: HashMap<&MapData, DirtyRegionKey, PageBitmap> =
             HashMap::try_from(self.map("DIRTY_PAGES")).map_err(map_err("DIRTY_PAGES"))?;
-        let mut out = Vec::new();
-        for (k, bitmap) in map.iter().filter_map(|kv| kv.ok()) {
-            if cgroup_filter(k.proc.cgroup) && current(&epochs, &k.proc) {
-                out.extend(
-                    bitmap
-                        .pages(k.region)
-                        .map(|page| DirtyPage { proc: k.proc, page }),
-                );
-            }
-        }
-        Ok(out)
+        Ok(map
+            .iter()
+            .filter_map(|kv| kv.ok())
+            .filter(|(k, _)| cgroup_filter(k.proc.cgroup) && current(&epochs, &k.proc))
+            .map(|(k, bitmap)| (k.proc, k.region, bitmap))
+            .collect())
     }
 
     /// Starts a new epoch for the cgroups matching `cgroup_filter`: their dirtied pages are
