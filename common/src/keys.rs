@@ -13,12 +13,12 @@ pub struct ProcKey {
 }
 crate::assert_size!(ProcKey, 16);
 
-/// Pages per region of the dirty-page set: one map entry holds a bitmap of this many
-/// consecutive pages (2 MiB of 4 KiB pages), so a fault on a region already in the map
-/// sets a bit instead of inserting an entry.
-pub const REGION_PAGES: u64 = 512;
-/// log2 of [`REGION_PAGES`].
+/// log2 of the pages per region of the dirty-page set: one map entry holds a bitmap of
+/// 512 consecutive pages (2 MiB of 4 KiB pages), so a fault on a region already in the
+/// map sets a bit instead of inserting an entry.
 pub const REGION_SHIFT: u32 = 9;
+/// Pages per region (see [`REGION_SHIFT`]).
+pub const REGION_PAGES: u64 = 1 << REGION_SHIFT;
 
 /// One region of the address space of one process of one cgroup in one epoch (in `proc`):
 /// key of map `DIRTY_PAGES`.
@@ -41,34 +41,46 @@ pub struct PageBitmap {
 crate::assert_size!(PageBitmap, 64);
 
 impl PageBitmap {
+    /// Where page number `page` is in its region's bitmap: (word index, bit mask). The
+    /// one place the layout is written down (the page-fault program sets bits with it).
+    #[inline(always)]
+    pub const fn bit_of(page: u64) -> (usize, u64) {
+        (
+            ((page >> 6) & (REGION_PAGES / 64 - 1)) as usize,
+            1 << (page & 63),
+        )
+    }
+
+    /// Whether page `page` (of this bitmap's region) is set.
+    #[inline(always)]
+    fn has(&self, page: u64) -> bool {
+        let (word, mask) = Self::bit_of(page);
+        self.words[word] & mask != 0
+    }
+
     /// The runs of consecutive pages set in the bitmap of region `region`, as [first, end)
     /// page numbers, in order.
-    pub fn runs(&self, region: u64) -> impl Iterator<Item = [u64; 2]> + '_ {
+    pub fn runs(self, region: u64) -> impl Iterator<Item = [u64; 2]> {
         let base = region << REGION_SHIFT;
-        let bit = move |p: u64| self.words[(p / 64) as usize] & (1 << (p % 64)) != 0;
         let mut p = 0u64;
         core::iter::from_fn(move || {
-            while p < REGION_PAGES && !bit(p) {
+            while p < REGION_PAGES && !self.has(p) {
                 p += 1;
             }
             if p == REGION_PAGES {
                 return None;
             }
             let first = p;
-            while p < REGION_PAGES && bit(p) {
+            while p < REGION_PAGES && self.has(p) {
                 p += 1;
             }
             Some([base + first, base + p])
         })
     }
 
-    /// The page numbers set in the bitmap of region `region`.
-    pub fn pages(&self, region: u64) -> impl Iterator<Item = u64> + '_ {
-        self.words.iter().enumerate().flat_map(move |(w, &bits)| {
-            (0..64u64)
-                .filter(move |b| bits & (1 << b) != 0)
-                .map(move |b| (region << REGION_SHIFT) | (w as u64 * 64 + b))
-        })
+    /// The page numbers set in the bitmap of region `region`, in order.
+    pub fn pages(self, region: u64) -> impl Iterator<Item = u64> {
+        self.runs(region).flat_map(|[first, end]| first..end)
     }
 }
 

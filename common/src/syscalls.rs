@@ -21,9 +21,8 @@ pub enum Family {
 pub const FAMILY_COUNT: u32 = 4;
 
 /// What the `syscall_exit` dispatcher hands the family program it tail-calls, through a
-/// per-CPU slot (`SYSCALL_PASS`): found once with plain loads, so the hot families (writes
-/// and sends) need not walk the task again (the rarer ones still look up the descriptors of
-/// a path operation themselves).
+/// per-CPU slot (`SYSCALL_PASS`): found once with plain loads, so no family program walks
+/// the task again (all four look descriptors up in this table).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SyscallPass {

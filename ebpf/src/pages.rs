@@ -68,14 +68,13 @@ fn try_page_fault(ctx: &RawTracePointContext) -> Option<()> {
             b
         }
     };
-    let bit = 1u64 << (page & 63);
-    // SAFETY: `bitmap` points to a live map value; the word index is below 8. The or is
-    // atomic: threads of the process may fault on other pages of the region at once on
-    // other CPUs, and one that finds its bit already set did not dirty the page first.
+    let (word, bit) = PageBitmap::bit_of(page);
+    // SAFETY: `bitmap` points to a live map value; `bit_of` gives a word index within it.
+    // The or is atomic: threads of the process may fault on other pages of the region at
+    // once on other CPUs, and one that finds its bit already set did not dirty the page
+    // first.
     let before = unsafe {
-        let word = (&raw mut (*bitmap).words)
-            .cast::<u64>()
-            .add(((page >> 6) & 7) as usize);
+        let word = (&raw mut (*bitmap).words).cast::<u64>().add(word);
         atomic_or::<u64, u64, { Relaxed }>(word, bit)
     };
     if before & bit == 0 {

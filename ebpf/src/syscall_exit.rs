@@ -10,9 +10,9 @@
 //! per syscall, as the `syscalls:sys_exit_*` tracepoints do for any program attached to
 //! them; typed, it reads the saved registers with plain loads. The price: it runs for every
 //! syscall of every task while attached, so its first tests (the syscall number, then the
-//! verdict) are the cheapest forkscope has. Helper calls are what costs here (see BENCHMARKS.md), so the path to a
-//! family program makes one: the typed current task, from which the cgroup id and the rest
-//! are plain loads.
+//! verdict) are the cheapest forkscope has. Helper calls are what costs here (see
+//! BENCHMARKS.md), so the path to a family program makes one: the typed current task, from
+//! which the cgroup id and the rest are plain loads.
 
 use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 use forkscope_common::{keys::TRACED, syscalls::family_of};

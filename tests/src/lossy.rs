@@ -4,7 +4,8 @@
 //! are dropped on arrival, and leave again: what a sender's egress sees twice.
 //!
 //! Each connection's byte total arrives on a channel. Dropping the listener kills the
-//! Python process and removes its cgroup (the program goes with it).
+//! Python process and removes its cgroup (a [`Cgroup`] of forkscope's library, under
+//! forkscope's cgroup; the program goes with it).
 
 use std::{
     io::{BufRead, BufReader},
@@ -12,10 +13,11 @@ use std::{
         fd::{AsRawFd, FromRawFd, OwnedFd},
         unix::process::CommandExt,
     },
-    path::PathBuf,
     process::{Child, Command, Stdio},
     sync::mpsc::Receiver,
 };
+
+use forkscope::cgroup::Cgroup;
 
 /// `BPF_PROG_TYPE_CGROUP_SKB`.
 const CGROUP_SKB: u32 = 8;
@@ -66,19 +68,8 @@ const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
 pub struct LossyListener {
     pub port: u16,
     child: Child,
-    /// Removed after the process is reaped (fields drop after `Drop::drop`).
-    _cgroup: CgroupGuard,
-}
-
-/// Removes the test cgroup when dropped (it must be empty by then).
-struct CgroupGuard(PathBuf);
-
-impl Drop for CgroupGuard {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir(&self.0) {
-            eprintln!("removing {}: {e}", self.0.display());
-        }
-    }
+    /// Killed and removed after the process is reaped (fields drop after `Drop::drop`).
+    _cgroup: Cgroup,
 }
 
 /// The Python listener: prints its port, then each connection's byte total once the peer
@@ -109,15 +100,13 @@ impl LossyListener {
     pub fn start() -> (Self, Receiver<u64>) {
         use std::sync::atomic::{AtomicU32, Ordering};
         static NEXT: AtomicU32 = AtomicU32::new(0);
-        let cgroup = crate::cgroup2_root().join(format!(
-            "forkscope-test-lossy-{}-{}",
+        let cgroup = Cgroup::create(&format!(
+            "test-lossy-{}-{}",
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir(&cgroup).expect("a test cgroup");
-        let guard = CgroupGuard(cgroup);
-        let cgroup = &guard.0;
-        let dir = std::fs::File::open(cgroup).expect("the test cgroup's directory");
+        ))
+        .expect("a test cgroup");
+        let dir = std::fs::File::open(cgroup.path()).expect("the test cgroup's directory");
         let program = load_program();
         let mut attr = [0u8; 128];
         attr[0..4].copy_from_slice(&(dir.as_raw_fd() as u32).to_ne_bytes());
@@ -133,16 +122,14 @@ impl LossyListener {
         );
         // The program stays attached to the cgroup; it goes when the cgroup is removed.
         drop(program);
-        let procs = cgroup.join("cgroup.procs");
-        let mut command = Command::new("sh");
-        command
-            .args(["-c", "echo $$ > \"$1\" && exec python3 -c \"$2\"", "sh"])
-            .arg(&procs)
-            .arg(LISTENER)
-            .stdout(Stdio::piped());
-        // SAFETY: prctl is async-signal-safe, as a pre_exec hook must be. The listener dies
+        let procs = cgroup.open_procs().expect("the test cgroup's cgroup.procs");
+        let mut command = Command::new("python3");
+        command.args(["-c", LISTENER]).stdout(Stdio::piped());
+        // SAFETY: both hooks only make async-signal-safe calls (write, prctl), as pre_exec
+        // hooks must. The listener runs in the cgroup from its first instruction, and dies
         // with the test even when the test is killed (its Drop never runs then).
         unsafe {
+            command.pre_exec(Cgroup::enter_hook(&procs));
             command.pre_exec(|| {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
@@ -155,7 +142,7 @@ impl LossyListener {
         let mut listener = Self {
             port: 0,
             child,
-            _cgroup: guard,
+            _cgroup: cgroup,
         };
         let mut lines = BufReader::new(stdout).lines();
         listener.port = lines
@@ -178,7 +165,6 @@ impl LossyListener {
 impl Drop for LossyListener {
     fn drop(&mut self) {
         let _ = self.child.kill();
-        // The cgroup is empty once the process has been reaped; `_cgroup` then removes it.
         let _ = self.child.wait();
     }
 }

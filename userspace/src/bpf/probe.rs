@@ -259,10 +259,8 @@ impl Probe {
             .iter()
             .chain(super::HookSet::PageFaults.programs());
         for &prog in on_demand {
-            self.ebpf
-                .as_mut()
-                .and_then(|e| e.program_mut(prog))
-                .expect("on-demand program")
+            self.loaded(prog)
+                .expect("on-demand program in the loaded object")
                 .pin(dir.join(PROGS).join(prog))
                 .map_err(pin_err(format!("program {prog}")))?;
         }
@@ -343,14 +341,17 @@ impl Probe {
         }))
     }
 
+    /// Loaded program `name` (only for a probe that loaded the object).
+    fn loaded(&mut self, name: &str) -> Option<&mut aya::programs::Program> {
+        self.ebpf.as_mut().and_then(|e| e.program_mut(name))
+    }
+
     /// Loaded program `name` as its type `P` (only for a probe that loaded the object).
     fn program_as<P>(&mut self, name: &str) -> &mut P
     where
         for<'a> &'a mut P: TryFrom<&'a mut aya::programs::Program>,
     {
-        self.ebpf
-            .as_mut()
-            .and_then(|e| e.program_mut(name))
+        self.loaded(name)
             .and_then(|p| p.try_into().ok())
             .unwrap_or_else(|| panic!("program {name} of the expected type in the loaded object"))
     }
@@ -655,7 +656,6 @@ impl Probe {
                 bitmap
                     .pages(region)
                     .map(move |page| DirtyPage { proc, page })
-                    .collect::<Vec<_>>()
             })
             .collect())
     }
