@@ -17,18 +17,30 @@ fn workspace(dir: &Path) -> PathBuf {
     ws
 }
 
+/// `bpftool -j ARGS`, parsed. A listing races with the links other tests' daemons release
+/// meanwhile (bpftool gives up on a link that goes away between two of its calls): a
+/// failed run is tried again, a few times, before the test fails with bpftool's error
+/// (which `-j` writes to stdout).
 fn bpftool(args: &[&str]) -> Value {
-    let out = std::process::Command::new("bpftool")
-        .arg("-j")
-        .args(args)
-        .output()
-        .expect("bpftool (installed by scripts/setup)");
-    assert!(
-        out.status.success(),
-        "bpftool {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    let mut tries = 0;
+    loop {
+        let out = std::process::Command::new("bpftool")
+            .arg("-j")
+            .args(args)
+            .output()
+            .expect("bpftool (installed by scripts/setup)");
+        if out.status.success() {
+            return serde_json::from_slice(&out.stdout).unwrap();
+        }
+        tries += 1;
+        assert!(
+            tries < 5,
+            "bpftool {args:?} failed {tries} times: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Kernel links of this daemon's syscall dispatcher (pinned under its pin directory; the
