@@ -56,25 +56,50 @@ pub fn count_read_error() {
     bump(STAT_READ_ERRORS);
 }
 
-/// Unread bytes in the ring buffer above which a submit wakes the consumer. Below it the
+/// Unread bytes in the ring buffer above which a submit may wake the consumer. Below it the
 /// consumer is not woken (it drains on a short timer): a wake-up per event would cost the
 /// traced process more than the event itself.
 const WAKEUP_BYTES: u64 = 512 * 1024;
 
-/// Flags for submitting an event: wake the consumer only when enough data is waiting.
+/// Above [`WAKEUP_BYTES`], only a record that carries the unread bytes across a multiple of
+/// this wakes the consumer: one wake-up per 64 KiB written, not one per record while the
+/// consumer catches up (each is an interrupt raised on this CPU, a trap to the hypervisor on
+/// a VM). A crossing two CPUs race past unseen is caught by the next one.
+const WAKEUP_STEP: u64 = 64 * 1024;
+
+/// What the ring buffer takes for a record of `len` bytes: an 8-byte header, rounded up to
+/// 8 bytes.
+const fn ring_bytes(len: usize) -> u64 {
+    ((len as u64 + 8) + 7) & !7
+}
+
+/// Flags for a record of `len` bytes, given the unread bytes `after` it is in the buffer.
 #[inline(always)]
-pub fn wakeup_flags() -> u64 {
-    if crate::maps::EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES {
+fn wakeup_flags_after(after: u64, len: usize) -> u64 {
+    let before = after.saturating_sub(ring_bytes(len));
+    if after >= WAKEUP_BYTES && after / WAKEUP_STEP != before / WAKEUP_STEP {
         BPF_RB_FORCE_WAKEUP as u64
     } else {
         BPF_RB_NO_WAKEUP as u64
     }
 }
 
+#[inline(always)]
+fn unread_bytes() -> u64 {
+    crate::maps::EVENTS.query(BPF_RB_AVAIL_DATA as u64)
+}
+
+/// Flags for submitting a reserved record of `len` bytes (already counted as unread).
+#[inline(always)]
+pub fn wakeup_flags_reserved(len: usize) -> u64 {
+    wakeup_flags_after(unread_bytes(), len)
+}
+
 /// Sends a fixed-size record (FdEvent) to userspace, counting it or its loss.
 #[inline(always)]
 pub fn send<T>(event: &T) {
-    match crate::maps::EVENTS.output::<T>(event, wakeup_flags()) {
+    let flags = wakeup_flags_after(unread_bytes() + ring_bytes(size_of::<T>()), size_of::<T>());
+    match crate::maps::EVENTS.output::<T>(event, flags) {
         Ok(()) => count_event(),
         Err(_) => count_lost(),
     }

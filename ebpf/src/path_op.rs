@@ -251,7 +251,7 @@ fn try_path_op(ctx: &BtfTracePointContext) -> Option<()> {
         (*e).dir2_dev = dev2;
         (*e).dir2_ino = ino2;
     }
-    entry.submit(crate::emit::wakeup_flags());
+    entry.submit(crate::emit::wakeup_flags_reserved(size_of::<PathEvent>()));
     count_event();
     Some(())
 }

@@ -33,7 +33,7 @@ fn emit(hdr: EventHeader, child_pid: u32, exit_code: u32, filename: impl FnOnce(
         (*e).filename[0] = 0;
         filename(&mut (*e).filename);
     }
-    entry.submit(crate::emit::wakeup_flags());
+    entry.submit(crate::emit::wakeup_flags_reserved(size_of::<ProcEvent>()));
     count_event();
 }
 

@@ -19,7 +19,7 @@ use forkscope_common::{
 };
 
 use crate::{
-    emit::{count_event, count_lost, wakeup_flags},
+    emit::{count_event, count_lost, wakeup_flags_reserved},
     maps::{EVENTS, WRITE_RUNS},
 };
 
@@ -176,7 +176,7 @@ fn send_pending(run: *mut WriteRun, left: u64) {
             -1
         };
     }
-    entry.submit(wakeup_flags());
+    entry.submit(wakeup_flags_reserved(size_of::<FdEvent>()));
     count_event();
 }
 
