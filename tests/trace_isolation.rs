@@ -1,4 +1,5 @@
-//! Processes outside the traced cgroup never appear, even while they run the same workload.
+//! Processes outside the traced cgroup never appear, even while they run the same workload;
+//! and a trace hooks nothing it does not use.
 
 use std::{
     process::{Command, Stdio},
@@ -83,4 +84,33 @@ fn processes_outside_the_traced_cgroup_never_appear() {
             known.insert(e["child_pid"].as_u64().unwrap());
         }
     }
+}
+
+/// Writes to links.txt the kinds of the eBPF links the shell's parent holds (`link_type` in
+/// each of its descriptors' fdinfo).
+const LINK_TYPES: &str = "for f in /proc/$PPID/fdinfo/*; do sed -n 's/^link_type:[[:space:]]*//p' \"$f\"; done > links.txt";
+
+#[test]
+fn a_trace_attaches_no_cgroup_hook_so_its_packets_run_no_program() {
+    require_root();
+    let dir = TempDir::new("trace-hooks");
+    // The traced command's parent is `forkscope trace` itself: it lists the kinds of the
+    // links that process holds while the trace runs.
+    let run = trace(dir.path(), &[], &["sh", "-c", LINK_TYPES]);
+    assert_eq!(run.code(), Some(0), "{}", run.stderr());
+    let kinds = std::fs::read_to_string(dir.path().join("links.txt")).unwrap();
+    let kinds: Vec<&str> = kinds.lines().collect();
+    // The tracer's own hooks: the syscall dispatcher and the page-fault and fork programs
+    // (raw tracepoints), exec and exit (perf tracepoints).
+    assert!(
+        kinds.iter().filter(|k| **k == "raw_tracepoint").count() >= 4,
+        "the trace's raw tracepoint links are listed: {kinds:?}"
+    );
+    // The socket-address and egress programs serve network policies and branches without
+    // per-write detail, neither of which a trace has: attached, they would run for every
+    // packet the command sends.
+    assert!(
+        !kinds.contains(&"cgroup"),
+        "a trace holds no cgroup link: {kinds:?}"
+    );
 }

@@ -74,6 +74,19 @@ fn verdict_of(cg: u64) -> u64 {
     }
 }
 
+/// The cached verdict for cgroup `cg`, if the cache holds one (filled by the programs that
+/// run in the cgroup's tasks: the verdict is the same whoever asks). For programs that run
+/// on behalf of a cgroup other than the current task's (the egress program: a packet may
+/// leave from a softirq), so they can skip their own walk when the cache already knows.
+#[inline(always)]
+pub fn cached_verdict(cg: u64) -> Option<u64> {
+    let generation = CGROUP_VERDICT.get(VERDICT_SLOTS).map_or(0, |g| g.id);
+    let slot = CGROUP_VERDICT.get((cg as u32) & (VERDICT_SLOTS - 1))?;
+    // SAFETY: `slot` points to a live array element; a torn read is detected by VerdictSlot.
+    let cached = unsafe { core::ptr::read_volatile(slot) };
+    cached.verdict(cg, generation)
+}
+
 /// The verdict of a registered cgroup whose options are at `options`.
 #[inline(always)]
 fn registered(options: *const u32) -> u64 {

@@ -17,7 +17,7 @@ use aya_ebpf::{
 };
 use forkscope_common::{
     egress::{EgressCount, EgressKey},
-    keys::TRACK_NO_WRITE_DETAIL,
+    keys::{TRACED_NO_WRITES, TRACK_NO_WRITE_DETAIL},
 };
 
 use crate::{
@@ -34,6 +34,27 @@ const TCP_SYN: u8 = 0x02;
 /// Deepest cgroup nesting looked at for the registered cgroup.
 const MAX_DEPTH: i32 = 8;
 
+/// `T` at `offset` in the packet (from its network header): a plain load where the packet's
+/// linear part holds it (cgroup_skb programs may read the packet directly), else the
+/// `bpf_skb_load_bytes` helper.
+#[inline(always)]
+fn load<T: Copy>(ctx: &SkBuffContext, offset: usize) -> Result<T, i64> {
+    let skb = ctx.skb.skb;
+    // SAFETY: reads of the program's own context; the verifier turns these two fields into
+    // pointers to the start and end of the packet's linear data.
+    let (data, end) = unsafe { ((*skb).data as usize, (*skb).data_end as usize) };
+    let at = data + offset;
+    // At least two bytes are checked: for one, LLVM turns `at + 1 <= end` into `at < end`,
+    // which the verifier does not take as a range.
+    if at + size_of::<T>().max(2) <= end {
+        // SAFETY: [at, at + size_of::<T>()) lies within the linear data, checked just above
+        // (the check the verifier requires); `T` is plain bytes.
+        Ok(unsafe { core::ptr::read_unaligned(at as *const T) })
+    } else {
+        ctx.load(offset)
+    }
+}
+
 #[cgroup_skb(egress)]
 pub fn egress(ctx: SkBuffContext) -> i32 {
     let _ = count(&ctx);
@@ -43,28 +64,28 @@ pub fn egress(ctx: SkBuffContext) -> i32 {
 fn count(ctx: &SkBuffContext) -> Option<()> {
     // Headers first: most packets without payload (ACKs) stop here, before the cgroup
     // lookups. cgroup_skb sees the packet from its network header.
-    let first: u8 = ctx.load(0).ok()?;
+    let first: u8 = load(ctx, 0).ok()?;
     let mut key = EgressKey::default();
     let (l4, total) = match first >> 4 {
         4 => {
             key.family = AF_INET;
-            key.protocol = ctx.load(9).ok()?;
-            let daddr: [u8; 4] = ctx.load(16).ok()?;
+            key.protocol = load(ctx, 9).ok()?;
+            let daddr: [u8; 4] = load(ctx, 16).ok()?;
             key.addr[..4].copy_from_slice(&daddr);
             (u32::from(first & 0x0f) * 4, ctx.skb.len())
         }
         6 => {
             key.family = AF_INET6;
             // (Extension headers are not followed: such packets are not counted.)
-            key.protocol = ctx.load(6).ok()?;
-            key.addr = ctx.load(24).ok()?;
+            key.protocol = load(ctx, 6).ok()?;
+            key.addr = load(ctx, 24).ok()?;
             (40, ctx.skb.len())
         }
         _ => return None,
     };
     let header = match key.protocol {
         IPPROTO_TCP => {
-            let off: u8 = ctx.load(l4 as usize + 12).ok()?;
+            let off: u8 = load(ctx, l4 as usize + 12).ok()?;
             u32::from(off >> 4) * 4
         }
         IPPROTO_UDP => 8,
@@ -79,7 +100,7 @@ fn count(ctx: &SkBuffContext) -> Option<()> {
         payload = new_tcp_bytes(ctx, l4 as usize, payload)?;
     }
     let payload = u64::from(payload);
-    let port: u16 = ctx.load(l4 as usize + 2).ok()?;
+    let port: u16 = load(ctx, l4 as usize + 2).ok()?;
     key.port = u16::from_be(port);
     if EGRESS.get_ptr_mut(key).is_none() {
         // BPF_NOEXIST: a program that raced here first (a softirq on this CPU) keeps its
@@ -100,8 +121,8 @@ fn count(ctx: &SkBuffContext) -> Option<()> {
 /// none, the whole segment was sent before), recording how far the socket has sent.
 #[inline(always)]
 fn new_tcp_bytes(ctx: &SkBuffContext, l4: usize, payload: u32) -> Option<u32> {
-    let seq: u32 = ctx.load(l4 + 4).ok()?;
-    let flags: u8 = ctx.load(l4 + 13).ok()?;
+    let seq: u32 = load(ctx, l4 + 4).ok()?;
+    let flags: u8 = load(ctx, l4 + 13).ok()?;
     // The payload's first byte: a SYN (TCP Fast Open) takes a sequence number before it.
     let start = u32::from_be(seq).wrapping_add(u32::from(flags & TCP_SYN != 0));
     let end = start.wrapping_add(payload);
@@ -134,6 +155,12 @@ fn new_tcp_bytes(ctx: &SkBuffContext, l4: usize, payload: u32) -> Option<u32> {
 fn quiet_branch(skb: *mut __sk_buff) -> Option<u64> {
     // SAFETY: helper taking the program's own context.
     let own = unsafe { bpf_skb_cgroup_id(skb) };
+    // A branch with per-write detail, or none: the verdict cache usually knows (its
+    // syscalls filled it), which spares the walk. Without per-write detail the walk finds
+    // the registered cgroup, which the key needs.
+    if matches!(crate::cgroup::cached_verdict(own), Some(v) if v != TRACED_NO_WRITES) {
+        return None;
+    }
     let mut level = 0;
     let mut id = own;
     loop {

@@ -384,12 +384,15 @@ impl Probe {
         self.maps.get_mut(name).expect("map taken at load")
     }
 
-    /// Attaches every program: the syscall and page-fault programs (see
-    /// [`super::HookSet`]) and the rest (see [`Probe::attach_base`]).
+    /// Attaches what a tracer with per-write detail for every cgroup it tracks needs: the
+    /// syscall and page-fault programs (see [`super::HookSet`]) and the process programs.
+    /// Not the cgroup hooks (socket addresses, egress): they enforce network policies and
+    /// count what branches without per-write detail send, neither of which such a tracer
+    /// has, and the egress program would cost each of its packets a run.
     pub fn attach(&mut self) -> Result<()> {
         self.attach_set(super::HookSet::Syscalls)?;
         self.attach_set(super::HookSet::PageFaults)?;
-        self.attach_base()
+        self.attach_process()
     }
 
     /// Attaches `set`'s programs, unpinned (detached with the probe). While the syscall
@@ -415,9 +418,15 @@ impl Probe {
 
     /// Attaches what costs the rest of the host (almost) nothing: the scheduler's process
     /// tracepoints and the cgroup hooks (socket addresses, egress) on forkscope's parent
-    /// cgroup. The syscall and page-fault programs are attached apart (see
-    /// [`Probe::attach`] and [`super::HookSet`]).
+    /// cgroup: what the daemon keeps attached. The syscall and page-fault programs are
+    /// attached apart (see [`super::HookSet`]).
     pub fn attach_base(&mut self) -> Result<()> {
+        self.attach_process()?;
+        self.attach_cgroup_hooks()
+    }
+
+    /// Attaches the process programs: fork, exec, exit.
+    fn attach_process(&mut self) -> Result<()> {
         for (prog, category, event) in [
             ("process_exec", "sched", "sched_process_exec"),
             ("process_exit", "sched", "sched_process_exit"),
@@ -433,6 +442,13 @@ impl Probe {
             .attach("sched_process_fork")
             .map_err(refused("process_fork", "attach"))?;
         self.raw_links.push(("process_fork", id));
+        Ok(())
+    }
+
+    /// Attaches the cgroup hooks: the socket-address programs (network policies, and the
+    /// connections of branches without per-write detail) and the egress program (what those
+    /// branches send).
+    fn attach_cgroup_hooks(&mut self) -> Result<()> {
         // The policy hooks, on forkscope's parent cgroup: they run for every branch (and
         // look up the policy of the calling task's branch). Other daemons' hooks may be
         // attached there too.
