@@ -1,7 +1,7 @@
 //! Filling event headers and keeping the counters in STATS.
 
 use aya_ebpf::{
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE},
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
 };
 use forkscope_common::{
@@ -61,10 +61,10 @@ pub fn count_read_error() {
 /// traced process more than the event itself.
 const WAKEUP_BYTES: u64 = 512 * 1024;
 
-/// Above [`WAKEUP_BYTES`], only a record that carries the unread bytes across a multiple of
-/// this wakes the consumer: one wake-up per 64 KiB written, not one per record while the
-/// consumer catches up (each is an interrupt raised on this CPU, a trap to the hypervisor on
-/// a VM). A crossing two CPUs race past unseen is caught by the next one.
+/// Between [`WAKEUP_BYTES`] and half the ring, only a record that carries the unread bytes
+/// across a multiple of this wakes the consumer: one wake-up per 64 KiB written, not one per
+/// record (each is an interrupt raised on this CPU, a trap to the hypervisor on a VM). A
+/// crossing two CPUs race past unseen is caught by the next one.
 const WAKEUP_STEP: u64 = 64 * 1024;
 
 /// What the ring buffer takes for a record of `len` bytes: an 8-byte header, rounded up to
@@ -74,10 +74,18 @@ const fn ring_bytes(len: usize) -> u64 {
 }
 
 /// Flags for a record of `len` bytes, given the unread bytes `after` it is in the buffer.
+/// Past half the ring the consumer is losing the race: every record wakes it, which gives
+/// it every chance to run and slows the producers (each wake-up costs them an interrupt)
+/// before the ring is full and events are lost.
 #[inline(always)]
 fn wakeup_flags_after(after: u64, len: usize) -> u64 {
+    if after < WAKEUP_BYTES {
+        return BPF_RB_NO_WAKEUP as u64;
+    }
     let before = after.saturating_sub(ring_bytes(len));
-    if after >= WAKEUP_BYTES && after / WAKEUP_STEP != before / WAKEUP_STEP {
+    if after / WAKEUP_STEP != before / WAKEUP_STEP
+        || after >= crate::maps::EVENTS.query(BPF_RB_RING_SIZE as u64) / 2
+    {
         BPF_RB_FORCE_WAKEUP as u64
     } else {
         BPF_RB_NO_WAKEUP as u64
