@@ -67,8 +67,15 @@ fn verdict_of(cg: u64) -> u64 {
         Some(v) => v,
         None => {
             let v = compute(cg);
-            // SAFETY: as above; concurrent writers race benignly (each writes a valid slot).
-            unsafe { core::ptr::write_volatile(slot, VerdictSlot::new(cg, generation, v)) };
+            // The walk read the task's ancestors as they are now: a task moved to another
+            // cgroup since `cg` was read would have `cg` cached with another cgroup's
+            // verdict (which the egress program also trusts), so that is not stored.
+            // SAFETY: helper without arguments.
+            if unsafe { bpf_get_current_cgroup_id() } == cg {
+                // SAFETY: as above; concurrent writers race benignly (each writes a valid
+                // slot).
+                unsafe { core::ptr::write_volatile(slot, VerdictSlot::new(cg, generation, v)) };
+            }
             v
         }
     }
