@@ -61,8 +61,8 @@ struct Sink<'w, W: Write> {
     pre_exec_pid: Option<u32>,
     /// Runs of writes the kernel is merging.
     runs: Runs,
-    /// One JSON line, serialized here and handed to `out` in one write: serde_json writing
-    /// token by token into `out` cost the consumer more than the serializing.
+    /// One JSON line, serialized here and handed to `out` in one write: small writes token
+    /// by token into `out` cost the consumer more than the serializing.
     line: Vec<u8>,
 }
 
@@ -102,8 +102,7 @@ impl<W: Write> Sink<'_, W> {
 
     fn emit(&mut self, ev: &TraceEvent) -> Result<()> {
         self.line.clear();
-        serde_json::to_writer(&mut self.line, ev).map_err(std::io::Error::from)?;
-        self.line.push(b'\n');
+        crate::events::jsonl::write_line(ev, &mut self.line);
         self.out.write_all(&self.line)?;
         self.summary.add(ev);
         Ok(())

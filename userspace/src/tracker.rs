@@ -536,16 +536,11 @@ fn pin_sets(instance: &str) -> Vec<std::path::PathBuf> {
 }
 
 /// Appends `ev` to a trace as one JSON line; false if it could not be written. The line is
-/// serialized first and written whole (cheaper than serde_json's token-by-token writes, and
-/// a line that fails to serialize leaves nothing behind).
+/// built first and written whole (cheaper than small writes token by token).
 fn write_line(out: &mut BufWriter<File>, ev: &TraceEvent) -> bool {
-    match serde_json::to_vec(ev) {
-        Ok(mut line) => {
-            line.push(b'\n');
-            out.write_all(&line).is_ok()
-        }
-        Err(_) => false,
-    }
+    let mut line = Vec::with_capacity(256);
+    crate::events::jsonl::write_line(ev, &mut line);
+    out.write_all(&line).is_ok()
 }
 
 fn read_loop(
