@@ -10,6 +10,42 @@ use std::{borrow::Cow, collections::BTreeMap};
 
 use super::record::TraceEvent;
 
+/// Calls macro `$m` with TraceEvent's optional fields, in the order it declares them
+/// (serde's order).
+macro_rules! optional_fields {
+    ($m:ident) => {
+        $m!(
+            syscall,
+            path,
+            new_path,
+            src_path,
+            offset,
+            bytes,
+            calls,
+            packets,
+            size,
+            fd,
+            flags,
+            mode,
+            family,
+            addr,
+            port,
+            child_pid,
+            filename,
+            exit_code,
+            signal,
+            pages,
+            page_ranges,
+            truncated,
+            parent,
+            children,
+            target,
+            duration_ns,
+            phases_us
+        )
+    };
+}
+
 /// Appends `ev` as one JSON object and a newline to `out`.
 pub fn write_line(ev: &TraceEvent, out: &mut Vec<u8>) {
     out.extend_from_slice(b"{\"ts_ns\":");
@@ -24,8 +60,7 @@ pub fn write_line(ev: &TraceEvent, out: &mut Vec<u8>) {
     ev.comm.write_json(out);
     out.extend_from_slice(b",\"kind\":");
     ev.kind.write_json(out);
-    // The optional fields, in the order TraceEvent declares them (serde's order), each
-    // left out when None as its `skip_serializing_if` says.
+    // The optional fields, each left out when None as its `skip_serializing_if` says.
     macro_rules! optional {
         ($($field:ident),* $(,)?) => {
             $(
@@ -36,35 +71,7 @@ pub fn write_line(ev: &TraceEvent, out: &mut Vec<u8>) {
             )*
         };
     }
-    optional!(
-        syscall,
-        path,
-        new_path,
-        src_path,
-        offset,
-        bytes,
-        calls,
-        packets,
-        size,
-        fd,
-        flags,
-        mode,
-        family,
-        addr,
-        port,
-        child_pid,
-        filename,
-        exit_code,
-        signal,
-        pages,
-        page_ranges,
-        truncated,
-        parent,
-        children,
-        target,
-        duration_ns,
-        phases_us,
-    );
+    optional_fields!(optional);
     out.extend_from_slice(b"}\n");
 }
 
@@ -211,7 +218,6 @@ mod tests {
 
     #[test]
     fn each_optional_field_left_out_alone_is_left_out_as_serde_json_does() {
-        // The list of `optional!` in write_line: keep the two in step.
         macro_rules! without_each {
             ($($field:ident),*) => {
                 $(
@@ -221,35 +227,7 @@ mod tests {
                 )*
             };
         }
-        without_each!(
-            syscall,
-            path,
-            new_path,
-            src_path,
-            offset,
-            bytes,
-            calls,
-            packets,
-            size,
-            fd,
-            flags,
-            mode,
-            family,
-            addr,
-            port,
-            child_pid,
-            filename,
-            exit_code,
-            signal,
-            pages,
-            page_ranges,
-            truncated,
-            parent,
-            children,
-            target,
-            duration_ns,
-            phases_us
-        );
+        optional_fields!(without_each);
     }
 
     #[test]
