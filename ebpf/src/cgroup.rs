@@ -57,28 +57,36 @@ pub fn task_tracked_as(
 /// The verdict for cgroup `cg` (cached).
 #[inline(always)]
 fn verdict_of(cg: u64) -> u64 {
+    let (generation, hit) = cached(cg);
+    if let Some(v) = hit {
+        return v;
+    }
+    let v = compute(cg);
+    // The walk read the task's ancestors as they are now: a task moved to another cgroup
+    // since `cg` was read would have `cg` cached with another cgroup's verdict (which the
+    // egress program also trusts), so that is not stored. The generation is the one read
+    // before the walk: a change of the tracked set meanwhile leaves the slot stale.
+    // SAFETY: helper without arguments.
+    if unsafe { bpf_get_current_cgroup_id() } == cg
+        && let Some(slot) = CGROUP_VERDICT.get_ptr_mut((cg as u32) & (VERDICT_SLOTS - 1))
+    {
+        // SAFETY: a live array element; concurrent writers race benignly (each writes a
+        // valid slot).
+        unsafe { core::ptr::write_volatile(slot, VerdictSlot::new(cg, generation, v)) };
+    }
+    v
+}
+
+/// The cache's generation and, if the cache holds one, its verdict for cgroup `cg`.
+#[inline(always)]
+fn cached(cg: u64) -> (u64, Option<u64>) {
     let generation = CGROUP_VERDICT.get(VERDICT_SLOTS).map_or(0, |g| g.id);
-    let Some(slot) = CGROUP_VERDICT.get_ptr_mut((cg as u32) & (VERDICT_SLOTS - 1)) else {
-        return NOT_TRACED;
+    let Some(slot) = CGROUP_VERDICT.get((cg as u32) & (VERDICT_SLOTS - 1)) else {
+        return (generation, None);
     };
     // SAFETY: `slot` points to a live array element; a torn read is detected by VerdictSlot.
     let cached = unsafe { core::ptr::read_volatile(slot) };
-    match cached.verdict(cg, generation) {
-        Some(v) => v,
-        None => {
-            let v = compute(cg);
-            // The walk read the task's ancestors as they are now: a task moved to another
-            // cgroup since `cg` was read would have `cg` cached with another cgroup's
-            // verdict (which the egress program also trusts), so that is not stored.
-            // SAFETY: helper without arguments.
-            if unsafe { bpf_get_current_cgroup_id() } == cg {
-                // SAFETY: as above; concurrent writers race benignly (each writes a valid
-                // slot).
-                unsafe { core::ptr::write_volatile(slot, VerdictSlot::new(cg, generation, v)) };
-            }
-            v
-        }
-    }
+    (generation, cached.verdict(cg, generation))
 }
 
 /// The cached verdict for cgroup `cg`, if the cache holds one (filled by the programs that
@@ -87,11 +95,7 @@ fn verdict_of(cg: u64) -> u64 {
 /// leave from a softirq), so they can skip their own walk when the cache already knows.
 #[inline(always)]
 pub fn cached_verdict(cg: u64) -> Option<u64> {
-    let generation = CGROUP_VERDICT.get(VERDICT_SLOTS).map_or(0, |g| g.id);
-    let slot = CGROUP_VERDICT.get((cg as u32) & (VERDICT_SLOTS - 1))?;
-    // SAFETY: `slot` points to a live array element; a torn read is detected by VerdictSlot.
-    let cached = unsafe { core::ptr::read_volatile(slot) };
-    cached.verdict(cg, generation)
+    cached(cg).1
 }
 
 /// The verdict of a registered cgroup whose options are at `options`.

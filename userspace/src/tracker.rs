@@ -77,6 +77,8 @@ struct Sinks {
     /// What branches without per-write detail sent (none if the map could not be opened).
     egress_map: Option<EgressMap>,
     egress: Egress,
+    /// One JSON line, built here and written whole (reused from event to event).
+    line: Vec<u8>,
 }
 
 impl Sinks {
@@ -101,7 +103,7 @@ impl Sinks {
                 self.kinds.insert(ev.kind.clone(), 1);
             }
         }
-        if !write_line(out, ev) {
+        if !write_line(out, &mut self.line, ev) {
             log::warn!("writing the trace of cgroup {} failed", ev.cgroup);
         }
         true
@@ -238,6 +240,7 @@ impl Tracker {
                 runs,
                 egress_map,
                 egress: Egress::default(),
+                line: Vec::with_capacity(1024),
             })),
             stop: Arc::new(AtomicBool::new(false)),
             drains: Arc::default(),
@@ -464,9 +467,10 @@ impl Tracker {
     /// Appends `ev`, written by the daemon (a branch operation), to the trace of cgroup `id`,
     /// between the kernel's events; nothing when it is not traced.
     pub fn note(&self, id: u64, ev: &TraceEvent) {
-        let mut sinks = self.sinks();
+        let mut guard = self.sinks();
+        let sinks = &mut *guard;
         if let Some((file, out)) = sinks.files.get_mut(&id)
-            && !(write_line(out, ev) && out.flush().is_ok())
+            && !(write_line(out, &mut sinks.line, ev) && out.flush().is_ok())
         {
             log::warn!("writing {} to {} failed", ev.kind, file.display());
         }
@@ -536,11 +540,11 @@ fn pin_sets(instance: &str) -> Vec<std::path::PathBuf> {
 }
 
 /// Appends `ev` to a trace as one JSON line; false if it could not be written. The line is
-/// built first and written whole (cheaper than small writes token by token).
-fn write_line(out: &mut BufWriter<File>, ev: &TraceEvent) -> bool {
-    let mut line = Vec::with_capacity(256);
-    crate::events::jsonl::write_line(ev, &mut line);
-    out.write_all(&line).is_ok()
+/// built first in `line` and written whole (cheaper than small writes token by token).
+fn write_line(out: &mut BufWriter<File>, line: &mut Vec<u8>, ev: &TraceEvent) -> bool {
+    line.clear();
+    crate::events::jsonl::write_line(ev, line);
+    out.write_all(line).is_ok()
 }
 
 fn read_loop(
