@@ -1,6 +1,6 @@
 //! The daemon's durable state: every live branch's record, in an SQLite database in the state
 //! directory, written before an operation is acknowledged. One daemon per state directory
-//! (an exclusive lock on `<state>/lock`).
+//! (a lock on `<state>/lock`, see [`lock`]).
 //!
 //! Durability: WAL with `synchronous = NORMAL`: a transaction is in the kernel (the WAL
 //! written, not fsynced) before it is acknowledged, so a daemon killed at any instant loses
@@ -11,9 +11,10 @@
 //! record cost every fork 0.6-0.8 ms here. Commits into a workspace make their own writes
 //! durable (see `crate::commit`).
 
+pub mod lock;
+
 use std::{
     fs,
-    os::fd::AsRawFd,
     path::{Path, PathBuf},
 };
 
@@ -27,36 +28,12 @@ use crate::{
 /// The registry of live branches.
 pub struct Registry {
     db: Connection,
-    /// `lock` in the state directory, held (flock) while the registry is open.
-    lock: fs::File,
+    /// `lock` in the state directory, held while the registry is open.
+    _lock: lock::StateLock,
 }
 
 fn db_err(e: rusqlite::Error) -> Error {
     Error::State(e.to_string())
-}
-
-/// Takes the exclusive lock on `lock`: Ok(false) if another open file holds it.
-fn take_lock(lock: &fs::File) -> std::io::Result<bool> {
-    // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-        return Ok(true);
-    }
-    let e = std::io::Error::last_os_error();
-    if e.kind() == std::io::ErrorKind::WouldBlock {
-        Ok(false)
-    } else {
-        Err(e)
-    }
-}
-
-impl Drop for Registry {
-    /// Releases the lock now: closing the descriptor alone would not while a child forked
-    /// meanwhile by another thread (a spawn, before its exec) holds a copy of it, and a
-    /// registry opened again at once (a restart in the same process) would be refused.
-    fn drop(&mut self) {
-        // SAFETY: flock on a descriptor we own.
-        unsafe { libc::flock(self.lock.as_raw_fd(), libc::LOCK_UN) };
-    }
 }
 
 impl Registry {
@@ -70,19 +47,15 @@ impl Registry {
         };
         fs::create_dir_all(dir).map_err(unusable)?;
         let lock_path = dir.join("lock");
-        let lock = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(unusable)?;
-        if !take_lock(&lock).map_err(unusable)? {
-            return Err(Error::State(format!(
-                "another forkscope daemon uses the state directory {} (it holds {}); stop it or pick another --state-dir",
+        let lock = lock::take(&lock_path).map_err(|e| match e {
+            lock::Refused::Io(e) => unusable(e),
+            lock::Refused::Held { pid } => Error::State(format!(
+                "another forkscope daemon{} uses the state directory {} (it holds {}); stop it or pick another --state-dir",
+                pid.map(|p| format!(" (pid {p})")).unwrap_or_default(),
                 dir.display(),
                 lock_path.display()
-            )));
-        }
+            )),
+        })?;
         let db = Connection::open(dir.join("forkscope.db")).map_err(db_err)?;
         db.execute_batch(
             "PRAGMA journal_mode = WAL;
@@ -95,7 +68,7 @@ impl Registry {
              CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);",
         )
         .map_err(db_err)?;
-        Ok(Self { db, lock })
+        Ok(Self { db, _lock: lock })
     }
 
     /// A new branch id, never reused.
