@@ -118,6 +118,61 @@ fn attached_in_status(d: &Daemon) -> bool {
     s["trace"]["syscall_programs_attached"].as_bool().unwrap()
 }
 
+/// The daemon's threads named `comm` (as the kernel keeps it, 15 bytes at most).
+fn threads_named(d: &Daemon, comm: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{}/task", d.child.id()))
+        .unwrap()
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == comm)
+        })
+        .count()
+}
+
+#[test]
+fn branches_that_come_and_go_within_the_grace_period_share_one_detach_timer() {
+    require_root();
+    let dir = TempDir::new("write-detail-timer");
+    let ws = workspace(dir.path());
+    let d = Daemon::start_full(
+        dir.path(),
+        &dir.path().join("api.sock"),
+        &[],
+        &["--detach-grace", "5"],
+    );
+    for i in 0..5 {
+        let name = format!("short{i}");
+        d.run_sleeping(&name, &ws);
+        d.ok(&["abort", &name]);
+    }
+    let timers = threads_named(&d, "forkscope-detac");
+    assert_eq!(
+        timers, 2,
+        "five releases within the grace period wait on one timer thread per on-demand set \
+         (the syscall programs, the page-fault programs)"
+    );
+    assert_eq!(
+        syscall_links(&d),
+        1,
+        "still attached within the grace period"
+    );
+    let left = wait_detached(&d, Duration::from_secs(20));
+    assert_eq!(
+        left,
+        (0, false),
+        "detached once the grace period has passed"
+    );
+    let start = Instant::now();
+    while threads_named(&d, "forkscope-detac") != 0 && start.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        threads_named(&d, "forkscope-detac"),
+        0,
+        "and the timer is gone"
+    );
+}
+
 #[test]
 fn syscall_programs_are_attached_only_while_a_branch_asks_for_per_write_detail() {
     require_root();

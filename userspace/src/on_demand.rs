@@ -22,11 +22,11 @@ struct State {
     /// Tracked cgroups that need it.
     wanted_by: HashSet<u64>,
     attached: bool,
-    /// Bumped whenever `wanted_by` changes: a delayed detach that finds another value
-    /// was overtaken.
-    changes: u64,
     /// The thread releasing the links, while it runs.
     detaching: Option<JoinHandle<()>>,
+    /// When the pending delayed detach is due, while its timer thread waits (one thread
+    /// however many releases come meanwhile: each later one moves the time).
+    detach_due: Option<Instant>,
 }
 
 /// One on-demand set of a pinned probe.
@@ -82,7 +82,6 @@ impl OnDemand {
             state.attached = true;
         }
         state.wanted_by.insert(id);
-        state.changes += 1;
         Ok(())
     }
 
@@ -90,9 +89,7 @@ impl OnDemand {
     /// after the grace period unless something asks for it meanwhile.
     pub fn release(&self, id: u64) {
         let mut state = self.state();
-        if state.wanted_by.remove(&id) {
-            state.changes += 1;
-        }
+        state.wanted_by.remove(&id);
         self.detach_later(&mut state);
     }
 
@@ -107,19 +104,27 @@ impl OnDemand {
         if !state.wanted_by.is_empty() || !state.attached {
             return;
         }
-        let (shared, seen, dir, set) = (
-            self.state.clone(),
-            state.changes,
-            self.pin_dir.clone(),
-            self.set,
-        );
-        let grace = self.grace;
+        let due = Instant::now() + self.grace;
+        if state.detach_due.replace(due).is_some() {
+            return; // the waiting timer sees the new time
+        }
+        let (shared, dir, set) = (self.state.clone(), self.pin_dir.clone(), self.set);
         let timer = std::thread::Builder::new()
             .name("forkscope-detach".into())
             .spawn(move || {
-                std::thread::sleep(grace);
                 let mut state = shared.lock().unwrap_or_else(|p| p.into_inner());
-                if state.changes != seen || !state.attached {
+                // Until the time last asked for has passed.
+                while let Some(due) = state.detach_due {
+                    let now = Instant::now();
+                    if now >= due {
+                        break;
+                    }
+                    drop(state);
+                    std::thread::sleep(due - now);
+                    state = shared.lock().unwrap_or_else(|p| p.into_inner());
+                }
+                state.detach_due = None;
+                if !state.wanted_by.is_empty() || !state.attached {
                     return;
                 }
                 state.attached = false;
@@ -134,6 +139,7 @@ impl OnDemand {
                 }));
             });
         if let Err(e) = timer {
+            state.detach_due = None;
             log::warn!(
                 "could not schedule detaching the {}: {e}",
                 self.set.describe()
