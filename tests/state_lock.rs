@@ -8,6 +8,16 @@ use std::{io::Read, os::fd::FromRawFd};
 use forkscope::state::Registry;
 use forkscope_tests::TempDir;
 
+/// A process this test made, killed when the test ends (passed or failed).
+struct KillOnDrop(i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) of a positive pid: the orphan this test forked.
+        unsafe { libc::kill(self.0, libc::SIGKILL) };
+    }
+}
+
 #[test]
 fn a_crashed_daemons_children_do_not_keep_its_state_directory() {
     let dir = TempDir::new("state-lock");
@@ -36,6 +46,7 @@ fn a_crashed_daemons_children_do_not_keep_its_state_directory() {
                         libc::_exit(0);
                     }
                 }
+                -1 => told = String::from("no fork"),
                 child => told = child.to_string(),
             }
         }
@@ -51,7 +62,12 @@ fn a_crashed_daemons_children_do_not_keep_its_state_directory() {
     let mut from_daemon = unsafe { std::fs::File::from_raw_fd(fds[0]) };
     let mut told = String::new();
     from_daemon.read_to_string(&mut told).unwrap();
-    let orphan: i32 = told.parse().expect("the first registry opens");
+    let orphan: i32 = told
+        .parse()
+        .unwrap_or_else(|_| panic!("the first registry opens and forks: {told}"));
+    assert!(orphan > 0, "{told}");
+    // Killed whatever happens below.
+    let _orphan = KillOnDrop(orphan);
     let mut status = 0;
     // SAFETY: waits for our own child.
     assert_eq!(unsafe { libc::waitpid(daemon, &mut status, 0) }, daemon);
@@ -60,8 +76,6 @@ fn a_crashed_daemons_children_do_not_keep_its_state_directory() {
     let alive = std::path::Path::new(&format!("/proc/{orphan}")).exists();
     // ...yet the next daemon opens the registry at once.
     let next = Registry::open(&state);
-    // SAFETY: kills the orphan this test made.
-    unsafe { libc::kill(orphan, libc::SIGKILL) };
     assert!(
         alive,
         "the crashed daemon's child is alive while the next one opens"

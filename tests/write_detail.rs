@@ -138,7 +138,7 @@ fn branches_that_come_and_go_within_the_grace_period_share_one_detach_timer() {
         dir.path(),
         &dir.path().join("api.sock"),
         &[],
-        &["--detach-grace", "5"],
+        &["--detach-grace", "10"],
     );
     for i in 0..5 {
         let name = format!("short{i}");
@@ -156,7 +156,7 @@ fn branches_that_come_and_go_within_the_grace_period_share_one_detach_timer() {
         1,
         "still attached within the grace period"
     );
-    let left = wait_detached(&d, Duration::from_secs(20));
+    let left = wait_detached(&d, Duration::from_secs(30));
     assert_eq!(
         left,
         (0, false),
@@ -170,6 +170,25 @@ fn branches_that_come_and_go_within_the_grace_period_share_one_detach_timer() {
         threads_named(&d, "forkscope-detac"),
         0,
         "and the timer is gone"
+    );
+
+    // Branches that never asked for the syscall programs (per-write detail off) and end
+    // meanwhile do not push the detach back.
+    d.run_sleeping("loud", &ws);
+    d.ok(&["abort", "loud"]);
+    let start = Instant::now();
+    let mut quiet = 0;
+    while syscall_links(&d) != 0 && start.elapsed() < Duration::from_secs(40) {
+        let name = format!("quiet{quiet}");
+        run_sleeping_with(&d, &name, &ws, "off");
+        d.ok(&["abort", &name]);
+        quiet += 1;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(
+        syscall_links(&d),
+        0,
+        "detached after the grace period though {quiet} quiet branches ended meanwhile"
     );
 }
 

@@ -89,8 +89,11 @@ impl OnDemand {
     /// after the grace period unless something asks for it meanwhile.
     pub fn release(&self, id: u64) {
         let mut state = self.state();
-        state.wanted_by.remove(&id);
-        self.detach_later(&mut state);
+        // A cgroup that never wanted the set (a branch without per-write detail, a
+        // checkpoint) changes nothing: it must not push a pending detach back.
+        if state.wanted_by.remove(&id) {
+            self.detach_later(&mut state);
+        }
     }
 
     /// Detaches the set after the grace period if nothing wants it then (called once the
@@ -104,7 +107,9 @@ impl OnDemand {
         if !state.wanted_by.is_empty() || !state.attached {
             return;
         }
-        let due = Instant::now() + self.grace;
+        let Some(due) = Instant::now().checked_add(self.grace) else {
+            return; // a grace period beyond any clock: attached for good
+        };
         if state.detach_due.replace(due).is_some() {
             return; // the waiting timer sees the new time
         }

@@ -61,14 +61,17 @@ pub fn take(path: &Path) -> Result<StateLock, Refused> {
     // Held across the check, the open and the lock: another thread's registry on the same
     // file cannot come in between.
     let mut held = held();
-    if let Ok(m) = fs::metadata(path)
-        && held.contains(&(m.dev(), m.ino()))
-    {
-        // Checked before opening: a descriptor opened and closed here would release the
-        // lock this process holds.
-        return Err(Refused::Held {
-            pid: Some(std::process::id() as i32),
-        });
+    // Checked before opening: a descriptor opened and closed here would release the lock
+    // this process holds.
+    match fs::metadata(path) {
+        Ok(m) if held.contains(&(m.dev(), m.ino())) => {
+            return Err(Refused::Held {
+                pid: Some(std::process::id() as i32),
+            });
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e.into()),
     }
     let file = fs::OpenOptions::new()
         .create(true)
