@@ -121,6 +121,75 @@ fn a_daemon_killed_with_sigkill_comes_back_with_every_branch() {
     );
 }
 
+/// Whether a daemon answers `GET /v1/status` on `socket` within a second.
+fn answers(socket: &Path) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(socket) else {
+        return false;
+    };
+    s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let _ = s.write_all(b"GET /v1/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text.starts_with("HTTP/1.1 200")
+}
+
+#[test]
+fn sockets_a_dead_daemons_child_still_holds_do_not_stop_a_restart() {
+    require_root();
+    // What a daemon killed while it spawned a process leaves until that child's exec: its
+    // API socket, listening but never answering, and its metrics port, taken a moment more.
+    let dir = TempDir::new("daemon-stale-sockets");
+    let socket = dir.path().join("api.sock");
+    let silent = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let metrics = port.local_addr().unwrap().to_string();
+    let freed = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(700));
+        drop(port);
+    });
+    let child = Command::new(forkscope())
+        .args(["daemon", "--metrics-addr", &metrics, "--state-dir"])
+        .arg(dir.path().join("state"))
+        .arg("--socket")
+        .arg(&socket)
+        .stderr(Stdio::from(
+            std::fs::File::create(dir.path().join("daemon.log")).unwrap(),
+        ))
+        .spawn()
+        .unwrap();
+    let mut d = Daemon {
+        child,
+        socket: socket.clone(),
+        state: dir.path().join("state"),
+    };
+    let start = Instant::now();
+    let came_up = loop {
+        if answers(&socket) {
+            break true;
+        }
+        if d.child.try_wait().unwrap().is_some() || start.elapsed() > Duration::from_secs(30) {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    if !came_up {
+        // (Released first: a CLI would wait forever on a socket that never answers.)
+        drop(silent);
+        let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap_or_default();
+        panic!("the daemon did not start: {log}");
+    }
+    freed.join().unwrap();
+    assert!(
+        std::net::TcpStream::connect(&metrics).is_ok(),
+        "the daemon serves metrics on the port once it was free"
+    );
+    // The silent socket is gone from the path; the daemon's own answers there.
+    d.ok(&["ls"]);
+    drop(silent);
+    d.stop();
+}
+
 /// Waits for a daemon that crashed on purpose to be gone.
 fn wait_crashed(d: &mut Daemon) {
     let start = Instant::now();

@@ -21,6 +21,7 @@
 //! `"conflicts"`) or 500.
 
 pub mod client;
+pub mod listen;
 pub mod server;
 
 use serde::{Deserialize, Serialize};

@@ -487,7 +487,7 @@ pub async fn serve(
     };
     // Bound first: an address in use fails before anything else is made.
     let metrics_listener = match opts.metrics_addr {
-        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        Some(addr) => Some(super::listen::bind_tcp(addr).await.map_err(|e| {
             Error::Invalid(format!(
                 "the metrics address {addr} cannot be used: {e} (another daemon there? choose another with --metrics-addr, or --metrics-addr off)"
             ))
@@ -560,7 +560,7 @@ pub async fn serve(
         // Branches do not even see the socket (the peer check below is the second line).
         manager.hide(dir);
     }
-    if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+    if super::listen::answered(socket) {
         return Err(Error::Conflict(format!(
             "another daemon is listening on {}: stop it or use another --socket",
             socket.display()

@@ -15,7 +15,7 @@ use std::{
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
 };
 
 use super::{
@@ -50,7 +50,7 @@ pub async fn start(
     journal: Journal,
     directory: Arc<dyn Directory>,
 ) -> Result<SocketAddr> {
-    let listener = TcpListener::bind(addr).await.map_err(|e| {
+    let listener = crate::api::listen::bind_tcp(addr).await.map_err(|e| {
         Error::Invalid(format!(
             "the recording proxy cannot listen on {addr}: {e} (choose another --proxy-addr)"
         ))
