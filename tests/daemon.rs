@@ -134,6 +134,15 @@ fn answers(socket: &Path) -> bool {
     text.starts_with("HTTP/1.1 200")
 }
 
+/// A process a test made, killed when the test ends (passed or failed).
+struct KillOnDrop(i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        forkscope_tests::daemon::nix_kill(self.0 as u32, libc::SIGKILL);
+    }
+}
+
 #[test]
 fn sockets_a_dead_daemons_child_still_holds_do_not_stop_a_restart() {
     require_root();
@@ -141,7 +150,48 @@ fn sockets_a_dead_daemons_child_still_holds_do_not_stop_a_restart() {
     // API socket, listening but never answering, and its metrics port, taken a moment more.
     let dir = TempDir::new("daemon-stale-sockets");
     let socket = dir.path().join("api.sock");
-    let silent = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    // A socket a live process listens on is not taken, answer or not.
+    let live = dir.path().join("live.sock");
+    let _listening = std::os::unix::net::UnixListener::bind(&live).unwrap();
+    let refused = Command::new(forkscope())
+        .args(["daemon", "--metrics-addr", "off", "--state-dir"])
+        .arg(dir.path().join("state-live"))
+        .arg("--socket")
+        .arg(&live)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("another daemon is listening"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    // The API socket: made to listen by a process that is gone, held by its child.
+    let mut maker = Command::new("python3")
+        .args([
+            "-c",
+            "import os, socket, sys, time\n\
+             s = socket.socket(socket.AF_UNIX)\n\
+             s.bind(sys.argv[1])\n\
+             s.listen()\n\
+             child = os.fork()\n\
+             if child == 0:\n    time.sleep(60)\n    os._exit(0)\n\
+             print(child, flush=True)\n",
+        ])
+        .arg(&socket)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(maker.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert!(maker.wait().unwrap().success());
+    let holder: i32 = line.trim().parse().expect("the socket's holder");
+    assert!(holder > 0);
+    let silent = KillOnDrop(holder);
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let metrics = port.local_addr().unwrap().to_string();
     let freed = std::thread::spawn(move || {
@@ -174,7 +224,7 @@ fn sockets_a_dead_daemons_child_still_holds_do_not_stop_a_restart() {
         std::thread::sleep(Duration::from_millis(50));
     };
     if !came_up {
-        // (Released first: a CLI would wait forever on a socket that never answers.)
+        // (Killed first: a CLI would wait forever on a socket that never answers.)
         drop(silent);
         let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap_or_default();
         panic!("the daemon did not start: {log}");

@@ -560,7 +560,7 @@ pub async fn serve(
         // Branches do not even see the socket (the peer check below is the second line).
         manager.hide(dir);
     }
-    if super::listen::answered(socket) {
+    if super::listen::held_by_a_live_process(socket) {
         return Err(Error::Conflict(format!(
             "another daemon is listening on {}: stop it or use another --socket",
             socket.display()
@@ -568,6 +568,7 @@ pub async fn serve(
     }
     let _ = std::fs::remove_file(socket);
     let listener = UnixListener::bind(socket).at(socket)?;
+    let bound = super::listen::identity(socket);
     let mode = match group {
         Some(gid) => {
             nix::unistd::chown(socket, None, Some(gid))
@@ -619,7 +620,10 @@ pub async fn serve(
     )
     .with_graceful_shutdown(shutdown)
     .await;
-    let _ = std::fs::remove_file(socket);
+    // Only the file this daemon bound (a later daemon may have replaced it).
+    if bound.is_some() && super::listen::identity(socket) == bound {
+        let _ = std::fs::remove_file(socket);
+    }
     // With no branch left, nothing needs tracing: the programs go. Otherwise they stay
     // pinned and keep recording for the next daemon.
     if let Some(t) = tracker {
