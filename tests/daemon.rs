@@ -10,7 +10,7 @@ use std::{
 
 use std::os::unix::fs::PermissionsExt;
 
-use forkscope_tests::{TempDir, cgroup2_root, daemon::Daemon, forkscope, require_root};
+use forkscope_tests::{KillOnDrop, TempDir, cgroup2_root, daemon::Daemon, forkscope, require_root};
 
 fn workspace(dir: &Path) -> PathBuf {
     let ws = dir.join("ws");
@@ -132,15 +132,6 @@ fn answers(socket: &Path) -> bool {
     let mut text = String::new();
     let _ = s.read_to_string(&mut text);
     text.starts_with("HTTP/1.1 200")
-}
-
-/// A process a test made, killed when the test ends (passed or failed).
-struct KillOnDrop(i32);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        forkscope_tests::daemon::nix_kill(self.0 as u32, libc::SIGKILL);
-    }
 }
 
 #[test]

@@ -6,17 +6,7 @@
 use std::{io::Read, os::fd::FromRawFd};
 
 use forkscope::state::Registry;
-use forkscope_tests::TempDir;
-
-/// A process this test made, killed when the test ends (passed or failed).
-struct KillOnDrop(i32);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) of a positive pid: the orphan this test forked.
-        unsafe { libc::kill(self.0, libc::SIGKILL) };
-    }
-}
+use forkscope_tests::{KillOnDrop, TempDir};
 
 #[test]
 fn a_crashed_daemons_children_do_not_keep_its_state_directory() {

@@ -74,6 +74,20 @@ pub fn require_root() {
     );
 }
 
+/// A process a test made (its pid, positive), SIGKILLed when the test ends, passed or
+/// failed.
+pub struct KillOnDrop(pub i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // Never 0 or a negative pid: kill(2) would signal a group, or everything.
+        if self.0 > 0 {
+            // SAFETY: kill(2) of a single positive pid: the process the test made.
+            unsafe { libc::kill(self.0, libc::SIGKILL) };
+        }
+    }
+}
+
 /// A fresh directory (under /tmp unless told), removed on drop.
 pub struct TempDir(pub PathBuf);
 

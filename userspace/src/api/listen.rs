@@ -36,7 +36,7 @@ pub async fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
 /// The pid of the process that is listening on the Unix socket `path` (the one that called
 /// `listen`, which the kernel hands every connection as its peer), if a connection is
 /// accepted there: `Some(None)` when the kernel does not say who.
-pub fn listener_pid(path: &Path) -> Option<Option<i32>> {
+fn listener_pid(path: &Path) -> Option<Option<i32>> {
     let s = UnixStream::connect(path).ok()?;
     let mut cred = libc::ucred {
         pid: 0,
