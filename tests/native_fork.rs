@@ -712,6 +712,10 @@ own_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
 counts = [0, 0, 0]
 stop, gate, lock = threading.Event(), threading.Event(), threading.Lock()
 def work(i):
+    # The first worker keeps to a CPU of its own choosing: its copy must too.
+    cpus = os.sched_getaffinity(0)
+    if i == 0 and len(cpus) > 1:
+        os.sched_setaffinity(0, {max(cpus)})
     while not stop.is_set():
         with lock:
             counts[i] += 1
@@ -755,11 +759,35 @@ fn threads_of(pid: u64) -> (usize, Vec<String>) {
     (names.len(), names)
 }
 
+/// The CPUs thread `tid` of process `pid` may run on (`Cpus_allowed_list`).
+fn cpus_of(pid: u64, tid: u64) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// The CPUs each thread of process `pid` may run on, sorted.
+fn thread_cpus(pid: u64) -> Vec<String> {
+    let mut all: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter_map(|t| t.file_name().to_str()?.parse().ok())
+        .map(|tid| cpus_of(pid, tid))
+        .collect();
+    all.sort();
+    all
+}
+
 #[test]
 fn a_multi_threaded_process_is_cloned_with_every_thread_running_in_both_branches() {
     let s = setup(&[("threaded.py", THREADED)]);
     s.run("root", &["python3", "threaded.py"]);
     s.wait_out("root", "ready");
+    let cpus_before = thread_cpus(s.pids("root")[0]);
     let stderr = s.fork("root", "kid");
     assert!(
         stderr.contains("cloned copy-on-write (1 per child)"),
@@ -770,6 +798,10 @@ fn a_multi_threaded_process_is_cloned_with_every_thread_running_in_both_branches
     // The clone has every thread of the original, with the same names.
     assert_eq!(threads_of(kid), threads_of(root));
     assert_eq!(threads_of(kid).0, 5);
+    // Each thread's copy may run on the CPUs its original may (a thread made again in the
+    // clone inherits the leader's), and the originals' are untouched.
+    assert_eq!(thread_cpus(root), cpus_before);
+    assert_eq!(thread_cpus(kid), cpus_before);
     // In the child: the workers count on, glibc knows each thread by its new id, the
     // blocked thread wakes, every thread is joined.
     s.sh("kid", "touch stop");
@@ -1054,6 +1086,7 @@ fn a_daemon_killed_at_any_instant_of_a_fork_leaves_the_original_process_intact()
     let mut s = setup(&[]);
     s.run_agent("root", 4);
     let original: Vec<u32> = s.pids("root").iter().map(|p| *p as u32).collect();
+    let cpus_before = thread_cpus(original[0] as u64);
     let dir = s.d.state.parent().unwrap().to_path_buf();
     let socket = s.d.socket.clone();
     s.d.stop();
@@ -1087,6 +1120,8 @@ fn a_daemon_killed_at_any_instant_of_a_fork_leaves_the_original_process_intact()
             status.contains("TracerPid:\t0") && !status.contains("SigBlk:\tffffffff"),
             "{fault}: {status}"
         );
+        // It may run on the CPUs it could before.
+        assert_eq!(thread_cpus(original[0] as u64), cpus_before, "{fault}");
         // The original goes on from where it was, with its state.
         counter += 1;
         d.ok(&["exec", "root", "--", "sh", "-c", "rm -f out"]);

@@ -24,6 +24,7 @@ use std::{fs::File, io::Read, os::unix::fs::FileExt};
 
 use nix::{
     errno::Errno,
+    sched::{CpuSet, sched_getaffinity, sched_setaffinity},
     sys::{
         ptrace::{self, Options},
         signal::Signal,
@@ -106,6 +107,9 @@ pub struct Tracee {
     by_steps: bool,
     /// Whether its signals are blocked for injected calls.
     blocked: bool,
+    /// The CPUs it is given when it is let go, if not the ones it has (see
+    /// [`Tracee::cpus_at_release`]).
+    cpus_at_release: Option<CpuSet>,
 }
 
 fn ptrace_err(what: &str, pid: Pid) -> impl Fn(Errno) -> Error + '_ {
@@ -194,6 +198,17 @@ impl Tracee {
         Ok(t)
     }
 
+    /// The CPUs it may run on (its own: each thread has its set).
+    pub fn cpus(&self) -> Result<CpuSet> {
+        sched_getaffinity(self.pid).map_err(ptrace_err("sched_getaffinity", self.pid))
+    }
+
+    /// Makes its release give it `cpus` (a thread made again in a clone inherits its
+    /// creator's set, and gets its original thread's).
+    pub fn cpus_at_release(&mut self, cpus: CpuSet) {
+        self.cpus_at_release = Some(cpus);
+    }
+
     /// Points a held process without the safety net (no glibc) at an `exit_group(1)` on its
     /// vDSO's `syscall` instruction, now and between injected calls: a clone let go before
     /// it is set up then ends itself. [`Tracee::resume_from`] sets what it resumes from.
@@ -270,6 +285,7 @@ impl Tracee {
             gadgets: None,
             by_steps: !with_net,
             blocked: false,
+            cpus_at_release: None,
         };
         if with_net {
             t.gadgets = find_gadgets(pid, &t.mem);
@@ -531,8 +547,14 @@ impl Tracee {
         let pid = self.pid;
         let regs = ptrace::setregs(pid, self.saved).map_err(ptrace_err("PTRACE_SETREGS", pid));
         let mask = set_sigmask(pid, self.saved_mask);
+        let cpus = match self.cpus_at_release.take() {
+            Some(cpus) => {
+                sched_setaffinity(pid, &cpus).map_err(ptrace_err("sched_setaffinity", pid))
+            }
+            None => Ok(()),
+        };
         ptrace::detach(pid, self.pending).map_err(ptrace_err("PTRACE_DETACH", pid))?;
-        regs.and(mask)
+        regs.and(mask).and(cpus)
     }
 }
 

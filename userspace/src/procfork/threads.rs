@@ -53,6 +53,8 @@ pub struct ThreadState {
     alt_stack: Option<[u8; 24]>,
     rseq: Option<Rseq>,
     words: GlibcWords,
+    /// The CPUs it may run on (a thread's own, which its copy gets too).
+    cpus: Option<nix::sched::CpuSet>,
 }
 
 /// The other threads of process `pid` (all but the leader).
@@ -159,6 +161,7 @@ pub fn read(t: &mut Tracee, pid: u32) -> Result<ThreadState> {
         alt_stack,
         rseq,
         words: glibc_words(t),
+        cpus: t.cpus().ok(),
     })
 }
 
@@ -221,6 +224,9 @@ pub fn recreate(clone: &mut Tracee, state: &ThreadState) -> Result<Tracee> {
     match made {
         Ok(mut thread) => {
             thread.resume_from(state.regs, state.mask);
+            if let Some(cpus) = state.cpus {
+                thread.cpus_at_release(cpus);
+            }
             Ok(thread)
         }
         Err(e) => {
