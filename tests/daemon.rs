@@ -183,6 +183,29 @@ fn sockets_a_dead_daemons_child_still_holds_do_not_stop_a_restart() {
     let holder: i32 = line.trim().parse().expect("the socket's holder");
     assert!(holder > 0);
     let silent = KillOnDrop(holder);
+    // A CLI call there says the daemon is gone, rather than wait forever for an answer.
+    let mut call = Command::new(forkscope())
+        .args(["status", "--socket"])
+        .arg(&socket)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let asked = Instant::now();
+    while call.try_wait().unwrap().is_none() && asked.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let hung = call.try_wait().unwrap().is_none();
+    if hung {
+        let _ = call.kill();
+    }
+    let called = call.wait_with_output().unwrap();
+    assert!(!hung, "the CLI waited on a socket nobody answers");
+    let said = String::from_utf8_lossy(&called.stderr);
+    assert!(
+        !called.status.success() && said.contains("is gone") && said.contains("forkscope daemon"),
+        "{said}"
+    );
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let metrics = port.local_addr().unwrap().to_string();
     let freed = std::thread::spawn(move || {

@@ -4,6 +4,7 @@ import http.client
 import json
 import os
 import socket
+import struct
 
 from .errors import DaemonNotRunning, from_status
 
@@ -23,7 +24,36 @@ class _UnixConnection(http.client.HTTPConnection):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(self.timeout)
         s.connect(self._path)
+        # A daemon killed while it spawned a process leaves its socket listening in that
+        # child: the kernel accepts the connection and nobody ever answers.
+        pid = _listener_pid(s)
+        if pid > 0 and not _alive(pid):
+            s.close()
+            raise DaemonNotRunning(
+                f"the forkscope daemon that listened at {self._path} (pid {pid}) is gone; a "
+                "process it was starting still holds the socket, and nobody answers there: "
+                "start the daemon again with `forkscope daemon` (it takes the socket over)"
+            )
         self.sock = s
+
+
+def _listener_pid(s):
+    """The pid of the process that made the socket listen (0 when the kernel does not say)."""
+    try:
+        pid, _, _ = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    except OSError:
+        return 0
+    return pid
+
+
+def _alive(pid):
+    """Whether process ``pid`` lives (a zombie does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def call(path, method, url, body=None, timeout=None, raw=False):

@@ -2,7 +2,10 @@
 daemon and sets FORKSCOPE_SOCKET and FORKSCOPE_TEST_DIR (a fresh directory)."""
 
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import unittest
@@ -128,6 +131,33 @@ class ClientTest(unittest.TestCase):
             Sandbox(socket=os.path.join(TEST_DIR, "nothing-here.sock")).status()
         self.assertIn("forkscope daemon", e.exception.message)
 
+    def test_a_socket_left_by_a_dead_daemon_is_said_so_rather_than_waited_on(self):
+        # What a daemon killed while it spawned a process leaves: its socket, listening in
+        # a child that never answers, made to listen by a process that is gone.
+        path = os.path.join(TEST_DIR, "left-behind.sock")
+        maker = (
+            "import os, socket, sys, time\n"
+            "s = socket.socket(socket.AF_UNIX)\n"
+            "s.bind(sys.argv[1])\n"
+            "s.listen()\n"
+            "child = os.fork()\n"
+            "if child == 0:\n    null = os.open(os.devnull, os.O_WRONLY)\n"
+            "    os.dup2(null, 1)\n    os.dup2(null, 2)\n"
+            "    time.sleep(60)\n    os._exit(0)\n"
+            "print(child, flush=True)\n"
+        )
+        made = subprocess.run([sys.executable, "-c", maker, path], capture_output=True,
+                              text=True, check=True)
+        holder = int(made.stdout)
+        try:
+            # (A timeout, so that a client that waits fails instead of hanging the suite.)
+            with self.assertRaises(DaemonNotRunning) as e:
+                forkscope._http.call(path, "GET", "/v1/status", timeout=10)
+            self.assertIn("is gone", e.exception.message)
+            self.assertIn("forkscope daemon", e.exception.message)
+        finally:
+            os.kill(holder, signal.SIGKILL)
+            os.unlink(path)
 
 if __name__ == "__main__":
     unittest.main()

@@ -67,6 +67,22 @@ async fn send(
             ),
         ))
     })?;
+    // A daemon killed while it spawned a process leaves its socket listening in that child
+    // (see `super::listen`): the connection is accepted by the kernel and never answered.
+    if let Some(pid) = stream.peer_cred().ok().and_then(|c| c.pid())
+        && pid > 0
+        && !super::listen::alive(pid)
+    {
+        return Err(Error::Other(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            format!(
+                "the forkscope daemon that listened at {} (pid {pid}) is gone; a process it \
+                 was starting still holds the socket, and nobody answers there: start the \
+                 daemon again with `forkscope daemon` (it takes the socket over)",
+                socket.display()
+            ),
+        )));
+    }
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| Error::State(format!("HTTP handshake: {e}")))?;

@@ -4,6 +4,8 @@
 //! the metrics and proxy ports are still taken. A daemon restarted at once must not take
 //! that for another daemon: a port in use is tried again for a short while, and the API
 //! socket belongs to another daemon only if the process that made it listen still lives.
+//! The CLI asks the same of the socket it connects to ([`alive`]), rather than wait forever
+//! for an answer.
 
 use std::{
     io,
@@ -70,7 +72,7 @@ pub fn held_by_a_live_process(path: &Path) -> bool {
 }
 
 /// Whether process `pid` lives (a zombie, dead but not yet reaped, does not).
-fn alive(pid: i32) -> bool {
+pub fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the command name, which ends with the line's last ')'.
         Ok(stat) => stat
