@@ -121,10 +121,62 @@ fn a_daemon_killed_with_sigkill_comes_back_with_every_branch() {
     );
 }
 
+/// A connection to the Unix socket `path` made without waiting (a blocking connect waits for
+/// room in a full queue forever), if one is made.
+fn connect_now(path: &Path) -> nix::Result<std::os::unix::net::UnixStream> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
+    use std::os::fd::AsRawFd;
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    connect(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    let s = std::os::unix::net::UnixStream::from(fd);
+    s.set_nonblocking(false).unwrap();
+    Ok(s)
+}
+
+/// Connects to the Unix socket `path` until its queue of connections is full.
+fn fill_queue(path: &Path) {
+    for _ in 0..100_000 {
+        match connect_now(path) {
+            Ok(_) => continue,
+            Err(nix::errno::Errno::EAGAIN) => return,
+            Err(e) => panic!("{}: {e}", path.display()),
+        }
+    }
+    panic!("{}: the queue never filled", path.display());
+}
+
+/// Runs `forkscope status` on `socket`, which must fail within 10 s; returns what it said.
+fn status_fails(socket: &Path) -> String {
+    let mut call = Command::new(forkscope())
+        .args(["status", "--socket"])
+        .arg(socket)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let asked = Instant::now();
+    while call.try_wait().unwrap().is_none() && asked.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let hung = call.try_wait().unwrap().is_none();
+    if hung {
+        let _ = call.kill();
+    }
+    let called = call.wait_with_output().unwrap();
+    assert!(!hung, "the CLI waited on a socket nobody answers");
+    assert!(!called.status.success());
+    String::from_utf8_lossy(&called.stderr).into_owned()
+}
+
 /// Whether a daemon answers `GET /v1/status` on `socket` within a second.
 fn answers(socket: &Path) -> bool {
     use std::io::{Read, Write};
-    let Ok(mut s) = std::os::unix::net::UnixStream::connect(socket) else {
+    let Ok(mut s) = connect_now(socket) else {
         return false;
     };
     s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
@@ -184,26 +236,17 @@ fn sockets_a_dead_daemons_child_still_holds_do_not_stop_a_restart() {
     assert!(holder > 0);
     let silent = KillOnDrop(holder);
     // A CLI call there says the daemon is gone, rather than wait forever for an answer.
-    let mut call = Command::new(forkscope())
-        .args(["status", "--socket"])
-        .arg(&socket)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let asked = Instant::now();
-    while call.try_wait().unwrap().is_none() && asked.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let hung = call.try_wait().unwrap().is_none();
-    if hung {
-        let _ = call.kill();
-    }
-    let called = call.wait_with_output().unwrap();
-    assert!(!hung, "the CLI waited on a socket nobody answers");
-    let said = String::from_utf8_lossy(&called.stderr);
+    let said = status_fails(&socket);
     assert!(
-        !called.status.success() && said.contains("is gone") && said.contains("forkscope daemon"),
+        said.contains("is gone") && said.contains("forkscope daemon"),
+        "{said}"
+    );
+    // Each call leaves its connection queued there. Once the queue is full, a call is told
+    // so at once, and a daemon starting there (below) does not wait for room either.
+    fill_queue(&socket);
+    let said = status_fails(&socket);
+    assert!(
+        said.contains("queue of connections is full") && said.contains("forkscope daemon"),
         "{said}"
     );
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -22,8 +22,22 @@ class _UnixConnection(http.client.HTTPConnection):
 
     def connect(self):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Connected without waiting: a blocking connect waits forever for room in a queue
+        # of connections nobody takes.
+        s.setblocking(False)
+        try:
+            s.connect(self._path)
+        except BlockingIOError:
+            s.close()
+            raise DaemonNotRunning(
+                f"no forkscope daemon takes connections on {self._path} (its queue is full): "
+                "the daemon that made it is gone or stuck; start it again with "
+                "`forkscope daemon` (it takes the socket over)"
+            ) from None
+        except BaseException:
+            s.close()
+            raise
         s.settimeout(self.timeout)
-        s.connect(self._path)
         # A daemon killed while it spawned a process leaves its socket listening in that
         # child: the kernel accepts the connection and nobody ever answers.
         pid = _listener_pid(s)

@@ -16,6 +16,20 @@ from forkscope import BadRequest, BranchNotFound, Conflict, DaemonNotRunning, Sa
 TEST_DIR = os.environ.get("FORKSCOPE_TEST_DIR", "")
 
 
+def fill_queue(path):
+    """Connects to Unix socket ``path`` until its queue of connections is full."""
+    for _ in range(100000):
+        c = socket.socket(socket.AF_UNIX)
+        c.setblocking(False)
+        try:
+            c.connect(path)
+        except BlockingIOError:
+            return
+        finally:
+            c.close()
+    raise AssertionError(f"{path}: the queue never filled")
+
+
 def workspace(name, files):
     ws = os.path.join(TEST_DIR, name)
     os.makedirs(ws)
@@ -155,6 +169,12 @@ class ClientTest(unittest.TestCase):
                 forkscope._http.call(path, "GET", "/v1/status", timeout=10)
             self.assertIn("is gone", e.exception.message)
             self.assertIn("forkscope daemon", e.exception.message)
+            # Each such call leaves its connection queued there; once the queue is full, a
+            # call is told so at once (a blocking connect would wait for room forever).
+            fill_queue(path)
+            with self.assertRaises(DaemonNotRunning) as e:
+                forkscope._http.call(path, "GET", "/v1/status", timeout=10)
+            self.assertIn("queue is full", e.exception.message)
         finally:
             os.kill(holder, signal.SIGKILL)
             os.unlink(path)

@@ -56,6 +56,9 @@ async fn send(
     let stream = UnixStream::connect(socket).await.map_err(|e| {
         let what = if e.kind() == std::io::ErrorKind::PermissionDenied {
             "run as root, or as a member of the group the daemon was given with --socket-group"
+        } else if e.kind() == std::io::ErrorKind::WouldBlock {
+            "its queue of connections is full and nobody takes them: the daemon that made it \
+             is gone or stuck; start it again with `forkscope daemon` (it takes the socket over)"
         } else {
             "start it with `forkscope daemon`, or set --socket / FORKSCOPE_SOCKET"
         };

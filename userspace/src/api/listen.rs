@@ -10,9 +10,17 @@
 use std::{
     io,
     net::SocketAddr,
-    os::{fd::AsRawFd, unix::fs::MetadataExt, unix::net::UnixStream},
+    os::{fd::AsRawFd, unix::fs::MetadataExt},
     path::Path,
     time::{Duration, Instant},
+};
+
+use nix::{
+    errno::Errno,
+    sys::socket::{
+        AddressFamily, SockFlag, SockType, UnixAddr, connect, getsockopt, socket,
+        sockopt::PeerCredentials,
+    },
 };
 
 use tokio::net::TcpListener;
@@ -35,39 +43,68 @@ pub async fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
     }
 }
 
-/// The pid of the process that is listening on the Unix socket `path` (the one that called
-/// `listen`, which the kernel hands every connection as its peer), if a connection is
-/// accepted there: `Some(None)` when the kernel does not say who.
-fn listener_pid(path: &Path) -> Option<Option<i32>> {
-    let s = UnixStream::connect(path).ok()?;
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
+/// Who listens on a Unix socket, as a connection to it finds.
+enum Listener {
+    /// Nobody: the connection is refused (or the socket cannot be reached).
+    Nobody,
+    /// Connections are not being taken: the queue of those waiting to be accepted is full.
+    QueueFull,
+    /// A connection was accepted by the kernel; the pid of the process that called `listen`
+    /// (the kernel hands it to every connection as its peer), if the kernel says.
+    Accepted(Option<i32>),
+}
+
+/// Connects to the Unix socket `path` without waiting: a full queue is an answer too (a
+/// blocking connect would wait for room there forever).
+fn listener(path: &Path) -> Listener {
+    let Ok(fd) = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    ) else {
+        return Listener::Nobody;
     };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: getsockopt on a socket we own, writing at most `len` bytes into `cred`.
-    let r = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&raw mut cred).cast(),
-            &mut len,
-        )
+    let Ok(addr) = UnixAddr::new(path) else {
+        return Listener::Nobody;
     };
-    Some((r == 0 && cred.pid > 0).then_some(cred.pid))
+    match connect(fd.as_raw_fd(), &addr) {
+        Ok(()) => Listener::Accepted(
+            getsockopt(&fd, PeerCredentials)
+                .ok()
+                .map(|c| c.pid())
+                .filter(|pid| *pid > 0),
+        ),
+        Err(Errno::EAGAIN) => Listener::QueueFull,
+        Err(_) => Listener::Nobody,
+    }
 }
 
 /// Whether another live process listens on the Unix socket `path`. A socket nobody listens
 /// on refuses the connection; one whose listener has died (its socket left open only in a
 /// child that has not exec'd yet) does not count. When the kernel does not name the
-/// listener, a connection accepted counts as a live one.
+/// listener, a connection accepted counts as a live one. A queue of connections that stays
+/// full for [`SETTLE`] has nobody taking them (a live daemon accepts at once; each client
+/// that gave up on a dead one's socket left its connection there): it does not count.
 pub fn held_by_a_live_process(path: &Path) -> bool {
-    match listener_pid(path) {
-        None => false,
-        Some(None) => true,
-        Some(Some(pid)) => alive(pid),
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        match listener(path) {
+            Listener::Nobody => return false,
+            Listener::Accepted(None) => return true,
+            Listener::Accepted(Some(pid)) => return alive(pid),
+            Listener::QueueFull if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            Listener::QueueFull => {
+                log::warn!(
+                    "{}: its queue of connections stayed full for {} s, nobody takes them: taken over",
+                    path.display(),
+                    SETTLE.as_secs()
+                );
+                return false;
+            }
+        }
     }
 }
 
