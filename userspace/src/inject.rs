@@ -195,6 +195,8 @@ impl Tracee {
             frame: n.exit_frame,
             ..n
         });
+        // Its original's CPUs, which a cpuset of the cgroup it was born in may have changed.
+        t.cpus_at_release = original.cpus().ok();
         Ok(t)
     }
 
@@ -203,8 +205,8 @@ impl Tracee {
         sched_getaffinity(self.pid).map_err(ptrace_err("sched_getaffinity", self.pid))
     }
 
-    /// Makes its release give it `cpus` (a thread made again in a clone inherits its
-    /// creator's set, and gets its original thread's).
+    /// Makes its release give it `cpus` instead of its original's (a thread made again in a
+    /// clone: its original thread's, not those of the thread that made it).
     pub fn cpus_at_release(&mut self, cpus: CpuSet) {
         self.cpus_at_release = Some(cpus);
     }
@@ -547,14 +549,14 @@ impl Tracee {
         let pid = self.pid;
         let regs = ptrace::setregs(pid, self.saved).map_err(ptrace_err("PTRACE_SETREGS", pid));
         let mask = set_sigmask(pid, self.saved_mask);
-        let cpus = match self.cpus_at_release.take() {
-            Some(cpus) => {
-                sched_setaffinity(pid, &cpus).map_err(ptrace_err("sched_setaffinity", pid))
-            }
-            None => Ok(()),
-        };
+        // Best effort, as reading them was: a cpuset of the child's may not hold them all.
+        if let Some(cpus) = self.cpus_at_release.take()
+            && let Err(e) = sched_setaffinity(pid, &cpus)
+        {
+            log::warn!("giving process {pid} its original's CPUs: {e}");
+        }
         ptrace::detach(pid, self.pending).map_err(ptrace_err("PTRACE_DETACH", pid))?;
-        regs.and(mask).and(cpus)
+        regs.and(mask)
     }
 }
 

@@ -37,17 +37,21 @@ class _UnixConnection(http.client.HTTPConnection):
         except BaseException:
             s.close()
             raise
-        s.settimeout(self.timeout)
-        # A daemon killed while it spawned a process leaves its socket listening in that
-        # child: the kernel accepts the connection and nobody ever answers.
-        pid = _listener_pid(s)
-        if pid > 0 and not _alive(pid):
+        try:
+            s.settimeout(self.timeout)
+            # A daemon killed while it spawned a process leaves its socket listening in that
+            # child: the kernel accepts the connection and nobody ever answers.
+            pid = _listener_pid(s)
+            if pid > 0 and not _alive(pid):
+                raise DaemonNotRunning(
+                    f"the forkscope daemon that listened at {self._path} (pid {pid}) is gone; "
+                    "a process it was starting still holds the socket, and nobody answers "
+                    "there: start the daemon again with `forkscope daemon` (it takes the "
+                    "socket over)"
+                )
+        except BaseException:
             s.close()
-            raise DaemonNotRunning(
-                f"the forkscope daemon that listened at {self._path} (pid {pid}) is gone; a "
-                "process it was starting still holds the socket, and nobody answers there: "
-                "start the daemon again with `forkscope daemon` (it takes the socket over)"
-            )
+            raise
         self.sock = s
 
 
@@ -61,13 +65,21 @@ def _listener_pid(s):
 
 
 def _alive(pid):
-    """Whether process ``pid`` lives (a zombie does not)."""
+    """Whether process ``pid`` lives (a zombie does not). Asked with a null signal, which
+    needs no sight of /proc (``hidepid`` hides root's processes from other users); /proc only
+    tells a zombie, and an entry that cannot be read counts as alive."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
+        os.kill(pid, 0)
+    except ProcessLookupError:
         return False
-    return state not in ("Z", "X")
+    except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in (b"Z", b"X")
 
 
 def call(path, method, url, body=None, timeout=None, raw=False):

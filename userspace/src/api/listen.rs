@@ -17,10 +17,14 @@ use std::{
 
 use nix::{
     errno::Errno,
-    sys::socket::{
-        AddressFamily, SockFlag, SockType, UnixAddr, connect, getsockopt, socket,
-        sockopt::PeerCredentials,
+    sys::{
+        signal::kill,
+        socket::{
+            AddressFamily, SockFlag, SockType, UnixAddr, connect, getsockopt, socket,
+            sockopt::PeerCredentials,
+        },
     },
+    unistd::Pid,
 };
 
 use tokio::net::TcpListener;
@@ -85,8 +89,10 @@ fn listener(path: &Path) -> Listener {
 /// child that has not exec'd yet) does not count. When the kernel does not name the
 /// listener, a connection accepted counts as a live one. A queue of connections that stays
 /// full for [`SETTLE`] has nobody taking them (a live daemon accepts at once; each client
-/// that gave up on a dead one's socket left its connection there): it does not count.
-pub fn held_by_a_live_process(path: &Path) -> bool {
+/// that gave up on a dead one's socket left its connection there): it does not count, even
+/// if a daemon stuck for that long made it (one on another state directory: one on the
+/// same directory was refused by the state lock before).
+pub async fn held_by_a_live_process(path: &Path) -> bool {
     let deadline = Instant::now() + SETTLE;
     loop {
         match listener(path) {
@@ -94,11 +100,12 @@ pub fn held_by_a_live_process(path: &Path) -> bool {
             Listener::Accepted(None) => return true,
             Listener::Accepted(Some(pid)) => return alive(pid),
             Listener::QueueFull if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(50))
+                tokio::time::sleep(Duration::from_millis(50)).await
             }
             Listener::QueueFull => {
                 log::warn!(
-                    "{}: its queue of connections stayed full for {} s, nobody takes them: taken over",
+                    "{}: its queue of connections stayed full for {} s, nobody takes them: \
+                     taken over",
                     path.display(),
                     SETTLE.as_secs()
                 );
@@ -108,15 +115,23 @@ pub fn held_by_a_live_process(path: &Path) -> bool {
     }
 }
 
-/// Whether process `pid` lives (a zombie, dead but not yet reaped, does not).
+/// Whether process `pid` (as the caller's pid namespace numbers it) lives: a zombie, dead
+/// but not yet reaped, does not. Asked with a null signal, which needs no sight of /proc
+/// (`hidepid` hides root's processes from other users); /proc only tells a zombie, and a
+/// process whose /proc entry cannot be read counts as alive.
 pub fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+    // (EPERM: it exists, another user's.)
+    if let Err(Errno::ESRCH) = kill(Pid::from_raw(pid), None) {
+        return false;
+    }
+    match std::fs::read(format!("/proc/{pid}/stat")) {
         // The state follows the command name, which ends with the line's last ')'.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => false,
+        Ok(stat) => {
+            let after_name = stat.rsplit(|b| *b == b')').next().unwrap_or_default();
+            let state = after_name.iter().find(|b| !b.is_ascii_whitespace());
+            !matches!(state, Some(b'Z') | Some(b'X'))
+        }
+        Err(_) => true,
     }
 }
 

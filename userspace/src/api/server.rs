@@ -560,7 +560,7 @@ pub async fn serve(
         // Branches do not even see the socket (the peer check below is the second line).
         manager.hide(dir);
     }
-    if super::listen::held_by_a_live_process(socket) {
+    if super::listen::held_by_a_live_process(socket).await {
         return Err(Error::Conflict(format!(
             "another daemon is listening on {}: stop it or use another --socket",
             socket.display()
