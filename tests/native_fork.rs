@@ -1354,3 +1354,155 @@ fn a_daemon_killed_after_a_snapshot_and_before_its_record_loses_no_deletion() {
         "the child sees x, which its parent deleted"
     );
 }
+
+/// A python program that writes an ever-growing count into `count` every 20 ms, with every
+/// signal it can block blocked and the usual ones ignored.
+const COUNTER: &str = r#"
+import os, signal, time
+signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals) - {signal.SIGKILL, signal.SIGSTOP})
+for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+    signal.signal(s, signal.SIG_IGN)
+n = 0
+while True:
+    n += 1
+    with open("count.tmp", "w") as f:
+        f.write(str(n))
+    os.rename("count.tmp", "count")
+    time.sleep(0.02)
+"#;
+
+/// The count process `pid` last wrote into its working directory (see [`COUNTER`]).
+fn count_of(pid: u64) -> u64 {
+    let start = Instant::now();
+    loop {
+        if let Ok(n) = std::fs::read_to_string(format!("/proc/{pid}/cwd/count"))
+            && let Ok(n) = n.trim().parse()
+        {
+            return n;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{pid} counts");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether process `pid`'s count grows within 5 s.
+fn counts_on(pid: u64) -> bool {
+    let before = count_of(pid);
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(5) {
+        if count_of(pid) > before {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// Lines of `/proc/PID/status` of `pid` that start with `key`.
+fn status_line(pid: u64, key: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with(key))
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn a_branch_frozen_by_someone_else_stays_frozen_through_a_fork_and_a_commit() {
+    let s = setup(&[("counter.py", COUNTER)]);
+    s.run("root", &["python3", "counter.py"]);
+    let pid = s.pids("root")[0];
+    assert!(counts_on(pid));
+    // Someone (an orchestrator, an operator) freezes the branch through its cgroup.
+    let cg = PathBuf::from(s.info("root")["cgroup"].as_str().unwrap());
+    std::fs::write(cg.join("cgroup.freeze"), "1").unwrap();
+    let frozen = || {
+        std::fs::read_to_string(cg.join("cgroup.events"))
+            .unwrap()
+            .contains("frozen 1")
+    };
+    let start = Instant::now();
+    while !frozen() {
+        assert!(start.elapsed() < Duration::from_secs(5), "frozen");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let at_freeze = count_of(pid);
+    // A fork clones its process; the child runs on from the frozen state, the parent stays
+    // frozen as it was left.
+    let out = s.fork("root", "kid");
+    assert!(out.contains("cloned copy-on-write"), "{out}");
+    let kid = s.pids("kid")[0];
+    assert!(counts_on(kid), "the child runs");
+    assert!(count_of(kid) > at_freeze);
+    assert!(frozen(), "the parent is still frozen after the fork");
+    assert_eq!(
+        std::fs::read_to_string(cg.join("cgroup.freeze"))
+            .unwrap()
+            .trim(),
+        "1"
+    );
+    assert_eq!(count_of(pid), at_freeze, "the parent did not run");
+    // A commit of the frozen branch leaves it frozen too.
+    let out = s.d.cli(&["commit", "root"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(s.ws.join("count")).unwrap().trim(),
+        at_freeze.to_string(),
+        "the commit carried the frozen branch's count"
+    );
+    assert!(frozen(), "the parent is still frozen after the commit");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(count_of(pid), at_freeze, "the parent did not run");
+    // Thawed by whoever froze it, it goes on.
+    std::fs::write(cg.join("cgroup.freeze"), "0").unwrap();
+    assert!(counts_on(pid), "the parent runs once thawed");
+}
+
+#[test]
+fn a_process_blocking_every_signal_is_forked_twice_at_once() {
+    let s = setup(&[("counter.py", COUNTER)]);
+    s.run("root", &["python3", "counter.py"]);
+    let pid = s.pids("root")[0];
+    assert!(counts_on(pid));
+    // Two forks asked at the same moment: both are made, one after the other.
+    let forks: Vec<_> = ["k1", "k2"]
+        .iter()
+        .map(|name| {
+            std::process::Command::new(forkscope_tests::forkscope())
+                .args(["fork", "root", "--name", name])
+                .env("FORKSCOPE_SOCKET", &s.d.socket)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for f in forks {
+        let out = f.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Each clone keeps what its original blocked and ignored, and counts on; so does the
+    // original.
+    for kid in ["k1", "k2"] {
+        let k = s.pids(kid)[0];
+        assert_ne!(k, pid);
+        for key in ["SigBlk:", "SigIgn:"] {
+            assert_eq!(status_line(k, key), status_line(pid, key), "{kid}: {key}");
+        }
+        assert!(counts_on(k), "{kid} runs");
+    }
+    assert!(
+        status_line(pid, "SigBlk:").contains("7ffbfeff"),
+        "every signal blocked"
+    );
+    assert!(counts_on(pid), "the original runs");
+}

@@ -139,6 +139,12 @@ impl Cgroup {
         self.path.clone()
     }
 
+    /// Whether the cgroup is asked to be frozen (its own `cgroup.freeze`: someone froze it,
+    /// forkscope or another).
+    pub fn is_frozen(&self) -> bool {
+        fs::read_to_string(self.path.join("cgroup.freeze")).is_ok_and(|s| s.trim() == "1")
+    }
+
     /// Freezes (`true`) or thaws every process in the cgroup and waits until it is done. A
     /// freeze that fails (not frozen within `timeout`) is undone before the error returns, so
     /// no caller leaves a cgroup frozen by a request it gave up on.

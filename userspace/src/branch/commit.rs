@@ -46,12 +46,15 @@ pub struct Committed {
     pub effects: Vec<crate::effects::replay::Delivery>,
 }
 
-/// Freezes a cgroup until dropped.
+/// Freezes a cgroup until dropped; one frozen already (by someone else) stays frozen.
 struct Frozen(Option<Cgroup>);
 
 impl Frozen {
     fn new(path: &Path) -> Result<Self> {
         let cg = Cgroup::open(path)?;
+        if cg.is_frozen() {
+            return Ok(Self(None));
+        }
         cg.freeze(true, Duration::from_secs(5))?;
         Ok(Self(Some(cg)))
     }

@@ -169,6 +169,10 @@ impl Manager {
         };
         phases.check_us = t.elapsed().as_micros() as u64;
         let t_held = Instant::now();
+        // A branch someone else froze (its cgroup's own freeze, not a checkpoint of ours)
+        // stays frozen: its processes run only while held, as a checkpoint's, and it is
+        // frozen again before they are let go. (Its children run, as a checkpoint's do.)
+        let frozen_by_someone = !p.frozen && Cgroup::open(&p.cgroup).is_ok_and(|c| c.is_frozen());
         let held = if p.frozen {
             if checked.is_empty() {
                 None
@@ -183,13 +187,17 @@ impl Manager {
             }
         } else {
             let (cg, init) = (p.cgroup.clone(), p.init_pid);
-            self.snapshot_running(&mut p, &mut phases, || {
+            let snapped = self.snapshot_running(&mut p, &mut phases, || {
                 if checked.is_empty() {
                     Ok(None)
                 } else {
                     procfork::hold(&cg, init, &checked).map(Some)
                 }
-            })?
+            });
+            if snapped.is_err() && frozen_by_someone {
+                let _ = Cgroup::open(&cg).and_then(|c| c.freeze(true, Duration::from_secs(5)));
+            }
+            snapped?
         };
         // From here on the parent's snapshot is taken: a failure records it all the same
         // (its manifest already describes the new layer) and puts a checkpoint's processes
@@ -217,7 +225,7 @@ impl Manager {
         let targets = match planned {
             Ok(t) => t,
             Err(e) => {
-                if p.frozen && held.is_some() {
+                if (p.frozen && held.is_some()) || frozen_by_someone {
                     let _ = Cgroup::open(&p.cgroup)
                         .and_then(|c| c.freeze(true, Duration::from_secs(5)));
                 }
@@ -427,11 +435,10 @@ impl Manager {
                 notes.push(n);
             }
         }
-        let refrozen = match (&held, p.frozen) {
-            (Some(_), true) => {
-                Cgroup::open(&p.cgroup).and_then(|c| c.freeze(true, Duration::from_secs(5)))
-            }
-            _ => Ok(()),
+        let refrozen = if (held.is_some() && p.frozen) || frozen_by_someone {
+            Cgroup::open(&p.cgroup).and_then(|c| c.freeze(true, Duration::from_secs(5)))
+        } else {
+            Ok(())
         };
         let released = held.map(|h| h.release()).unwrap_or(Ok(()));
         phases.held_us = t_held.elapsed().as_micros() as u64;
