@@ -65,6 +65,11 @@ struct Setup {
 }
 
 fn setup(files: &[(&str, &str)]) -> Setup {
+    setup_with(files, &[])
+}
+
+/// [`setup`] with a daemon given environment variables `env`.
+fn setup_with(files: &[(&str, &str)], env: &[(&str, &str)]) -> Setup {
     require_root();
     let dir = TempDir::new("native-fork");
     let ws = dir.path().join("ws");
@@ -73,7 +78,7 @@ fn setup(files: &[(&str, &str)]) -> Setup {
     for (name, text) in files {
         std::fs::write(ws.join(name), text).unwrap();
     }
-    let d = Daemon::start(dir.path());
+    let d = Daemon::start_with(dir.path(), &dir.path().join("api.sock"), env);
     Setup { d, ws, _dir: dir }
 }
 
@@ -1505,4 +1510,75 @@ fn a_process_blocking_every_signal_is_forked_twice_at_once() {
         "every signal blocked"
     );
     assert!(counts_on(pid), "the original runs");
+}
+
+#[test]
+fn a_process_killed_mid_fork_fails_the_fork_cleanly() {
+    // The original killed before its clone is made: the branch's command is gone, no child.
+    let s = setup_with(
+        &[("counter.py", COUNTER)],
+        &[(
+            "FORKSCOPE_FAULT",
+            &format!("inject-kill:{}@1", libc::SYS_clone3),
+        )],
+    );
+    s.run("root", &["python3", "counter.py"]);
+    let pid = s.pids("root")[0];
+    assert!(counts_on(pid));
+    let out = s.d.cli(&["fork", "root", "--name", "kid"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("process {pid}"))
+            && err.contains("during the fork")
+            && err.contains("nothing was forked")
+            && err.contains("HTTP 409"),
+        "{err}"
+    );
+    let names: Vec<String> = serde_json::from_str::<Value>(&s.d.ok(&["ls", "--json"]))
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["root"], "no half-forked child");
+    assert!(running("counter.py").is_empty(), "no clone of it runs");
+    // The daemon goes on: the branch forks afresh, and a new branch runs and forks.
+    s.d.ok(&["fork", "root", "--fresh", "--name", "afresh"]);
+    drop(s);
+
+    // The clone killed while it is set up: the original runs on untouched, no child.
+    let s = setup_with(
+        &[("counter.py", COUNTER)],
+        &[(
+            "FORKSCOPE_FAULT",
+            &format!("inject-kill:{}@1", libc::SYS_chdir),
+        )],
+    );
+    s.run("root", &["python3", "counter.py"]);
+    let pid = s.pids("root")[0];
+    assert!(counts_on(pid));
+    let fds = fds_of(pid as u32);
+    let out = s.d.cli(&["fork", "root", "--name", "kid"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("during the fork")
+            && err.contains("nothing was forked")
+            && err.contains("HTTP 409"),
+        "{err}"
+    );
+    assert_eq!(s.pids("root"), vec![pid]);
+    assert_eq!(copies_of(pid as u32), vec![pid as u32], "no clone is left");
+    assert_eq!(
+        fds_of(pid as u32),
+        fds,
+        "the original's descriptors are as they were"
+    );
+    assert!(status_line(pid, "TracerPid:").ends_with("\t0"));
+    assert!(counts_on(pid), "the original runs on");
+    // The next fork works.
+    s.fork("root", "kid");
+    assert!(counts_on(s.pids("kid")[0]));
 }

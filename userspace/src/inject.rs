@@ -114,9 +114,17 @@ pub struct Tracee {
 
 fn ptrace_err(what: &str, pid: Pid) -> impl Fn(Errno) -> Error + '_ {
     move |e| match e {
-        Errno::ESRCH => Error::Sandbox(format!("process {pid} exited during the fork ({what})")),
+        Errno::ESRCH => gone_mid_fork(pid, &format!("exited during the fork ({what})")),
         e => Error::Sandbox(format!("{what} of process {pid}: {e}")),
     }
+}
+
+/// A process of the branch (or its clone) that died while it was being forked: the branch
+/// changed under the fork (HTTP 409), which was undone.
+fn gone_mid_fork(pid: Pid, how: &str) -> Error {
+    Error::Conflict(format!(
+        "process {pid} {how}: nothing was forked; fork again"
+    ))
 }
 
 impl Tracee {
@@ -237,9 +245,7 @@ impl Tracee {
                     ptrace::cont(pid, Some(sig)).map_err(ptrace_err("PTRACE_CONT", pid))?
                 }
                 Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) => {
-                    return Err(Error::Sandbox(format!(
-                        "process {pid} exited during the fork"
-                    )));
+                    return Err(gone_mid_fork(pid, "exited during the fork"));
                 }
                 Ok(_) => continue,
                 Err(Errno::EINTR) => continue,
@@ -439,7 +445,7 @@ impl Tracee {
         args: &[u64],
         mut on_clone: impl FnMut(Pid),
     ) -> Result<i64> {
-        fault_point(nr);
+        fault_point(nr, self.pid);
         // Everything that can be blocked is, while it runs an injected call. Without the
         // safety net the mask is put back after each call; with it, it stays blocked (the
         // frame restores it, should the daemon die).
@@ -499,9 +505,7 @@ impl Tracee {
                 }
                 Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) => {
                     self.detached = true;
-                    return Err(Error::Sandbox(format!(
-                        "process {pid} was killed during the fork"
-                    )));
+                    return Err(gone_mid_fork(pid, "was killed during the fork"));
                 }
                 Ok(_) => resume()?,
                 Err(Errno::EINTR) => continue,
@@ -601,26 +605,37 @@ fn restarted(mut r: libc::user_regs_struct) -> libc::user_regs_struct {
 /// Nth injected system call (counted over the process's life), and
 /// `FORKSCOPE_FAULT=inject-abort:NR@N` before its Nth injected call of system call number
 /// NR (a point that does not move when a process has a descriptor more or less).
-fn fault_point(nr: i64) {
+/// `inject-kill:` instead kills the process the call is for (`pid`), once: a process that
+/// dies mid-fork.
+fn fault_point(nr: i64, pid: Pid) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     static COUNT: AtomicUsize = AtomicUsize::new(0);
-    static AT: std::sync::OnceLock<Option<(Option<i64>, usize)>> = std::sync::OnceLock::new();
+    type Point = Option<(bool, Option<i64>, usize)>;
+    static AT: std::sync::OnceLock<Point> = std::sync::OnceLock::new();
     let at = AT.get_or_init(|| {
         let point = std::env::var("FORKSCOPE_FAULT").ok()?;
-        let point = point.strip_prefix("inject-abort:")?;
+        let (kill, point) = match point.strip_prefix("inject-kill:") {
+            Some(p) => (true, p.to_string()),
+            None => (false, point.strip_prefix("inject-abort:")?.to_string()),
+        };
         match point.split_once('@') {
-            Some((nr, n)) => Some((Some(nr.parse().ok()?), n.parse().ok()?)),
-            None => Some((None, point.parse().ok()?)),
+            Some((nr, n)) => Some((kill, Some(nr.parse().ok()?), n.parse().ok()?)),
+            None => Some((kill, None, point.parse().ok()?)),
         }
     });
-    let Some((only, n)) = *at else {
+    let Some((kill, only, n)) = *at else {
         return;
     };
     if only.is_some_and(|only| only != nr) {
         return;
     }
-    if COUNT.fetch_add(1, Ordering::SeqCst) + 1 >= n {
-        std::process::abort();
+    let count = COUNT.fetch_add(1, Ordering::SeqCst) + 1;
+    match kill {
+        false if count >= n => std::process::abort(),
+        true if count == n => {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        _ => {}
     }
 }
 
