@@ -1516,13 +1516,13 @@ fn a_process_blocking_every_signal_is_forked_twice_at_once() {
 fn a_process_killed_mid_fork_fails_the_fork_cleanly() {
     // The original killed before its clone is made: the branch's command is gone, no child.
     let s = setup_with(
-        &[("counter.py", COUNTER)],
+        &[("counter-killed.py", COUNTER)],
         &[(
             "FORKSCOPE_FAULT",
             &format!("inject-kill:{}@1", libc::SYS_clone3),
         )],
     );
-    s.run("root", &["python3", "counter.py"]);
+    s.run("root", &["python3", "counter-killed.py"]);
     let pid = s.pids("root")[0];
     assert!(counts_on(pid));
     let out = s.d.cli(&["fork", "root", "--name", "kid"]);
@@ -1543,20 +1543,23 @@ fn a_process_killed_mid_fork_fails_the_fork_cleanly() {
         .map(|b| b["name"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(names, ["root"], "no half-forked child");
-    assert!(running("counter.py").is_empty(), "no clone of it runs");
+    assert!(
+        running("counter-killed.py").is_empty(),
+        "no clone of it runs"
+    );
     // The daemon goes on: the branch forks afresh, and a new branch runs and forks.
     s.d.ok(&["fork", "root", "--fresh", "--name", "afresh"]);
     drop(s);
 
     // The clone killed while it is set up: the original runs on untouched, no child.
     let s = setup_with(
-        &[("counter.py", COUNTER)],
+        &[("counter-killed.py", COUNTER)],
         &[(
             "FORKSCOPE_FAULT",
             &format!("inject-kill:{}@1", libc::SYS_chdir),
         )],
     );
-    s.run("root", &["python3", "counter.py"]);
+    s.run("root", &["python3", "counter-killed.py"]);
     let pid = s.pids("root")[0];
     assert!(counts_on(pid));
     let fds = fds_of(pid as u32);

@@ -145,6 +145,20 @@ impl Cgroup {
         fs::read_to_string(self.path.join("cgroup.freeze")).is_ok_and(|s| s.trim() == "1")
     }
 
+    /// Whether a cgroup above it keeps it frozen (frozen, without its own `cgroup.freeze`):
+    /// it cannot be thawed from here.
+    pub fn frozen_by_ancestor(&self) -> bool {
+        !self.is_frozen()
+            && fs::read_to_string(self.path.join("cgroup.events"))
+                .is_ok_and(|s| s.lines().any(|l| l == "frozen 1"))
+    }
+
+    /// Freezes the cgroup for whoever froze it before (it was thawed for a while): unlike
+    /// [`Cgroup::freeze`], a timeout leaves the freeze asked for, not undone.
+    pub fn refreeze(&self, timeout: Duration) -> Result<()> {
+        self.set_frozen(true, timeout)
+    }
+
     /// Freezes (`true`) or thaws every process in the cgroup and waits until it is done. A
     /// freeze that fails (not frozen within `timeout`) is undone before the error returns, so
     /// no caller leaves a cgroup frozen by a request it gave up on.

@@ -121,7 +121,7 @@ fn ptrace_err(what: &str, pid: Pid) -> impl Fn(Errno) -> Error + '_ {
 
 /// A process of the branch (or its clone) that died while it was being forked: the branch
 /// changed under the fork (HTTP 409), which was undone.
-fn gone_mid_fork(pid: Pid, how: &str) -> Error {
+pub(crate) fn gone_mid_fork(pid: Pid, how: &str) -> Error {
     Error::Conflict(format!(
         "process {pid} {how}: nothing was forked; fork again"
     ))

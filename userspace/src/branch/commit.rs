@@ -46,13 +46,15 @@ pub struct Committed {
     pub effects: Vec<crate::effects::replay::Delivery>,
 }
 
-/// Freezes a cgroup until dropped; one frozen already (by someone else) stays frozen.
+/// Freezes a cgroup until dropped; one frozen already by someone else (or by a cgroup above
+/// it) stays frozen.
 struct Frozen(Option<Cgroup>);
 
 impl Frozen {
-    fn new(path: &Path) -> Result<Self> {
+    /// `ours`: a freeze found in place is forkscope's own (one an incomplete commit kept).
+    fn new(path: &Path, ours: bool) -> Result<Self> {
         let cg = Cgroup::open(path)?;
-        if cg.is_frozen() {
+        if (cg.is_frozen() && !ours) || cg.frozen_by_ancestor() {
             return Ok(Self(None));
         }
         cg.freeze(true, Duration::from_secs(5))?;
@@ -87,9 +89,11 @@ impl Manager {
         let mut phases = CommitPhases::default();
 
         let t = Instant::now();
-        let frozen_branch = Frozen::new(&b.cgroup)?;
+        // An incomplete commit of it kept both sides frozen: those freezes are ours.
+        let ours = journal::pending(&b.dir);
+        let frozen_branch = Frozen::new(&b.cgroup, ours)?;
         let frozen_target = match &target_branch {
-            Some(p) => Some(Frozen::new(&p.cgroup)?),
+            Some(p) => Some(Frozen::new(&p.cgroup, ours)?),
             None => None,
         };
         phases.freeze_us = t.elapsed().as_micros() as u64;

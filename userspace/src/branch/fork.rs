@@ -149,6 +149,26 @@ impl Manager {
         // A running branch, or a checkpoint holding stopped clones, has processes to clone.
         let has_processes = p.init_pid != 0 && !p.cgroup.as_os_str().is_empty();
         let cloning = has_processes && !opts.fresh;
+        // A branch someone else froze (its cgroup's own freeze, not a checkpoint of ours)
+        // stays frozen: its processes run only while held, as a checkpoint's, and it is
+        // frozen again before they are let go (its children run, as a checkpoint's do). One a
+        // cgroup above it keeps frozen cannot be thawed from here: refused.
+        let parent_cg = if has_processes && !p.frozen {
+            Some(Cgroup::open(&p.cgroup)?)
+        } else {
+            None
+        };
+        let by_ancestor = parent_cg.as_ref().is_some_and(|c| c.frozen_by_ancestor());
+        if by_ancestor {
+            // (Children's sandboxes would be born under it too, and wait there.)
+            return Err(Error::Conflict(format!(
+                "{} is frozen by a cgroup above its own ({}): nothing can be cloned or \
+                 started under it until that one is thawed",
+                p.name,
+                p.cgroup.display()
+            )));
+        }
+        let frozen_by_someone = parent_cg.as_ref().is_some_and(|c| c.is_frozen());
         let mut phases = ForkPhases::default();
         // Every child's sandbox is started before the parent's processes are held (the one
         // pre-started after the previous fork, more side by side when there are several
@@ -169,10 +189,6 @@ impl Manager {
         };
         phases.check_us = t.elapsed().as_micros() as u64;
         let t_held = Instant::now();
-        // A branch someone else froze (its cgroup's own freeze, not a checkpoint of ours)
-        // stays frozen: its processes run only while held, as a checkpoint's, and it is
-        // frozen again before they are let go. (Its children run, as a checkpoint's do.)
-        let frozen_by_someone = !p.frozen && Cgroup::open(&p.cgroup).is_ok_and(|c| c.is_frozen());
         let held = if p.frozen {
             if checked.is_empty() {
                 None
@@ -187,17 +203,19 @@ impl Manager {
             }
         } else {
             let (cg, init) = (p.cgroup.clone(), p.init_pid);
-            let snapped = self.snapshot_running(&mut p, &mut phases, || {
-                if checked.is_empty() {
-                    Ok(None)
-                } else {
-                    procfork::hold(&cg, init, &checked).map(Some)
-                }
-            });
-            if snapped.is_err() && frozen_by_someone {
-                let _ = Cgroup::open(&cg).and_then(|c| c.freeze(true, Duration::from_secs(5)));
-            }
-            snapped?
+            self.snapshot_running(
+                &mut p,
+                &mut phases,
+                frozen_by_someone,
+                || {
+                    if checked.is_empty() {
+                        Ok(None)
+                    } else {
+                        procfork::hold(&cg, init, &checked).map(Some)
+                    }
+                },
+                |held| held.is_some(),
+            )?
         };
         // From here on the parent's snapshot is taken: a failure records it all the same
         // (its manifest already describes the new layer) and puts a checkpoint's processes
@@ -225,9 +243,9 @@ impl Manager {
         let targets = match planned {
             Ok(t) => t,
             Err(e) => {
-                if (p.frozen && held.is_some()) || frozen_by_someone {
-                    let _ = Cgroup::open(&p.cgroup)
-                        .and_then(|c| c.freeze(true, Duration::from_secs(5)));
+                if (p.frozen || frozen_by_someone) && held.is_some() {
+                    let _ =
+                        Cgroup::open(&p.cgroup).and_then(|c| c.refreeze(Duration::from_secs(5)));
                 }
                 drop(held);
                 let _ = self.registry.put(&p);
@@ -435,8 +453,8 @@ impl Manager {
                 notes.push(n);
             }
         }
-        let refrozen = if (held.is_some() && p.frozen) || frozen_by_someone {
-            Cgroup::open(&p.cgroup).and_then(|c| c.freeze(true, Duration::from_secs(5)))
+        let refrozen = if (p.frozen || frozen_by_someone) && held.is_some() {
+            Cgroup::open(&p.cgroup).and_then(|c| c.refreeze(Duration::from_secs(5)))
         } else {
             Ok(())
         };
@@ -607,12 +625,17 @@ impl Manager {
     /// manifests are written after the thaw: the branch is paused for the copy only.
     ///
     /// `while_frozen` runs while the branch is frozen, after the snapshot: what it returns is
-    /// returned (on a failure after it ran, its result is dropped).
+    /// returned (on a failure after it ran, its result is dropped). With `keep_frozen` (a
+    /// branch someone else froze), the branch is thawed only if `needs_thaw` says so of what
+    /// `while_frozen` returned (processes it holds by ptrace, which must run injected
+    /// calls), and frozen again before a failure lets them go.
     fn snapshot_running<T>(
         &mut self,
         p: &mut BranchRecord,
         phases: &mut ForkPhases,
+        keep_frozen: bool,
         while_frozen: impl FnOnce() -> Result<T>,
+        needs_thaw: impl FnOnce(&T) -> bool,
     ) -> Result<T> {
         let cg = Cgroup::open(&p.cgroup)?;
         let prep = prepare_snapshot(p, self.spare_layers.remove(&p.id))?;
@@ -622,7 +645,15 @@ impl Manager {
             }
         };
         let t = Instant::now();
-        if let Err(e) = cg.freeze(true, Duration::from_secs(5)) {
+        let frozen = if !keep_frozen {
+            cg.freeze(true, Duration::from_secs(5))
+        } else if cg.frozen_by_ancestor() {
+            Ok(())
+        } else {
+            // (Frozen already: this waits until every task is, and never undoes it.)
+            cg.refreeze(Duration::from_secs(5))
+        };
+        if let Err(e) = frozen {
             discard(&prep);
             return Err(e);
         }
@@ -644,7 +675,15 @@ impl Manager {
         };
         phases.seize_us = t.elapsed().as_micros() as u64;
         let t = Instant::now();
-        let thawed = cg.freeze(false, Duration::from_secs(5));
+        let thaw = match &during {
+            Ok(d) => !keep_frozen || needs_thaw(d),
+            Err(_) => !keep_frozen,
+        };
+        let thawed = if thaw {
+            cg.freeze(false, Duration::from_secs(5))
+        } else {
+            Ok(())
+        };
         phases.thaw_us = t.elapsed().as_micros() as u64;
         let taken = match taken {
             Ok(t) => t,
@@ -675,6 +714,10 @@ impl Manager {
             for (part, (manifest, _)) in prep.iter().zip(&taken) {
                 if let Err(e) = manifest.save(&manifest_path(&p.dir, part.what, next)) {
                     discard(&prep);
+                    if keep_frozen && thaw {
+                        // Before `during` goes: its held processes must not run.
+                        let _ = cg.refreeze(Duration::from_secs(5));
+                    }
                     return Err(e);
                 }
             }

@@ -450,15 +450,20 @@ fn set_up_clone(
             nr(libc::SYS_chdir),
             &[at[2]],
         )
-        .map_err(|e| Error::CannotClone(format!("process {pid} ({}): {e}", target.comm)))?;
+        .map_err(|e| match e {
+            // (The clone died: said as it is.)
+            Error::Conflict(_) => e,
+            e => Error::CannotClone(format!("process {pid} ({}): {e}", target.comm)),
+        })?;
     let mut next_path = 6;
     for (num, action) in &target.fds {
         let num = *num as u64;
         let what = |p: String| {
-            move |e: Error| {
-                Error::CannotClone(format!(
+            move |e: Error| match e {
+                Error::Conflict(_) => e,
+                e => Error::CannotClone(format!(
                     "process {pid}: fd {num} ({p}) could not be given to the clone: {e}"
-                ))
+                )),
             }
         };
         let (new, cloexec) = match action {

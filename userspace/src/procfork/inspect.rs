@@ -98,7 +98,9 @@ fn refuse(pid: u32, comm: &str, why: impl std::fmt::Display) -> Error {
 fn read(path: String) -> Result<String> {
     std::fs::read_to_string(&path).map_err(|e| {
         if e.raw_os_error() == Some(libc::ESRCH) || e.kind() == std::io::ErrorKind::NotFound {
-            Error::Sandbox(format!("{path}: the process exited during the fork"))
+            Error::Conflict(format!(
+                "{path}: the process exited during the fork: nothing was forked; fork again"
+            ))
         } else {
             Error::Io {
                 path: path.into(),

@@ -48,8 +48,12 @@ impl ForkMark {
     pub fn write(dir: &Path, pid: u32) -> Result<PathBuf> {
         let mark = ForkMark {
             pid,
-            start: process_start(pid)
-                .ok_or_else(|| Error::Sandbox(format!("process {pid} exited during the fork")))?,
+            start: process_start(pid).ok_or_else(|| {
+                crate::inject::gone_mid_fork(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    "exited during the fork",
+                )
+            })?,
             fds: open_fds(pid)?,
         };
         let f = file(dir, pid);

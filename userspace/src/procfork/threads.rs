@@ -62,7 +62,10 @@ pub fn other_threads(pid: u32) -> Result<Vec<u32>> {
     let dir = format!("/proc/{pid}/task");
     let entries = std::fs::read_dir(&dir).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
-            Error::Sandbox(format!("process {pid} exited during the fork"))
+            crate::inject::gone_mid_fork(
+                nix::unistd::Pid::from_raw(pid as i32),
+                "exited during the fork",
+            )
         } else {
             Error::Sandbox(format!("{dir}: {e}"))
         }
