@@ -1512,29 +1512,43 @@ fn a_process_blocking_every_signal_is_forked_twice_at_once() {
     assert!(counts_on(pid), "the original runs");
 }
 
-#[test]
-fn a_process_killed_mid_fork_fails_the_fork_cleanly() {
-    // The original killed before its clone is made: the branch's command is gone, no child.
+/// Runs the counter in root branch `root` of a daemon that kills the process its first
+/// injected call of system call `nr` is for; forks `root`, which must fail as a fork whose
+/// process died (HTTP 409, nothing forked). Returns the setup, the original's pid as it was
+/// before the fork, its descriptors then, and what the fork said.
+fn fork_killed_at(
+    nr: i64,
+) -> (
+    Setup,
+    u64,
+    std::collections::BTreeMap<String, String>,
+    String,
+) {
     let s = setup_with(
         &[("counter-killed.py", COUNTER)],
-        &[(
-            "FORKSCOPE_FAULT",
-            &format!("inject-kill:{}@1", libc::SYS_clone3),
-        )],
+        &[("FORKSCOPE_FAULT", &format!("inject-kill:{nr}@1"))],
     );
     s.run("root", &["python3", "counter-killed.py"]);
     let pid = s.pids("root")[0];
     assert!(counts_on(pid));
+    let fds = fds_of(pid as u32);
     let out = s.d.cli(&["fork", "root", "--name", "kid"]);
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success(), "{err}");
     assert!(
-        err.contains(&format!("process {pid}"))
-            && err.contains("during the fork")
+        err.contains("during the fork")
             && err.contains("nothing was forked")
             && err.contains("HTTP 409"),
         "{err}"
     );
+    (s, pid, fds, err)
+}
+
+#[test]
+fn a_process_killed_mid_fork_fails_the_fork_cleanly() {
+    // The original killed before its clone is made: the branch's command is gone, no child.
+    let (s, pid, _, err) = fork_killed_at(libc::SYS_clone3);
+    assert!(err.contains(&format!("process {pid}")), "{err}");
     let names: Vec<String> = serde_json::from_str::<Value>(&s.d.ok(&["ls", "--json"]))
         .unwrap()
         .as_array()
@@ -1547,31 +1561,12 @@ fn a_process_killed_mid_fork_fails_the_fork_cleanly() {
         running("counter-killed.py").is_empty(),
         "no clone of it runs"
     );
-    // The daemon goes on: the branch forks afresh, and a new branch runs and forks.
+    // The daemon goes on: the branch still forks afresh.
     s.d.ok(&["fork", "root", "--fresh", "--name", "afresh"]);
     drop(s);
 
     // The clone killed while it is set up: the original runs on untouched, no child.
-    let s = setup_with(
-        &[("counter-killed.py", COUNTER)],
-        &[(
-            "FORKSCOPE_FAULT",
-            &format!("inject-kill:{}@1", libc::SYS_chdir),
-        )],
-    );
-    s.run("root", &["python3", "counter-killed.py"]);
-    let pid = s.pids("root")[0];
-    assert!(counts_on(pid));
-    let fds = fds_of(pid as u32);
-    let out = s.d.cli(&["fork", "root", "--name", "kid"]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
-    assert!(
-        err.contains("during the fork")
-            && err.contains("nothing was forked")
-            && err.contains("HTTP 409"),
-        "{err}"
-    );
+    let (s, pid, fds, _) = fork_killed_at(libc::SYS_chdir);
     assert_eq!(s.pids("root"), vec![pid]);
     assert_eq!(copies_of(pid as u32), vec![pid as u32], "no clone is left");
     assert_eq!(

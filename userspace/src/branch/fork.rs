@@ -645,13 +645,12 @@ impl Manager {
             }
         };
         let t = Instant::now();
-        let frozen = if !keep_frozen {
-            cg.freeze(true, Duration::from_secs(5))
-        } else if cg.frozen_by_ancestor() {
-            Ok(())
-        } else {
-            // (Frozen already: this waits until every task is, and never undoes it.)
+        let frozen = if keep_frozen {
+            // (Frozen already: this waits until every task is, and never undoes it. A branch
+            // a cgroup above it keeps frozen was refused before.)
             cg.refreeze(Duration::from_secs(5))
+        } else {
+            cg.freeze(true, Duration::from_secs(5))
         };
         if let Err(e) = frozen {
             discard(&prep);
