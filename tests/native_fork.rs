@@ -1107,10 +1107,14 @@ fn a_daemon_killed_at_any_instant_of_a_fork_leaves_the_original_process_intact()
         at("entering the child's pid namespace", libc::SYS_setns, 1),
         at("the clone3", libc::SYS_clone3, 1),
         at("leaving the child's pid namespace", libc::SYS_setns, 2),
-        at("closing what the original opened", libc::SYS_close, 2),
-        at("the clone closing what it inherited", libc::SYS_close, 4),
-        at("the clone changing directory", libc::SYS_chdir, 1),
-        at("the clone's last call", libc::SYS_set_robust_list, 1),
+        at("closing what the original opened", libc::SYS_close_range, 1),
+        at("the clone's batch of calls", libc::SYS_close, 1),
+        at("the clone's page of injected code", libc::SYS_mmap, 1),
+        at(
+            "the clone set up, its code page not unmapped",
+            libc::SYS_munmap,
+            1,
+        ),
     ];
     for fault in &faults {
         let (fault, mut d) = crash_in_fork(&dir, &socket, fault, original[0], &[]);

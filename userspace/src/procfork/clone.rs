@@ -32,7 +32,7 @@ use super::{
 use crate::{
     cgroup::CLONE_INTO_CGROUP,
     error::{Error, Result},
-    inject::Tracee,
+    inject::{Arg, Batch, Tracee},
 };
 
 const AT_FDCWD: u64 = libc::AT_FDCWD as i64 as u64;
@@ -300,8 +300,8 @@ pub fn birth(original: &mut Tracee, plan: &Plan, child: &ChildBranch) -> Result<
         }
         (r, _) => r,
     };
-    for fd in fds.iter().rev() {
-        let _ = original.syscall(nr(libc::SYS_close), &[*fd as u64]);
+    for (first, last) in runs(&fds) {
+        let _ = original.syscall(nr(libc::SYS_close_range), &[first, last, 0]);
     }
     let _ = std::fs::remove_file(&mark);
     let clone = result?;
@@ -322,8 +322,9 @@ pub fn birth(original: &mut Tracee, plan: &Plan, child: &ChildBranch) -> Result<
 }
 
 /// Sets up a clone made by [`birth`], once the child's overlays are mounted: joins the
-/// child's namespaces, changes directory, redoes its descriptors. On failure the caller
-/// kills the clone ([`kill`]).
+/// child's namespaces, changes directory, redoes its descriptors, registers its robust
+/// futex list again; all in one batch of injected calls ([`crate::inject::Batch`]). On
+/// failure the caller kills the clone ([`kill`]).
 pub fn set_up(copy: &mut ProcessCopy, plan: &Plan, child: &ChildBranch) -> Result<()> {
     let inherited = std::mem::take(&mut copy.inherited);
     set_up_clone(
@@ -331,9 +332,9 @@ pub fn set_up(copy: &mut ProcessCopy, plan: &Plan, child: &ChildBranch) -> Resul
         &plan.target,
         child,
         &inherited,
+        plan.words.robust,
         &mut copy.notes,
-    )?;
-    threads::restore_robust_list(&mut copy.leader, &plan.words)
+    )
 }
 
 /// Makes the other threads of the original again in its clone `copy` (after every
@@ -378,11 +379,9 @@ fn set_up_clone(
     target: &Target,
     child: &ChildBranch,
     inherited: &[i64],
+    robust: Option<(u64, u64)>,
     notes: &mut Vec<String>,
 ) -> Result<()> {
-    for fd in inherited {
-        let _ = clone.syscall(nr(libc::SYS_close), &[*fd as u64]);
-    }
     let pid = target.pid;
     let reopened: Vec<&std::path::Path> = target
         .fds
@@ -407,68 +406,65 @@ fn set_up_clone(
     }
     let refs: Vec<&[u8]> = strings.iter().map(|s| s.as_slice()).collect();
     let at = clone.scratch_strings(&refs)?;
-    let ro = (libc::O_RDONLY | libc::O_CLOEXEC) as u64;
-    let open = |t: &mut Tracee, what: &str, path: u64, flags: u64| {
-        t.call(what, nr(libc::SYS_openat), &[AT_FDCWD, path, flags, 0])
-    };
-    let user = open(clone, "opening the child's user namespace", at[0], ro)?;
-    let mnt = open(clone, "opening the child's mount namespace", at[1], ro)?;
-    let net = if child.net_isolated {
-        Some(open(
-            clone,
-            "opening the child's network namespace",
-            at[5],
-            ro,
-        )?)
-    } else {
-        None
-    };
-    clone.call(
-        "entering the child's user namespace",
-        nr(libc::SYS_setns),
-        &[user as u64, libc::CLONE_NEWUSER as u64],
-    )?;
-    clone.call(
-        "entering the child's mount namespace",
-        nr(libc::SYS_setns),
-        &[mnt as u64, libc::CLONE_NEWNS as u64],
-    )?;
-    if let Some(net) = net {
-        clone.call(
-            "entering the child's network namespace",
-            nr(libc::SYS_setns),
-            &[net as u64, libc::CLONE_NEWNET as u64],
-        )?;
-    }
-    for fd in [Some(user), Some(mnt), net].into_iter().flatten() {
-        let _ = clone.syscall(nr(libc::SYS_close), &[fd as u64]);
-    }
     let mut below = *at.iter().min().expect("strings");
-    clone
-        .call(
-            &format!("changing to {}", target.cwd.display()),
-            nr(libc::SYS_chdir),
-            &[at[2]],
+    let v = Arg::Value;
+    let ro = v((libc::O_RDONLY | libc::O_CLOEXEC) as u64);
+    let mut b = Batch::new();
+    let open = |b: &mut Batch, what: &str, path: u64, flags: u64| {
+        b.must(
+            what,
+            nr(libc::SYS_openat),
+            &[v(AT_FDCWD), v(path), v(flags)],
         )
-        .map_err(|e| match e {
-            // (The clone died: said as it is.)
-            Error::Conflict(_) => e,
-            e => Error::CannotClone(format!("process {pid} ({}): {e}", target.comm)),
-        })?;
+    };
+    for fd in inherited {
+        b.call(nr(libc::SYS_close), &[v(*fd as u64)]);
+    }
+    let mut namespaces = vec![
+        (at[0], libc::CLONE_NEWUSER, "user"),
+        (at[1], libc::CLONE_NEWNS, "mount"),
+    ];
+    if child.net_isolated {
+        namespaces.push((at[5], libc::CLONE_NEWNET, "network"));
+    }
+    let ns_fds: Vec<usize> = namespaces
+        .iter()
+        .map(|(path, _, kind)| {
+            let what = format!("opening the child's {kind} namespace");
+            b.must(&what, nr(libc::SYS_openat), &[v(AT_FDCWD), v(*path), ro])
+        })
+        .collect();
+    for ((_, flag, kind), fd) in namespaces.iter().zip(&ns_fds) {
+        let what = format!("entering the child's {kind} namespace");
+        b.must(
+            &what,
+            nr(libc::SYS_setns),
+            &[Arg::ResultOf(*fd), v(*flag as u64)],
+        );
+    }
+    for fd in &ns_fds {
+        b.call(nr(libc::SYS_close), &[Arg::ResultOf(*fd)]);
+    }
+    let comm = target.comm.clone();
+    b.must_or(
+        &format!("changing to {}", target.cwd.display()),
+        nr(libc::SYS_chdir),
+        &[v(at[2])],
+        move |e| Error::CannotClone(format!("process {pid} ({comm}): {e}")),
+    );
     let mut next_path = 6;
     for (num, action) in &target.fds {
         let num = *num as u64;
-        let what = |p: String| {
-            move |e: Error| match e {
-                Error::Conflict(_) => e,
-                e => Error::CannotClone(format!(
+        let fail = |p: String| {
+            move |e: Error| {
+                Error::CannotClone(format!(
                     "process {pid}: fd {num} ({p}) could not be given to the clone: {e}"
-                )),
+                ))
             }
         };
         let (new, cloexec) = match action {
             FdAction::Close => {
-                let _ = clone.syscall(nr(libc::SYS_close), &[num]);
+                b.call(nr(libc::SYS_close), &[v(num)]);
                 continue;
             }
             FdAction::Listen {
@@ -481,78 +477,80 @@ fn set_up_clone(
                 let addr_at = clone.scratch_bytes(&sockaddr, below)?;
                 let one_at = clone.scratch_bytes(&1i32.to_ne_bytes(), addr_at)?;
                 below = one_at;
-                let fail = what(format!("listening on port {port}"));
+                let what = format!("listening on port {port}");
                 let nonblock = if flags & libc::O_NONBLOCK != 0 {
                     libc::SOCK_NONBLOCK
                 } else {
                     0
                 };
-                let s = clone
-                    .call(
-                        "socket",
-                        nr(libc::SYS_socket),
-                        &[family as u64, (libc::SOCK_STREAM | nonblock) as u64, 0],
-                    )
-                    .map_err(&fail)?;
-                let made = (|| {
-                    clone.call(
-                        "setsockopt(SO_REUSEADDR)",
-                        nr(libc::SYS_setsockopt),
-                        &[
-                            s as u64,
-                            libc::SOL_SOCKET as u64,
-                            libc::SO_REUSEADDR as u64,
-                            one_at,
-                            4,
-                        ],
-                    )?;
-                    clone.call(
-                        "bind",
-                        nr(libc::SYS_bind),
-                        &[s as u64, addr_at, sockaddr.len() as u64],
-                    )?;
-                    clone.call("listen", nr(libc::SYS_listen), &[s as u64, 4096])
-                })();
-                if let Err(e) = made {
-                    let _ = clone.syscall(nr(libc::SYS_close), &[s as u64]);
-                    return Err(fail(e));
-                }
+                let s = b.must_or(
+                    "socket",
+                    nr(libc::SYS_socket),
+                    &[v(family as u64), v((libc::SOCK_STREAM | nonblock) as u64)],
+                    fail(what.clone()),
+                );
+                let s_fd = Arg::ResultOf(s);
+                b.must_or(
+                    "setsockopt(SO_REUSEADDR)",
+                    nr(libc::SYS_setsockopt),
+                    &[
+                        s_fd,
+                        v(libc::SOL_SOCKET as u64),
+                        v(libc::SO_REUSEADDR as u64),
+                        v(one_at),
+                        v(4),
+                    ],
+                    fail(what.clone()),
+                );
+                b.must_or(
+                    "bind",
+                    nr(libc::SYS_bind),
+                    &[s_fd, v(addr_at), v(sockaddr.len() as u64)],
+                    fail(what.clone()),
+                );
+                b.must_or("listen", nr(libc::SYS_listen), &[s_fd, v(4096)], fail(what));
                 (s, (flags & libc::O_CLOEXEC) as u64)
             }
             FdAction::DevNull => (
-                open(clone, "opening /dev/null", at[4], libc::O_RDWR as u64)?,
+                open(&mut b, "opening /dev/null", at[4], libc::O_RDWR as u64),
                 0,
             ),
             FdAction::ChildLog => (
                 open(
-                    clone,
+                    &mut b,
                     "opening the child's log",
                     at[3],
                     (libc::O_WRONLY | libc::O_APPEND) as u64,
-                )?,
+                ),
                 0,
             ),
             FdAction::Terminal { id, flags } => {
-                let fail = what("a terminal".into());
                 let i = child
                     .terminals
                     .iter()
                     .position(|(t, _)| t == id)
-                    .ok_or_else(|| fail(Error::Sandbox("no terminal was made for it".into())))?;
+                    .ok_or_else(|| {
+                        fail("a terminal".into())(Error::Sandbox(
+                            "no terminal was made for it".into(),
+                        ))
+                    })?;
                 let keep = flags & (libc::O_ACCMODE | libc::O_NONBLOCK | libc::O_APPEND);
-                let new = open(
-                    clone,
+                let new = b.must_or(
                     "opening the child's terminal",
-                    at[terminals_at + i],
-                    (keep | libc::O_NOCTTY) as u64,
-                )
-                .map_err(what("a terminal".into()))?;
+                    nr(libc::SYS_openat),
+                    &[
+                        v(AT_FDCWD),
+                        v(at[terminals_at + i]),
+                        v((keep | libc::O_NOCTTY) as u64),
+                    ],
+                    fail("a terminal".into()),
+                );
                 (new, (flags & libc::O_CLOEXEC) as u64)
             }
             FdAction::Reopen { path, flags, pos } => {
                 let path_at = at[next_path];
                 next_path += 1;
-                let fail = what(path.display().to_string());
+                let p = path.display().to_string();
                 let o_path = flags & libc::O_PATH != 0;
                 let open_flags = (flags & !(libc::O_CLOEXEC | libc::O_CREAT | libc::O_TRUNC))
                     | if o_path {
@@ -560,55 +558,96 @@ fn set_up_clone(
                     } else {
                         libc::O_NONBLOCK | libc::O_NOCTTY
                     };
-                let new = open(clone, "open", path_at, open_flags as u64).map_err(&fail)?;
+                let new = b.must_or(
+                    "open",
+                    nr(libc::SYS_openat),
+                    &[v(AT_FDCWD), v(path_at), v(open_flags as u64)],
+                    fail(p.clone()),
+                );
                 if !o_path {
                     if *pos > 0 && flags & libc::O_APPEND == 0 {
                         // Pipes and FIFOs have no position: an error is fine there.
-                        let _ = clone.syscall(nr(libc::SYS_lseek), &[new as u64, *pos, 0]);
+                        b.call(nr(libc::SYS_lseek), &[Arg::ResultOf(new), v(*pos), v(0)]);
                     }
                     if flags & libc::O_NONBLOCK == 0 {
-                        clone
-                            .call(
-                                "fcntl(F_SETFL)",
-                                nr(libc::SYS_fcntl),
-                                &[new as u64, libc::F_SETFL as u64, *flags as u64],
-                            )
-                            .map_err(&fail)?;
+                        b.must_or(
+                            "fcntl(F_SETFL)",
+                            nr(libc::SYS_fcntl),
+                            &[
+                                Arg::ResultOf(new),
+                                v(libc::F_SETFL as u64),
+                                v(*flags as u64),
+                            ],
+                            fail(p),
+                        );
                     }
                 }
                 (new, (flags & libc::O_CLOEXEC) as u64)
             }
         };
-        let r = clone.call("dup3", nr(libc::SYS_dup3), &[new as u64, num, cloexec]);
-        let _ = clone.syscall(nr(libc::SYS_close), &[new as u64]);
-        r?;
+        b.must(
+            "dup3",
+            nr(libc::SYS_dup3),
+            &[Arg::ResultOf(new), v(num), v(cloexec)],
+        );
+        b.call(nr(libc::SYS_close), &[Arg::ResultOf(new)]);
     }
-    if let Some(ctty) = target.ctty {
-        // Off the parent's session, so /dev/tty is never the parent's terminal. A session
-        // leader leads its own on the terminal that replaces its controlling terminal.
-        clone.call("setsid", nr(libc::SYS_setsid), &[])?;
-        let replaced = child.terminals.iter().position(|(t, _)| *t == ctty);
+    // Off the parent's session, so /dev/tty is never the parent's terminal. A session
+    // leader leads its own on the terminal that replaces its controlling terminal.
+    let mut ctty = None;
+    if let Some(id) = target.ctty {
+        b.must("setsid", nr(libc::SYS_setsid), &[]);
+        let replaced = child.terminals.iter().position(|(t, _)| *t == id);
         if let (true, Some(i)) = (target.session_leader, replaced) {
-            let made = open(
-                clone,
-                "opening the child's terminal",
-                at[terminals_at + i],
-                (libc::O_RDWR | libc::O_NOCTTY) as u64,
-            )
-            .and_then(|fd| {
-                let r = clone.syscall(nr(libc::SYS_ioctl), &[fd as u64, libc::TIOCSCTTY, 0]);
-                let _ = clone.syscall(nr(libc::SYS_close), &[fd as u64]);
-                r
-            });
-            if !matches!(made, Ok(0)) {
-                notes.push(format!(
-                    "process {pid} ({}): its clone's terminal could not become its controlling terminal",
-                    target.comm
-                ));
-            }
+            let fd = b.call(
+                nr(libc::SYS_openat),
+                &[
+                    v(AT_FDCWD),
+                    v(at[terminals_at + i]),
+                    v((libc::O_RDWR | libc::O_NOCTTY) as u64),
+                ],
+            );
+            let ioctl = b.call(
+                nr(libc::SYS_ioctl),
+                &[Arg::ResultOf(fd), v(libc::TIOCSCTTY), v(0)],
+            );
+            b.call(nr(libc::SYS_close), &[Arg::ResultOf(fd)]);
+            ctty = Some(ioctl);
         }
     }
+    if let Some((head, len)) = robust {
+        b.must(
+            "set_robust_list",
+            libc::SYS_set_robust_list,
+            &[v(head), v(len)],
+        );
+    }
+    let results = clone.run_batch(b, below)?;
+    // (Where the terminal could not be opened, the ioctl failed on a bad descriptor.)
+    if let Some(i) = ctty
+        && results[i] != 0
+    {
+        notes.push(format!(
+            "process {pid} ({}): its clone's terminal could not become its controlling terminal",
+            target.comm
+        ));
+    }
     Ok(())
+}
+
+/// Descriptors `fds` as runs of consecutive numbers (first, last), for `close_range`: the
+/// few an original opens are closed with one injected call, not one each.
+fn runs(fds: &[i64]) -> Vec<(u64, u64)> {
+    let mut sorted: Vec<u64> = fds.iter().map(|&fd| fd as u64).collect();
+    sorted.sort_unstable();
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for fd in sorted {
+        match runs.last_mut() {
+            Some((_, last)) if *last + 1 == fd => *last = fd,
+            _ => runs.push((fd, fd)),
+        }
+    }
+    runs
 }
 
 /// A `sockaddr_in` or `sockaddr_in6` for `addr` (network order bytes) and `port`, and its
@@ -659,4 +698,16 @@ pub fn fd_of(pid: u32, path: &std::path::Path) -> Result<i32> {
         "process {pid} has no descriptor on {}",
         path.display()
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::runs;
+
+    #[test]
+    fn descriptors_are_closed_in_runs_of_consecutive_numbers() {
+        assert_eq!(runs(&[5, 3, 4]), [(3, 5)]);
+        assert_eq!(runs(&[3, 6, 7]), [(3, 3), (6, 7)]);
+        assert_eq!(runs(&[]), []);
+    }
 }

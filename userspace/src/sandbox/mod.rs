@@ -193,6 +193,25 @@ pub struct DeferredMounts {
     pub tmp_stack: StackSpec,
 }
 
+/// Puts process `pid` (a sandbox's setup process) in the idle scheduling class, or back in
+/// the normal one. Best effort: one that has exited has nothing left to do.
+fn set_idle(pid: u32, idle: bool) {
+    let policy = if idle {
+        libc::SCHED_IDLE
+    } else {
+        libc::SCHED_OTHER
+    };
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler reads one sched_param from the pointer given.
+    let r = unsafe { libc::sched_setscheduler(pid as libc::pid_t, policy, &param) };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ESRCH) {
+            log::warn!("scheduling class of the sandbox setup process {pid}: {e}");
+        }
+    }
+}
+
 /// Pre-starts a sandbox for `spec` (which must be [`SandboxSpec::deferred`]).
 pub fn start_warm(
     forkscope_bin: &Path,
@@ -219,6 +238,11 @@ impl Warm {
             tmp_stack: tmp.clone(),
         };
         let text = serde_json::to_string(&msg).map_err(std::io::Error::from)?;
+        // Mounting takes a CPU for about a millisecond, while a fork injects calls into
+        // the processes it clones: on a machine with few CPUs, a process woken behind the
+        // mounts waits for them. So it mounts only on time no one else wants, until it is
+        // waited for ([`Mounting::mounted`]).
+        set_idle(self.setup.id(), true);
         self.to_setup
             .write_all(format!("mount {text}\n").as_bytes())?;
         Ok(Mounting(self))
@@ -247,6 +271,7 @@ impl Mounting {
     /// Waits for the overlays; returns the sandbox.
     pub fn mounted(mut self) -> Result<Sandbox> {
         let w = &mut self.0;
+        set_idle(w.setup.id(), false);
         let mut line = String::new();
         w.from_setup.read_line(&mut line)?;
         if line.trim() != "mounted" {

@@ -19,6 +19,13 @@
 //! that one ([`Tracee::exit_frame`]), so a clone cut off at any instant before it was set up
 //! ends itself. Without glibc, calls run at a `syscall` of the vDSO and that safety net is
 //! missing. What the calls already did stays done (see `crate::procfork::clone`).
+//!
+//! A process that may die with the daemon (a clone not yet set up) can take many calls in
+//! one stop instead: see [`batch`].
+
+mod batch;
+
+pub use batch::{Arg, Batch};
 
 use std::{fs::File, io::Read, os::unix::fs::FileExt};
 
