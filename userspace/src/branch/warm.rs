@@ -69,8 +69,13 @@ impl Manager {
             }
         }
         // As many at once as there are CPUs (a fork of 33 children does not start 33
-        // sandboxes on two CPUs at the same time).
-        let at_once = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8));
+        // sandboxes on two CPUs at the same time); asked only when some must start (it
+        // reads the cgroup's CPU quota files).
+        let at_once = if prepared.is_empty() {
+            1
+        } else {
+            std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8))
+        };
         let bin = &self.bin;
         let mut started = Vec::new();
         while !prepared.is_empty() {
