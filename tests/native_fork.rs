@@ -1110,6 +1110,7 @@ fn a_daemon_killed_at_any_instant_of_a_fork_leaves_the_original_process_intact()
         at("closing what the original opened", libc::SYS_close_range, 1),
         at("the clone's batch of calls", libc::SYS_close, 1),
         at("the clone's page of injected code", libc::SYS_mmap, 1),
+        at("the clone running its batch", -1, 1),
         at(
             "the clone set up, its code page not unmapped",
             libc::SYS_munmap,
@@ -1256,9 +1257,11 @@ fn a_daemon_killed_mid_fork_of_a_multi_threaded_process_leaves_every_thread_inta
 
 #[test]
 fn a_server_in_an_isolated_network_keeps_listening_in_both_branches() {
-    let s = setup(&[("who.txt", "parent\n")]);
+    let s = setup(&[("who.txt", "parent\n"), ("two-ports.py", TWO_PORTS)]);
     let ws = s.ws.to_str().unwrap().to_string();
     // The branch has a network namespace of its own: loopback only, unreachable from the host.
+    // Its server listens on two ports (python's sockets are close-on-exec, which the
+    // clone's copies keep).
     s.d.ok(&[
         "run",
         "--name",
@@ -1269,17 +1272,20 @@ fn a_server_in_an_isolated_network_keeps_listening_in_both_branches() {
         &ws,
         "--",
         "python3",
-        "-m",
-        "http.server",
-        "8000",
-        "--bind",
-        "127.0.0.1",
+        "two-ports.py",
     ]);
-    let get = |b: &str| {
+    let get_on = |b: &str, port: u16| {
         s.sh(
             b,
-            "curl -s -m 5 --retry 20 --retry-connrefused --retry-delay 0 127.0.0.1:8000/who.txt",
+            &format!(
+                "curl -s -m 5 --retry 20 --retry-connrefused --retry-delay 0 127.0.0.1:{port}/who.txt"
+            ),
         )
+    };
+    let get = |b: &str| {
+        let on_8000 = get_on(b, 8000);
+        assert_eq!(get_on(b, 8001), on_8000, "{b}: both ports");
+        on_8000
     };
     assert_eq!(get("web"), "parent\n");
     let host = std::process::Command::new("curl")
@@ -1366,6 +1372,26 @@ fn a_daemon_killed_after_a_snapshot_and_before_its_record_loses_no_deletion() {
 
 /// A python program that writes an ever-growing count into `count` every 20 ms, with every
 /// signal it can block blocked and the usual ones ignored.
+/// A server on 127.0.0.1, ports 8000 and 8001, one thread: answers any request with who.txt.
+const TWO_PORTS: &str = r#"
+import select, socket
+listeners = []
+for port in (8000, 8001):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", port))
+    s.listen()
+    listeners.append(s)
+while True:
+    ready, _, _ = select.select(listeners, [], [])
+    for s in ready:
+        c, _ = s.accept()
+        c.recv(4096)
+        body = open("who.txt").read()
+        c.sendall(f"HTTP/1.0 200 OK\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
+        c.close()
+"#;
+
 const COUNTER: &str = r#"
 import os, signal, time
 signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals) - {signal.SIGKILL, signal.SIGSTOP})

@@ -28,6 +28,8 @@ use crate::error::{Error, Result};
 const NOT_RUN: i64 = i64::MIN;
 /// The largest errno a system call returns (as -errno).
 const MAX_ERRNO: i64 = 4095;
+/// The fault point (see `fault_point`) passed while a stub runs: `inject-abort:-1@N`.
+const STUB_RUNNING: i64 = -1;
 
 /// An argument of a batched call.
 #[derive(Clone, Copy, Debug)]
@@ -89,11 +91,10 @@ impl<'a> Batch<'a> {
 
     fn push(&mut self, nr: i64, args: &[Arg], must: Option<(String, Wrap<'a>)>) -> usize {
         assert!(args.len() <= 6, "a system call has at most six arguments");
-        if let Some(i) = args.iter().find_map(|a| match a {
-            Arg::ResultOf(i) => Some(*i),
-            Arg::Value(_) => None,
-        }) {
-            assert!(i < self.calls.len(), "an argument from a later call");
+        for a in args {
+            if let Arg::ResultOf(i) = a {
+                assert!(*i < self.calls.len(), "an argument from a later call");
+            }
         }
         self.calls.push(Call {
             nr,
@@ -144,11 +145,17 @@ impl<'a> Batch<'a> {
                     code.extend_from_slice(&MOV_FROM_RAX[r]);
                 }
             }
-            for (r, arg) in call.args.iter().enumerate() {
-                if let Arg::Value(v) = arg {
-                    code.extend_from_slice(&MOV_IMM[r]);
-                    code.extend_from_slice(&v.to_le_bytes());
-                }
+            // Every argument register is set, those the call does not take to 0 (as
+            // [`Tracee::syscall`] does): a register left from an earlier call could be read
+            // (socket's protocol, say).
+            for (r, mov) in MOV_IMM.iter().enumerate() {
+                let v = match call.args.get(r) {
+                    Some(Arg::ResultOf(_)) => continue,
+                    Some(Arg::Value(v)) => *v,
+                    None => 0,
+                };
+                code.extend_from_slice(mov);
+                code.extend_from_slice(&v.to_le_bytes());
             }
             code.extend_from_slice(&[0x48, 0xb8]); // mov rax, imm64
             code.extend_from_slice(&(call.nr as u64).to_le_bytes());
@@ -170,8 +177,9 @@ impl<'a> Batch<'a> {
         }
         code.push(0xcc); // int3
         let trapped = code.len();
-        // Never reached while the daemon holds the process; should it die with the
-        // process at the int3 and SIGTRAP not end it, this does.
+        // Never reached: the int3 stops the process for the daemon, or, the daemon gone,
+        // its SIGTRAP (blocked signals do not hold back a trap) ends it. Here only so that
+        // nothing but an end follows the code.
         code.extend_from_slice(&[0x48, 0xc7, 0xc7, 1, 0, 0, 0]); // mov rdi, 1
         code.extend_from_slice(&[0x48, 0xc7, 0xc0]); // mov rax, exit_group
         code.extend_from_slice(&(libc::SYS_exit_group as i32).to_le_bytes());
@@ -185,9 +193,6 @@ impl Tracee {
     /// failure), or the error of the first call that had to succeed and did not (later
     /// calls did not run). `below`: the lowest address of the caller's scratch data.
     pub fn run_batch(&mut self, batch: Batch, below: u64) -> Result<Vec<i64>> {
-        for call in &batch.calls {
-            fault_point(call.nr, self.pid);
-        }
         let results = match self.run_stub(&batch, below)? {
             Some(r) => r,
             None => self.run_one_by_one(&batch)?,
@@ -229,23 +234,28 @@ impl Tracee {
             .collect();
         // The page is written as a debugger writes a breakpoint (ptrace's forced access).
         let placed = self.write(page, &code).and(self.write(results, &slots));
-        let ran = placed
-            .is_ok()
-            .then(|| self.run_to_trap(page, page + trapped as u64, results));
+        let ran = placed.is_ok().then(|| {
+            // (Fault points as for calls made one at a time, all before the stub runs.)
+            for call in &batch.calls {
+                fault_point(call.nr, self.pid);
+            }
+            self.run_to_trap(page, page + trapped as u64, results)
+        });
         let unmapped = self.syscall(libc::SYS_munmap, &[page, len]);
+        let unmapped = unmapped.and_then(|r| match r {
+            0 => Ok(()),
+            r => Err(Error::Sandbox(format!(
+                "unmapping the injected code in process {}: {}",
+                self.pid,
+                Errno::from_raw(-r as i32).desc()
+            ))),
+        });
         let Some(ran) = ran else {
             unmapped?;
             return Ok(None);
         };
         ran?;
-        let unmapped = unmapped?;
-        if unmapped < 0 {
-            return Err(Error::Sandbox(format!(
-                "unmapping the injected code in process {}: {}",
-                self.pid,
-                Errno::from_raw(-unmapped as i32).desc()
-            )));
-        }
+        unmapped?;
         let mut bytes = vec![0u8; 8 * batch.len()];
         self.read_at(&mut bytes, results)?;
         Ok(Some(
@@ -267,6 +277,7 @@ impl Tracee {
         ptrace::setregs(pid, regs).map_err(ptrace_err("PTRACE_SETREGS", pid))?;
         let cont = || ptrace::cont(pid, None).map_err(ptrace_err("PTRACE_CONT", pid));
         cont()?;
+        fault_point(STUB_RUNNING, pid);
         loop {
             match waitpid(pid, Some(WaitPidFlag::__WALL)) {
                 Ok(WaitStatus::Stopped(_, Signal::SIGTRAP)) => {
@@ -373,6 +384,11 @@ mod tests {
             b.call(libc::SYS_fcntl, &flags);
             b.call(libc::SYS_close, &[Arg::ResultOf(fd)]);
             b.call(libc::SYS_getpid, &[]);
+            // Two arguments after calls with three: its protocol is 0, not what the
+            // previous call left in the register.
+            let args = [libc::AF_INET as u64, libc::SOCK_STREAM as u64].map(Arg::Value);
+            let sock = b.must("socket", libc::SYS_socket, &args);
+            b.call(libc::SYS_close, &[Arg::ResultOf(sock)]);
             if stub {
                 t.run_batch(b, below).unwrap()
             } else {
@@ -381,7 +397,8 @@ mod tests {
         };
         let by_stub = batch(&mut t, true);
         assert!(by_stub[0] >= 3, "{by_stub:?}");
-        assert_eq!(&by_stub[1..], [libc::FD_CLOEXEC as i64, 0, pid as i64]);
+        assert_eq!(&by_stub[1..4], [libc::FD_CLOEXEC as i64, 0, pid as i64]);
+        assert!(by_stub[4] >= 3 && by_stub[5] == 0, "{by_stub:?}");
         assert_eq!(batch(&mut t, false), by_stub, "the same one call at a time");
         // A call that must succeed and fails ends the batch: the calls after it never run.
         let mut b = Batch::new();

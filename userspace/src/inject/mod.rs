@@ -613,7 +613,8 @@ fn restarted(mut r: libc::user_regs_struct) -> libc::user_regs_struct {
 /// `FORKSCOPE_FAULT=inject-abort:NR@N` before its Nth injected call of system call number
 /// NR (a point that does not move when a process has a descriptor more or less).
 /// `inject-kill:` instead kills the process the call is for (`pid`), once: a process that
-/// dies mid-fork.
+/// dies mid-fork. NR -1 is the point where a batch's code has just been set running (see
+/// [`batch`]): its calls' own points are passed just before.
 fn fault_point(nr: i64, pid: Pid) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     static COUNT: AtomicUsize = AtomicUsize::new(0);

@@ -301,7 +301,13 @@ pub fn birth(original: &mut Tracee, plan: &Plan, child: &ChildBranch) -> Result<
         (r, _) => r,
     };
     for (first, last) in runs(&fds) {
-        let _ = original.syscall(nr(libc::SYS_close_range), &[first, last, 0]);
+        let r = original.syscall(nr(libc::SYS_close_range), &[first, last, 0]);
+        if matches!(r, Ok(r) if r < 0) {
+            // Before Linux 5.9: one at a time.
+            for fd in first..=last {
+                let _ = original.syscall(nr(libc::SYS_close), &[fd]);
+            }
+        }
     }
     let _ = std::fs::remove_file(&mark);
     let clone = result?;

@@ -194,14 +194,20 @@ pub struct DeferredMounts {
 }
 
 /// Puts process `pid` (a sandbox's setup process) in the idle scheduling class, or back in
-/// the normal one. Best effort: one that has exited has nothing left to do.
+/// the daemon's own (which it had from its birth). Best effort: one that has exited has
+/// nothing left to do.
 fn set_idle(pid: u32, idle: bool) {
+    let mut param = libc::sched_param { sched_priority: 0 };
     let policy = if idle {
         libc::SCHED_IDLE
     } else {
-        libc::SCHED_OTHER
+        // SAFETY: sched_getparam writes one sched_param into `param`; both ask about the
+        // calling thread (0).
+        unsafe {
+            libc::sched_getparam(0, &mut param);
+            libc::sched_getscheduler(0).max(libc::SCHED_OTHER)
+        }
     };
-    let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: sched_setscheduler reads one sched_param from the pointer given.
     let r = unsafe { libc::sched_setscheduler(pid as libc::pid_t, policy, &param) };
     if r != 0 {
