@@ -361,8 +361,12 @@ mod tests {
             .spawn()
             .unwrap();
         let pid = child.id();
-        // (Its dynamic loader has to be done with it before it is seized.)
-        while !maps(pid).contains("libc.so") {
+        // Asleep in clock_nanosleep, done changing its own mappings (the loader, malloc).
+        let start = std::time::Instant::now();
+        while !std::fs::read_to_string(format!("/proc/{pid}/syscall"))
+            .is_ok_and(|s| s.starts_with(&format!("{} ", libc::SYS_clock_nanosleep)))
+        {
+            assert!(start.elapsed().as_secs() < 10, "sleep never slept");
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         let before = (maps(pid), fds(pid));
