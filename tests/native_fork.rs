@@ -1444,8 +1444,8 @@ fn status_line(pid: u64, key: &str) -> String {
 }
 
 #[test]
-fn a_branch_frozen_by_someone_else_stays_frozen_through_a_fork_and_a_commit() {
-    let s = setup(&[("counter.py", COUNTER)]);
+fn a_branch_frozen_by_someone_else_stays_frozen_through_a_fork_a_commit_and_a_restart() {
+    let mut s = setup(&[("counter.py", COUNTER)]);
     s.run("root", &["python3", "counter.py"]);
     let pid = s.pids("root")[0];
     assert!(counts_on(pid));
@@ -1492,6 +1492,14 @@ fn a_branch_frozen_by_someone_else_stays_frozen_through_a_fork_and_a_commit() {
     );
     assert!(frozen(), "the parent is still frozen after the commit");
     std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(count_of(pid), at_freeze, "the parent did not run");
+    // A daemon that crashes and starts again thaws what it froze itself, not this one.
+    let (dir, socket) = (s._dir.path().to_path_buf(), s.d.socket.clone());
+    s.d.kill9();
+    std::mem::forget(std::mem::replace(&mut s.d, Daemon::start_on(&dir, &socket)));
+    assert!(s.d.ok(&["ls"]).contains("root"));
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(frozen(), "the parent is still frozen after a restart");
     assert_eq!(count_of(pid), at_freeze, "the parent did not run");
     // Thawed by whoever froze it, it goes on.
     std::fs::write(cg.join("cgroup.freeze"), "0").unwrap();

@@ -93,6 +93,15 @@ pub unsafe fn fork_into(dir: &fs::File) -> std::io::Result<i32> {
     Ok(r as i32)
 }
 
+/// The extended attribute a cgroup forkscope froze carries until forkscope thaws it.
+const FROZEN_MARK: &std::ffi::CStr = c"trusted.forkscope.frozen";
+
+/// `p` as a C string (none if it holds a NUL).
+fn path_c(p: &Path) -> Option<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(p.as_os_str().as_bytes()).ok()
+}
+
 /// A cgroup v2 directory owned by forkscope.
 #[derive(Debug)]
 pub struct Cgroup {
@@ -154,20 +163,73 @@ impl Cgroup {
     }
 
     /// Freezes the cgroup for whoever froze it before (it was thawed for a while): unlike
-    /// [`Cgroup::freeze`], a timeout leaves the freeze asked for, not undone.
+    /// [`Cgroup::freeze`], a timeout leaves the freeze asked for, not undone, and the freeze
+    /// is not marked as forkscope's.
     pub fn refreeze(&self, timeout: Duration) -> Result<()> {
         self.set_frozen(true, timeout)
     }
 
     /// Freezes (`true`) or thaws every process in the cgroup and waits until it is done. A
     /// freeze that fails (not frozen within `timeout`) is undone before the error returns, so
-    /// no caller leaves a cgroup frozen by a request it gave up on.
+    /// no caller leaves a cgroup frozen by a request it gave up on. The cgroup carries
+    /// forkscope's mark while frozen ([`Cgroup::frozen_by_forkscope`]).
     pub fn freeze(&self, frozen: bool, timeout: Duration) -> Result<()> {
+        if frozen {
+            self.mark_frozen(true);
+        }
         let done = self.set_frozen(frozen, timeout);
-        if frozen && done.is_err() {
-            let _ = self.set_frozen(false, timeout);
+        if frozen && done.is_err() && self.set_frozen(false, timeout).is_ok() {
+            self.mark_frozen(false);
+        }
+        if !frozen && done.is_ok() {
+            self.mark_frozen(false);
         }
         done
+    }
+
+    /// Whether forkscope froze the cgroup (its mark, an extended attribute of the cgroup's
+    /// directory, is there: it outlives a daemon that crashed and goes with the cgroup);
+    /// `None` where the filesystem keeps no such attribute.
+    pub fn frozen_by_forkscope(&self) -> Option<bool> {
+        let path = path_c(&self.path)?;
+        // SAFETY: both strings are NUL-terminated; a null buffer of size 0 only asks whether
+        // the attribute exists (and its size).
+        let r =
+            unsafe { libc::getxattr(path.as_ptr(), FROZEN_MARK.as_ptr(), std::ptr::null_mut(), 0) };
+        match r {
+            r if r >= 0 => Some(true),
+            _ if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENODATA) => {
+                Some(false)
+            }
+            _ => None,
+        }
+    }
+
+    /// Puts forkscope's freeze mark on the cgroup, or takes it off. Best effort: where it
+    /// cannot be kept, a daemon that starts thaws every branch, as without marks.
+    fn mark_frozen(&self, ours: bool) {
+        let Some(path) = path_c(&self.path) else {
+            return;
+        };
+        // SAFETY: both strings are NUL-terminated; setxattr reads `value.len()` bytes.
+        let r = unsafe {
+            if ours {
+                let value = b"1";
+                libc::setxattr(
+                    path.as_ptr(),
+                    FROZEN_MARK.as_ptr(),
+                    value.as_ptr() as *const libc::c_void,
+                    value.len(),
+                    0,
+                )
+            } else {
+                libc::removexattr(path.as_ptr(), FROZEN_MARK.as_ptr())
+            }
+        };
+        let e = std::io::Error::last_os_error();
+        if r != 0 && e.raw_os_error() != Some(libc::ENODATA) {
+            log::debug!("freeze mark of {}: {e}", self.path.display());
+        }
     }
 
     fn set_frozen(&self, frozen: bool, timeout: Duration) -> Result<()> {

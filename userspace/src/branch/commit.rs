@@ -328,8 +328,8 @@ impl Manager {
         Ok(target.root().join(format!(".forkscope-staging-{}", b.id)))
     }
 
-    /// Finishes the commits a crash interrupted and thaws branches a crash left frozen;
-    /// run when the registry is opened.
+    /// Finishes the commits a crash interrupted and thaws branches a crash left frozen
+    /// (those forkscope's mark says it froze); run when the registry is opened.
     pub(super) fn recover(&self) -> Result<()> {
         let all = self.registry.all()?;
         let mut stuck: Vec<&BranchRecord> = Vec::new();
@@ -370,8 +370,18 @@ impl Manager {
             if b.frozen || blocked.contains(&b.id) {
                 continue;
             }
+            // Only what forkscope froze (its mark): a branch someone else froze stays so.
+            // Where cgroups keep no marks, every branch is thawed.
             if let Ok(cg) = Cgroup::open(&b.cgroup) {
-                let _ = cg.freeze(false, Duration::from_secs(5));
+                match cg.frozen_by_forkscope() {
+                    Some(false) if cg.is_frozen() => {
+                        log::info!("{} stays frozen: someone else froze it", b.name);
+                    }
+                    Some(false) => {}
+                    Some(true) | None => {
+                        let _ = cg.freeze(false, Duration::from_secs(5));
+                    }
+                }
             }
         }
         Ok(())
