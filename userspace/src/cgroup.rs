@@ -95,6 +95,8 @@ pub unsafe fn fork_into(dir: &fs::File) -> std::io::Result<i32> {
 
 /// The extended attribute a cgroup forkscope froze carries until forkscope thaws it.
 const FROZEN_MARK: &std::ffi::CStr = c"trusted.forkscope.frozen";
+/// The attribute [`Cgroup::keeps_marks`] tries.
+const PROBE_MARK: &std::ffi::CStr = c"trusted.forkscope.probe";
 
 /// `p` as a C string (none if it holds a NUL).
 fn path_c(p: &Path) -> Option<std::ffi::CString> {
@@ -176,15 +178,23 @@ impl Cgroup {
     pub fn freeze(&self, frozen: bool, timeout: Duration) -> Result<()> {
         if frozen {
             self.mark_frozen(true);
+            let done = self.set_frozen(true, timeout);
+            if done.is_err() {
+                let _ = self.thaw(timeout);
+            }
+            done
+        } else {
+            self.thaw(timeout)
         }
-        let done = self.set_frozen(frozen, timeout);
-        if frozen && done.is_err() && self.set_frozen(false, timeout).is_ok() {
-            self.mark_frozen(false);
-        }
-        if !frozen && done.is_ok() {
-            self.mark_frozen(false);
-        }
-        done
+    }
+
+    /// Thaws the cgroup; its freeze mark goes as soon as it is asked to thaw, whether or
+    /// not the thaw completes in time (a cgroup above it may hold it frozen).
+    fn thaw(&self, timeout: Duration) -> Result<()> {
+        let p = self.path.join("cgroup.freeze");
+        fs::write(&p, "0").at(&p)?;
+        self.mark_frozen(false);
+        self.wait_frozen(false, timeout)
     }
 
     /// Whether forkscope froze the cgroup (its mark, an extended attribute of the cgroup's
@@ -228,13 +238,45 @@ impl Cgroup {
         };
         let e = std::io::Error::last_os_error();
         if r != 0 && e.raw_os_error() != Some(libc::ENODATA) {
-            log::debug!("freeze mark of {}: {e}", self.path.display());
+            log::warn!(
+                "freeze mark of {} (a daemon restarted after a crash may not thaw it): {e}",
+                self.path.display()
+            );
+        }
+    }
+
+    /// Whether freeze marks can be kept on this cgroup (one is set, read back and removed):
+    /// without, a daemon that starts cannot tell whose a freeze is.
+    pub fn keeps_marks(&self) -> bool {
+        let Some(path) = path_c(&self.path) else {
+            return false;
+        };
+        let value = b"1";
+        // SAFETY: both strings are NUL-terminated; setxattr reads `value.len()` bytes, a
+        // null buffer of size 0 asks getxattr for the size only.
+        unsafe {
+            let set = libc::setxattr(
+                path.as_ptr(),
+                PROBE_MARK.as_ptr(),
+                value.as_ptr() as *const libc::c_void,
+                value.len(),
+                0,
+            ) == 0;
+            let read = set
+                && libc::getxattr(path.as_ptr(), PROBE_MARK.as_ptr(), std::ptr::null_mut(), 0)
+                    == value.len() as isize;
+            libc::removexattr(path.as_ptr(), PROBE_MARK.as_ptr());
+            read
         }
     }
 
     fn set_frozen(&self, frozen: bool, timeout: Duration) -> Result<()> {
         let p = self.path.join("cgroup.freeze");
         fs::write(&p, if frozen { "1" } else { "0" }).at(&p)?;
+        self.wait_frozen(frozen, timeout)
+    }
+
+    fn wait_frozen(&self, frozen: bool, timeout: Duration) -> Result<()> {
         let events = self.path.join("cgroup.events");
         let want = if frozen { "frozen 1" } else { "frozen 0" };
         let start = Instant::now();

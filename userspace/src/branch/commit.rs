@@ -54,6 +54,7 @@ impl Frozen {
     /// `ours`: a freeze found in place is forkscope's own (one an incomplete commit kept).
     fn new(path: &Path, ours: bool) -> Result<Self> {
         let cg = Cgroup::open(path)?;
+        let ours = ours && cg.frozen_by_forkscope() != Some(false);
         if (cg.is_frozen() && !ours) || cg.frozen_by_ancestor() {
             return Ok(Self(None));
         }
@@ -89,7 +90,8 @@ impl Manager {
         let mut phases = CommitPhases::default();
 
         let t = Instant::now();
-        // An incomplete commit of it kept both sides frozen: those freezes are ours.
+        // An incomplete commit of it kept both sides frozen: those freezes are ours (where
+        // they carry forkscope's mark: not one someone else had made before).
         let ours = journal::pending(&b.dir);
         let frozen_branch = Frozen::new(&b.cgroup, ours)?;
         let frozen_target = match &target_branch {
@@ -366,21 +368,32 @@ impl Manager {
                 ids
             })
             .collect();
+        let mut marks_kept = None;
         for b in &all {
-            if b.frozen || blocked.contains(&b.id) {
+            if blocked.contains(&b.id) {
+                continue;
+            }
+            let Ok(cg) = Cgroup::open(&b.cgroup) else {
+                continue;
+            };
+            if b.frozen {
+                // A checkpoint a crash left thawed (mid-fork) is frozen again.
+                if !cg.is_frozen() {
+                    log::warn!("{}: a checkpoint found thawed, frozen again", b.name);
+                    let _ = cg.refreeze(Duration::from_secs(5));
+                }
                 continue;
             }
             // Only what forkscope froze (its mark): a branch someone else froze stays so.
             // Where cgroups keep no marks, every branch is thawed.
-            if let Ok(cg) = Cgroup::open(&b.cgroup) {
-                match cg.frozen_by_forkscope() {
-                    Some(false) if cg.is_frozen() => {
-                        log::info!("{} stays frozen: someone else froze it", b.name);
-                    }
-                    Some(false) => {}
-                    Some(true) | None => {
-                        let _ = cg.freeze(false, Duration::from_secs(5));
-                    }
+            let kept = *marks_kept.get_or_insert_with(|| cg.keeps_marks());
+            match kept.then(|| cg.frozen_by_forkscope()).flatten() {
+                Some(false) if cg.is_frozen() => {
+                    log::info!("{} stays frozen: someone else froze it", b.name);
+                }
+                Some(false) => {}
+                Some(true) | None => {
+                    let _ = cg.freeze(false, Duration::from_secs(5));
                 }
             }
         }

@@ -361,11 +361,14 @@ mod tests {
             .spawn()
             .unwrap();
         let pid = child.id();
-        // Asleep in clock_nanosleep, done changing its own mappings (the loader, malloc).
+        // Asleep (clock_nanosleep, or nanosleep with an older libc), done changing its own mappings (the loader, malloc).
         let start = std::time::Instant::now();
-        while !std::fs::read_to_string(format!("/proc/{pid}/syscall"))
-            .is_ok_and(|s| s.starts_with(&format!("{} ", libc::SYS_clock_nanosleep)))
-        {
+        let asleep = |s: String| {
+            [libc::SYS_clock_nanosleep, libc::SYS_nanosleep]
+                .iter()
+                .any(|nr| s.starts_with(&format!("{nr} ")))
+        };
+        while !std::fs::read_to_string(format!("/proc/{pid}/syscall")).is_ok_and(asleep) {
             assert!(start.elapsed().as_secs() < 10, "sleep never slept");
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
