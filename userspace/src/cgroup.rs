@@ -98,10 +98,60 @@ const FROZEN_MARK: &std::ffi::CStr = c"trusted.forkscope.frozen";
 /// The attribute [`Cgroup::keeps_marks`] tries.
 const PROBE_MARK: &std::ffi::CStr = c"trusted.forkscope.probe";
 
-/// `p` as a C string (none if it holds a NUL).
-fn path_c(p: &Path) -> Option<std::ffi::CString> {
+/// `p` as a C string.
+fn path_c(p: &Path) -> std::io::Result<std::ffi::CString> {
     use std::os::unix::ffi::OsStrExt;
-    std::ffi::CString::new(p.as_os_str().as_bytes()).ok()
+    std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other)
+}
+
+/// Sets extended attribute `name` of `p` to "1".
+fn xattr_set(p: &Path, name: &std::ffi::CStr) -> std::io::Result<()> {
+    let path = path_c(p)?;
+    let value = b"1";
+    // SAFETY: both strings are NUL-terminated; setxattr reads `value.len()` bytes.
+    let r = unsafe {
+        libc::setxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr() as *const libc::c_void,
+            value.len(),
+            0,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Whether `p` has extended attribute `name`.
+fn xattr_exists(p: &Path, name: &std::ffi::CStr) -> std::io::Result<bool> {
+    let path = path_c(p)?;
+    // SAFETY: both strings are NUL-terminated; a null buffer of size 0 only asks for the
+    // attribute's size.
+    let r = unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0) };
+    match r {
+        r if r >= 0 => Ok(true),
+        _ => match std::io::Error::last_os_error() {
+            e if e.raw_os_error() == Some(libc::ENODATA) => Ok(false),
+            e => Err(e),
+        },
+    }
+}
+
+/// Removes extended attribute `name` of `p` (one that is not there is no error).
+fn xattr_remove(p: &Path, name: &std::ffi::CStr) -> std::io::Result<()> {
+    let path = path_c(p)?;
+    // SAFETY: both strings are NUL-terminated.
+    let r = unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) };
+    if r == 0 {
+        return Ok(());
+    }
+    match std::io::Error::last_os_error() {
+        e if e.raw_os_error() == Some(libc::ENODATA) => Ok(()),
+        e => Err(e),
+    }
 }
 
 /// A cgroup v2 directory owned by forkscope.
@@ -168,7 +218,7 @@ impl Cgroup {
     /// [`Cgroup::freeze`], a timeout leaves the freeze asked for, not undone, and the freeze
     /// is not marked as forkscope's.
     pub fn refreeze(&self, timeout: Duration) -> Result<()> {
-        self.set_frozen(true, timeout)
+        self.set_frozen(timeout)
     }
 
     /// Freezes (`true`) or thaws every process in the cgroup and waits until it is done. A
@@ -178,7 +228,7 @@ impl Cgroup {
     pub fn freeze(&self, frozen: bool, timeout: Duration) -> Result<()> {
         if frozen {
             self.mark_frozen(true);
-            let done = self.set_frozen(true, timeout);
+            let done = self.set_frozen(timeout);
             if done.is_err() {
                 let _ = self.thaw(timeout);
             }
@@ -201,43 +251,18 @@ impl Cgroup {
     /// directory, is there: it outlives a daemon that crashed and goes with the cgroup);
     /// `None` where the filesystem keeps no such attribute.
     pub fn frozen_by_forkscope(&self) -> Option<bool> {
-        let path = path_c(&self.path)?;
-        // SAFETY: both strings are NUL-terminated; a null buffer of size 0 only asks whether
-        // the attribute exists (and its size).
-        let r =
-            unsafe { libc::getxattr(path.as_ptr(), FROZEN_MARK.as_ptr(), std::ptr::null_mut(), 0) };
-        match r {
-            r if r >= 0 => Some(true),
-            _ if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENODATA) => {
-                Some(false)
-            }
-            _ => None,
-        }
+        xattr_exists(&self.path, FROZEN_MARK).ok()
     }
 
     /// Puts forkscope's freeze mark on the cgroup, or takes it off. Best effort: where it
     /// cannot be kept, a daemon that starts thaws every branch, as without marks.
     fn mark_frozen(&self, ours: bool) {
-        let Some(path) = path_c(&self.path) else {
-            return;
+        let r = if ours {
+            xattr_set(&self.path, FROZEN_MARK)
+        } else {
+            xattr_remove(&self.path, FROZEN_MARK)
         };
-        // SAFETY: both strings are NUL-terminated; setxattr reads `value.len()` bytes.
-        let r = unsafe {
-            if ours {
-                let value = b"1";
-                libc::setxattr(
-                    path.as_ptr(),
-                    FROZEN_MARK.as_ptr(),
-                    value.as_ptr() as *const libc::c_void,
-                    value.len(),
-                    0,
-                )
-            } else {
-                libc::removexattr(path.as_ptr(), FROZEN_MARK.as_ptr())
-            }
-        };
-        let e = std::io::Error::last_os_error();
-        if r != 0 && e.raw_os_error() != Some(libc::ENODATA) {
+        if let Err(e) = r {
             log::warn!(
                 "freeze mark of {} (a daemon restarted after a crash may not thaw it): {e}",
                 self.path.display()
@@ -248,34 +273,18 @@ impl Cgroup {
     /// Whether freeze marks can be kept on this cgroup (one is set, read back and removed):
     /// without, a daemon that starts cannot tell whose a freeze is.
     pub fn keeps_marks(&self) -> bool {
-        let Some(path) = path_c(&self.path) else {
-            return false;
-        };
-        let value = b"1";
-        // SAFETY: both strings are NUL-terminated; setxattr reads `value.len()` bytes, a
-        // null buffer of size 0 asks getxattr for the size only.
-        unsafe {
-            let set = libc::setxattr(
-                path.as_ptr(),
-                PROBE_MARK.as_ptr(),
-                value.as_ptr() as *const libc::c_void,
-                value.len(),
-                0,
-            ) == 0;
-            let read = set
-                && libc::getxattr(path.as_ptr(), PROBE_MARK.as_ptr(), std::ptr::null_mut(), 0)
-                    == value.len() as isize;
-            libc::removexattr(path.as_ptr(), PROBE_MARK.as_ptr());
-            read
-        }
+        let kept = xattr_set(&self.path, PROBE_MARK).is_ok()
+            && xattr_exists(&self.path, PROBE_MARK).is_ok_and(|e| e);
+        let _ = xattr_remove(&self.path, PROBE_MARK);
+        kept
     }
 
-    fn set_frozen(&self, frozen: bool, timeout: Duration) -> Result<()> {
+    /// Freezes the cgroup and waits until it is (no mark: see [`Cgroup::freeze`]).
+    fn set_frozen(&self, timeout: Duration) -> Result<()> {
         let p = self.path.join("cgroup.freeze");
-        fs::write(&p, if frozen { "1" } else { "0" }).at(&p)?;
-        self.wait_frozen(frozen, timeout)
+        fs::write(&p, "1").at(&p)?;
+        self.wait_frozen(true, timeout)
     }
-
     fn wait_frozen(&self, frozen: bool, timeout: Duration) -> Result<()> {
         let events = self.path.join("cgroup.events");
         let want = if frozen { "frozen 1" } else { "frozen 0" };

@@ -414,7 +414,7 @@ fn set_up_clone(
     let at = clone.scratch_strings(&refs)?;
     let mut below = *at.iter().min().expect("strings");
     let v = Arg::Value;
-    let ro = v((libc::O_RDONLY | libc::O_CLOEXEC) as u64);
+    let ro = (libc::O_RDONLY | libc::O_CLOEXEC) as u64;
     let mut b = Batch::new();
     let open = |b: &mut Batch, what: &str, path: u64, flags: u64| {
         b.must(
@@ -437,7 +437,7 @@ fn set_up_clone(
         .iter()
         .map(|(path, _, kind)| {
             let what = format!("opening the child's {kind} namespace");
-            b.must(&what, nr(libc::SYS_openat), &[v(AT_FDCWD), v(*path), ro])
+            open(&mut b, &what, *path, ro)
         })
         .collect();
     for ((_, flag, kind), fd) in namespaces.iter().zip(&ns_fds) {
