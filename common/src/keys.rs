@@ -90,16 +90,19 @@ impl PageBitmap {
 /// invalidates every answer at once.
 ///
 /// `tag` = generation << 34 | verdict << 32 | fold(id), the verdict one of [`NOT_TRACED`],
-/// [`TRACED`] and [`TRACED_NO_WRITES`]. A reader that sees an `id` and a
-/// `tag` written by different updates (two 8-byte stores are not one atomic write) finds
-/// that the fold does not match and treats the slot as empty.
+/// [`TRACED`] and [`TRACED_NO_WRITES`]. `epoch` = the cgroup's dirty-page epoch (map
+/// `EPOCHS`) << 32 | (fold(id) ^ generation), so that the page-fault program, the hottest,
+/// needs no lookup of its own for it: userspace moves the cache to a new generation when it
+/// starts an epoch. A reader that sees fields written by different updates (8-byte stores
+/// are not one atomic write) finds that a fold does not match and treats the slot as empty.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VerdictSlot {
     pub id: u64,
     pub tag: u64,
+    pub epoch: u64,
 }
-crate::assert_size!(VerdictSlot, 16);
+crate::assert_size!(VerdictSlot, 24);
 
 /// Verdict: the cgroup is not traced.
 pub const NOT_TRACED: u64 = 0;
@@ -126,12 +129,20 @@ impl VerdictSlot {
         (id ^ (id >> 32) ^ 0x9e37_79b9) & 0xffff_ffff
     }
 
-    /// The slot recording `verdict` (0 to 3) for cgroup `id` in generation `generation`.
+    /// The check word under a slot's epoch: ties it to the id and generation of its update.
     #[inline(always)]
-    pub fn new(id: u64, generation: u64, verdict: u64) -> Self {
+    fn epoch_check(id: u64, generation: u64) -> u64 {
+        (Self::fold(id) ^ generation) & 0xffff_ffff
+    }
+
+    /// The slot recording `verdict` (0 to 3) and dirty-page epoch `epoch` for cgroup `id` in
+    /// generation `generation`.
+    #[inline(always)]
+    pub fn new(id: u64, generation: u64, verdict: u64, epoch: u32) -> Self {
         Self {
             id,
             tag: (generation << 34) | ((verdict & 3) << 32) | Self::fold(id),
+            epoch: ((epoch as u64) << 32) | Self::epoch_check(id, generation),
         }
     }
 
@@ -140,6 +151,14 @@ impl VerdictSlot {
     pub fn verdict(&self, id: u64, generation: u64) -> Option<u64> {
         (self.id == id && self.tag & 0xffff_ffff == Self::fold(id) && self.tag >> 34 == generation)
             .then_some((self.tag >> 32) & 3)
+    }
+
+    /// The verdict and dirty-page epoch for `id` in `generation`, if this slot holds them.
+    #[inline(always)]
+    pub fn verdict_and_epoch(&self, id: u64, generation: u64) -> Option<(u64, u32)> {
+        let verdict = self.verdict(id, generation)?;
+        (self.epoch & 0xffff_ffff == Self::epoch_check(id, generation))
+            .then_some((verdict, (self.epoch >> 32) as u32))
     }
 }
 
@@ -188,8 +207,10 @@ mod tests {
 
     #[test]
     fn verdict_slots_answer_only_for_their_id_and_generation() {
-        let s = VerdictSlot::new(0x1_0000_0042, 7, 1);
+        let s = VerdictSlot::new(0x1_0000_0042, 7, 1, 9);
         assert_eq!(s.verdict(0x1_0000_0042, 7), Some(1));
+        assert_eq!(s.verdict_and_epoch(0x1_0000_0042, 7), Some((1, 9)));
+        assert_eq!(s.verdict_and_epoch(0x1_0000_0042, 8), None);
         assert_eq!(
             s.verdict(0x1_0000_0042, 8),
             None,
@@ -200,10 +221,10 @@ mod tests {
             None,
             "another cgroup in the same slot"
         );
-        assert_eq!(VerdictSlot::new(5, 0, 0).verdict(5, 0), Some(0));
+        assert_eq!(VerdictSlot::new(5, 0, 0, 0).verdict(5, 0), Some(0));
         let most = super::GENERATION_MASK;
         assert_eq!(
-            VerdictSlot::new(9, most, super::TRACED_NO_WRITES).verdict(9, most),
+            VerdictSlot::new(9, most, super::TRACED_NO_WRITES, u32::MAX).verdict(9, most),
             Some(super::TRACED_NO_WRITES),
             "the largest generation keeps the two-bit verdict"
         );
@@ -213,12 +234,23 @@ mod tests {
             "an empty slot"
         );
         // A torn slot: the id of one update with the tag of another.
-        let a = VerdictSlot::new(0x1_0000_0042, 3, 1);
-        let b = VerdictSlot::new(0x1_0000_1042, 3, 0);
-        let torn = VerdictSlot {
-            id: b.id,
-            tag: a.tag,
-        };
+        let a = VerdictSlot::new(0x1_0000_0042, 3, 1, 4);
+        let b = VerdictSlot::new(0x1_0000_1042, 3, 0, 5);
+        let torn = VerdictSlot { id: b.id, ..a };
         assert_eq!(torn.verdict(b.id, 3), None);
+        // The verdict of one update with the epoch of another cgroup's, or of the same
+        // cgroup's in another generation.
+        let torn = VerdictSlot {
+            epoch: b.epoch,
+            ..a
+        };
+        assert_eq!(torn.verdict(a.id, 3), Some(1));
+        assert_eq!(torn.verdict_and_epoch(a.id, 3), None);
+        let later = VerdictSlot::new(a.id, 4, 1, 5);
+        let torn = VerdictSlot {
+            epoch: later.epoch,
+            ..a
+        };
+        assert_eq!(torn.verdict_and_epoch(a.id, 3), None);
     }
 }

@@ -1,5 +1,6 @@
 //! Which tasks are traced: those in a registered cgroup or below one, and whether with
-//! per-write detail (the syscall programs) or without.
+//! per-write detail (the syscall programs) or without; the cache of those answers also
+//! holds each cgroup's dirty-page epoch.
 
 use aya_ebpf::helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id};
 
@@ -7,7 +8,7 @@ use forkscope_common::keys::{
     NOT_TRACED, TRACED, TRACED_NO_WRITES, TRACK_NO_WRITE_DETAIL, VERDICT_SLOTS, VerdictSlot,
 };
 
-use crate::maps::{CGROUP_VERDICT, TRACKED_CGROUPS};
+use crate::maps::{CGROUP_VERDICT, EPOCHS, TRACKED_CGROUPS};
 
 /// Deepest cgroup nesting the ancestor walk looks at.
 const MAX_DEPTH: i32 = 32;
@@ -22,6 +23,17 @@ pub fn tracked() -> Option<u64> {
     } else {
         None
     }
+}
+
+/// The current task's cgroup id and the cgroup's dirty-page epoch (map `EPOCHS`) if it is
+/// traced, `None` otherwise. The common case (a task in a cgroup seen before, traced or
+/// not) costs one helper call and two inlined array reads.
+#[inline(always)]
+pub fn tracked_with_epoch() -> Option<(u64, u32)> {
+    // SAFETY: helper without arguments.
+    let cg = unsafe { bpf_get_current_cgroup_id() };
+    let (verdict, epoch) = verdict_and_epoch(cg);
+    (verdict != NOT_TRACED).then_some((cg, epoch))
 }
 
 /// The current task's cgroup id if its verdict is `want`: [`TRACED`] (with per-write
@@ -58,10 +70,31 @@ pub fn task_tracked_as(
 #[inline(always)]
 fn verdict_of(cg: u64) -> u64 {
     let (generation, hit) = cached(cg);
-    if let Some(v) = hit {
+    if let Some(v) = hit.and_then(|s| s.verdict(cg, generation)) {
         return v;
     }
+    fill(cg, generation).0
+}
+
+/// The verdict and dirty-page epoch for cgroup `cg` (cached).
+#[inline(always)]
+fn verdict_and_epoch(cg: u64) -> (u64, u32) {
+    let (generation, hit) = cached(cg);
+    if let Some(v) = hit.and_then(|s| s.verdict_and_epoch(cg, generation)) {
+        return v;
+    }
+    fill(cg, generation)
+}
+
+/// Finds the verdict and epoch of cgroup `cg` and caches them, for generation `generation`
+/// (read before).
+#[inline(never)]
+fn fill(cg: u64, generation: u64) -> (u64, u32) {
     let v = compute(cg);
+    // SAFETY: the value is copied out at once; userspace moves the cache to a new
+    // generation after it changes an epoch, so one read under an older generation is
+    // never matched again.
+    let epoch = unsafe { EPOCHS.get(cg) }.copied().unwrap_or(0);
     // The walk read the task's ancestors as they are now: a task moved to another cgroup
     // since `cg` was read would have `cg` cached with another cgroup's verdict (which the
     // egress program also trusts), so that is not stored. The generation is the one read
@@ -72,21 +105,21 @@ fn verdict_of(cg: u64) -> u64 {
     {
         // SAFETY: a live array element; concurrent writers race benignly (each writes a
         // valid slot).
-        unsafe { core::ptr::write_volatile(slot, VerdictSlot::new(cg, generation, v)) };
+        unsafe { core::ptr::write_volatile(slot, VerdictSlot::new(cg, generation, v, epoch)) };
     }
-    v
+    (v, epoch)
 }
 
-/// The cache's generation and, if the cache holds one, its verdict for cgroup `cg`.
+/// The cache's generation and the slot of cgroup `cg` (copied; whose answers
+/// [`VerdictSlot`] checks).
 #[inline(always)]
-fn cached(cg: u64) -> (u64, Option<u64>) {
+fn cached(cg: u64) -> (u64, Option<VerdictSlot>) {
     let generation = CGROUP_VERDICT.get(VERDICT_SLOTS).map_or(0, |g| g.id);
     let Some(slot) = CGROUP_VERDICT.get((cg as u32) & (VERDICT_SLOTS - 1)) else {
         return (generation, None);
     };
     // SAFETY: `slot` points to a live array element; a torn read is detected by VerdictSlot.
-    let cached = unsafe { core::ptr::read_volatile(slot) };
-    (generation, cached.verdict(cg, generation))
+    (generation, Some(unsafe { core::ptr::read_volatile(slot) }))
 }
 
 /// The cached verdict for cgroup `cg`, if the cache holds one (filled by the programs that
@@ -95,7 +128,8 @@ fn cached(cg: u64) -> (u64, Option<u64>) {
 /// leave from a softirq), so they can skip their own walk when the cache already knows.
 #[inline(always)]
 pub fn cached_verdict(cg: u64) -> Option<u64> {
-    cached(cg).1
+    let (generation, slot) = cached(cg);
+    slot?.verdict(cg, generation)
 }
 
 /// The verdict of a registered cgroup whose options are at `options`.

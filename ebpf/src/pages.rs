@@ -20,7 +20,7 @@ use forkscope_common::{
 
 use crate::{
     cgroup,
-    maps::{DIRTY_PAGES, EPOCHS, PAGE_COUNTS, STATS},
+    maps::{DIRTY_PAGES, PAGE_COUNTS, STATS},
 };
 
 /// Bit 1 of the x86 page-fault error code: the access was a write.
@@ -41,10 +41,7 @@ fn try_page_fault(ctx: &RawTracePointContext) -> Option<()> {
     if error & FAULT_WRITE == 0 || address >= USER_END {
         return None;
     }
-    let cg = cgroup::tracked()?;
-    // SAFETY: the value is copied out at once; a concurrent update only changes which
-    // epoch this fault counts in.
-    let epoch = unsafe { EPOCHS.get(cg) }.copied().unwrap_or(0);
+    let (cg, epoch) = cgroup::tracked_with_epoch()?;
     let proc = ProcKey {
         cgroup: cg,
         tgid: (bpf_get_current_pid_tgid() >> 32) as u32,

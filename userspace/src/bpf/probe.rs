@@ -614,7 +614,7 @@ impl Probe {
             .id;
         let next = VerdictSlot {
             id: (generation + 1) & GENERATION_MASK,
-            tag: 0,
+            ..VerdictSlot::default()
         };
         cache
             .set(VERDICT_SLOTS, next, 0)
@@ -712,12 +712,16 @@ impl Probe {
         let mut cgroups: Vec<u64> = stale.iter().map(|k| k.cgroup).collect();
         cgroups.sort_unstable();
         cgroups.dedup();
+        if cgroups.is_empty() {
+            return Ok(());
+        }
         let mut map = self.hash::<u64, u32>("EPOCHS")?;
         for cg in cgroups {
             let next = epochs.get(&cg).copied().unwrap_or(0).wrapping_add(1);
             map.insert(cg, next, 0).map_err(map_err("EPOCHS"))?;
         }
-        Ok(())
+        // The verdict cache holds each cgroup's epoch too (for the page-fault program).
+        self.clear_verdicts()
     }
 }
 
