@@ -1618,3 +1618,70 @@ fn a_process_killed_mid_fork_fails_the_fork_cleanly() {
     s.fork("root", "kid");
     assert!(counts_on(s.pids("kid")[0]));
 }
+
+#[test]
+fn the_parent_runs_on_while_its_clone_is_set_up() {
+    // The daemon is held just before the clone's first call of its set-up (the mmap of the
+    // page its batch of calls runs from): the original, let go as soon as its clone was
+    // born, runs on meanwhile, no longer traced. Then the fork completes and both run.
+    let gate = TempDir::new("fault-gate");
+    let go = gate.path().join("go");
+    let reached = gate.path().join("go.reached");
+    let s = setup_with(
+        &[("counter-gated.py", COUNTER)],
+        &[
+            (
+                "FORKSCOPE_FAULT",
+                &format!("inject-wait:{}@1", libc::SYS_mmap),
+            ),
+            ("FORKSCOPE_FAULT_WAIT", go.to_str().unwrap()),
+        ],
+    );
+    /// Opens the gate when dropped: a failed assertion does not leave the daemon waiting.
+    struct Gate<'a>(&'a Path);
+    impl Drop for Gate<'_> {
+        fn drop(&mut self) {
+            let _ = std::fs::write(self.0, b"");
+        }
+    }
+    s.run("root", &["python3", "counter-gated.py"]);
+    let pid = s.pids("root")[0];
+    assert!(counts_on(pid));
+    std::thread::scope(|scope| {
+        let gate = Gate(&go);
+        let fork = scope.spawn(|| s.d.cli(&["fork", "root", "--name", "kid"]));
+        let start = Instant::now();
+        while !reached.exists() {
+            assert!(
+                start.elapsed() < Duration::from_secs(30) && !fork.is_finished(),
+                "the fork never reached the clone's set-up"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let clone = copies_of(pid as u32)
+            .into_iter()
+            .find(|&p| p != pid as u32)
+            .expect("the clone is born");
+        assert!(
+            status_line(clone as u64, "TracerPid:") != "TracerPid:\t0",
+            "the clone is held while it is set up"
+        );
+        assert_eq!(
+            status_line(pid, "TracerPid:"),
+            "TracerPid:\t0",
+            "the original is let go once its clone is born"
+        );
+        assert!(counts_on(pid), "the original runs on meanwhile");
+        drop(gate);
+        let out = fork.join().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+    let kid = s.pids("kid")[0];
+    assert_ne!(kid, pid);
+    assert!(counts_on(kid), "the clone runs");
+    assert!(counts_on(pid), "the original runs");
+}

@@ -279,8 +279,12 @@ impl Manager {
         let mut made = Vec::new();
         let mut cloned = Vec::new();
         let mut clone_notes = Vec::new();
+        // The parent's processes go on as soon as the last child's clones are born, while
+        // those are set up; those of a branch that is frozen (a checkpoint, or someone
+        // else's freeze) are frozen again first, after every clone is made.
+        let let_go_early = !p.frozen && !frozen_by_someone;
         let outcome = (|| -> Result<()> {
-            for _ in 0..count {
+            for i in 0..count {
                 // Each child takes one of the sandboxes started above.
                 let warm = if cloning {
                     self.take_warm(&p.name, p.init_pid)
@@ -415,19 +419,23 @@ impl Manager {
                 let mut starting = Some(starting);
                 let mut started = None;
                 let mut waited_us = 0;
-                let c = procfork::clone_into(h, &into, freeze, || {
+                let tracker = self.tracker.clone();
+                let born = || {
+                    // The clones are born: their births write-protected the parent's pages
+                    // again, and each page either side writes from now on is its own. A
+                    // new dirty-page epoch for both, before any of them runs again.
+                    if let Some(t) = &tracker {
+                        t.new_epoch(&[parent_cgroup_id, child_cg.id()]);
+                    }
+                    Ok(())
+                };
+                let last = i + 1 == count;
+                let c = procfork::clone_into(h, &into, freeze, last && let_go_early, born, || {
                     let t = Instant::now();
                     let s = starting.take().expect("called once");
                     let r = self.finish_start(s);
                     waited_us = t.elapsed().as_micros() as u64;
                     started = Some(r?);
-                    // The clones are born: their births write-protected the parent's pages
-                    // again, and each page either side writes from now on is its own. A
-                    // new dirty-page epoch for both, before any of them runs again (the
-                    // parent's processes are held until every child has its clones).
-                    if let Some(t) = &self.tracker {
-                        t.new_epoch(&[parent_cgroup_id, child_cg.id()]);
-                    }
                     Ok(())
                 });
                 phases.start_us += waited_us;
@@ -458,8 +466,12 @@ impl Manager {
         } else {
             Ok(())
         };
+        let let_go_at = held.as_ref().and_then(|h| h.let_go_at());
         let released = held.map(|h| h.release()).unwrap_or(Ok(()));
-        phases.held_us = t_held.elapsed().as_micros() as u64;
+        phases.held_us = let_go_at
+            .unwrap_or_else(Instant::now)
+            .saturating_duration_since(t_held)
+            .as_micros() as u64;
         // The records are written once the parent's processes are let go: the parent's new
         // layers, then each child whose processes were cloned (recorded only now that they
         // are, so a crash before leaves no half-forked branch).

@@ -552,6 +552,12 @@ impl Tracee {
         self.release()
     }
 
+    /// Lets the process go as [`Tracee::detach`] does, keeping this handle (detached: it
+    /// can inject nothing more, and dropping it does nothing).
+    pub fn let_go(&mut self) -> Result<()> {
+        self.release()
+    }
+
     fn release(&mut self) -> Result<()> {
         if self.detached {
             return Ok(());
@@ -613,35 +619,60 @@ fn restarted(mut r: libc::user_regs_struct) -> libc::user_regs_struct {
 /// `FORKSCOPE_FAULT=inject-abort:NR@N` before its Nth injected call of system call number
 /// NR (a point that does not move when a process has a descriptor more or less).
 /// `inject-kill:` instead kills the process the call is for (`pid`), once: a process that
-/// dies mid-fork. NR -1 is the point where a batch's code has just been set running (see
-/// [`batch`]): its calls' own points are passed just before.
+/// dies mid-fork. `inject-wait:` instead holds the daemon there, once: it creates the file
+/// named by `FORKSCOPE_FAULT_WAIT` with `.reached` appended, then waits (at most a minute)
+/// until that file itself exists: a test looks at the processes meanwhile. NR -1 is the
+/// point where a batch's code has just been set running (see [`batch`]): its calls' own
+/// points are passed just before.
 fn fault_point(nr: i64, pid: Pid) {
     use std::sync::atomic::{AtomicUsize, Ordering};
+    #[derive(Clone, Copy, PartialEq)]
+    enum Fault {
+        Abort,
+        Kill,
+        Wait,
+    }
     static COUNT: AtomicUsize = AtomicUsize::new(0);
-    type Point = Option<(bool, Option<i64>, usize)>;
+    type Point = Option<(Fault, Option<i64>, usize)>;
     static AT: std::sync::OnceLock<Point> = std::sync::OnceLock::new();
     let at = AT.get_or_init(|| {
         let point = std::env::var("FORKSCOPE_FAULT").ok()?;
-        let (kill, point) = match point.strip_prefix("inject-kill:") {
-            Some(p) => (true, p.to_string()),
-            None => (false, point.strip_prefix("inject-abort:")?.to_string()),
-        };
+        let (fault, point) = [
+            ("inject-abort:", Fault::Abort),
+            ("inject-kill:", Fault::Kill),
+            ("inject-wait:", Fault::Wait),
+        ]
+        .into_iter()
+        .find_map(|(prefix, f)| point.strip_prefix(prefix).map(|p| (f, p.to_string())))?;
         match point.split_once('@') {
-            Some((nr, n)) => Some((kill, Some(nr.parse().ok()?), n.parse().ok()?)),
-            None => Some((kill, None, point.parse().ok()?)),
+            Some((nr, n)) => Some((fault, Some(nr.parse().ok()?), n.parse().ok()?)),
+            None => Some((fault, None, point.parse().ok()?)),
         }
     });
-    let Some((kill, only, n)) = *at else {
+    let Some((fault, only, n)) = *at else {
         return;
     };
     if only.is_some_and(|only| only != nr) {
         return;
     }
     let count = COUNT.fetch_add(1, Ordering::SeqCst) + 1;
-    match kill {
-        false if count >= n => std::process::abort(),
-        true if count == n => {
+    match fault {
+        Fault::Abort if count >= n => std::process::abort(),
+        Fault::Kill if count == n => {
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        Fault::Wait if count == n => {
+            let Some(go) = std::env::var_os("FORKSCOPE_FAULT_WAIT").map(std::path::PathBuf::from)
+            else {
+                return;
+            };
+            let mut reached = go.clone().into_os_string();
+            reached.push(".reached");
+            let _ = std::fs::write(&reached, b"");
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while !go.exists() && std::time::Instant::now() < until {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
         }
         _ => {}
     }

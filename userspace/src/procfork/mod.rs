@@ -7,7 +7,8 @@
 //! ([`inspect::precheck`]), freeze the parent's cgroup, snapshot its files, seize every
 //! process ([`hold`]: a frozen task can be seized but runs no injected code), thaw (ptrace
 //! keeps them stopped), start the child's sandbox nested in the parent's namespaces, plan
-//! and inject the clones ([`clone_into`]), and let everyone go. Any failure leaves the
+//! and inject the clones ([`clone_into`]), let the originals go once the clones are born,
+//! set the clones up in the child, and let them go. Any failure leaves the
 //! originals exactly as they were (registers, signal mask, no stray descriptors) and the
 //! child is removed by the caller.
 //!
@@ -50,6 +51,8 @@ pub struct Plan {
 /// A parent branch's processes, held by ptrace, with their plans.
 pub struct Held {
     processes: Vec<(Seized, Plan)>,
+    /// When they were let go, if they were ([`Held::let_go`]).
+    let_go_at: Option<Instant>,
 }
 
 /// Checks every process of a branch (`cgroup`, `init_pid`) before anything is frozen;
@@ -175,16 +178,23 @@ pub struct Cloned {
 }
 
 /// Clones every held process into `child`. On failure the clones made so far are killed
-/// (the caller removes the child) and the originals stay held, unchanged.
+/// (the caller removes the child) and the originals are unchanged (still held, unless
+/// `let_go` let them go).
 ///
-/// The clones are born first (in the child's cgroup and pid namespace), then `mounted` is
-/// called (it waits for the child's overlays, mounted meanwhile), then each clone is set up
-/// in the child's namespaces. With `freeze`, that cgroup (the child's) is frozen before
-/// the clones are let go, so they never run: a checkpoint.
+/// The clones are born first (in the child's cgroup and pid namespace), then `born` is
+/// called (nothing of the originals' runs before it returns), then, with `let_go`, the
+/// originals are let go (everything the clones' set-up needs from them is in their plans:
+/// the last child's clones are set up while the parent runs on), then `mounted` is called
+/// (it waits for the child's overlays, mounted meanwhile), then each clone is set up in the
+/// child's namespaces. With `freeze`, that cgroup (the child's) is frozen before the clones
+/// are let go, so they never run: a checkpoint. On failure after the originals were let go,
+/// they run on unchanged and the clones are killed all the same.
 pub fn clone_into(
     held: &mut Held,
     child: &ChildBranch,
     freeze: Option<&crate::cgroup::Cgroup>,
+    let_go: bool,
+    born: impl FnOnce() -> Result<()>,
     mounted: impl FnOnce() -> Result<()>,
 ) -> Result<Cloned> {
     let t = Instant::now();
@@ -203,7 +213,8 @@ pub fn clone_into(
             }
         }
     }
-    if let Err(e) = mounted() {
+    let after_births = born().and_then(|()| if let_go { held.let_go() } else { Ok(()) });
+    if let Err(e) = after_births.and_then(|()| mounted()) {
         kill_all(&clones);
         return Err(e);
     }
@@ -255,6 +266,7 @@ impl Held {
     pub fn new(held: Vec<Seized>, plans: Vec<Plan>) -> Held {
         Held {
             processes: held.into_iter().zip(plans).collect(),
+            let_go_at: None,
         }
     }
 
@@ -294,17 +306,30 @@ impl Held {
             .collect()
     }
 
-    /// Lets the originals go on from where they were stopped.
-    pub fn release(self) -> Result<()> {
+    /// Lets the originals go on from where they were stopped (those [`Held::let_go`] let
+    /// go already stay so).
+    pub fn release(mut self) -> Result<()> {
+        self.let_go()
+    }
+
+    /// Lets the originals go on from where they were stopped, keeping their plans (the
+    /// notes, and what the clones' set-up reads from them) and what it was given.
+    pub fn let_go(&mut self) -> Result<()> {
         let mut first = Ok(());
-        for (s, _) in self.processes {
-            for t in std::iter::once(s.leader).chain(s.threads) {
-                let r = t.detach();
+        for (s, _) in self.processes.iter_mut() {
+            for t in std::iter::once(&mut s.leader).chain(s.threads.iter_mut()) {
+                let r = t.let_go();
                 if first.is_ok() {
                     first = r;
                 }
             }
         }
+        self.let_go_at.get_or_insert_with(Instant::now);
         first
+    }
+
+    /// When the originals were let go, if they were.
+    pub fn let_go_at(&self) -> Option<Instant> {
+        self.let_go_at
     }
 }
