@@ -1501,6 +1501,35 @@ fn a_branch_frozen_by_someone_else_stays_frozen_through_a_fork_a_commit_and_a_re
     std::thread::sleep(Duration::from_millis(200));
     assert!(frozen(), "the parent is still frozen after a restart");
     assert_eq!(count_of(pid), at_freeze, "the parent did not run");
+    // A daemon killed in the middle of a fork, while the branch is thawed for the clone:
+    // the next daemon freezes it again for whoever froze it.
+    s.d.stop();
+    let mut crashing = Daemon::start_with(
+        &dir,
+        &socket,
+        &[(
+            "FORKSCOPE_FAULT",
+            &format!("inject-abort:{}@1", libc::SYS_clone3),
+        )],
+    );
+    let out = crashing.cli(&["fork", "root", "--name", "kid2"]);
+    assert!(!out.status.success(), "the daemon died mid-fork");
+    let _ = crashing.child.wait();
+    std::mem::forget(crashing);
+    assert!(counts_on(pid), "no daemon: the thawed branch runs");
+    std::mem::forget(std::mem::replace(&mut s.d, Daemon::start_on(&dir, &socket)));
+    assert!(s.d.ok(&["ls"]).contains("root"));
+    assert!(frozen(), "frozen again after the restart");
+    assert_eq!(
+        std::fs::read_to_string(cg.join("cgroup.freeze"))
+            .unwrap()
+            .trim(),
+        "1"
+    );
+    let stopped_at = count_of(pid);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(count_of(pid), stopped_at, "the parent does not run");
+    assert!(!s.d.ok(&["ls"]).contains("kid2"), "no half-forked child");
     // Thawed by whoever froze it, it goes on.
     std::fs::write(cg.join("cgroup.freeze"), "0").unwrap();
     assert!(counts_on(pid), "the parent runs once thawed");

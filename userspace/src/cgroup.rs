@@ -95,6 +95,10 @@ pub unsafe fn fork_into(dir: &fs::File) -> std::io::Result<i32> {
 
 /// The extended attribute a cgroup forkscope froze carries until forkscope thaws it.
 const FROZEN_MARK: &std::ffi::CStr = c"trusted.forkscope.frozen";
+/// The extended attribute a cgroup someone else froze carries while forkscope thaws it for
+/// a while (a fork clones its processes): it is frozen again, also by a daemon that starts
+/// after one that died meanwhile.
+const LENT_MARK: &std::ffi::CStr = c"trusted.forkscope.lent";
 /// The attribute [`Cgroup::keeps_marks`] tries.
 const PROBE_MARK: &std::ffi::CStr = c"trusted.forkscope.probe";
 
@@ -216,9 +220,35 @@ impl Cgroup {
 
     /// Freezes the cgroup for whoever froze it before (it was thawed for a while): unlike
     /// [`Cgroup::freeze`], a timeout leaves the freeze asked for, not undone, and the freeze
-    /// is not marked as forkscope's.
+    /// is not marked as forkscope's; the mark of [`Cgroup::thaw_for_a_while`] goes once the
+    /// freeze is asked for.
     pub fn refreeze(&self, timeout: Duration) -> Result<()> {
-        self.set_frozen(timeout)
+        let p = self.path.join("cgroup.freeze");
+        fs::write(&p, "1").at(&p)?;
+        if let Err(e) = xattr_remove(&self.path, LENT_MARK) {
+            log::warn!("{}: removing the thaw mark: {e}", self.path.display());
+        }
+        self.wait_frozen(true, timeout)
+    }
+
+    /// Thaws a cgroup someone else froze, for a while: it carries a mark until
+    /// [`Cgroup::refreeze`], so that a daemon that dies meanwhile leaves it to be frozen
+    /// again by the next ([`Cgroup::lent_by_someone`]). The freeze mark of forkscope's own
+    /// is left as it is (there is none on someone else's freeze).
+    pub fn thaw_for_a_while(&self, timeout: Duration) -> Result<()> {
+        xattr_set(&self.path, LENT_MARK).map_err(|e| Error::Io {
+            path: self.path.clone(),
+            cause: e,
+        })?;
+        let p = self.path.join("cgroup.freeze");
+        fs::write(&p, "0").at(&p)?;
+        self.wait_frozen(false, timeout)
+    }
+
+    /// Whether someone else froze the cgroup and forkscope thawed it for a while, and did
+    /// not freeze it again (a daemon died meanwhile).
+    pub fn lent_by_someone(&self) -> bool {
+        xattr_exists(&self.path, LENT_MARK).is_ok_and(|e| e)
     }
 
     /// Freezes (`true`) or thaws every process in the cgroup and waits until it is done. A

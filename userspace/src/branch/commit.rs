@@ -384,6 +384,16 @@ impl Manager {
                 }
                 continue;
             }
+            // Someone else's freeze a fork thawed for a while, cut short by a crash: frozen
+            // again.
+            if cg.lent_by_someone() {
+                log::warn!(
+                    "{}: frozen again for whoever froze it (a fork thawed it and did not finish)",
+                    b.name
+                );
+                let _ = cg.refreeze(Duration::from_secs(5));
+                continue;
+            }
             // Only what forkscope froze (its mark): a branch someone else froze stays so.
             // Where cgroups keep no marks, every branch is thawed.
             let kept = *marks_kept.get_or_insert_with(|| cg.keeps_marks());

@@ -690,10 +690,11 @@ impl Manager {
             Ok(d) => !keep_frozen || needs_thaw(d),
             Err(_) => !keep_frozen,
         };
-        let thawed = if thaw {
-            cg.freeze(false, Duration::from_secs(5))
-        } else {
-            Ok(())
+        let thawed = match (thaw, keep_frozen) {
+            (false, _) => Ok(()),
+            // Someone else's freeze, lent to the fork while it clones the processes.
+            (true, true) => cg.thaw_for_a_while(Duration::from_secs(5)),
+            (true, false) => cg.freeze(false, Duration::from_secs(5)),
         };
         phases.thaw_us = t.elapsed().as_micros() as u64;
         let taken = match taken {
@@ -705,6 +706,10 @@ impl Manager {
         };
         if let Err(e) = thawed {
             discard(&prep);
+            if keep_frozen {
+                // Someone else's freeze is theirs again (the held processes go with `during`).
+                let _ = cg.refreeze(Duration::from_secs(5));
+            }
             return Err(e);
         }
         let during = match during {
