@@ -1530,6 +1530,17 @@ fn a_branch_frozen_by_someone_else_stays_frozen_through_a_fork_a_commit_and_a_re
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(count_of(pid), stopped_at, "the parent does not run");
     assert!(!s.d.ok(&["ls"]).contains("kid2"), "no half-forked child");
+    // The fork the crash cut short was undone in the original before it was frozen again:
+    // its children would be born in its own pid namespace, and it holds nothing of the
+    // child's.
+    let ns = |kind: &str| std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).unwrap();
+    assert_eq!(ns("pid_for_children"), ns("pid"));
+    for (fd, link) in fds_of(pid as u32) {
+        assert!(
+            !link.contains("/forkscope/branch-") && !link.starts_with("pid:["),
+            "the original still holds fd {fd} -> {link}"
+        );
+    }
     // Thawed by whoever froze it, it goes on.
     std::fs::write(cg.join("cgroup.freeze"), "0").unwrap();
     assert!(counts_on(pid), "the parent runs once thawed");

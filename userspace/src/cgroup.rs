@@ -224,7 +224,9 @@ impl Cgroup {
     /// freeze is asked for.
     pub fn refreeze(&self, timeout: Duration) -> Result<()> {
         let p = self.path.join("cgroup.freeze");
-        fs::write(&p, "1").at(&p)?;
+        fs::write(&p, "1")
+            .at(&p)
+            .inspect_err(|e| log::warn!("{}: freezing it again: {e}", self.path.display()))?;
         if let Err(e) = xattr_remove(&self.path, LENT_MARK) {
             log::warn!("{}: removing the thaw mark: {e}", self.path.display());
         }
@@ -233,13 +235,18 @@ impl Cgroup {
 
     /// Thaws a cgroup someone else froze, for a while: it carries a mark until
     /// [`Cgroup::refreeze`], so that a daemon that dies meanwhile leaves it to be frozen
-    /// again by the next ([`Cgroup::lent_by_someone`]). The freeze mark of forkscope's own
+    /// again by the next ([`Cgroup::lent_by_someone`]), even if its owner thawed it
+    /// meanwhile (the mark cannot tell). The freeze mark of forkscope's own
     /// is left as it is (there is none on someone else's freeze).
     pub fn thaw_for_a_while(&self, timeout: Duration) -> Result<()> {
-        xattr_set(&self.path, LENT_MARK).map_err(|e| Error::Io {
-            path: self.path.clone(),
-            cause: e,
-        })?;
+        // Best effort, as the freeze mark: where it cannot be kept, a daemon that dies
+        // meanwhile leaves the branch thawed.
+        if let Err(e) = xattr_set(&self.path, LENT_MARK) {
+            log::warn!(
+                "thaw mark of {} (a daemon restarted after a crash may not freeze it again): {e}",
+                self.path.display()
+            );
+        }
         let p = self.path.join("cgroup.freeze");
         fs::write(&p, "0").at(&p)?;
         self.wait_frozen(false, timeout)

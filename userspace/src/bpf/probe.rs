@@ -716,12 +716,14 @@ impl Probe {
             return Ok(());
         }
         let mut map = self.hash::<u64, u32>("EPOCHS")?;
-        for cg in cgroups {
+        let bumped = cgroups.into_iter().try_for_each(|cg| {
             let next = epochs.get(&cg).copied().unwrap_or(0).wrapping_add(1);
-            map.insert(cg, next, 0).map_err(map_err("EPOCHS"))?;
-        }
-        // The verdict cache holds each cgroup's epoch too (for the page-fault program).
-        self.clear_verdicts()
+            map.insert(cg, next, 0).map_err(map_err("EPOCHS"))
+        });
+        // The verdict cache holds each cgroup's epoch too (for the page-fault program): moved
+        // on even when a bump failed, so the epochs bumped before it are the ones read.
+        let cleared = self.clear_verdicts();
+        bumped.and(cleared)
     }
 }
 

@@ -384,14 +384,10 @@ impl Manager {
                 }
                 continue;
             }
-            // Someone else's freeze a fork thawed for a while, cut short by a crash: frozen
-            // again.
+            // Someone else's freeze a fork thawed for a while, cut short by a crash: left
+            // running until the fork's marks are repaired (which takes running processes),
+            // then frozen again (`refreeze_lent`).
             if cg.lent_by_someone() {
-                log::warn!(
-                    "{}: frozen again for whoever froze it (a fork thawed it and did not finish)",
-                    b.name
-                );
-                let _ = cg.refreeze(Duration::from_secs(5));
                 continue;
             }
             // Only what forkscope froze (its mark): a branch someone else froze stays so.
@@ -404,6 +400,30 @@ impl Manager {
                 Some(false) => {}
                 Some(true) | None => {
                     let _ = cg.freeze(false, Duration::from_secs(5));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Freezes again, for whoever froze them, the branches a fork thawed for a while and a
+    /// crash left thawed (their mark, see [`Cgroup::thaw_for_a_while`]); run when the
+    /// registry is opened, once the processes a crashed fork left marked are repaired.
+    pub(super) fn refreeze_lent(&self) -> Result<()> {
+        for b in self.registry.all()? {
+            if b.frozen || b.retired {
+                continue;
+            }
+            let Ok(cg) = Cgroup::open(&b.cgroup) else {
+                continue;
+            };
+            if cg.lent_by_someone() {
+                log::warn!(
+                    "{}: frozen again for whoever froze it (a fork thawed it and did not finish)",
+                    b.name
+                );
+                if let Err(e) = cg.refreeze(Duration::from_secs(5)) {
+                    log::warn!("{}: freezing it again: {e}", b.name);
                 }
             }
         }

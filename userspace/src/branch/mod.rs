@@ -469,6 +469,7 @@ impl Manager {
         };
         manager.recover()?;
         manager.sweep_unowned()?;
+        manager.refreeze_lent()?;
         manager.sweep_retired()?;
         manager.sweep_unused_layers()?;
         Ok(manager)
