@@ -1725,3 +1725,64 @@ fn the_parent_runs_on_while_its_clone_is_set_up() {
     assert!(counts_on(kid), "the clone runs");
     assert!(counts_on(pid), "the original runs");
 }
+
+#[test]
+fn requests_do_not_wait_for_the_next_childs_sandbox_to_start() {
+    // The sandbox of the next child is pre-started after `run` (and after each fork); its
+    // start is held at a gate here: meanwhile the daemon answers other requests, and a fork
+    // waits for it and uses it once the gate opens.
+    let gate = TempDir::new("warm-gate");
+    let open = gate.path().join("open");
+    let s = setup_with(
+        &[("counter-warm.py", COUNTER)],
+        &[
+            ("FORKSCOPE_FAULT", "warm-wait"),
+            ("FORKSCOPE_FAULT_WAIT", open.to_str().unwrap()),
+        ],
+    );
+    /// Opens the gate when dropped: a failed assertion does not leave the daemon waiting.
+    struct Gate<'a>(&'a Path);
+    impl Drop for Gate<'_> {
+        fn drop(&mut self) {
+            let _ = std::fs::write(self.0, b"");
+        }
+    }
+    let gate_open = Gate(&open);
+    s.run("root", &["python3", "counter-warm.py"]);
+    let reached = gate.path().join("open.reached");
+    let start = Instant::now();
+    while !reached.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the next child's sandbox is pre-started after run"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Held at the gate: requests are answered (each in its own thread, given 20 s).
+    std::thread::scope(|scope| {
+        let asks = [
+            scope.spawn(|| s.d.cli(&["ls"])),
+            scope.spawn(|| s.d.cli(&["exec", "root", "--", "true"])),
+        ];
+        let start = Instant::now();
+        while !asks.iter().all(|a| a.is_finished()) {
+            if start.elapsed() > Duration::from_secs(20) {
+                // (The gate opened first: the scope waits for the requests.)
+                let _ = std::fs::write(&open, b"");
+                panic!("requests wait for the sandbox being pre-started");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for a in asks {
+            let out = a.join().unwrap();
+            assert!(out.status.success(), "{out:?}");
+        }
+    });
+    drop(gate_open);
+    let pid = s.pids("root")[0];
+    assert!(counts_on(pid));
+    s.fork("root", "kid");
+    let kid = s.pids("kid")[0];
+    assert!(counts_on(kid), "the clone runs");
+    assert!(counts_on(pid), "the original runs");
+}

@@ -47,6 +47,7 @@ pub mod commit;
 pub mod effects;
 pub mod error;
 pub mod events;
+pub mod fault;
 pub mod inject;
 pub mod layers;
 pub mod metrics;

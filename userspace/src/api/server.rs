@@ -170,13 +170,23 @@ async fn run(
     Ok((StatusCode::CREATED, Json(b)).into_response())
 }
 
-/// Pre-starts the sandbox of `name`'s next child after the reply (see
-/// [`crate::branch::Manager::prewarm`]); a failure only costs the next fork its speed.
+/// Pre-starts the sandbox of `name`'s next child after the reply, holding the manager only
+/// to prepare and to keep it (see [`crate::branch::Warming`]): requests made meanwhile do
+/// not wait for the start. A failure only costs the next fork its speed.
 fn prewarm(app: &App, name: String) {
     let manager = app.manager.clone();
     tokio::task::spawn_blocking(move || {
-        let mut m = manager.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = m.prewarm(&name) {
+        let lock = || manager.lock().unwrap_or_else(|p| p.into_inner());
+        let warming = lock().prewarm_begin(&name);
+        let kept = match warming {
+            Ok(Some(w)) => {
+                let slot = w.start();
+                lock().prewarm_end(&name, &slot)
+            }
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = kept {
             log::warn!("pre-starting the next child sandbox of {name}: {e}");
         }
     });

@@ -26,6 +26,7 @@ mod warm;
 
 pub use commit::{CommitOptions, Committed};
 pub use fork::FLATTEN_AT;
+pub use warm::{WarmSlot, Warming};
 
 use std::path::{Path, PathBuf};
 
@@ -426,6 +427,9 @@ pub struct Manager {
     deferrals: Option<crate::effects::defer::Deferrals>,
     /// Pre-started child sandboxes, by parent name (see [`warm`]).
     warm: std::collections::HashMap<String, Vec<warm::WarmChild>>,
+    /// The child sandbox being pre-started for a parent off the manager's lock, by parent
+    /// name (see [`warm::Warming`]).
+    warming: std::collections::HashMap<String, std::sync::Arc<warm::WarmSlot>>,
     /// Empty layer directories a fork of a running branch made and did not need (nothing
     /// had changed since the previous fork), by branch id: its next fork takes them
     /// instead of making and removing new ones (on ext4, about 0.3 ms).
@@ -464,6 +468,7 @@ impl Manager {
             effects: None,
             deferrals: None,
             warm: Default::default(),
+            warming: Default::default(),
             spare_layers: Default::default(),
             garbage,
         };

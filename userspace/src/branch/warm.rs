@@ -3,11 +3,15 @@
 //! come, see [`crate::sandbox::SandboxSpec::deferred`]), so the next fork only mounts the
 //! overlays and clones the processes instead of waiting tens of milliseconds for a sandbox.
 //!
-//! One per branch after a fork, as many as a fork of several children asks for (started
-//! before it holds the parent's processes, side by side); kept in memory only: a
+//! One per branch after a fork, started after the reply and off the manager's lock
+//! ([`Warming`]: an `exec` or `ls` right after a fork does not wait for it; a fork that
+//! comes before it is ready waits for it), as many as a fork of several children asks for
+//! (started before it holds the parent's processes, side by side); kept in memory only: a
 //! pre-started sandbox is not a branch (no record); it is discarded when its branch is
 //! aborted or the daemon stops, and a daemon that starts removes whatever a crash left
 //! (cgroups and directories without a record).
+
+use std::sync::{Arc, Condvar, Mutex};
 
 use super::{BranchRecord, Manager, mkdirs};
 use crate::{
@@ -35,12 +39,157 @@ struct Preparing {
     cgroup: Cgroup,
 }
 
+impl Preparing {
+    /// Starts the sandbox (tens of milliseconds: a process, its namespaces, its mounts).
+    /// `FORKSCOPE_FAULT=warm-wait` holds each start at the test's gate first
+    /// ([`crate::fault::hold_at_gate`]).
+    fn start(self, bin: &std::path::Path) -> Started {
+        if crate::fault::armed("warm-wait") {
+            crate::fault::hold_at_gate();
+        }
+        let made = match sandbox::start_warm(bin, &self.spec, &self.spec_file, &self.cgroup) {
+            Ok(warm) => Ok((self.cgroup, warm)),
+            Err(e) => Err((Some(self.cgroup), e)),
+        };
+        (self.id, made)
+    }
+}
+
+/// A sandbox start's outcome: the reserved id, and the cgroup with the sandbox, or what is
+/// left to remove with the error.
+type Started = (
+    u64,
+    std::result::Result<(Cgroup, sandbox::Warm), (Option<Cgroup>, Error)>,
+);
+
+/// Where a child sandbox started off the manager's lock is left for whoever takes it: the
+/// thread that started it ([`Manager::prewarm_end`]), or a fork of the same parent that
+/// came meanwhile and waits for it ([`Manager::ensure_warm`]).
+pub struct WarmSlot {
+    /// The parent's init the sandbox is nested in.
+    nested_in: u32,
+    started: Mutex<Option<Started>>,
+    ready: Condvar,
+}
+
+/// A child sandbox of one branch being pre-started off the manager's lock: made by
+/// [`Manager::prewarm_begin`] (under the lock), started by [`Warming::start`] (without it),
+/// kept by [`Manager::prewarm_end`] (under it again).
+pub struct Warming {
+    preparing: Preparing,
+    bin: std::path::PathBuf,
+    slot: Arc<WarmSlot>,
+}
+
+impl Warming {
+    /// Starts the sandbox and leaves it in its slot; returns the slot for
+    /// [`Manager::prewarm_end`].
+    pub fn start(self) -> Arc<WarmSlot> {
+        let started = self.preparing.start(&self.bin);
+        *self.slot.started.lock().unwrap_or_else(|p| p.into_inner()) = Some(started);
+        self.slot.ready.notify_all();
+        self.slot
+    }
+}
+
 impl Manager {
-    /// Pre-starts the sandbox of `name`'s next child, unless there is one already or `name`
-    /// has no processes to clone.
-    pub fn prewarm(&mut self, name: &str) -> Result<()> {
+    /// The first step of pre-starting the sandbox of `name`'s next child (the reply to a
+    /// `run` or a fork has gone): its id, directory and cgroup, unless `name` has one
+    /// already, or one being started, or has no processes to clone.
+    pub fn prewarm_begin(&mut self, name: &str) -> Result<Option<Warming>> {
         let p = self.get(name)?;
-        self.ensure_warm(&p, 1)
+        if p.init_pid == 0 || p.cgroup.as_os_str().is_empty() || self.warming.contains_key(name) {
+            return Ok(None);
+        }
+        let ready = self
+            .warm
+            .get(name)
+            .is_some_and(|pool| pool.iter().any(|w| w.parent_init == p.init_pid));
+        if ready {
+            return Ok(None);
+        }
+        let preparing = self.prepare_warm(&p)?;
+        let slot = Arc::new(WarmSlot {
+            nested_in: p.init_pid,
+            started: Mutex::new(None),
+            ready: Condvar::new(),
+        });
+        self.warming.insert(name.to_string(), slot.clone());
+        Ok(Some(Warming {
+            preparing,
+            bin: self.bin.clone(),
+            slot,
+        }))
+    }
+
+    /// The last step: keeps the sandbox [`Warming::start`] left in `slot` for `name`'s
+    /// next fork, unless a fork took it already; discards it if `name` is gone or was
+    /// restarted meanwhile.
+    pub fn prewarm_end(&mut self, name: &str, slot: &Arc<WarmSlot>) -> Result<()> {
+        if self.warming.get(name).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+            self.warming.remove(name);
+        }
+        let started = slot
+            .started
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let Some(started) = started else {
+            return Ok(());
+        };
+        let init = self.get(name).map(|p| p.init_pid).unwrap_or(0);
+        self.keep_started(name, init, slot.nested_in, started)
+    }
+
+    /// Waits for the sandbox being started off the lock for `name`, if any, and keeps it
+    /// (a fork that came before it was ready).
+    fn collect_warming(&mut self, name: &str, init_pid: u32) -> Result<()> {
+        let Some(slot) = self.warming.remove(name) else {
+            return Ok(());
+        };
+        let started = {
+            let mut started = slot.started.lock().unwrap_or_else(|p| p.into_inner());
+            while started.is_none() {
+                started = slot.ready.wait(started).unwrap_or_else(|p| p.into_inner());
+            }
+            started.take()
+        };
+        match started {
+            Some(s) => self.keep_started(name, init_pid, slot.nested_in, s),
+            None => Ok(()),
+        }
+    }
+
+    /// Puts a started sandbox, nested in `nested_in`, in `name`'s pool if that is still the
+    /// parent's init (`init_pid`), or removes it (and what a failed start left).
+    fn keep_started(
+        &mut self,
+        name: &str,
+        init_pid: u32,
+        nested_in: u32,
+        (id, made): Started,
+    ) -> Result<()> {
+        match made {
+            Ok((cgroup, warm)) => {
+                let w = WarmChild {
+                    id,
+                    cgroup,
+                    warm,
+                    parent_init: nested_in,
+                };
+                if init_pid != 0 && nested_in == init_pid {
+                    self.warm.entry(name.to_string()).or_default().push(w);
+                } else {
+                    self.discard(w);
+                }
+                Ok(())
+            }
+            Err((cgroup, e)) => {
+                drop(cgroup);
+                let _ = std::fs::remove_dir_all(branch_dir(&self.state, id));
+                Err(e)
+            }
+        }
     }
 
     /// Makes sure `p` has `count` pre-started child sandboxes (a fork of `count` children
@@ -50,6 +199,9 @@ impl Manager {
     pub(super) fn ensure_warm(&mut self, p: &BranchRecord, count: usize) -> Result<()> {
         if p.init_pid == 0 || p.cgroup.as_os_str().is_empty() {
             return Ok(());
+        }
+        if let Err(e) = self.collect_warming(&p.name, p.init_pid) {
+            log::warn!("pre-starting a child sandbox of {}: {e}", p.name);
         }
         let pool = self.warm.remove(&p.name).unwrap_or_default();
         let (mut fresh, stale): (Vec<_>, Vec<_>) =
@@ -86,12 +238,7 @@ impl Manager {
                     let id = w.id;
                     let run = std::thread::Builder::new()
                         .name("forkscope-warm".into())
-                        .spawn_scoped(scope, move || {
-                            match sandbox::start_warm(bin, &w.spec, &w.spec_file, &w.cgroup) {
-                                Ok(warm) => Ok((w.cgroup, warm)),
-                                Err(e) => Err((Some(w.cgroup), e)),
-                            }
-                        });
+                        .spawn_scoped(scope, move || w.start(bin).1);
                     match run {
                         Ok(run) => runs.push((id, run)),
                         // (The closure, with the cgroup, is dropped.)

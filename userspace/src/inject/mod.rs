@@ -619,9 +619,8 @@ fn restarted(mut r: libc::user_regs_struct) -> libc::user_regs_struct {
 /// `FORKSCOPE_FAULT=inject-abort:NR@N` before its Nth injected call of system call number
 /// NR (a point that does not move when a process has a descriptor more or less).
 /// `inject-kill:` instead kills the process the call is for (`pid`), once: a process that
-/// dies mid-fork. `inject-wait:` instead holds the daemon there, once: it creates the file
-/// named by `FORKSCOPE_FAULT_WAIT` with `.reached` appended, then waits (at most a minute)
-/// until that file itself exists: a test looks at the processes meanwhile. NR -1 is the
+/// dies mid-fork. `inject-wait:` instead holds the daemon there, once
+/// ([`crate::fault::hold_at_gate`]): a test looks at the processes meanwhile. NR -1 is the
 /// point where a batch's code has just been set running (see [`batch`]): its calls' own
 /// points are passed just before.
 fn fault_point(nr: i64, pid: Pid) {
@@ -661,19 +660,7 @@ fn fault_point(nr: i64, pid: Pid) {
         Fault::Kill if count == n => {
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
         }
-        Fault::Wait if count == n => {
-            let Some(go) = std::env::var_os("FORKSCOPE_FAULT_WAIT").map(std::path::PathBuf::from)
-            else {
-                return;
-            };
-            let mut reached = go.clone().into_os_string();
-            reached.push(".reached");
-            let _ = std::fs::write(&reached, b"");
-            let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
-            while !go.exists() && std::time::Instant::now() < until {
-                std::thread::sleep(std::time::Duration::from_millis(5));
-            }
-        }
+        Fault::Wait if count == n => crate::fault::hold_at_gate(),
         _ => {}
     }
 }
