@@ -76,7 +76,9 @@ pub struct WarmSlot {
 /// [`Manager::prewarm_begin`] (under the lock), started by [`Warming::start`] (without it),
 /// kept by [`Manager::prewarm_end`] (under it again).
 pub struct Warming {
-    preparing: Preparing,
+    id: u64,
+    /// Taken by [`Warming::start`].
+    preparing: Option<Preparing>,
     bin: std::path::PathBuf,
     slot: Arc<WarmSlot>,
 }
@@ -84,11 +86,40 @@ pub struct Warming {
 impl Warming {
     /// Starts the sandbox and leaves it in its slot; returns the slot for
     /// [`Manager::prewarm_end`].
-    pub fn start(self) -> Arc<WarmSlot> {
-        let started = self.preparing.start(&self.bin);
-        *self.slot.started.lock().unwrap_or_else(|p| p.into_inner()) = Some(started);
+    pub fn start(mut self) -> Arc<WarmSlot> {
+        if let Some(p) = self.preparing.take() {
+            let bin = self.bin.clone();
+            // A panic becomes a failed start (its cgroup goes as it unwinds): a fork waiting
+            // on the slot must not wait forever.
+            let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| p.start(&bin)))
+                .unwrap_or_else(|_| {
+                    let e = Error::Sandbox("a child sandbox's start panicked".into());
+                    (self.id, Err((None, e)))
+                });
+            self.fill(started);
+        }
+        self.slot.clone()
+    }
+
+    /// Leaves `started` in the slot (unless something is there already) and wakes a fork
+    /// waiting for it.
+    fn fill(&self, started: Started) {
+        let mut slot = self.slot.started.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(started);
+        }
         self.slot.ready.notify_all();
-        self.slot
+    }
+}
+
+impl Drop for Warming {
+    /// One dropped unstarted leaves a failed start in its slot (its cgroup goes with it; the
+    /// directory goes when the slot is emptied): nobody waits for it forever.
+    fn drop(&mut self) {
+        if self.preparing.take().is_some() {
+            let e = Error::Sandbox("a child sandbox was prepared and not started".into());
+            self.fill((self.id, Err((None, e))));
+        }
     }
 }
 
@@ -116,7 +147,8 @@ impl Manager {
         });
         self.warming.insert(name.to_string(), slot.clone());
         Ok(Some(Warming {
-            preparing,
+            id: preparing.id,
+            preparing: Some(preparing),
             bin: self.bin.clone(),
             slot,
         }))
@@ -126,7 +158,10 @@ impl Manager {
     /// next fork, unless a fork took it already; discards it if `name` is gone or was
     /// restarted meanwhile.
     pub fn prewarm_end(&mut self, name: &str, slot: &Arc<WarmSlot>) -> Result<()> {
-        if self.warming.get(name).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+        // Not in the map any more: a fork took it (the slot is empty) or `name` was
+        // aborted (it is discarded, whatever branch has the name now).
+        let current = self.warming.get(name).is_some_and(|s| Arc::ptr_eq(s, slot));
+        if current {
             self.warming.remove(name);
         }
         let started = slot
@@ -137,7 +172,11 @@ impl Manager {
         let Some(started) = started else {
             return Ok(());
         };
-        let init = self.get(name).map(|p| p.init_pid).unwrap_or(0);
+        let init = if current {
+            self.get(name).map(|p| p.init_pid).unwrap_or(0)
+        } else {
+            0
+        };
         self.keep_started(name, init, slot.nested_in, started)
     }
 
@@ -325,8 +364,10 @@ impl Manager {
         }
     }
 
-    /// Discards `name`'s pre-started child sandboxes (the branch goes away).
+    /// Discards `name`'s pre-started child sandboxes (the branch goes away); one being
+    /// started is discarded when its start ends ([`Manager::prewarm_end`]).
     pub(super) fn drop_warm(&mut self, name: &str) {
+        self.warming.remove(name);
         for w in self.warm.remove(name).unwrap_or_default() {
             self.discard(w);
         }
