@@ -1786,3 +1786,38 @@ fn requests_do_not_wait_for_the_next_childs_sandbox_to_start() {
     assert!(counts_on(kid), "the clone runs");
     assert!(counts_on(pid), "the original runs");
 }
+
+#[test]
+fn a_childs_mounts_that_never_end_fail_the_fork_and_leave_the_parent_running() {
+    // The child's overlays are mounted by its pre-started sandbox's setup process while the
+    // clones are born; one that never answers (a mount blocked on a dead filesystem, say)
+    // is killed after a while: the fork fails cleanly, nothing is left held.
+    let mut s = setup_with(
+        &[("counter-mount.py", COUNTER)],
+        &[
+            ("FORKSCOPE_FAULT", "mount-hang"),
+            ("FORKSCOPE_SETUP_ANSWER_MS", "2000"),
+        ],
+    );
+    s.run("root", &["python3", "counter-mount.py"]);
+    let pid = s.pids("root")[0];
+    assert!(counts_on(pid));
+    let out = s.d.cli(&["fork", "root", "--name", "kid"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("mounting the overlays") && err.contains("did not answer"),
+        "{err}"
+    );
+    assert_eq!(s.pids("root"), vec![pid]);
+    assert!(!s.d.ok(&["ls"]).contains("kid"), "no half-forked child");
+    assert_eq!(copies_of(pid as u32), vec![pid as u32], "no clone is left");
+    assert!(status_line(pid, "TracerPid:").ends_with("\t0"));
+    assert!(counts_on(pid), "the parent runs on");
+    // A daemon without the fault forks the branch.
+    let (dir, socket) = (s._dir.path().to_path_buf(), s.d.socket.clone());
+    s.d.stop();
+    std::mem::forget(std::mem::replace(&mut s.d, Daemon::start_on(&dir, &socket)));
+    s.fork("root", "kid");
+    assert!(counts_on(s.pids("kid")[0]), "the clone runs");
+}

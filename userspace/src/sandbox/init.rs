@@ -227,6 +227,12 @@ fn mounter(spec: &SandboxSpec, deferred: &mounts::Deferred, line_pid: Pid) -> ! 
     if std::io::stdin().lock().read_line(&mut line).unwrap_or(0) == 0 {
         std::process::exit(0); // the daemon let it go unused
     }
+    // Fault injection for tests: a mount that never ends.
+    if crate::fault::armed("mount-hang") {
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+    }
     let mounted = line
         .trim()
         .strip_prefix("mount ")

@@ -159,6 +159,16 @@ pub struct Sandbox {
 /// How long building a sandbox may take before its setup process is killed.
 pub const SETUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// How long a pre-started sandbox's setup process may take to answer (that it waits, that
+/// the overlays are mounted) before it is killed: [`SETUP_TIMEOUT`], or for tests
+/// `FORKSCOPE_SETUP_ANSWER_MS` milliseconds.
+fn answer_timeout() -> std::time::Duration {
+    std::env::var("FORKSCOPE_SETUP_ANSWER_MS")
+        .ok()
+        .and_then(|ms| ms.parse().ok())
+        .map_or(SETUP_TIMEOUT, std::time::Duration::from_millis)
+}
+
 /// Starts a sandbox for `spec` in `cgroup`, running `forkscope_bin __init`. Returns once the
 /// init listens for exec requests.
 pub fn start(
@@ -257,8 +267,7 @@ impl Warm {
     /// Waits until the part of the setup that built the sandbox has exited (the setup
     /// process then says `waiting`: it can no longer take a request before).
     fn wait_ready(&mut self) -> Result<()> {
-        let mut line = String::new();
-        self.from_setup.read_line(&mut line)?;
+        let line = self.answer("starting")?;
         if line.trim() != "waiting" {
             return Err(Error::Sandbox(format!(
                 "a pre-started sandbox failed: {}",
@@ -278,8 +287,7 @@ impl Mounting {
     pub fn mounted(mut self) -> Result<Sandbox> {
         let w = &mut self.0;
         set_idle(w.setup.id(), false);
-        let mut line = String::new();
-        w.from_setup.read_line(&mut line)?;
+        let line = w.answer("mounting the overlays")?;
         if line.trim() != "mounted" {
             return Err(Error::Sandbox(format!(
                 "mounting a pre-started sandbox's overlays: {}",
@@ -288,6 +296,42 @@ impl Mounting {
         }
         let _ = w.setup.wait();
         Ok(w.sandbox.clone())
+    }
+}
+
+impl Warm {
+    /// The setup process's next line; one that says nothing within [`answer_timeout`] (a
+    /// mount blocked on a dead filesystem, say) is killed, and `doing` names what it was
+    /// doing in the error: a fork waiting for it never hangs, with the parent's processes
+    /// held.
+    fn answer(&mut self, doing: &str) -> Result<String> {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        use std::os::fd::AsFd;
+        if self.from_setup.buffer().is_empty() {
+            let timeout = answer_timeout();
+            let ms = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+            let ready = loop {
+                let mut fds = [PollFd::new(
+                    self.from_setup.get_ref().as_fd(),
+                    PollFlags::POLLIN,
+                )];
+                match poll(&mut fds, ms) {
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    r => break r,
+                }
+            };
+            if matches!(ready, Ok(0)) {
+                let _ = self.setup.kill();
+                let _ = self.setup.wait();
+                return Err(Error::Sandbox(format!(
+                    "a pre-started sandbox's setup process ({doing}) did not answer within \
+                     {timeout:?}: it was killed"
+                )));
+            }
+        }
+        let mut line = String::new();
+        self.from_setup.read_line(&mut line)?;
+        Ok(line)
     }
 }
 
