@@ -1659,6 +1659,17 @@ fn a_process_killed_mid_fork_fails_the_fork_cleanly() {
     assert!(counts_on(s.pids("kid")[0]));
 }
 
+/// The gate a daemon given `FORKSCOPE_FAULT_WAIT=PATH` waits at (its fault points
+/// `inject-wait:` and `warm-wait`): opened (PATH created) when dropped, so a failed
+/// assertion does not leave the daemon waiting.
+struct Gate<'a>(&'a Path);
+
+impl Drop for Gate<'_> {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.0, b"");
+    }
+}
+
 #[test]
 fn the_parent_runs_on_while_its_clone_is_set_up() {
     // The daemon is held just before the clone's first call of its set-up (the mmap of the
@@ -1677,13 +1688,6 @@ fn the_parent_runs_on_while_its_clone_is_set_up() {
             ("FORKSCOPE_FAULT_WAIT", go.to_str().unwrap()),
         ],
     );
-    /// Opens the gate when dropped: a failed assertion does not leave the daemon waiting.
-    struct Gate<'a>(&'a Path);
-    impl Drop for Gate<'_> {
-        fn drop(&mut self) {
-            let _ = std::fs::write(self.0, b"");
-        }
-    }
     s.run("root", &["python3", "counter-gated.py"]);
     let pid = s.pids("root")[0];
     assert!(counts_on(pid));
@@ -1740,13 +1744,6 @@ fn requests_do_not_wait_for_the_next_childs_sandbox_to_start() {
             ("FORKSCOPE_FAULT_WAIT", open.to_str().unwrap()),
         ],
     );
-    /// Opens the gate when dropped: a failed assertion does not leave the daemon waiting.
-    struct Gate<'a>(&'a Path);
-    impl Drop for Gate<'_> {
-        fn drop(&mut self) {
-            let _ = std::fs::write(self.0, b"");
-        }
-    }
     let gate_open = Gate(&open);
     s.run("root", &["python3", "counter-warm.py"]);
     let reached = gate.path().join("open.reached");
