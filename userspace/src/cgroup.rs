@@ -223,9 +223,7 @@ impl Cgroup {
     /// is not marked as forkscope's; the mark of [`Cgroup::thaw_for_a_while`] goes once the
     /// freeze is asked for.
     pub fn refreeze(&self, timeout: Duration) -> Result<()> {
-        let p = self.path.join("cgroup.freeze");
-        fs::write(&p, "1")
-            .at(&p)
+        self.ask_frozen(true)
             .inspect_err(|e| log::warn!("{}: freezing it again: {e}", self.path.display()))?;
         if let Err(e) = xattr_remove(&self.path, LENT_MARK) {
             log::warn!("{}: removing the thaw mark: {e}", self.path.display());
@@ -247,8 +245,7 @@ impl Cgroup {
                 self.path.display()
             );
         }
-        let p = self.path.join("cgroup.freeze");
-        fs::write(&p, "0").at(&p)?;
+        self.ask_frozen(false)?;
         self.wait_frozen(false, timeout)
     }
 
@@ -278,8 +275,7 @@ impl Cgroup {
     /// Thaws the cgroup; its freeze mark goes as soon as it is asked to thaw, whether or
     /// not the thaw completes in time (a cgroup above it may hold it frozen).
     fn thaw(&self, timeout: Duration) -> Result<()> {
-        let p = self.path.join("cgroup.freeze");
-        fs::write(&p, "0").at(&p)?;
+        self.ask_frozen(false)?;
         self.mark_frozen(false);
         self.wait_frozen(false, timeout)
     }
@@ -318,10 +314,16 @@ impl Cgroup {
 
     /// Freezes the cgroup and waits until it is (no mark: see [`Cgroup::freeze`]).
     fn set_frozen(&self, timeout: Duration) -> Result<()> {
-        let p = self.path.join("cgroup.freeze");
-        fs::write(&p, "1").at(&p)?;
+        self.ask_frozen(true)?;
         self.wait_frozen(true, timeout)
     }
+
+    /// Writes the cgroup's own `cgroup.freeze` (without waiting for it to take effect).
+    fn ask_frozen(&self, frozen: bool) -> Result<()> {
+        let p = self.path.join("cgroup.freeze");
+        fs::write(&p, if frozen { "1" } else { "0" }).at(&p)
+    }
+
     fn wait_frozen(&self, frozen: bool, timeout: Duration) -> Result<()> {
         let events = self.path.join("cgroup.events");
         let want = if frozen { "frozen 1" } else { "frozen 0" };

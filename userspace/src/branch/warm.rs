@@ -243,14 +243,18 @@ impl Manager {
             log::warn!("pre-starting a child sandbox of {}: {e}", p.name);
         }
         let pool = self.warm.remove(&p.name).unwrap_or_default();
-        let (mut fresh, stale): (Vec<_>, Vec<_>) =
+        let (fresh, stale): (Vec<_>, Vec<_>) =
             pool.into_iter().partition(|w| w.parent_init == p.init_pid);
         for w in stale {
             self.discard(w);
         }
+        let ready = fresh.len();
+        if !fresh.is_empty() {
+            self.warm.insert(p.name.clone(), fresh);
+        }
         let mut outcome = Ok(());
         let mut prepared = Vec::new();
-        while fresh.len() + prepared.len() < count {
+        while ready + prepared.len() < count {
             match self.prepare_warm(p) {
                 Ok(w) => prepared.push(w),
                 Err(e) => {
@@ -277,7 +281,7 @@ impl Manager {
                     let id = w.id;
                     let run = std::thread::Builder::new()
                         .name("forkscope-warm".into())
-                        .spawn_scoped(scope, move || w.start(bin).1);
+                        .spawn_scoped(scope, move || w.start(bin));
                     match run {
                         Ok(run) => runs.push((id, run)),
                         // (The closure, with the cgroup, is dropped.)
@@ -287,29 +291,16 @@ impl Manager {
                 for (id, run) in runs {
                     // (A thread that panicked took its cgroup with it.)
                     let panicked = || Error::Sandbox("a child sandbox's start panicked".into());
-                    started.push((id, run.join().unwrap_or_else(|_| Err((None, panicked())))));
+                    started.push(run.join().unwrap_or_else(|_| (id, Err((None, panicked())))));
                 }
             });
         }
-        for (id, made) in started {
-            match made {
-                Ok((cgroup, warm)) => fresh.push(WarmChild {
-                    id,
-                    cgroup,
-                    warm,
-                    parent_init: p.init_pid,
-                }),
-                Err((cgroup, e)) => {
-                    drop(cgroup);
-                    let _ = std::fs::remove_dir_all(branch_dir(&self.state, id));
-                    if outcome.is_ok() {
-                        outcome = Err(e);
-                    }
-                }
+        // After those that were ready (the oldest are taken first).
+        for s in started {
+            let kept = self.keep_started(&p.name, p.init_pid, p.init_pid, s);
+            if outcome.is_ok() {
+                outcome = kept;
             }
-        }
-        if !fresh.is_empty() {
-            self.warm.insert(p.name.clone(), fresh);
         }
         outcome
     }

@@ -94,10 +94,6 @@ fn marker_file(branch_dir: &Path) -> PathBuf {
     branch_dir.join("commit-staging")
 }
 
-fn fault(name: &str) -> bool {
-    std::env::var("FORKSCOPE_FAULT").is_ok_and(|f| f == name)
-}
-
 fn fault_after_op() -> Option<usize> {
     std::env::var("FORKSCOPE_FAULT")
         .ok()?
@@ -145,7 +141,7 @@ pub fn stage(branch_dir: &Path, plan: &Plan, staging: &Path) -> Result<()> {
 /// directory's filesystem for a host target; else both filesystems are synced): that is the
 /// commit point. A journal cut short by a crash does not parse, and counts as no journal.
 pub fn apply(branch_dir: &Path, journal: &Journal) -> Result<Applied> {
-    if fault("commit-before-journal") {
+    if crate::fault::armed("commit-before-journal") {
         std::process::abort();
     }
     let mut text = serde_json::to_string(journal).map_err(std::io::Error::from)?;
