@@ -104,3 +104,76 @@ fn writing_more_pages_is_charged_exactly_that_many_more() {
         "writing 300 pages added {extra} dirty pages ({none} -> {many})"
     );
 }
+
+#[test]
+fn a_page_set_too_small_for_the_process_says_so_instead_of_losing_pages_silently() {
+    require_root();
+    let dir = TempDir::new("pages-full");
+    let bin = workload("pagewriter");
+    // One page in each of 1,000 regions of 2 MiB: the set needs 1,000 entries (and a few
+    // for the stack, heap and libraries).
+    let every_region: Vec<String> = (0..1000).map(|i| (i * 512).to_string()).collect();
+    let every_region = every_region.join(",");
+    let summary_of = |capacity: &str| {
+        let summary_file = dir.path().join("summary.json");
+        let run = trace(
+            dir.path(),
+            &[
+                "--dirty-regions",
+                capacity,
+                "--summary-json",
+                summary_file.to_str().unwrap(),
+                "--page-addresses",
+            ],
+            &[
+                bin.to_str().unwrap(),
+                "--pages",
+                "512000",
+                "--write",
+                &every_region,
+            ],
+        );
+        assert_eq!(run.code(), Some(0), "{}", run.stderr());
+        let pid = run.of_kind("proc_exec").last().unwrap()["pid"].as_u64();
+        let page_summary = run
+            .of_kind("page_dirty_summary")
+            .find(|e| e["pid"].as_u64() == pid)
+            .expect("a page_dirty_summary for pagewriter")
+            .clone();
+        let totals: Value = serde_json::from_slice(&std::fs::read(&summary_file).unwrap()).unwrap();
+        (page_summary, totals, run.stderr())
+    };
+
+    let (roomy, totals, stderr) = summary_of("131072");
+    let pages = roomy["pages"].as_u64().unwrap();
+    assert!(pages >= 1000, "{roomy}");
+    assert!(roomy.get("pages_recorded").is_none(), "{roomy}");
+    assert_eq!(totals["pages_inexact"], 0, "{totals}");
+    assert!(!stderr.contains("inexact"), "{stderr}");
+
+    let (full, totals, stderr) = summary_of("256");
+    let recorded = full["pages_recorded"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("a set of 256 regions cannot hold 1,000: {full}"));
+    assert!(recorded < 1000, "{full}");
+    assert!(
+        full["pages"].as_u64().unwrap() >= pages.min(1000),
+        "the count still covers every page written: {full}"
+    );
+    let ranged: u64 = full["page_ranges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r[1].as_u64().unwrap() - r[0].as_u64().unwrap()) / 4096)
+        .sum();
+    assert_eq!(
+        ranged, recorded,
+        "the ranges are what the set holds: {full}"
+    );
+    assert_eq!(totals["pages_inexact"], 1, "{totals}");
+    assert!(
+        stderr.contains("dirtied pages inexact for 1 processes")
+            && stderr.contains("--dirty-regions"),
+        "{stderr}"
+    );
+}

@@ -78,6 +78,11 @@ impl PageBitmap {
         })
     }
 
+    /// How many pages the bitmap holds.
+    pub fn count(&self) -> u64 {
+        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
     /// The page numbers set in the bitmap of region `region`, in order.
     pub fn pages(self, region: u64) -> impl Iterator<Item = u64> {
         self.runs(region).flat_map(|[first, end]| first..end)
@@ -196,12 +201,14 @@ mod tests {
         assert_eq!(pages, [3 * 512, 3 * 512 + 2, 3 * 512 + 511]);
         let runs: Vec<[u64; 2]> = b.runs(3).collect();
         assert_eq!(runs, [[1536, 1537], [1538, 1539], [2047, 2048]]);
+        assert_eq!(b.count(), 3);
         let mut full = super::PageBitmap {
             words: [u64::MAX; 8],
         };
         full.words[1] = !(1 << 5);
         let runs: Vec<[u64; 2]> = full.runs(0).collect();
         assert_eq!(runs, [[0, 69], [70, 512]]);
+        assert_eq!(full.count(), 511);
         assert_eq!(super::PageBitmap::default().pages(1).count(), 0);
     }
 

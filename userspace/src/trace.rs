@@ -218,7 +218,12 @@ fn spawn_in(cgroup: &Cgroup, command: &[OsString]) -> Result<tokio::process::Chi
     })
 }
 
-/// Emits one page_dirty_summary per process seen in the trace's cgroups.
+/// Emits one page_dirty_summary per process seen in the trace's cgroups. The kernel keeps
+/// two things per process: a count of first writes and the set of pages. They agree unless
+/// the set was full and evicted entries (a page of an evicted region counts again on its
+/// next write; an evicted count starts again from zero): then `pages` is the larger of the
+/// two, `pages_recorded` says what the set holds, and the summary counts the process as
+/// inexact, so a full set is never silent.
 fn emit_page_summaries<W: Write>(
     probe: &Probe,
     sink: &mut Sink<'_, W>,
@@ -227,25 +232,29 @@ fn emit_page_summaries<W: Write>(
     let cgroups = sink.cgroups.clone();
     let in_trace = |cg: u64| cgroups.contains(&cg);
     let counts = probe.page_counts(in_trace)?;
-    let mut ranges = if with_ranges {
-        page_ranges(probe, &in_trace)?
-    } else {
-        Default::default()
-    };
+    let mut sets = page_sets(probe, &in_trace)?;
+    let mut procs: std::collections::BTreeMap<(u32, u64), u64> = counts
+        .into_iter()
+        .map(|(k, n)| ((k.tgid, k.cgroup), n))
+        .collect();
+    for &(cgroup, tgid) in sets.keys() {
+        procs.entry((tgid, cgroup)).or_insert(0);
+    }
     let now = crate::events::record::now_ns();
-    let mut procs: Vec<_> = counts.into_iter().collect();
-    procs.sort_by_key(|(k, _)| (k.tgid, k.cgroup));
-    for (key, pages) in procs {
+    for ((tgid, cgroup), counted) in procs {
+        let set = sets.remove(&(cgroup, tgid)).unwrap_or_default();
+        let pages = counted.max(set.pages);
         let ev = TraceEvent {
             ts_ns: now,
-            cgroup: key.cgroup,
-            pid: key.tgid,
-            tid: key.tgid,
-            comm: sink.resolver.comm_of(key.tgid).unwrap_or("?").to_string(),
+            cgroup,
+            pid: tgid,
+            tid: tgid,
+            comm: sink.resolver.comm_of(tgid).unwrap_or("?").to_string(),
             kind: "page_dirty_summary".into(),
             pages: Some(pages),
+            pages_recorded: (set.pages != counted).then_some(set.pages),
             bytes: Some((pages * 4096) as i64),
-            page_ranges: ranges.remove(&(key.cgroup, key.tgid)),
+            page_ranges: with_ranges.then(|| coalesce(set.runs)),
             ..TraceEvent::default()
         };
         sink.emit(&ev)?;
@@ -253,19 +262,27 @@ fn emit_page_summaries<W: Write>(
     Ok(())
 }
 
-/// Dirtied address ranges per (cgroup, process id).
-type RangesByProcess = std::collections::HashMap<(u64, u32), Vec<[u64; 2]>>;
+/// What the kernel's dirty-page set holds for one process.
+#[derive(Default)]
+struct PageSet {
+    /// Pages in the set.
+    pages: u64,
+    /// Runs of consecutive pages, as [first, end) page numbers.
+    runs: Vec<[u64; 2]>,
+}
 
-/// Dirtied pages grouped per (cgroup, process) into [start, end) address ranges, built from
-/// the runs of each region's bitmap (never one item per page).
-fn page_ranges(probe: &Probe, filter: &impl Fn(u64) -> bool) -> Result<RangesByProcess> {
-    let mut runs: RangesByProcess = Default::default();
+/// The dirty-page set of each (cgroup, process id) in the current epoch, read in one pass.
+fn page_sets(
+    probe: &Probe,
+    filter: &impl Fn(u64) -> bool,
+) -> Result<std::collections::HashMap<(u64, u32), PageSet>> {
+    let mut sets: std::collections::HashMap<(u64, u32), PageSet> = Default::default();
     for (proc, region, bitmap) in probe.dirty_regions(filter)? {
-        runs.entry((proc.cgroup, proc.tgid))
-            .or_default()
-            .extend(bitmap.runs(region));
+        let set = sets.entry((proc.cgroup, proc.tgid)).or_default();
+        set.pages += bitmap.count();
+        set.runs.extend(bitmap.runs(region));
     }
-    Ok(runs.into_iter().map(|(k, v)| (k, coalesce(v))).collect())
+    Ok(sets)
 }
 
 /// Runs of page numbers ([first, end)) to sorted [start, end) address ranges, runs that

@@ -36,6 +36,11 @@ pub struct TraceArgs {
     /// Ring buffer size in MiB (a power of two); raise it if events are lost.
     #[arg(long, default_value_t = 16, value_parser = parse_ring_mb)]
     ring_mb: u32,
+    /// Capacity of the kernel's dirty-page set, in 2 MiB regions of one process each; raise
+    /// it if the summary says dirtied pages are inexact (each region takes about 150 bytes
+    /// of kernel memory).
+    #[arg(long, value_name = "N", default_value_t = ProbeOptions::default().dirty_region_capacity, value_parser = clap::value_parser!(u32).range(64..=1 << 24))]
+    dirty_regions: u32,
     /// Write the summary as JSON to FILE as well.
     #[arg(long, value_name = "FILE")]
     summary_json: Option<PathBuf>,
@@ -126,7 +131,7 @@ pub fn run(args: TraceArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
         probe: ProbeOptions {
             ring_bytes: args.ring_mb << 20,
             merge_writes: !args.every_write,
-            ..ProbeOptions::default()
+            dirty_region_capacity: args.dirty_regions,
         },
     };
     let mut out: Box<dyn Write> = match &args.output {

@@ -96,6 +96,12 @@ pub struct TraceEvent {
     /// page_dirty_summary: pages the process dirtied.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub pages: Option<u64>,
+    /// page_dirty_summary, only when it differs from `pages`: the pages the kernel's
+    /// dirty-page set still holds for the process. The set was full and evicted some of its
+    /// entries (raise `--dirty-regions`): `pages` is then the larger of the count and the
+    /// set, a page may have counted twice, and `page_ranges` may miss pages.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub pages_recorded: Option<u64>,
     /// page_dirty_summary with --page-addresses: dirtied ranges as [start, end) addresses.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub page_ranges: Option<Vec<[u64; 2]>>,

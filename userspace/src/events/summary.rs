@@ -48,6 +48,9 @@ pub struct Summary {
     pub stats: Stats,
     /// Paths that could not be made absolute.
     pub unresolved_paths: u64,
+    /// Processes whose dirty-page count is inexact: the kernel's page set was full and
+    /// evicted some of their entries (their page_dirty_summary has `pages_recorded`).
+    pub pages_inexact: u64,
 }
 
 /// `addr:port` for IPv4, `[addr]:port` for IPv6, else the family name.
@@ -85,11 +88,14 @@ impl Summary {
                     .or_default()
                     .connects += 1
             }
-            "page_dirty_summary" => self.pages.push(ProcPages {
-                pid: e.pid,
-                comm: e.comm.clone(),
-                pages: e.pages.unwrap_or(0),
-            }),
+            "page_dirty_summary" => {
+                self.pages.push(ProcPages {
+                    pid: e.pid,
+                    comm: e.comm.clone(),
+                    pages: e.pages.unwrap_or(0),
+                });
+                self.pages_inexact += u64::from(e.pages_recorded.is_some());
+            }
             _ => {}
         }
     }
@@ -154,6 +160,13 @@ impl Summary {
                 s,
                 "pages not recorded (page set full): {}",
                 self.stats.pages_overflow
+            );
+        }
+        if self.pages_inexact > 0 {
+            let _ = writeln!(
+                s,
+                "dirtied pages inexact for {} processes (the page set was full and evicted entries: raise --dirty-regions)",
+                self.pages_inexact
             );
         }
         if self.unresolved_paths > 0 {
@@ -221,5 +234,30 @@ mod tests {
         let text = s.render();
         assert!(text.contains("30 bytes in      2 writes  /t/a"), "{text}");
         assert!(text.contains("lost events: 0"), "{text}");
+    }
+
+    #[test]
+    fn a_page_count_the_full_set_made_inexact_is_shown() {
+        let mut s = Summary::default();
+        s.add(&TraceEvent {
+            pid: 7,
+            pages: Some(40),
+            ..ev("page_dirty_summary")
+        });
+        assert_eq!(s.pages_inexact, 0);
+        assert!(!s.render().contains("inexact"), "{}", s.render());
+        s.add(&TraceEvent {
+            pid: 8,
+            pages: Some(300),
+            pages_recorded: Some(120),
+            ..ev("page_dirty_summary")
+        });
+        assert_eq!(s.pages_inexact, 1);
+        let text = s.render();
+        assert!(
+            text.contains("dirtied pages inexact for 1 processes")
+                && text.contains("raise --dirty-regions"),
+            "{text}"
+        );
     }
 }
