@@ -637,22 +637,54 @@ fn bad_input_gets_clear_errors_and_changes_nothing() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("another forkscope daemon"));
-    // A malformed API body gets a 400 with a JSON error.
-    {
+    // Bad API requests get an HTTP error with a JSON message: a malformed body, a relative
+    // workspace (the daemon's working directory is not the caller's), a path or a method
+    // the API does not have.
+    let ask = |method: &str, path: &str, body: &str| {
         use std::io::{Read, Write};
         let mut conn = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
-        let body = "{not json";
         write!(
             conn,
-            "POST /v1/branches HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         )
         .unwrap();
         let mut answer = String::new();
         conn.read_to_string(&mut answer).unwrap();
-        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
-        assert!(answer.contains("\"error\":\"bad request body"), "{answer}");
-    }
+        answer
+    };
+    let answer = ask("POST", "/v1/branches", "{not json");
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("\"error\":\"bad request body"), "{answer}");
+    let answer = ask(
+        "POST",
+        "/v1/branches",
+        r#"{"workspace": "ws", "command": ["true"]}"#,
+    );
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("give an absolute path"), "{answer}");
+    let answer = ask("GET", "/v1/nothing-here", "");
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    assert!(answer.contains("\"error\":\"no such API path"), "{answer}");
+    let answer = ask("DELETE", "/v1/status", "");
+    assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
+    assert!(
+        answer.contains("\"error\":\"this path does not take that method")
+            && answer.to_lowercase().contains("allow: get"),
+        "{answer}"
+    );
+    // Names are names, never part of the request's path or query: `x?recursive=true` is
+    // not `x` aborted recursively.
+    d.ok(&["fork", "one", "--name", "one-kid"]);
+    let msg = err(&["abort", "one?recursive=true"]);
+    assert!(
+        msg.contains("invalid branch name") || msg.contains("no live branch"),
+        "{msg}"
+    );
+    assert!(err(&["diff", "my branch"]).contains("\"my branch\""));
+    let ls = d.ok(&["ls"]);
+    assert!(ls.contains("one-kid"), "{ls}");
+    d.ok(&["abort", "one-kid"]);
     let unreachable = Command::new(forkscope())
         .args(["--socket", "/nonexistent.sock", "ls"])
         .output()

@@ -48,7 +48,7 @@ fn the_python_clients_tests_pass_against_a_real_daemon() {
     assert!(out.status.success(), "{report}");
     // Every test ran (none skipped).
     assert!(
-        report.contains("Ran 6 tests") && !report.contains("skipped"),
+        report.contains("Ran 8 tests") && !report.contains("skipped"),
         "{report}"
     );
 }

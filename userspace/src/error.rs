@@ -57,6 +57,9 @@ pub enum Error {
     /// The request conflicts with the current state (name taken, live children): HTTP 409.
     #[error("{0}")]
     Conflict(String),
+    /// The daemon cannot do it now (it is stopping): HTTP 503.
+    #[error("{0}")]
+    Unavailable(String),
     /// Both sides of a commit changed the same paths: HTTP 409, nothing applied.
     #[error("{}", conflicts_message(target, paths))]
     Conflicts { target: String, paths: Vec<PathBuf> },

@@ -1,5 +1,6 @@
 """Sandboxes and branches: thin wrappers over the daemon's API (see docs in the repo)."""
 
+import os
 import json
 import urllib.parse
 
@@ -42,7 +43,7 @@ class Branch:
         return f"Branch({self.name!r})"
 
     def _url(self, tail=""):
-        return f"/v1/branches/{urllib.parse.quote(self.name)}{tail}"
+        return f"/v1/branches/{urllib.parse.quote(self.name, safe='')}{tail}"
 
     def refresh(self):
         """Reads the branch's description again (status, processes, private memory...)."""
@@ -58,7 +59,9 @@ class Branch:
         return Forked([Branch(self._socket, b) for b in made["branches"]], made)
 
     def exec(self, cmd, stdin="", cwd=None, env=None, timeout=None):
-        """Runs ``cmd`` (a list) in the branch; returns when it exits."""
+        """Runs ``cmd`` (a list) in the branch; returns when it exits, with what it wrote
+        until then (background processes it started keep running; their later output is
+        dropped). If the call times out or is interrupted, the daemon kills the command."""
         if isinstance(cmd, str):
             raise TypeError("cmd is a list of arguments, e.g. ['sh', '-c', 'make test']")
         body = {"argv": list(cmd), "stdin": stdin, "env": [list(kv) for kv in (env or {}).items()]}
@@ -111,7 +114,8 @@ class Sandbox:
         "off" (no syscall program is attached on its behalf; its files come from ``diff()``,
         its sends per destination from its packets)."""
         s = cls(socket)
-        body = {"workspace": str(workspace), "command": list(cmd)}
+        # Absolute here: the daemon's working directory is not the caller's.
+        body = {"workspace": os.path.abspath(os.fspath(workspace)), "command": list(cmd)}
         for k, v in (("name", name), ("net", net), ("policy", policy), ("write_detail", write_detail)):
             if v is not None:
                 body[k] = v
@@ -123,7 +127,7 @@ class Sandbox:
 
     def branch(self, name):
         """The live branch ``name``."""
-        return Branch(self.socket, call(self.socket, "GET", f"/v1/branches/{urllib.parse.quote(name)}"))
+        return Branch(self.socket, call(self.socket, "GET", f"/v1/branches/{urllib.parse.quote(name, safe='')}"))
 
     def status(self):
         """The daemon's version, state directory, branch count, tracer counters."""

@@ -69,6 +69,33 @@ class ClientTest(unittest.TestCase):
         self.assertIn("no-such-command-here", r.stderr)
         root.abort(recursive=True)
 
+    def test_a_relative_workspace_is_the_callers(self):
+        workspace("rel", {"mine.txt": "the caller's\n"})
+        here = os.getcwd()
+        os.chdir(TEST_DIR)
+        try:
+            b = Sandbox.run(workspace="rel", cmd=["sleep", "1000"], name="py-rel")
+        finally:
+            os.chdir(here)
+        try:
+            self.assertEqual(b.exec(["cat", "mine.txt"]).stdout, "the caller's\n")
+        finally:
+            b.abort()
+
+    def test_an_exec_that_times_out_is_killed(self):
+        b = Sandbox.run(workspace=workspace("timeout", {}), cmd=["sleep", "1000"], name="py-timeout")
+        try:
+            with self.assertRaises(Exception):
+                b.exec(["sh", "-c", "echo $$ > pid; exec sleep 300"], timeout=1)
+            pid = b.exec(["cat", "pid"]).stdout.strip()
+            for _ in range(100):
+                if b.exec(["kill", "-0", pid]).exit_code != 0:
+                    break
+                time.sleep(0.1)
+            self.assertNotEqual(b.exec(["kill", "-0", pid]).exit_code, 0, "the command was killed")
+        finally:
+            b.abort()
+
     def test_trace_and_effects(self):
         ws = workspace("traced", {})
         hits = []

@@ -17,8 +17,17 @@
 //! | `DELETE /v1/branches/{name}[?recursive=true]` | | abort (204); `recursive` aborts the branches forked from it first; without it, a branch whose forks run is retired (kept as `NAME~ID` until the last of them goes) |
 //!
 //! Errors are `{"error": "..."}` with 400 (bad input), 403 (request from inside a branch),
-//! 404 (unknown branch), 409 (conflict; a commit's conflicting paths are also listed in
-//! `"conflicts"`) or 500.
+//! 404 (unknown branch, or no such path), 405 (a method the path does not take), 409
+//! (conflict; a commit's conflicting paths are also listed in `"conflicts"`), 413 (a body
+//! over 64 MiB), 503 (the daemon is stopping) or 500. The workspace of `POST /v1/branches`
+//! is an absolute path.
+//!
+//! `exec`: the answer carries what the command wrote until it exited, and for 200 ms more;
+//! what background processes it left write later is read and dropped (they neither block
+//! the answer nor die of SIGPIPE). A client that goes away before the answer kills the
+//! command's process group, as `forkscope exec` does on Ctrl-C. A daemon asked to stop
+//! (SIGTERM) ends followed traces and running `exec`s (503, the command killed) and waits
+//! at most 10 s for other requests.
 
 pub mod client;
 pub mod listen;

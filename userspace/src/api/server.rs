@@ -31,7 +31,68 @@ struct App {
     metrics_addr: Option<std::net::SocketAddr>,
     /// One scrape at a time.
     scraping: Arc<tokio::sync::Mutex<()>>,
+    /// Turns true when the daemon starts stopping: requests that could last (a followed
+    /// trace, an `exec`) end then, so that stopping waits for none of them.
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
+
+impl App {
+    /// Completes once the daemon starts stopping.
+    async fn stopping(&self) {
+        let mut rx = self.stopping.clone();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+}
+
+/// Largest request body taken (an `exec`'s stdin is in it).
+const MAX_BODY: usize = 64 << 20;
+
+/// Every error answer as the API documents it, `{"error": "..."}`: those the router and
+/// the extractors make themselves (no such path, a method a path does not take, a body
+/// too large) come as plain text or empty.
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 64 << 10)
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&text).trim().to_string();
+    let error = match status {
+        StatusCode::NOT_FOUND => {
+            "no such API path: the API serves /v1/status and /v1/branches[/NAME[/fork|/exec|/diff|/commit|/policy|/effects|/trace]] (see docs/architecture.md)".to_string()
+        }
+        StatusCode::METHOD_NOT_ALLOWED => {
+            "this path does not take that method: the answer's Allow header lists those it takes"
+                .to_string()
+        }
+        StatusCode::PAYLOAD_TOO_LARGE => format!(
+            "the request body is larger than the daemon takes ({} MiB): pass large inputs through a file in the workspace",
+            MAX_BODY >> 20
+        ),
+        _ if text.is_empty() => status
+            .canonical_reason()
+            .unwrap_or("request failed")
+            .to_string(),
+        _ => text,
+    };
+    let mut out = (status, Json(serde_json::json!({ "error": error }))).into_response();
+    for (name, value) in &parts.headers {
+        if name != axum::http::header::CONTENT_TYPE && name != axum::http::header::CONTENT_LENGTH {
+            out.headers_mut().insert(name, value.clone());
+        }
+    }
+    out
+}
+
+/// How long a stopping daemon waits for requests still being answered.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Who is on the other end of a connection (SO_PEERCRED).
 #[derive(Clone, Debug)]
@@ -65,6 +126,7 @@ impl IntoResponse for ApiError {
             Error::Invalid(_) | Error::NoCommand => StatusCode::BAD_REQUEST,
             Error::Forbidden(_) => StatusCode::FORBIDDEN,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Conflict(_) | Error::Conflicts { .. } | Error::CannotClone(_) => {
                 StatusCode::CONFLICT
             }
@@ -263,11 +325,35 @@ async fn exec_in(
 ) -> ApiResult<Response> {
     let input: crate::branch::run_in::ExecInput = body(&bytes)?;
     let control = with_manager(&app, &peer, move |m| m.control_of(&name)).await?;
-    let out = tokio::task::spawn_blocking(move || crate::branch::run_in::run_in(&control, input))
-        .await
-        .map_err(|e| ApiError(Error::State(format!("worker failed: {e}"))))?
-        .map_err(ApiError)?;
+    // A client that goes away drops this future, and with it the guard: the command is
+    // killed (its init sees the control connection shut down) and the worker freed.
+    let guard = CancelOnDrop(Arc::default());
+    let cancel = guard.0.clone();
+    let worker = tokio::task::spawn_blocking(move || {
+        crate::branch::run_in::run_in(&control, input, &cancel)
+    });
+    let out = tokio::select! {
+        out = worker => out
+            .map_err(|e| ApiError(Error::State(format!("worker failed: {e}"))))?
+            .map_err(ApiError)?,
+        () = app.stopping() => {
+            guard.0.cancel();
+            return Err(ApiError(Error::Unavailable(
+                "the daemon is stopping: the command was stopped; run it again once the daemon is back".into(),
+            )));
+        }
+    };
+    drop(guard);
     Ok(Json(out).into_response())
+}
+
+/// Cancels an `exec` when dropped (the request is over, answered or not).
+struct CancelOnDrop(Arc<crate::sandbox::control::Cancel>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
 }
 
 async fn effects(
@@ -349,7 +435,10 @@ async fn trace_stream(
             match tokio::fs::File::open(&file).await {
                 Ok(f) => break f,
                 Err(_) if follow && dir.exists() && !tx.is_closed() => {
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    tokio::select! {
+                        () = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+                        () = app.stopping() => return,
+                    }
                 }
                 Err(_) => return,
             }
@@ -361,7 +450,10 @@ async fn trace_stream(
                     if !follow || !dir.exists() || tx.is_closed() {
                         return;
                     }
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    tokio::select! {
+                        () = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+                        () = app.stopping() => return,
+                    }
                 }
                 Ok(n) => {
                     let chunk = axum::body::Bytes::copy_from_slice(&buf[..n]);
@@ -592,12 +684,14 @@ pub async fn serve(
     let metrics = Arc::new(crate::metrics::Metrics::new(opts.metrics_branch_labels)?);
     // The kernel counts the eBPF programs' run time while this is open.
     let _bpf_stats = tracker.as_ref().and_then(|_| crate::bpf::enable_stats());
+    let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
     let app = App {
         manager: Arc::new(Mutex::new(manager)),
         state_dir: state_dir.to_path_buf(),
         metrics,
         metrics_addr,
         scraping: Arc::new(tokio::sync::Mutex::new(())),
+        stopping: stopping_rx,
     };
     if let Some(l) = metrics_listener {
         let router = Router::new()
@@ -623,13 +717,30 @@ pub async fn serve(
         .route("/v1/branches/{name}/exec", post(exec_in))
         .route("/v1/branches/{name}/commit", post(commit))
         .route("/v1/branches/{name}/trace", get(trace_stream))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(app);
+    // Once asked to stop: no new connection, the long requests told to end, and at most
+    // STOP_GRACE for the others, so a client that never reads cannot hold the daemon.
+    let (stop_now, mut stop_seen) = (stopping_tx.clone(), stopping_tx.subscribe());
     let served = axum::serve(
         listener,
         router.into_make_service_with_connect_info::<Peer>(),
     )
-    .with_graceful_shutdown(shutdown)
-    .await;
+    .with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = stop_now.send(true);
+    });
+    let served = tokio::select! {
+        served = served => served,
+        () = async move {
+            let _ = stop_seen.wait_for(|s| *s).await;
+            tokio::time::sleep(STOP_GRACE).await;
+        } => {
+            log::warn!("requests still open {STOP_GRACE:?} after the daemon was asked to stop: closed");
+            Ok(())
+        }
+    };
     // Only the file this daemon bound (a later daemon may have replaced it).
     if bound.is_some() && super::listen::identity(socket) == bound {
         let _ = std::fs::remove_file(socket);

@@ -642,8 +642,22 @@ impl Manager {
         self.hidden.push(dir.to_path_buf());
     }
 
+    /// `name`, if no live branch has it; with no name, `b<id>` (or `b<id>-2`, `-3`... when
+    /// a user gave a branch that name).
     fn unused_name(&self, name: Option<String>, id: u64) -> Result<String> {
-        let name = name.unwrap_or_else(|| format!("b{id}"));
+        let Some(name) = name else {
+            let mut n = 1;
+            loop {
+                let generated = match n {
+                    1 => format!("b{id}"),
+                    _ => format!("b{id}-{n}"),
+                };
+                if self.registry.get(&generated)?.is_none() {
+                    return Ok(generated);
+                }
+                n += 1;
+            }
+        };
         validate_name(&name)?;
         if self.registry.get(&name)?.is_some() {
             return Err(Error::Conflict(format!(
@@ -711,6 +725,12 @@ impl Manager {
             policy,
         } = options;
         let started = trace_notes::now_ns();
+        if workspace.is_relative() {
+            return Err(Error::Invalid(format!(
+                "workspace {}: give an absolute path (the daemon's working directory is not the caller's)",
+                workspace.display()
+            )));
+        }
         let workspace = workspace
             .canonicalize()
             .map_err(|e| Error::Invalid(format!("workspace {}: {e}", workspace.display())))?;

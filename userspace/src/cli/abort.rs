@@ -19,14 +19,13 @@ pub fn run(args: AbortArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
     super::client::call(
         &socket,
         Method::DELETE,
-        &format!(
-            "/v1/branches/{}{}",
-            args.branch,
+        &super::client::branch_path(
+            &args.branch,
             if args.recursive {
                 "?recursive=true"
             } else {
                 ""
-            }
+            },
         ),
         None,
     )?;

@@ -6,6 +6,22 @@ use anyhow::{Context, bail};
 use hyper::Method;
 use serde_json::Value;
 
+/// The API path of branch `name` followed by `tail` (such as `/fork`), the name
+/// percent-encoded: whatever a user types (spaces, `?`, `#`, `/`) names a branch and never
+/// becomes part of the request's path or query.
+pub fn branch_path(name: &str, tail: &str) -> String {
+    /// Everything but RFC 3986's unreserved characters.
+    const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~');
+    format!(
+        "/v1/branches/{}{tail}",
+        percent_encoding::utf8_percent_encode(name, SEGMENT)
+    )
+}
+
 /// Sends a request to the daemon and returns the JSON answer of a 2xx, or the daemon's
 /// error message.
 pub fn call(

@@ -24,7 +24,7 @@ pub fn run(args: CommitArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
     let done = super::client::call(
         &socket,
         Method::POST,
-        &format!("/v1/branches/{}/commit", args.branch),
+        &super::client::branch_path(&args.branch, "/commit"),
         Some(body.clone()),
     )?;
     if args.json {

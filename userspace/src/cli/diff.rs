@@ -19,7 +19,7 @@ pub fn run(args: DiffArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
     let d = super::client::call(
         &socket,
         Method::GET,
-        &format!("/v1/branches/{}/diff", args.branch),
+        &super::client::branch_path(&args.branch, "/diff"),
         None,
     )?;
     if args.json {

@@ -18,7 +18,7 @@ pub fn run(args: EffectsArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
     let list = super::client::call(
         &socket,
         Method::GET,
-        &format!("/v1/branches/{}/effects", args.branch),
+        &super::client::branch_path(&args.branch, "/effects"),
         None,
     )?;
     if args.json {

@@ -28,7 +28,12 @@ pub struct ExecArgs {
 
 /// The control socket of `branch`'s init, if the branch is running.
 pub(super) fn running_init(socket: &Path, branch: &str) -> anyhow::Result<PathBuf> {
-    let b = super::client::call(socket, Method::GET, &format!("/v1/branches/{branch}"), None)?;
+    let b = super::client::call(
+        socket,
+        Method::GET,
+        &super::client::branch_path(branch, ""),
+        None,
+    )?;
     if b["status"] == "frozen" {
         anyhow::bail!("branch {branch} is a frozen checkpoint: fork it to get a running branch");
     }
@@ -52,7 +57,7 @@ pub fn run(args: ExecArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
         ExecReply::Signal(s) => ExitCode::from((128 + s).clamp(0, 255) as u8),
         ExecReply::Error(e) => {
             forkscope::say!("forkscope exec: {e}");
-            ExitCode::from(127)
+            ExitCode::from(forkscope::branch::run_in::not_started_code(&e) as u8)
         }
         ExecReply::Pid(_) | ExecReply::Terminal(_) | ExecReply::Attached(_) => ExitCode::FAILURE,
     })

@@ -68,8 +68,11 @@ pub fn fetch(
     }
     let mut branches = Vec::new();
     for name in names {
-        let text =
-            super::client::call_text(socket, Method::GET, &format!("/v1/branches/{name}/trace"))?;
+        let text = super::client::call_text(
+            socket,
+            Method::GET,
+            &super::client::branch_path(&name, "/trace"),
+        )?;
         // The tracer may be writing a line: one not ended yet is not part of the trace.
         let whole = match text.rfind('\n') {
             Some(end) => &text[..=end],

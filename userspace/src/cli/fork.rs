@@ -36,7 +36,7 @@ pub fn run(args: ForkArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
     let made = super::client::call(
         &socket,
         Method::POST,
-        &format!("/v1/branches/{}/fork", args.branch),
+        &super::client::branch_path(&args.branch, "/fork"),
         Some(body),
     )?;
     for b in made["branches"].as_array().into_iter().flatten() {

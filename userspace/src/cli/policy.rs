@@ -30,14 +30,14 @@ pub fn run(args: PolicyArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
             super::client::call(
                 &socket,
                 Method::PUT,
-                &format!("/v1/branches/{}/policy", args.branch),
+                &super::client::branch_path(&args.branch, "/policy"),
                 Some(body),
             )?
         }
         None => super::client::call(
             &socket,
             Method::GET,
-            &format!("/v1/branches/{}", args.branch),
+            &super::client::branch_path(&args.branch, ""),
             None,
         )?,
     };

@@ -94,9 +94,13 @@ fn branch_trace(
         ),
         None => Box::new(std::io::stdout().lock()),
     };
-    let path = format!(
-        "/v1/branches/{name}/trace{}",
-        if args.follow { "?follow=true" } else { "" }
+    let path = super::client::branch_path(
+        name,
+        if args.follow {
+            "/trace?follow=true"
+        } else {
+            "/trace"
+        },
     );
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

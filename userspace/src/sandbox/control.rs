@@ -133,6 +133,54 @@ pub fn exec(
     request(&connect_to(control)?, req, &stdio, on_pid)
 }
 
+/// Lets another thread stop an [`exec_cancellable`] in flight: the control connection is
+/// shut down, which the init takes as the client gone and kills the command.
+#[derive(Debug, Default)]
+pub struct Cancel {
+    sock: std::sync::Mutex<Option<OwnedFd>>,
+    cancelled: std::sync::atomic::AtomicBool,
+}
+
+impl Cancel {
+    /// Stops the request (now, or as soon as it connects).
+    pub fn cancel(&self) {
+        self.cancelled
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(sock) = &*self.sock.lock().unwrap_or_else(|p| p.into_inner()) {
+            let _ = nix::sys::socket::shutdown(sock.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        }
+    }
+
+    /// Whether [`Cancel::cancel`] was called.
+    pub fn cancelled(&self) -> bool {
+        self.cancelled.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Keeps a copy of the request's connection to shut down.
+    fn arm(&self, sock: &OwnedFd) -> Result<()> {
+        let copy = sock
+            .try_clone()
+            .map_err(|e| Error::Sandbox(format!("copying the control socket: {e}")))?;
+        *self.sock.lock().unwrap_or_else(|p| p.into_inner()) = Some(copy);
+        if self.cancelled() {
+            self.cancel();
+        }
+        Ok(())
+    }
+}
+
+/// [`exec`] that `cancel` can stop from another thread (an API client that went away).
+pub fn exec_cancellable(
+    control: &Path,
+    req: &ExecRequest,
+    stdio: [RawFd; 3],
+    cancel: &Cancel,
+) -> Result<ExecReply> {
+    let sock = connect_to(control)?;
+    cancel.arm(&sock)?;
+    request(&sock, req, &stdio, |_| {})
+}
+
 /// Asks the init listening on `control` for a new terminal with `settings`; returns its
 /// path. Waits at most a few seconds: the init is in a branch, whose processes may stop it.
 pub fn new_terminal(control: &Path, settings: Option<super::terminal::Settings>) -> Result<String> {
