@@ -331,3 +331,65 @@ fn a_workspace_on_another_filesystem_commits_against_its_copied_base() {
     drop(m);
     fs::remove_dir_all(&state).unwrap();
 }
+
+#[test]
+fn a_symbolic_link_a_parent_plants_never_takes_a_childs_commit_out_of_the_workspace() {
+    // The daemon applies a child's commit through its parent's view as root, from its own
+    // root directory: a link the parent's (untrusted) processes put where a directory was
+    // must not make it remove, chmod or write host files.
+    require_root();
+    let state = TempDir::new("state");
+    let ws = TempDir::new("workspace");
+    let victim = TempDir::new("victim");
+    let (w, v) = (ws.path(), victim.path());
+    for top in [w, v] {
+        fs::create_dir_all(top.join("d/sub")).unwrap();
+        fs::set_permissions(top.join("d/sub"), fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    fs::create_dir(v.join("d/sub/keep")).unwrap();
+    for f in ["gone", "kept"] {
+        fs::write(w.join("d").join(f), "workspace\n").unwrap();
+        fs::write(v.join("d").join(f), "host file\n").unwrap();
+    }
+    let mut m = Branches::open(&state.path().join("state"));
+    let root = sleeping(&mut m, "root", w);
+    let kid = fork(&mut m, "root", "kid", false);
+    // The child's d, d/sub and d/kept are its own and committed once: later changes to
+    // what is in them leave d itself as it was.
+    sh(&kid, "chmod 750 d/sub && echo v1 > d/kept");
+    commit(&mut m, "kid").unwrap();
+    // The parent swaps its d for a link to a host directory (read-only for it).
+    sh(
+        &root,
+        &format!("rm -rf d && ln -s {} d", v.join("d").display()),
+    );
+    sh(
+        &kid,
+        "chmod 700 d/sub && echo v2 > d/kept && rm -rf d/sub/keep",
+    );
+    let refused = commit(&mut m, "kid").unwrap_err();
+    assert!(matches!(refused, Error::Conflicts { .. }), "{refused}");
+    // Even with the branch's side preferred, nothing goes through the link: the parent
+    // gets a directory d with the child's changes, the host directory is untouched.
+    m.commit(
+        "kid",
+        &CommitOptions {
+            prefer: Prefer::Branch,
+        },
+    )
+    .unwrap();
+    let mode = |p: PathBuf| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(v.join("d/sub")), 0o755, "the host directory's mode");
+    assert_eq!(fs::read_to_string(v.join("d/kept")).unwrap(), "host file\n");
+    assert_eq!(fs::read_to_string(v.join("d/gone")).unwrap(), "host file\n");
+    assert!(v.join("d/sub/keep").is_dir());
+    assert_eq!(
+        sh(
+            &root,
+            "test -L d && echo link; stat -c %a d/sub; cat d/kept"
+        ),
+        "700\nv2\n",
+        "the parent now has a directory d with the child's changes"
+    );
+    abort_all(&mut m);
+}

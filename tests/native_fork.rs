@@ -1818,3 +1818,161 @@ fn a_childs_mounts_that_never_end_fail_the_fork_and_leave_the_parent_running() {
     s.fork("root", "kid");
     assert!(counts_on(s.pids("kid")[0]), "the clone runs");
 }
+
+/// A counter that, once a file `killgroup` appears in its workspace, signals its whole
+/// process group (`kill 0`, ignoring the signal itself) and says so in `killed`.
+const GROUP_KILLER: &str = r#"
+import os, signal, time
+n = 0
+while True:
+    n += 1
+    with open("count.tmp", "w") as f:
+        f.write(str(n))
+    os.rename("count.tmp", "count")
+    if os.path.exists("killgroup"):
+        os.remove("killgroup")
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        os.kill(0, signal.SIGTERM)
+        with open("killed", "w") as f:
+            f.write("yes")
+    time.sleep(0.02)
+"#;
+
+#[test]
+fn a_kill_of_its_process_group_in_a_branch_or_a_clone_reaches_no_one_outside() {
+    // `kill 0` (or `trap 'kill 0' EXIT`) signals the caller's process group, whatever the
+    // pid namespace: branches must have groups of their own, not the daemon's, and a
+    // clone must not share its original's.
+    let s = setup(&[("group.py", GROUP_KILLER)]);
+    s.run("root", &["python3", "group.py"]);
+    let root = s.pids("root")[0];
+    assert!(counts_on(root));
+    let daemon = s.d.child.id();
+    let out = s.d.cli(&["exec", "root", "--", "sh", "-c", "kill -TERM 0"]);
+    assert_eq!(
+        out.status.code(),
+        Some(143),
+        "sh got its own SIGTERM: {out:?}"
+    );
+    assert!(s.d.cli(&["status"]).status.success(), "the daemon answers");
+    assert!(counts_on(root), "the branch's command lives on");
+
+    s.fork("root", "kid");
+    let kid = s.pids("kid")[0];
+    assert!(counts_on(kid));
+    s.sh("kid", "touch killgroup");
+    let start = Instant::now();
+    while s.sh("kid", "cat killed 2>/dev/null; true") != "yes" {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the clone signals its group"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(counts_on(root), "the original lives on");
+    assert!(counts_on(kid), "the clone lives on (it ignores the signal)");
+    assert!(
+        forkscope_tests::daemon::nix_kill(daemon, 0) == 0 && s.d.cli(&["status"]).status.success(),
+        "the daemon lives on"
+    );
+    assert_eq!(s.sh("kid", "echo ok"), "ok\n", "the child branch works");
+    assert_eq!(s.sh("root", "echo ok"), "ok\n", "the parent branch works");
+}
+
+/// Writes `out N` to stdout and `err N` to stderr, N counting up.
+const TWO_STREAMS: &str = r#"
+import sys, time
+n = 0
+while True:
+    n += 1
+    sys.stdout.write(f"out {n}\n")
+    sys.stdout.flush()
+    sys.stderr.write(f"err {n}\n")
+    sys.stderr.flush()
+    time.sleep(0.01)
+"#;
+
+/// The counters N of the last `span` whole rounds in `log` for which `out N` or `err N`
+/// is missing.
+fn rounds_missing(log: &str, span: u64) -> Vec<u64> {
+    let lines: std::collections::BTreeSet<&str> = log.lines().collect();
+    let last = log
+        .lines()
+        .filter_map(|l| l.split_once(' ').and_then(|(_, n)| n.parse::<u64>().ok()))
+        .max()
+        .unwrap_or(0);
+    assert!(last > span + 2, "the log has rounds: {log:?}");
+    (last - span..last)
+        .filter(|n| {
+            !lines.contains(format!("out {n}").as_str())
+                || !lines.contains(format!("err {n}").as_str())
+        })
+        .collect()
+}
+
+#[test]
+fn descriptors_sharing_one_open_file_share_it_in_the_clone() {
+    // `> o.log 2>&1`: stdout and stderr are one open file with one offset. Opened twice in
+    // the clone, each would write at its own offset over the other's lines.
+    let s = setup(&[("two.py", TWO_STREAMS)]);
+    s.run("root", &["sh", "-c", "exec python3 -u two.py > o.log 2>&1"]);
+    let start = Instant::now();
+    while s
+        .sh("root", "wc -l < o.log 2>/dev/null || echo 0")
+        .trim()
+        .parse::<u64>()
+        .unwrap_or(0)
+        < 20
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the writer starts"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    s.fork("root", "kid");
+    std::thread::sleep(Duration::from_millis(1500));
+    for branch in ["kid", "root"] {
+        let log = s.sh(branch, "cat o.log");
+        let missing = rounds_missing(&log, 50);
+        assert!(
+            missing.is_empty(),
+            "{branch}: rounds without both lines: {missing:?}\n{}",
+            log.lines().rev().take(20).collect::<Vec<_>>().join("\n")
+        );
+    }
+}
+
+/// Opens `held.txt` for appending, writes a line, and then only waits.
+const HOLDER: &str = r#"
+import time
+f = open("held.txt", "a")
+f.write("start\n")
+f.flush()
+with open("out", "w") as o:
+    o.write("ready")
+time.sleep(1000000)
+"#;
+
+#[test]
+fn a_file_copied_for_a_clone_is_no_change_of_the_child_until_written() {
+    // The fork copies the files its processes hold open for writing into the child, for
+    // the clones' descriptors. Untouched, such a copy is the file as it was: committing
+    // the child must not put it back over what the parent wrote since.
+    let s = setup(&[("holder.py", HOLDER)]);
+    s.run("root", &["python3", "holder.py"]);
+    s.wait_out("root", "ready");
+    s.fork("root", "kid");
+    let diff = s.d.ok(&["diff", "kid"]);
+    assert!(
+        !diff.contains("held.txt"),
+        "an untouched copy is no change: {diff}"
+    );
+    s.sh("root", "echo parent >> held.txt");
+    s.d.ok(&["commit", "kid"]);
+    assert_eq!(s.sh("root", "cat held.txt"), "start\nparent\n");
+    // Written by the child, it is a change like any other.
+    s.sh("kid", "echo kid >> held.txt");
+    let diff = s.d.ok(&["diff", "kid"]);
+    assert!(diff.contains("held.txt"), "{diff}");
+}

@@ -232,6 +232,9 @@ impl Drop for Daemon {
 /// `forkscope daemon` on `state` and `socket`, to be given more arguments and started.
 fn daemon_command(state: &Path, socket: &Path) -> Command {
     let mut c = Command::new(forkscope());
+    // A process group of its own, as under systemd: a signal to a branch's process group
+    // that reached the daemon's (a containment failure) does not take the tests with it.
+    std::os::unix::process::CommandExt::process_group(&mut c, 0);
     c.args(["daemon", "--state-dir"])
         .arg(state)
         .arg("--socket")

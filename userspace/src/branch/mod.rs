@@ -37,7 +37,7 @@ use crate::{
     error::{Error, IoContext, Result},
     layers::{
         base::build_base,
-        diff::{Change, changes},
+        diff::{Change, ChangeKind, changes},
     },
     policy::Policy,
     procfork,
@@ -886,6 +886,15 @@ impl Manager {
         if b.frozen {
             return Ok(Vec::new()); // a checkpoint never changes
         }
-        changes(&b.dir.join("ws/upper"), &b.ws_lowers)
+        let upper = b.dir.join("ws/upper");
+        // (Files copied at the fork for the clones are not changes until written.)
+        let copies = crate::procfork::open_copies::ForkCopies::load(&b.dir);
+        let mut all = changes(&upper, &b.ws_lowers)?;
+        all.retain(|c| {
+            c.kind != ChangeKind::Modified
+                || !std::fs::symlink_metadata(upper.join(&c.path))
+                    .is_ok_and(|m| copies.unchanged(&c.path, &m))
+        });
+        Ok(all)
     }
 }

@@ -269,11 +269,25 @@ fn replay(branch_dir: &Path, j: &Journal) -> Result<()> {
     Ok(())
 }
 
+/// `path` in the commit's target, refused when a directory on its way is a symbolic link
+/// (see [`super::within`]): nothing is written through one.
+fn in_target(j: &Journal, path: &Path) -> std::io::Result<PathBuf> {
+    super::within(&j.root, path).ok_or_else(|| {
+        std::io::Error::other(format!(
+            "{}: a directory on its way in the target is not a directory (a symbolic link?): nothing is written through it",
+            path.display()
+        ))
+    })
+}
+
 /// One operation, idempotent.
 fn run(j: &Journal, n: usize, op: &Op) -> std::io::Result<()> {
     match op {
         Op::Remove { path, ino } => {
-            let p = j.root.join(path);
+            // (Under a symbolic link it is not in the workspace: nothing to remove.)
+            let Some(p) = super::within(&j.root, path) else {
+                return Ok(());
+            };
             match fs::symlink_metadata(&p) {
                 Ok(m) if m.ino() == *ino => {
                     if m.is_dir() {
@@ -292,7 +306,7 @@ fn run(j: &Journal, n: usize, op: &Op) -> std::io::Result<()> {
             }
         }
         Op::Mkdir { path } => {
-            let p = j.root.join(path);
+            let p = in_target(j, path)?;
             match fs::symlink_metadata(&p) {
                 Ok(m) if m.is_dir() => Ok(()),
                 _ => fs::create_dir(&p),
@@ -301,7 +315,7 @@ fn run(j: &Journal, n: usize, op: &Op) -> std::io::Result<()> {
         Op::Install { path, staged } => {
             let s = j.staging.join(staged);
             if fs::symlink_metadata(&s).is_ok() {
-                let to = j.root.join(path);
+                let to = in_target(j, path)?;
                 // Only a file no other name holds (one an earlier commit installed): one
                 // with other names (the base layers' links) is not freed by the rename,
                 // and its change time must move now, with the commit, not when the trash
@@ -323,9 +337,12 @@ fn run(j: &Journal, n: usize, op: &Op) -> std::io::Result<()> {
             gid,
             mtime,
         } => {
-            let p = j.root.join(path);
+            let p = in_target(j, path)?;
             std::os::unix::fs::lchown(&p, Some(*uid), Some(*gid))?;
-            fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(*mode))?;
+            // chmod follows a symbolic link (whose own mode means nothing): never one.
+            if !fs::symlink_metadata(&p)?.is_symlink() {
+                fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(*mode))?;
+            }
             if let Some((s, ns)) = mtime {
                 let t = nix::sys::time::TimeSpec::new(*s, *ns);
                 nix::sys::stat::utimensat(

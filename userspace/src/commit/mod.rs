@@ -33,6 +33,25 @@ use crate::{
     layers::scan::EntryKind,
 };
 
+/// `root/rel`, if every directory on the way from `root` to it is a directory and not a
+/// symbolic link (and `rel` names no `..`). The daemon walks commit targets as root, from
+/// its own root directory: a link on the way (one a parent branch's processes made, whose
+/// `/` is theirs, or one made on the host) would take the path out of the workspace.
+pub fn within(root: &Path, rel: &Path) -> Option<PathBuf> {
+    let mut path = root.to_path_buf();
+    let mut parts = rel.components().peekable();
+    while let Some(part) = parts.next() {
+        let std::path::Component::Normal(name) = part else {
+            return None;
+        };
+        path.push(name);
+        if parts.peek().is_some() && !fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
+            return None;
+        }
+    }
+    Some(path)
+}
+
 /// Who wins a path changed on both sides.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -118,13 +137,22 @@ impl CommitState {
         branch_dir.join("commit-state.json")
     }
 
-    /// Loads the state (empty before the first commit).
+    /// Loads the state. Before the first commit it holds the files the fork copied for the
+    /// clones ([`crate::procfork::open_copies::ForkCopies`]): as they were at the fork
+    /// point, they are no change until the branch writes them.
     pub fn load(branch_dir: &Path) -> Result<Self> {
         let f = Self::file(branch_dir);
         match fs::read_to_string(&f) {
             Ok(t) => serde_json::from_str(&t)
                 .map_err(|e| crate::Error::State(format!("{}: {e}", f.display()))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self {
+                manifest: crate::procfork::open_copies::ForkCopies::load(branch_dir)
+                    .0
+                    .into_iter()
+                    .map(|(path, ctime)| (path, (EntryKind::File, ctime)))
+                    .collect(),
+                ..Self::default()
+            }),
             Err(e) => Err(e).at(&f),
         }
     }

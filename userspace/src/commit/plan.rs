@@ -92,7 +92,8 @@ pub fn plan(
         .map(|e| (e.path.clone(), (e.kind, e.ctime_ns)))
         .collect();
     let root = target.root();
-    let exists = |rel: &Path| fs::symlink_metadata(root.join(rel)).ok();
+    // (A path under a symbolic link in the target is not in the workspace: not there.)
+    let exists = |rel: &Path| super::within(root, rel).and_then(|p| fs::symlink_metadata(p).ok());
 
     let mut removes: Vec<(PathBuf, u64, bool)> = Vec::new(); // path, ino, was a directory
     let mut mkdirs: BTreeSet<PathBuf> = BTreeSet::new();

@@ -461,6 +461,15 @@ fn set_up_clone(
     let mut next_path = 6;
     for (num, action) in &target.fds {
         let num = *num as u64;
+        if let FdAction::Same { of, cloexec } = action {
+            // (Its first descriptor was given to the clone already: planned before it.)
+            b.must(
+                "dup3",
+                nr(libc::SYS_dup3),
+                &[v(*of as u64), v(num), v(*cloexec as u64)],
+            );
+            continue;
+        }
         let fail = |p: String| {
             move |e: Error| {
                 Error::CannotClone(format!(
@@ -469,6 +478,7 @@ fn set_up_clone(
             }
         };
         let (new, cloexec) = match action {
+            FdAction::Same { .. } => continue, // dup'd above
             FdAction::Close => {
                 b.call(nr(libc::SYS_close), &[v(num)]);
                 continue;
@@ -598,11 +608,12 @@ fn set_up_clone(
         );
         b.call(nr(libc::SYS_close), &[Arg::ResultOf(new)]);
     }
-    // Off the parent's session, so /dev/tty is never the parent's terminal. A session
-    // leader leads its own on the terminal that replaces its controlling terminal.
+    // Off the parent's session and process group: /dev/tty is never the parent's terminal,
+    // and a `kill 0` in the child never reaches the parent branch. A session leader leads
+    // its own on the terminal that replaces its controlling terminal.
+    b.must("setsid", nr(libc::SYS_setsid), &[]);
     let mut ctty = None;
     if let Some(id) = target.ctty {
-        b.must("setsid", nr(libc::SYS_setsid), &[]);
         let replaced = child.terminals.iter().position(|(t, _)| *t == id);
         if let (true, Some(i)) = (target.session_leader, replaced) {
             let fd = b.call(

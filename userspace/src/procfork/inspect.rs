@@ -23,6 +23,10 @@ pub enum FdAction {
     DevNull,
     /// Closed in the clone (sockets, pipes beyond stdio): the parent keeps it.
     Close,
+    /// Another descriptor of the open file of the clone's descriptor `of`, planned before
+    /// it (`dup`, a shell's `> log 2>&1`): dup'd from it, so that the two share one offset
+    /// in the clone as they do in the original. `cloexec`: its own close-on-exec flag.
+    Same { of: i32, cloexec: i32 },
     /// A terminal of the child's own (made by the child's init, see
     /// [`crate::sandbox::terminal`]) in place of the parent's terminal `id`, with the same
     /// status flags.
@@ -274,6 +278,7 @@ pub fn inspect(pid: u32, comm: &str, ctx: &Context) -> Result<Target> {
     }
     fds.sort_by_key(|(n, _)| *n);
     same_terminals(&mut fds);
+    shared_open_files(pid, &mut fds);
     if ctty.is_some() && !session_leader {
         notes.push(format!(
             "process {pid} ({comm}): it shares a controlling terminal with its session; its clone runs in a session of its own, without one"
@@ -536,6 +541,59 @@ fn plan_fd(
         flags,
         pos,
     }))
+}
+
+/// Descriptors of process `pid` that share one open file (`dup`, `2>&1`) share one in the
+/// clone too: each but the first becomes [`FdAction::Same`] as the first. Candidates are
+/// reopens of the same path with the same status flags and offset; `kcmp` says whether
+/// they are one open file.
+fn shared_open_files(pid: u32, fds: &mut [(i32, FdAction)]) {
+    for i in 1..fds.len() {
+        let FdAction::Reopen { path, flags, pos } = fds[i].1.clone() else {
+            continue;
+        };
+        let num = fds[i].0;
+        let first = fds[..i].iter().find_map(|(n, a)| match a {
+            FdAction::Reopen {
+                path: p,
+                flags: f,
+                pos: q,
+            } if *p == path
+                && (f & !libc::O_CLOEXEC) == (flags & !libc::O_CLOEXEC)
+                && *q == pos
+                && same_open_file(pid, *n, num) =>
+            {
+                Some(*n)
+            }
+            _ => None,
+        });
+        if let Some(of) = first {
+            fds[i].1 = FdAction::Same {
+                of,
+                cloexec: flags & libc::O_CLOEXEC,
+            };
+        }
+    }
+}
+
+/// Whether descriptors `a` and `b` of process `pid` are one open file (kcmp(2)).
+fn same_open_file(pid: u32, a: i32, b: i32) -> bool {
+    /// kcmp's type for "same open file description".
+    const KCMP_FILE: libc::c_int = 0;
+    let pid = pid as libc::pid_t;
+    // SAFETY: kcmp reads nothing from this process's memory: it compares two descriptors
+    // of another process (which the daemon holds under ptrace) and returns 0 when equal.
+    let order = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            pid,
+            pid,
+            KCMP_FILE,
+            a as libc::c_ulong,
+            b as libc::c_ulong,
+        )
+    };
+    order == 0
 }
 
 /// The family, address and port of socket `ino` of process `pid` if it is a listening TCP

@@ -114,8 +114,10 @@ pub struct Stacks<'a> {
 /// Makes the child's copies, in its upper directories, of `files`, as its lower layers
 /// hold them (the parent's snapshot: immutable, so the parent's processes may go on), with
 /// the origin of the inode the parent sees. Run before the child's overlays are mounted.
-/// A file the layers do not hold as a regular file is left to overlayfs's copy-up.
+/// A file the layers do not hold as a regular file is left to overlayfs's copy-up. The
+/// workspace's copies are recorded ([`ForkCopies`]).
 pub fn copy_into<'a>(files: impl Iterator<Item = &'a OpenForWriting>, s: &Stacks) -> Result<()> {
+    let mut copies = ForkCopies::default();
     let mut done = HashSet::new();
     for f in files {
         if !done.insert(&f.path) {
@@ -152,8 +154,53 @@ pub fn copy_into<'a>(files: impl Iterator<Item = &'a OpenForWriting>, s: &Stacks
             // Not fatal: the clone gets the copy, under another number (the fork says so).
             log::warn!("{}: {e}", dst.display());
         }
+        if what == "ws" {
+            let meta = to.metadata().at(&dst)?;
+            copies
+                .0
+                .insert(rel.to_path_buf(), crate::commit::ctime_ns(&meta));
+        }
     }
-    Ok(())
+    copies.save(s.child)
+}
+
+/// The workspace files a fork copied into the child's upper directory for its clones
+/// ([`copy_into`]), each with the copy's change time. Until the clone writes one, the
+/// copy is the file as it was at the fork, not a change of the child: `diff` leaves it
+/// out, and a commit takes it as committed already (see
+/// [`crate::commit::CommitState::load`]).
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct ForkCopies(pub std::collections::BTreeMap<PathBuf, i128>);
+
+impl ForkCopies {
+    fn file(branch_dir: &Path) -> PathBuf {
+        branch_dir.join("fork-copies.json")
+    }
+
+    /// The copies of branch `branch_dir` (none if its fork made none).
+    pub fn load(branch_dir: &Path) -> Self {
+        fs::read(Self::file(branch_dir))
+            .ok()
+            .and_then(|t| serde_json::from_slice(&t).ok())
+            .unwrap_or_default()
+    }
+
+    fn save(&self, branch_dir: &Path) -> Result<()> {
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        let f = Self::file(branch_dir);
+        let text = serde_json::to_vec(self)
+            .map_err(std::io::Error::from)
+            .at(&f)?;
+        fs::write(&f, text).at(&f)
+    }
+
+    /// Whether `rel` is a copy its branch has not changed since the fork (its upper file,
+    /// whose metadata is `now`, still has the copy's change time).
+    pub fn unchanged(&self, rel: &Path, now: &fs::Metadata) -> bool {
+        now.is_file() && self.0.get(rel) == Some(&crate::commit::ctime_ns(now))
+    }
 }
 
 /// The origin to give the child's copy of `rel`, whose number the parent sees as `ino`:

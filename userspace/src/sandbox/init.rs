@@ -11,6 +11,7 @@ use std::{
     collections::HashMap,
     io::{BufRead, Write},
     os::fd::{AsFd, AsRawFd, OwnedFd, RawFd},
+    os::unix::process::CommandExt,
     path::Path,
     process::{Command, Stdio},
 };
@@ -408,8 +409,11 @@ fn init(
     let mut terminal_log = log.try_clone()?;
     if !spec.command.is_empty() {
         let err = log.try_clone()?;
+        // Each command in a process group of its own, as a shell runs each job: a
+        // `kill 0` in it (`trap 'kill 0' EXIT`, say) stops that command's processes only.
         let started = Command::new(&spec.command[0])
             .args(&spec.command[1..])
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(err))
@@ -472,9 +476,12 @@ fn init(
                 }
             }
         }
-        // A client that went away (Ctrl-C) takes its process with it.
+        // A client that went away (Ctrl-C) takes its command with it: the command's
+        // process group (what it started in the background too), and the command itself
+        // if it left the group.
         for (i, (pid, _)) in conns.iter().enumerate() {
             if ready[i + 1] {
+                let _ = kill(Pid::from_raw(-*pid), Signal::SIGKILL);
                 let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
             }
         }
@@ -567,6 +574,7 @@ fn start_request(spec: &SandboxSpec, conn: &OwnedFd, terminals: &mut Terminals) 
     let stdin = stdio.pop().expect("three");
     let mut cmd = Command::new(&req.argv[0]);
     cmd.args(&req.argv[1..])
+        .process_group(0)
         .current_dir(req.cwd.as_deref().unwrap_or(&spec.workspace))
         .envs(req.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::from(stdin))
