@@ -28,6 +28,7 @@ pub mod terminal;
 
 use std::{
     io::{BufRead, BufReader, Write},
+    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Command, Stdio},
 };
@@ -359,26 +360,18 @@ fn spawn(
     std::fs::write(spec_file, text).at(spec_file)?;
     let (to_init_r, mut to_init_w) = std::io::pipe()?;
     let (from_init_r, from_init_w) = std::io::pipe()?;
-    let mut setup = Command::new(forkscope_bin);
-    setup
+    // (One expression: the Command, which holds the write end of the setup's stdout, is
+    // dropped at once; kept, it would keep the reads below from ever seeing end of file.)
+    let mut setup = Command::new(forkscope_bin)
         .arg("__init")
         .arg(spec_file)
         .stdin(Stdio::from(to_init_r))
         .stdout(Stdio::from(from_init_w))
-        .stderr(Stdio::inherit());
-    // A session of its own, which the branch's processes inherit: never the daemon's
-    // process group (a `kill 0` in the branch would signal the daemon and whoever shares
-    // its group) and never its controlling terminal (/dev/tty in the branch).
-    // SAFETY: setsid(2) is async-signal-safe and touches no memory of the parent; the
-    // forked child is not yet a group leader, so it cannot fail.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut setup, || {
-            nix::unistd::setsid()
-                .map(drop)
-                .map_err(std::io::Error::from)
-        })
-    };
-    let mut setup = setup
+        .stderr(Stdio::inherit())
+        // A process group of its own, which the branch's processes inherit: never the
+        // daemon's (a `kill 0` in the branch would signal the daemon and whoever shares its
+        // group). (Set by posix_spawn: no pre_exec, which would make std fork the daemon.)
+        .process_group(0)
         .spawn()
         .map_err(|e| Error::Sandbox(format!("starting {}: {e}", forkscope_bin.display())))?;
     let pid = setup.id();
