@@ -24,6 +24,16 @@ fn dirty_indexes(summary: &Value, base: u64, pages: u64) -> Vec<u64> {
     out
 }
 
+/// How many pages the `page_ranges` of a page_dirty_summary cover.
+fn pages_in_ranges(summary: &Value) -> u64 {
+    summary["page_ranges"]
+        .as_array()
+        .expect("page_ranges with --page-addresses")
+        .iter()
+        .map(|r| (r[1].as_u64().unwrap() - r[0].as_u64().unwrap()) / 4096)
+        .sum()
+}
+
 #[test]
 fn a_known_set_of_written_pages_is_reported_exactly() {
     require_root();
@@ -60,12 +70,7 @@ fn a_known_set_of_written_pages_is_reported_exactly() {
         vec![0, 3, 4, 5, 10, 31, 40, 63]
     );
     // The count covers the whole process (stack, heap, libraries), so it is at least the set.
-    let ranges_total: u64 = summary["page_ranges"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| (r[1].as_u64().unwrap() - r[0].as_u64().unwrap()) / 4096)
-        .sum();
+    let ranges_total = pages_in_ranges(summary);
     assert_eq!(
         summary["pages"].as_u64().unwrap(),
         ranges_total,
@@ -160,12 +165,7 @@ fn a_page_set_too_small_for_the_process_says_so_instead_of_losing_pages_silently
         full["pages"].as_u64().unwrap() >= pages.min(1000),
         "the count still covers every page written: {full}"
     );
-    let ranged: u64 = full["page_ranges"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| (r[1].as_u64().unwrap() - r[0].as_u64().unwrap()) / 4096)
-        .sum();
+    let ranged = pages_in_ranges(&full);
     assert_eq!(
         ranged, recorded,
         "the ranges are what the set holds: {full}"

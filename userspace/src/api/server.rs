@@ -42,6 +42,15 @@ impl App {
         let mut rx = self.stopping.clone();
         let _ = rx.wait_for(|s| *s).await;
     }
+
+    /// Waits a tenth of a second before a followed trace looks again; false if the daemon
+    /// started stopping meanwhile (the stream ends).
+    async fn follow_pause(&self) -> bool {
+        tokio::select! {
+            () = tokio::time::sleep(std::time::Duration::from_millis(100)) => true,
+            () = self.stopping() => false,
+        }
+    }
 }
 
 /// Largest request body taken (an `exec`'s stdin is in it).
@@ -325,8 +334,9 @@ async fn exec_in(
 ) -> ApiResult<Response> {
     let input: crate::branch::run_in::ExecInput = body(&bytes)?;
     let control = with_manager(&app, &peer, move |m| m.control_of(&name)).await?;
-    // A client that goes away drops this future, and with it the guard: the command is
-    // killed (its init sees the control connection shut down) and the worker freed.
+    // The request over (answered, or its client gone, which drops this future), the guard
+    // goes: a command still running is killed (its init sees the control connection shut
+    // down) and the worker freed.
     let guard = CancelOnDrop(Arc::default());
     let cancel = guard.0.clone();
     let worker = tokio::task::spawn_blocking(move || {
@@ -337,13 +347,11 @@ async fn exec_in(
             .map_err(|e| ApiError(Error::State(format!("worker failed: {e}"))))?
             .map_err(ApiError)?,
         () = app.stopping() => {
-            guard.0.cancel();
             return Err(ApiError(Error::Unavailable(
                 "the daemon is stopping: the command was stopped; run it again once the daemon is back".into(),
             )));
         }
     };
-    drop(guard);
     Ok(Json(out).into_response())
 }
 
@@ -435,9 +443,8 @@ async fn trace_stream(
             match tokio::fs::File::open(&file).await {
                 Ok(f) => break f,
                 Err(_) if follow && dir.exists() && !tx.is_closed() => {
-                    tokio::select! {
-                        () = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
-                        () = app.stopping() => return,
+                    if !app.follow_pause().await {
+                        return;
                     }
                 }
                 Err(_) => return,
@@ -447,12 +454,8 @@ async fn trace_stream(
         loop {
             match f.read(&mut buf).await {
                 Ok(0) => {
-                    if !follow || !dir.exists() || tx.is_closed() {
+                    if !follow || !dir.exists() || tx.is_closed() || !app.follow_pause().await {
                         return;
-                    }
-                    tokio::select! {
-                        () = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
-                        () = app.stopping() => return,
                     }
                 }
                 Ok(n) => {
@@ -722,7 +725,8 @@ pub async fn serve(
         .with_state(app);
     // Once asked to stop: no new connection, the long requests told to end, and at most
     // STOP_GRACE for the others, so a client that never reads cannot hold the daemon.
-    let (stop_now, mut stop_seen) = (stopping_tx.clone(), stopping_tx.subscribe());
+    let mut stop_seen = stopping_tx.subscribe();
+    let stop_now = stopping_tx;
     let served = axum::serve(
         listener,
         router.into_make_service_with_connect_info::<Peer>(),

@@ -461,15 +461,6 @@ fn set_up_clone(
     let mut next_path = 6;
     for (num, action) in &target.fds {
         let num = *num as u64;
-        if let FdAction::Same { of, cloexec } = action {
-            // (Its first descriptor was given to the clone already: planned before it.)
-            b.must(
-                "dup3",
-                nr(libc::SYS_dup3),
-                &[v(*of as u64), v(num), v(*cloexec as u64)],
-            );
-            continue;
-        }
         let fail = |p: String| {
             move |e: Error| {
                 Error::CannotClone(format!(
@@ -478,7 +469,15 @@ fn set_up_clone(
             }
         };
         let (new, cloexec) = match action {
-            FdAction::Same { .. } => continue, // dup'd above
+            FdAction::Same { of, cloexec } => {
+                // (Its first descriptor was given to the clone already: planned before it.)
+                b.must(
+                    "dup3",
+                    nr(libc::SYS_dup3),
+                    &[v(*of as u64), v(num), v(*cloexec as u64)],
+                );
+                continue;
+            }
             FdAction::Close => {
                 b.call(nr(libc::SYS_close), &[v(num)]);
                 continue;
